@@ -1,0 +1,44 @@
+# segfast: the two commands are `make demo` and `make test`; both set up .venv first.
+#
+# TORCH_SPEC picks the PyTorch build the venv gets when it has none yet. The
+# default is the release CI tests on (a CPU build on CI's disk; the CUDA build
+# from PyPI on a GPU machine). Keep a torch you already have with
+#   make test PYTHON=/path/to/python-with-torch  VENV_FLAGS=--system-site-packages
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+PYTEST_FLAGS ?= -n 2
+
+.PHONY: setup test lint format demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+demo: setup
+	$(PY) -m segfast.demo
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache out

@@ -1,0 +1,1 @@
+"""Benchmark support: model statistics, timers, statistics, accuracy metrics, reports."""

@@ -1,0 +1,71 @@
+"""Assertions and helpers for testing kernels, fused graphs and backends.
+
+Public so that users testing their own models against segfast can use the
+same checks as segfast's own suite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from segfast.bench.metrics import compare, mismatch_report
+
+# fp32 kernels are held to rel ≤ 1e-4 (per element: atol/rtol below);
+# fp16/bf16 are judged against PyTorch's own error in that dtype instead.
+FP32_TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` in place with values no kernel produces (NaN; int max) and return it.
+
+    Run before a kernel writes into ``t`` so elements it fails to write show up.
+    """
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).max)
+    return t
+
+
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, *, atol: float = 1e-4, rtol: float = 1e-4
+) -> None:
+    """Elementwise closeness with a detailed report (count, where, NaN/Inf) on failure."""
+    if tuple(out.shape) != tuple(ref.shape):
+        raise AssertionError(f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(o).all() or not torch.allclose(o, r, atol=atol, rtol=rtol):
+        raise AssertionError(mismatch_report(out, ref, atol, rtol))
+
+
+def assert_rel_l2(out: torch.Tensor, ref: torch.Tensor, max_rel: float) -> None:
+    """‖out − ref‖ / ‖ref‖ ≤ ``max_rel`` and no NaN/Inf in ``out``."""
+    acc = compare(out.float() if out.is_floating_point() else out, ref, class_dim=None)
+    if acc.nonfinite or acc.rel_l2 > max_rel:
+        raise AssertionError(
+            f"rel-L2 {acc.rel_l2:.3g} > {max_rel:g} or non-finite ({acc.nonfinite})\n"
+            + mismatch_report(out, ref, atol=0.0, rtol=max_rel)
+        )
+
+
+def assert_low_precision_close(
+    out: torch.Tensor, ref_fp32: torch.Tensor, torch_lowp: torch.Tensor, factor: float = 2.0
+) -> None:
+    """A fp16/bf16 result is no worse than ``factor`` × PyTorch's own error in that dtype.
+
+    ``ref_fp32`` is the fp32 (or fp64) reference; ``torch_lowp`` is what PyTorch
+    computes for the same op in the low precision. Errors are rel-L2 against the
+    reference; a small floor (fp32 epsilon) keeps an exact PyTorch result from
+    demanding exactness.
+    """
+    ref = ref_fp32.double()
+    err_kernel = compare(out.double(), ref, class_dim=None)
+    err_torch = compare(torch_lowp.double(), ref, class_dim=None)
+    bound = factor * max(err_torch.rel_l2, 1.2e-7)
+    if err_kernel.nonfinite or err_kernel.rel_l2 > bound:
+        raise AssertionError(
+            f"{out.dtype} rel-L2 {err_kernel.rel_l2:.3g} exceeds {factor}× PyTorch's own "
+            f"{err_torch.rel_l2:.3g} (bound {bound:.3g}); non-finite: {err_kernel.nonfinite}"
+        )

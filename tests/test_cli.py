@@ -1,0 +1,72 @@
+"""The command line: `segfast models`, `segfast info`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from segfast.cli import main, parse_size
+from segfast.models import names
+
+
+def test_parse_size():
+    assert parse_size("512x1024") == (512, 1024)
+    assert parse_size("256") == (256, 256)
+    import argparse
+
+    for bad in ("axb", "0x5", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
+
+
+def test_models_lists_every_model_with_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in names():
+        assert name in out
+    assert "31.03M" in out  # the paper U-Net
+    assert "+0.00%" in out  # exact reference matches are shown as such
+
+
+def test_info_model(capsys):
+    assert main(["info", "unet", "--tiny", "--size", "64x48", "--in-channels", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "1×3×64×48" in out
+    assert "GFLOPs" in out
+    assert "activations" in out
+
+
+def test_info_environment(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out
+
+
+def test_info_user_model_file(tmp_path, capsys):
+    f = tmp_path / "mymodel.py"
+    f.write_text(
+        "import torch.nn as nn\n"
+        "def build(num_classes=2):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.Conv2d(8, num_classes, 1))\n"
+    )
+    assert main(["info", f"{f}:build", "--size", "32x32"]) == 0
+    assert "parameters:  242" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(capsys):
+    assert main(["info", "no_such_model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err
+    assert "unet" in err
+    assert main(["info", "unet", "-o", "nonsense=1"]) == 2
+    assert "unknown option" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "segfast.cli", "models"], capture_output=True, text=True, check=True
+    )
+    assert "deeplabv3plus_mobilenetv2" in out.stdout
