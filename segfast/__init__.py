@@ -12,6 +12,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from segfast import models
+from segfast.check import CheckReport, check
+from segfast.compiler.api import compile
 from segfast.errors import (
     BackendUnavailable,
     EngineFileError,
@@ -20,16 +22,23 @@ from segfast.errors import (
     UnsupportedModelError,
     WeightsError,
 )
+from segfast.runtime.engine import Engine
+from segfast.runtime.engine_file import load
 from segfast.weights import load_state_dict, load_weights, save_weights
 
 __all__ = [
     "BackendUnavailable",
+    "CheckReport",
+    "Engine",
     "EngineFileError",
     "InputError",
     "SegfastError",
     "UnsupportedModelError",
     "WeightsError",
     "__version__",
+    "check",
+    "compile",
+    "load",
     "load_state_dict",
     "load_weights",
     "models",

@@ -1,0 +1,59 @@
+"""The interface every backend implements.
+
+A backend turns a :class:`BuildRequest` into a :class:`Runner`: a callable from
+the engine's inputs to its single output tensor. Graph backends (``torch``,
+``triton``) receive the fused graph; model backends (``eager``, ``inductor``,
+``onnxruntime``, ``tensorrt``) receive the model wrapped with its head.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+
+@dataclass
+class BuildRequest:
+    model: nn.Module  # the user's model wrapped with the head reduction (eval mode)
+    inputs: tuple[torch.Tensor, ...]  # example inputs, on the engine's device
+    device: torch.device
+    dtype: torch.dtype  # compute precision
+    output: str  # "logits" | "probs" | "mask"
+    dynamic: tuple[str, ...]  # dynamic axes
+    graph: fx.GraphModule | None = None  # the fused graph (graph backends only)
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific
+
+
+@dataclass
+class Runner:
+    fn: Callable[..., torch.Tensor]
+    notes: list[str] = field(default_factory=list)  # facts for the summary
+    cuda_graph: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(*inputs)
+
+
+class Backend(ABC):
+    name: str = ""
+    uses_graph: bool = False  # needs capture + fusion passes
+    slice_outputs: bool = False  # kernels write through arbitrary output strides
+    description: str = ""
+
+    @abstractmethod
+    def availability(self, device: torch.device | None = None) -> tuple[bool, str]:
+        """(can run here, one line saying why or why not)."""
+
+    @abstractmethod
+    def build(self, req: BuildRequest) -> Runner:
+        """Build a runner; raise BackendUnavailable with the reason if it cannot."""
+
+
+def cast_inputs(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)

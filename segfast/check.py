@@ -1,0 +1,131 @@
+"""``segfast.check``: an engine against its fp32 eager reference, by the contract.
+
+The contract (DESIGN.md): fp32 engines rel-L2 ≤ 1e-4; fp16/bf16 rel-L2 ≤ 1e-2
+and no worse than 2× PyTorch's own error in that precision; masks agree on
+≥ 99.5 % of pixels; NaN/Inf never pass. Masks are compared by agreement,
+probabilities and logits by rel-L2 (and their argmax agreement is reported).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from segfast.bench.metrics import Accuracy, compare
+from segfast.compiler.postprocess import WithHead
+
+FP32_MAX_REL = 1e-4
+LOWP_MAX_REL = 1e-2
+LOWP_FACTOR = 2.0
+MIN_MASK_AGREEMENT = 0.995
+
+
+@dataclass
+class CheckReport:
+    precision: str
+    output: str
+    accuracy: list[Accuracy] = field(default_factory=list)  # one per input set
+    torch_lowp: list[Accuracy] = field(default_factory=list)  # PyTorch's own fp16/bf16 error
+    passed: bool = True
+    reason: str = ""
+
+    @property
+    def worst(self) -> Accuracy:
+        return max(self.accuracy, key=lambda a: (a.nonfinite, a.rel_l2, -(a.mask_agreement or 1)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "output": self.output,
+            "passed": self.passed,
+            "reason": self.reason,
+            "accuracy": [a.as_dict() for a in self.accuracy],
+            "torch_lowp": [a.as_dict() for a in self.torch_lowp],
+        }
+
+    def __str__(self) -> str:
+        w = self.worst
+        agree = (
+            f", mask agreement {100 * w.mask_agreement:.3f}%"
+            if w.mask_agreement is not None
+            else ""
+        )
+        return (
+            f"{'PASS' if self.passed else 'FAIL'} ({self.precision}, {self.output}): "
+            f"rel-L2 {w.rel_l2:.3g}, max-abs {w.max_abs:.3g}{agree}, non-finite {w.nonfinite}"
+            + (f" — {self.reason}" if self.reason else "")
+        )
+
+
+def _as_sets(inputs: Any) -> list[tuple[torch.Tensor, ...]]:
+    if isinstance(inputs, torch.Tensor):
+        return [(inputs,)]
+    sets = []
+    for item in inputs:
+        sets.append((item,) if isinstance(item, torch.Tensor) else tuple(item))
+    return sets
+
+
+def check(
+    engine: Any,
+    reference_model: nn.Module,
+    inputs: torch.Tensor | Iterable[torch.Tensor | Sequence[torch.Tensor]],
+) -> CheckReport:
+    """Run ``engine`` and the fp32 eager ``reference_model`` on ``inputs``; judge by the contract.
+
+    ``inputs`` is one tensor, or an iterable of input sets (tensors or tuples).
+    """
+    sets = _as_sets(inputs)
+    output = engine.output
+    precision = engine.precision
+    threshold = engine._source.get("threshold", 0.5) if isinstance(engine._source, dict) else 0.5
+    ref_model = WithHead(reference_model.eval(), output, threshold)
+    lowp_model = None
+    if precision != "fp32":
+        lowp_model = copy.deepcopy(ref_model).to(engine.dtype)
+    report = CheckReport(precision, output)
+    reasons: list[str] = []
+    for s in sets:
+        with torch.inference_mode():
+            ref = ref_model(*(t.float() if t.is_floating_point() else t for t in s))
+            out = engine(*s)
+        acc = compare(out, ref)
+        report.accuracy.append(acc)
+        if not acc.finite:
+            reasons.append(f"{acc.nonfinite} non-finite values")
+        integer = not out.is_floating_point()
+        if integer:
+            if acc.mask_agreement is not None and acc.mask_agreement < MIN_MASK_AGREEMENT:
+                reasons.append(
+                    f"mask agreement {100 * acc.mask_agreement:.3f}% < {100 * MIN_MASK_AGREEMENT}%"
+                )
+            continue
+        if precision == "fp32":
+            if acc.rel_l2 > FP32_MAX_REL:
+                reasons.append(f"rel-L2 {acc.rel_l2:.3g} > {FP32_MAX_REL:g}")
+        else:
+            with torch.inference_mode():
+                lowp = lowp_model(*(t.to(engine.dtype) if t.is_floating_point() else t for t in s))
+            tacc = compare(lowp, ref)
+            report.torch_lowp.append(tacc)
+            bound = max(LOWP_FACTOR * tacc.rel_l2, 1e-6)
+            if acc.rel_l2 > LOWP_MAX_REL:
+                reasons.append(f"rel-L2 {acc.rel_l2:.3g} > {LOWP_MAX_REL:g}")
+            elif acc.rel_l2 > bound:
+                reasons.append(
+                    f"rel-L2 {acc.rel_l2:.3g} > {LOWP_FACTOR}× PyTorch's own {tacc.rel_l2:.3g}"
+                )
+        if (
+            acc.mask_agreement is not None
+            and output != "logits"
+            and acc.mask_agreement < MIN_MASK_AGREEMENT
+        ):
+            reasons.append(f"argmax agreement {100 * acc.mask_agreement:.3f}% too low")
+    report.passed = not reasons
+    report.reason = "; ".join(dict.fromkeys(reasons))
+    return report

@@ -1,0 +1,162 @@
+"""Capture: ``torch.export`` of the model in eval mode, lowered to core ATen.
+
+The decomposition table is the default core-ATen one minus the ops the fusion
+passes and kernels want whole: resampling, max-unpooling, SiLU/Hardswish and
+friends. The result is the unlifted ``GraphModule`` the passes rewrite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+
+from segfast.errors import UnsupportedModelError
+
+aten = torch.ops.aten
+
+# Ops kept whole instead of decomposed: the passes match them and the Triton
+# backend has kernels for them; decomposed they become index arithmetic.
+KEEP_WHOLE = (
+    aten.upsample_bilinear2d.default,
+    aten.upsample_bilinear2d.vec,
+    aten.upsample_nearest2d.default,
+    aten.upsample_nearest2d.vec,
+    aten._upsample_nearest_exact2d.default,
+    aten._upsample_nearest_exact2d.vec,
+    aten.max_unpool2d.default,
+    aten.silu.default,
+    aten.hardswish.default,
+    aten.hardsigmoid.default,
+    aten.mish.default,
+)
+
+DYNAMIC_AXES = ("batch", "height", "width")
+
+
+@dataclass(frozen=True)
+class Captured:
+    program: ExportedProgram  # as exported (kept for saving)
+    graph: fx.GraphModule  # decomposed and unlifted: what the passes rewrite
+    ranges: dict[str, tuple[int, int]]  # proven (min, max) of each dynamic axis
+
+
+def decomposition_table() -> dict[Any, Any]:
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    return table
+
+
+def dynamic_axes(dynamic: bool | str | Iterable[str]) -> tuple[str, ...]:
+    """Normalise ``dynamic=``: False, True (height and width), or names of axes."""
+    if dynamic is False or dynamic is None:
+        return ()
+    if dynamic is True:
+        return ("height", "width")
+    axes = (dynamic,) if isinstance(dynamic, str) else tuple(dynamic)
+    bad = [a for a in axes if a not in DYNAMIC_AXES]
+    if bad:
+        raise ValueError(f"dynamic axes must be among {DYNAMIC_AXES}, got {bad}")
+    return axes
+
+
+def _dynamic_shapes(
+    inputs: tuple[torch.Tensor, ...], axes: tuple[str, ...]
+) -> tuple[dict[int, Any] | None, ...] | None:
+    """Dim.AUTO on the requested axes: export infers each range from the model's
+    own guards (e.g. a minimum size below which a stride-2 stage would be empty)."""
+    if not axes:
+        return None
+    shapes: list[dict[int, Any] | None] = []
+    for i, t in enumerate(inputs):
+        dims: dict[int, Any] = {}
+        if "batch" in axes and t.dim() >= 1:
+            dims[0] = Dim.AUTO
+        if i == 0 and t.dim() == 4:
+            dims.update({d: Dim.AUTO for a, d in (("height", 2), ("width", 3)) if a in axes})
+        shapes.append(dims or None)
+    return tuple(shapes)
+
+
+def _finite_int(bound: Any) -> int | None:
+    """int of a sympy range bound; None for an unbounded one (sympy oo / int_oo)."""
+    try:
+        if bool(getattr(bound, "is_finite", True)) and bound.is_integer:
+            return int(bound)
+    except (TypeError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def dynamic_ranges(program: ExportedProgram, axes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """The (min, max) export proved for each dynamic axis of the first input.
+
+    Raises UnsupportedModelError when the model pinned an axis it was asked to
+    keep dynamic (e.g. a reshape to a fixed size).
+    """
+    ph = next(
+        n
+        for n in program.graph.nodes
+        if n.op == "placeholder"
+        and n.name not in program.graph_signature.inputs_to_parameters
+        and n.name not in program.graph_signature.inputs_to_buffers
+    )
+    v = ph.meta["val"]
+    out: dict[str, tuple[int, int]] = {}
+    for axis, d in (("batch", 0), ("height", 2), ("width", 3)):
+        if axis not in axes or d >= v.dim():
+            continue
+        size = v.shape[d]
+        if not isinstance(size, torch.SymInt):
+            raise UnsupportedModelError(
+                f"the model fixes the input {axis} to {size}; it cannot be compiled with a "
+                f"dynamic {axis}"
+            )
+        rng = program.range_constraints.get(size.node.expr)
+        lo = int(rng.lower) if rng is not None else 2
+        hi = _finite_int(rng.upper) if rng is not None else None
+        hi = hi if hi is not None else 2**31 - 1
+        out[axis] = (lo, hi)
+    return out
+
+
+def capture(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    dynamic: bool | str | Iterable[str] = False,
+    program: ExportedProgram | None = None,
+) -> Captured:
+    """Export ``model`` (eval mode) on ``inputs`` and decompose to core ATen.
+
+    With ``program`` (an already exported model, e.g. from an engine file) the
+    export step is skipped.
+    """
+    axes = dynamic_axes(dynamic)
+    if program is not None:
+        ranges = dynamic_ranges(program, axes)
+        decomposed = program.run_decompositions(decomposition_table())
+        return Captured(program, decomposed.module(), ranges)
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                model,
+                inputs,
+                dynamic_shapes=_dynamic_shapes(inputs, axes),
+                strict=False,
+            )
+    except Exception as exc:  # export raises many types; name the stage and keep the cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not capture {type(model).__name__}"
+            f"{' with dynamic ' + ', '.join(axes) if axes else ''}: {first}"
+        ) from exc
+    ranges = dynamic_ranges(program, axes)
+    decomposed = program.run_decompositions(decomposition_table())
+    return Captured(program, decomposed.module(), ranges)

@@ -1,0 +1,397 @@
+"""segfast's fused ops, registered with ``torch.library`` as ``torch.ops.segfast.*``.
+
+Each op has a composite PyTorch implementation that runs on any device (the
+``torch`` backend and every reference check use it) and a fake (meta)
+implementation for shape propagation, export and ``torch.compile``. The
+``triton`` backend swaps the targets for the Triton launchers of
+:mod:`segfast.kernels` when it lowers a fused graph; see
+:mod:`segfast.backends.triton_backend`.
+
+Ops:
+
+- ``segfast::conv2d``: convolution (groups 1 or depthwise) with a bias, an
+  activation, an optional residual add, and an optional second input source
+  joined on channels (``cat([x, up(x2)])`` or ``cat([up(x2), x])`` with ``up``
+  a nearest/bilinear resize to x's size computed on the fly);
+- ``segfast::conv_transpose2d``: transposed convolution with the same epilogue;
+- ``segfast::head``: optional 1×1 conv to class logits, optional bilinear
+  resize of the logits, then argmax / softmax / sigmoid / threshold, without
+  materialising full-resolution logits in the Triton implementation.
+
+Everything numerical stays in PyTorch's logical N×C×H×W shapes; the composite
+implementations keep the memory format of their main input.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "silu", "sigmoid", "tanh")
+HEAD_MODES = ("argmax", "softmax", "sigmoid", "threshold", "logits")
+MASK_DTYPES = {"uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
+
+
+def activation(y: Tensor, act: str, act_param: float) -> Tensor:
+    """Apply an epilogue activation (out of place)."""
+    if act == "none":
+        return y
+    if act == "relu":
+        return torch.relu(y)
+    if act == "relu6":
+        return torch.clamp(y, 0.0, 6.0)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, act_param)
+    if act == "silu":
+        return F.silu(y)
+    if act == "sigmoid":
+        return torch.sigmoid(y)
+    if act == "tanh":
+        return torch.tanh(y)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    # Channels-last wins when the strides allow it (also for C == 1 or 1×1 maps,
+    # where both layouts describe the same memory): the compiler runs NHWC.
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def resize_like_aten(
+    x: Tensor,
+    size: tuple[int, int] | list[int],
+    mode: str,
+    align_corners: bool,
+    scale_h: float | None,
+    scale_w: float | None,
+) -> Tensor:
+    """ATen's upsample ops with explicit output size and scales (exact graph semantics)."""
+    size = [int(size[0]), int(size[1])]
+    if mode == "bilinear":
+        return torch.ops.aten.upsample_bilinear2d.default(x, size, align_corners, scale_h, scale_w)
+    if mode == "nearest":
+        return torch.ops.aten.upsample_nearest2d.default(x, size, scale_h, scale_w)
+    if mode == "nearest-exact":
+        return torch.ops.aten._upsample_nearest_exact2d.default(x, size, scale_h, scale_w)
+    raise ValueError(f"resize mode must be bilinear, nearest or nearest-exact, got {mode!r}")
+
+
+def join_sources(
+    x: Tensor,
+    x2: Tensor | None,
+    x2_resize: str,
+    x2_align_corners: bool,
+    x2_scale_h: float | None,
+    x2_scale_w: float | None,
+    x2_first: bool,
+) -> Tensor:
+    """The materialised two-source input ``cat([x, up(x2)])`` (or the reverse)."""
+    if x2 is None:
+        return x
+    if x2_resize != "none":
+        x2 = resize_like_aten(x2, x.shape[-2:], x2_resize, x2_align_corners, x2_scale_h, x2_scale_w)
+    parts = [x2, x] if x2_first else [x, x2]
+    return torch.cat(parts, dim=1)
+
+
+# -- CPU fast path: oneDNN convolution with fused unary / binary post-ops. -------------
+
+_MKLDNN_UNARY = {
+    "none": ("none", []),
+    "relu": ("relu", []),
+    "relu6": ("hardtanh", [0.0, 6.0]),
+    "silu": ("swish", []),
+    "sigmoid": ("sigmoid", []),
+    "tanh": ("tanh", []),
+}
+
+
+@functools.cache
+def _mkldnn_ok() -> bool:
+    """oneDNN's fused convolution op exists and computes what it should here."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")):
+        return False
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise
+        x = torch.randn(1, 4, 5, 6)
+        w = torch.randn(3, 4, 3, 3)
+        b = torch.randn(3)
+        r = torch.randn(1, 3, 5, 6)
+        y = op.default(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        z = op.binary(x, r, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], "")
+        ref = F.conv2d(x, w, b, padding=1)
+        return bool(
+            torch.allclose(y, ref.relu(), atol=1e-5)
+            and torch.allclose(z, (ref + r).relu(), atol=1e-5)
+        )
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _conv_cpu_fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: Tensor | None,
+    residual_after_act: bool,
+) -> Tensor | None:
+    """oneDNN conv + post-ops for float32/bfloat16 CPU tensors; None when not applicable."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    if not _mkldnn_ok():
+        return None
+    op = torch.ops.mkldnn._convolution_pointwise
+    if act == "leaky_relu":
+        unary, scalars = "leaky_relu", [act_param]
+    elif act in _MKLDNN_UNARY:
+        unary, scalars = _MKLDNN_UNARY[act]
+    else:
+        return None
+    if residual is None:
+        return op.default(x, weight, bias, padding, stride, dilation, groups, unary, scalars, "")
+    if residual_after_act or residual.shape != (x.shape[0], weight.shape[0], *residual.shape[2:]):
+        return None
+    if residual.dtype != x.dtype:
+        return None
+    return op.binary(
+        x,
+        residual,
+        weight,
+        bias,
+        padding,
+        stride,
+        dilation,
+        groups,
+        "add",
+        None,
+        None if unary == "none" else unary,
+        scalars,
+        "",
+    )
+
+
+# -- segfast::conv2d ------------------------------------------------------------------
+
+
+@torch.library.custom_op("segfast::conv2d", mutates_args=())
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: Tensor | None,
+    residual_after_act: bool,
+    x2: Tensor | None,
+    x2_resize: str,
+    x2_align_corners: bool,
+    x2_scale_h: float | None,
+    x2_scale_w: float | None,
+    x2_first: bool,
+) -> Tensor:
+    """Fused convolution; see the module docstring. Composite PyTorch implementation."""
+    layout = _layout(x)
+    inp = join_sources(x, x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first)
+    y = _conv_cpu_fused(
+        inp,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        act,
+        act_param,
+        residual,
+        residual_after_act,
+    )
+    if y is None:
+        y = F.conv2d(inp, weight, bias, stride, padding, dilation, groups)
+        if residual is not None and not residual_after_act:
+            y = y + residual
+        y = activation(y, act, act_param)
+        if residual is not None and residual_after_act:
+            y = y + residual
+    return y.contiguous(memory_format=layout)
+
+
+def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@conv2d.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    act,
+    act_param,
+    residual,
+    residual_after_act,
+    x2,
+    x2_resize,
+    x2_align_corners,
+    x2_scale_h,
+    x2_scale_w,
+    x2_first,
+):
+    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return out.contiguous(memory_format=_layout(x))
+
+
+# -- segfast::conv_transpose2d ----------------------------------------------------------
+
+
+@torch.library.custom_op("segfast::conv_transpose2d", mutates_args=())
+def conv_transpose2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: Tensor | None,
+    residual_after_act: bool,
+) -> Tensor:
+    """Fused transposed convolution. Composite PyTorch implementation."""
+    layout = _layout(x)
+    y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    if residual is not None and not residual_after_act:
+        y = y + residual
+    y = activation(y, act, act_param)
+    if residual is not None and residual_after_act:
+        y = y + residual
+    return y.contiguous(memory_format=layout)
+
+
+@conv_transpose2d.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    stride,
+    padding,
+    output_padding,
+    dilation,
+    groups,
+    act,
+    act_param,
+    residual,
+    residual_after_act,
+):
+    def size(i: int) -> int:
+        k = weight.shape[2 + i]
+        return (
+            (x.shape[2 + i] - 1) * stride[i]
+            - 2 * padding[i]
+            + dilation[i] * (k - 1)
+            + output_padding[i]
+            + 1
+        )
+
+    out = x.new_empty((x.shape[0], weight.shape[1] * groups, size(0), size(1)))
+    return out.contiguous(memory_format=_layout(x))
+
+
+# -- segfast::head ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("segfast::head", mutates_args=())
+def head(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    out_h: int,
+    out_w: int,
+    resize: bool,
+    align_corners: bool,
+    scale_h: float | None,
+    scale_w: float | None,
+    mode: str,
+    threshold: float,
+    mask_dtype: str,
+) -> Tensor:
+    """Segmentation head: [1×1 conv] → [bilinear resize to out_h×out_w] → reduction.
+
+    ``out_h``/``out_w`` are read only when ``resize`` is true.
+
+    ``mode``: "argmax" → mask [N, H, W] of ``mask_dtype``; "softmax" / "sigmoid" →
+    probabilities [N, K, H, W]; "threshold" → binary mask (K == 1: sigmoid > t;
+    K == 2: softmax[:, 1] > t); "logits" → the logits themselves.
+    """
+    y = x
+    if weight is not None:
+        w = weight if weight.dim() == 4 else weight[:, :, None, None]
+        y = F.conv2d(y, w, bias)
+    if resize:
+        y = resize_like_aten(y, (out_h, out_w), "bilinear", align_corners, scale_h, scale_w)
+    return _reduce(y, mode, threshold, mask_dtype)
+
+
+def _reduce(y: Tensor, mode: str, threshold: float, mask_dtype: str) -> Tensor:
+    if mode == "argmax":
+        return y.argmax(dim=1).to(MASK_DTYPES[mask_dtype])
+    if mode == "softmax":
+        return torch.softmax(y, dim=1)
+    if mode == "sigmoid":
+        return torch.sigmoid(y)
+    if mode == "logits":
+        return y.clone()
+    if mode == "threshold":
+        if y.shape[1] == 1:
+            p = torch.sigmoid(y[:, 0].float())
+        elif y.shape[1] == 2:
+            p = torch.softmax(y.float(), dim=1)[:, 1]
+        else:
+            raise ValueError(f"threshold needs 1 or 2 classes, got {y.shape[1]}")
+        return (p > threshold).to(MASK_DTYPES[mask_dtype])
+    raise ValueError(f"head mode must be one of {HEAD_MODES}, got {mode!r}")
+
+
+@head.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    out_h,
+    out_w,
+    resize,
+    align_corners,
+    scale_h,
+    scale_w,
+    mode,
+    threshold,
+    mask_dtype,
+):
+    k = weight.shape[0] if weight is not None else x.shape[1]
+    h, w = (out_h, out_w) if resize else (x.shape[2], x.shape[3])
+    if mode in ("argmax", "threshold"):
+        return x.new_empty((x.shape[0], h, w), dtype=MASK_DTYPES[mask_dtype])
+    return x.new_empty((x.shape[0], k, h, w))

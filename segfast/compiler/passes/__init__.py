@@ -1,0 +1,35 @@
+"""The compiler's passes, run in this order (one pass per module).
+
+Order matters where noted: each later pass matches the forms earlier ones produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from segfast.compiler.context import PassContext
+from segfast.compiler.passes import (
+    cleanup,
+    concat_slices,
+    conv_epilogue,
+    fold_bn,
+    head,
+    layout,
+    precision,
+    skip_concat,
+)
+
+PASSES: list[tuple[str, Callable[[PassContext], None]]] = [
+    ("cleanup", cleanup.run),  # first: identity ops would break every chain below
+    ("fold_bn", fold_bn.run),  # before conv_epilogue: conv→BN→act only chains once BN is gone
+    ("conv_epilogue", conv_epilogue.run),  # convolutions become segfast ops (+ act, residual)
+    ("skip_concat", skip_concat.run),  # needs the consumer convs to be segfast.conv2d already
+    ("head", head.run),  # needs the classifier conv as a plain segfast.conv2d
+    ("concat_slices", concat_slices.run),  # after skip_concat: only cats it left over
+    ("layout", layout.run),  # NHWC entry conversion
+    ("precision", precision.run),  # last: casts every constant earlier passes created
+]
+
+
+def pass_names() -> list[str]:
+    return [name for name, _ in PASSES]

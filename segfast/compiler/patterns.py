@@ -1,0 +1,174 @@
+"""The pattern table: every fusion segfast performs, by name, and the op tables
+the passes match against. Passes record each fusion they apply under its name,
+so ``Engine.summary()`` reports exactly what fired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Fusion:
+    name: str
+    pattern: str  # what is matched, in graph terms
+    into: str  # what replaces it
+    pass_name: str  # the pass (compiler/passes/<pass_name>.py) that applies it
+
+
+FUSIONS: dict[str, Fusion] = {
+    f.name: f
+    for f in (
+        Fusion("bn_fold", "convolution → batch_norm", "conv weight × scale, bias", "fold_bn"),
+        Fusion("conv", "convolution", "segfast.conv2d", "conv_epilogue"),
+        Fusion(
+            "conv_transpose", "transposed convolution", "segfast.conv_transpose2d", "conv_epilogue"
+        ),
+        Fusion("conv_act", "conv → activation", "activation in the conv epilogue", "conv_epilogue"),
+        Fusion(
+            "conv_residual",
+            "conv → add(·, r) [→ activation]",
+            "residual add in the conv epilogue",
+            "conv_epilogue",
+        ),
+        Fusion(
+            "skip_concat_resize",
+            "cat([skip, upsample(x)]) → conv",
+            "two-source prologue, resize on the fly",
+            "skip_concat",
+        ),
+        Fusion(
+            "skip_concat",
+            "cat([a, b]) → conv",
+            "two-source prologue (no concat tensor)",
+            "skip_concat",
+        ),
+        Fusion(
+            "concat_slices",
+            "producers → cat",
+            "producers write channel slices of one buffer",
+            "concat_slices",
+        ),
+        Fusion(
+            "head_conv",
+            "1×1 conv → [upsample] → argmax/softmax",
+            "segfast.head with the 1×1 conv inside",
+            "head",
+        ),
+        Fusion("head", "[upsample] → argmax/softmax", "segfast.head", "head"),
+    )
+}
+
+
+# -- activations that fuse into a conv epilogue ------------------------------------------
+
+
+def _const_args(node: fx.Node, defaults: tuple[Any, ...]) -> tuple[Any, ...]:
+    args = list(node.args[1:]) + list(defaults[len(node.args) - 1 :])
+    return tuple(args)
+
+
+def _hardtanh(node: fx.Node) -> tuple[str, float] | None:
+    lo, hi = _const_args(node, (-1.0, 1.0))[:2]
+    if float(lo) == 0.0 and float(hi) == 6.0:
+        return ("relu6", 0.0)
+    return None
+
+
+def _clamp(node: fx.Node) -> tuple[str, float] | None:
+    args = _const_args(node, (None, None))
+    lo, hi = args[0], args[1]
+    if lo is not None and hi is not None and float(lo) == 0.0 and float(hi) == 6.0:
+        return ("relu6", 0.0)
+    if lo is not None and hi is None and float(lo) == 0.0:
+        return ("relu", 0.0)
+    return None
+
+
+def _leaky(node: fx.Node) -> tuple[str, float] | None:
+    (slope,) = _const_args(node, (0.01,))[:1]
+    return ("leaky_relu", float(slope))
+
+
+# op -> function(node) -> (activation name, parameter) or None when not fusable
+ACTIVATION_OPS: dict[Any, Callable[[fx.Node], tuple[str, float] | None]] = {
+    aten.relu.default: lambda n: ("relu", 0.0),
+    aten.hardtanh.default: _hardtanh,
+    aten.clamp.default: _clamp,
+    aten.leaky_relu.default: _leaky,
+    aten.silu.default: lambda n: ("silu", 0.0),
+    aten.sigmoid.default: lambda n: ("sigmoid", 0.0),
+    aten.tanh.default: lambda n: ("tanh", 0.0),
+}
+
+
+# -- resampling ops ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resample:
+    input: fx.Node
+    size: tuple[Any, Any]  # output (H, W), possibly symbolic
+    mode: str  # "bilinear" | "nearest" | "nearest-exact"
+    align_corners: bool
+    scale_h: float | None  # ATen's scales_h: the scale factor itself, not its inverse
+    scale_w: float | None
+    size_args: Any = None  # the op's own output_size argument (ints or graph nodes), if given
+
+    def size_for_graph(self) -> tuple[Any, Any] | None:
+        """The output size as graph arguments: ints, or the nodes that compute them.
+
+        None when the size is symbolic and came from a scale factor (no node holds it).
+        """
+        if all(isinstance(s, int) for s in self.size):
+            return (int(self.size[0]), int(self.size[1]))
+        if self.size_args is not None:
+            return (self.size_args[0], self.size_args[1])
+        return None
+
+
+def _vec_scales(scales: Any) -> tuple[float | None, float | None]:
+    if scales is None:
+        return None, None
+    return float(scales[0]), float(scales[1])
+
+
+def resample_of(node: fx.Node) -> Resample | None:
+    """Describe an upsample node in one normalised form, or None if it is not one."""
+    if node.op != "call_function":
+        return None
+    t, a = node.target, node.args
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return None
+    size = (out.shape[2], out.shape[3])
+    if t is aten.upsample_bilinear2d.vec:
+        sh, sw = _vec_scales(a[3] if len(a) > 3 else node.kwargs.get("scale_factors"))
+        return Resample(a[0], size, "bilinear", bool(a[2]), sh, sw, a[1])
+    if t is aten.upsample_bilinear2d.default:
+        sh = a[3] if len(a) > 3 else node.kwargs.get("scales_h")
+        sw = a[4] if len(a) > 4 else node.kwargs.get("scales_w")
+        return Resample(a[0], size, "bilinear", bool(a[2]), sh, sw, a[1])
+    for vec, default, mode in (
+        (aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, "nearest"),
+        (
+            aten._upsample_nearest_exact2d.vec,
+            aten._upsample_nearest_exact2d.default,
+            "nearest-exact",
+        ),
+    ):
+        if t is vec:
+            sh, sw = _vec_scales(a[2] if len(a) > 2 else node.kwargs.get("scale_factors"))
+            return Resample(a[0], size, mode, False, sh, sw, a[1])
+        if t is default:
+            sh = a[2] if len(a) > 2 else node.kwargs.get("scales_h")
+            sw = a[3] if len(a) > 3 else node.kwargs.get("scales_w")
+            return Resample(a[0], size, mode, False, sh, sw, a[1])
+    return None

@@ -1,0 +1,1 @@
+"""The runtime: engines, and what runs them (video, tiling, pre/post-processing)."""

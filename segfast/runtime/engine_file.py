@@ -1,0 +1,265 @@
+"""Engine files: one safetensors file holding the captured program's weights,
+with everything else as JSON in its header. No pickle anywhere.
+
+Layout of ``engine.segfast``:
+
+- tensors ``w.<name>``: the exported program's parameters and buffers,
+  ``c.<name>``: its tensor constants;
+- header metadata ``segfast_engine``: JSON with the format version, the segfast,
+  torch and triton versions, backend, precision, output, threshold, device (and
+  GPU name / compute capability), input specs, passes and fusions, backend
+  options, the serialized ExportedProgram graph (``torch.export``'s JSON form),
+  and two sha256 digests — of the weights (names, dtypes, shapes, bytes) and of
+  the program JSON.
+
+Loading checks, before building anything: the file parses (a truncated file
+does not), both digests match (a modified file does not), the versions and the
+device fit this machine, and — if the caller names one — the input shape fits.
+The engine is then rebuilt by compiling the stored program with the stored
+settings. The digests detect corruption and accidental edits; they are not a
+signature (anyone can recompute them), so load engine files you trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import segfast
+from segfast._io import atomic_path
+from segfast.errors import EngineFileError
+
+FORMAT = "segfast-engine"
+FORMAT_VERSION = 1
+_META_KEY = "segfast_engine"
+
+
+def _minor(version: str) -> str:
+    """'2.13.0+cpu' -> '2.13'."""
+    parts = version.split("+")[0].split(".")
+    return ".".join(parts[:2])
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return str(triton.__version__)
+    except ImportError:
+        return None
+
+
+def _device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        info["name"] = torch.cuda.get_device_name(idx)
+        info["capability"] = list(torch.cuda.get_device_capability(idx))
+    return info
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _program_of(engine: Any) -> torch.export.ExportedProgram:
+    src = engine._source
+    captured = src.get("captured")
+    if captured is not None:
+        return captured.program
+    from segfast.compiler.capture import capture
+
+    return capture(src["model"], src["inputs"], dynamic=src["dynamic"]).program
+
+
+def save(engine: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``engine`` to ``path`` atomically (see the module docstring)."""
+    from safetensors.torch import save_file
+    from torch._export.serde.serialize import serialize
+
+    program = _program_of(engine)
+    artifact = serialize(program)
+    program_json = artifact.exported_program.decode("utf-8")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in program.state_dict.items():
+        tensors[f"w.{name}"] = t.detach().contiguous().cpu().clone()
+    for name, t in program.constants.items():
+        if isinstance(t, torch.Tensor):
+            tensors[f"c.{name}"] = t.detach().contiguous().cpu().clone()
+        else:
+            raise EngineFileError(
+                f"cannot save: the program holds a non-tensor constant {name!r} "
+                f"({type(t).__name__})"
+            )
+    info = engine.info
+    src = engine._source
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "segfast_version": segfast.__version__,
+        "torch_version": torch.__version__,
+        "triton_version": _triton_version(),
+        "backend": info.backend,
+        "precision": info.precision,
+        "output": info.output,
+        "threshold": src.get("threshold", 0.5),
+        "dynamic": list(src.get("dynamic", ())),
+        "options": src.get("options", {}),
+        "device": _device_info(engine.device),
+        "inputs": [
+            {
+                "shape": list(s.shape),
+                "dtype": s.dtype,
+                "dynamic": {k: list(v) for k, v in s.dynamic.items()},
+            }
+            for s in info.inputs
+        ],
+        "passes": info.passes,
+        "fusions": info.fusions,
+        "model": getattr(src.get("model"), "segfast_spec", None),
+        "parameters": list(program.graph_signature.parameters),
+        "program": program_json,
+        "program_sha256": hashlib.sha256(program_json.encode()).hexdigest(),
+        "weights_sha256": weights_digest(tensors),
+    }
+    try:
+        header = json.dumps(meta)
+    except TypeError as exc:
+        raise EngineFileError(
+            f"cannot save: engine options are not JSON-serialisable: {exc}"
+        ) from exc
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: header})
+    return out
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Parse and verify an engine file; returns (metadata, tensors). Builds nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise EngineFileError(f"engine file {p} does not exist")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            raw = (fh.metadata() or {}).get(_META_KEY)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open API
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise EngineFileError(
+            f"{p} is not a readable engine file (truncated or corrupt?): {exc}"
+        ) from exc
+    if raw is None:
+        raise EngineFileError(f"{p} is a safetensors file but not a segfast engine (no header)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise EngineFileError(f"{p}: engine header is not valid JSON (corrupt?): {exc}") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise EngineFileError(
+            f"{p}: engine format {meta.get('format')!r} v{meta.get('format_version')} is not "
+            f"{FORMAT!r} v{FORMAT_VERSION}"
+        )
+    program = meta.get("program", "")
+    if hashlib.sha256(program.encode()).hexdigest() != meta.get("program_sha256"):
+        raise EngineFileError(f"{p}: the stored program does not match its sha256 (modified?)")
+    if weights_digest(tensors) != meta.get("weights_sha256"):
+        raise EngineFileError(f"{p}: the weights do not match their sha256 (modified or corrupt)")
+    return meta, tensors
+
+
+def _check_compatible(
+    meta: dict[str, Any], path: Path, device: torch.device, input_shape: Any
+) -> None:
+    here = {"segfast": segfast.__version__, "torch": torch.__version__}
+    for what, key in (("segfast", "segfast_version"), ("torch", "torch_version")):
+        if _minor(str(meta[key])) != _minor(here[what]):
+            raise EngineFileError(
+                f"{path} was built with {what} {meta[key]}; this is {what} {here[what]}. "
+                f"Rebuild the engine with this version."
+            )
+    built = meta["device"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineFileError(f"{path} was built for CUDA ({built.get('name')}); no GPU here")
+    if device.type != built["type"] and meta["backend"] in ("triton", "tensorrt"):
+        raise EngineFileError(
+            f"{path} is a {meta['backend']} engine built for {built['type']}; "
+            f"it cannot run on {device.type}"
+        )
+    if input_shape is not None:
+        spec = meta["inputs"][0]
+        want, dyn = list(spec["shape"]), spec["dynamic"]
+        got = list(input_shape)
+        names = ["batch", "channels", "height", "width"]
+        ok = len(got) == len(want) and all(
+            g == w or (d < 4 and names[d] in dyn and dyn[names[d]][0] <= g <= dyn[names[d]][1])
+            for d, (g, w) in enumerate(zip(got, want, strict=False))
+        )
+        if not ok:
+            raise EngineFileError(
+                f"{path} was built for input {want}"
+                + (f" (dynamic {dyn})" if dyn else " (static)")
+                + f"; asked for {got}"
+            )
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    input_shape: Any = None,
+) -> Any:
+    """Load an engine saved by ``Engine.save``; see the module docstring for the checks."""
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    from segfast.compiler.api import compile as sf_compile
+
+    p = Path(path)
+    meta, tensors = read(p)
+    dev = torch.device(device) if device is not None else torch.device(meta["device"]["type"])
+    _check_compatible(meta, p, dev, input_shape)
+    params = set(meta.get("parameters", ()))
+    state = {
+        k[2:]: torch.nn.Parameter(v, requires_grad=False) if k[2:] in params else v
+        for k, v in tensors.items()
+        if k.startswith("w.")
+    }
+    consts = {k[2:]: v for k, v in tensors.items() if k.startswith("c.")}
+    shapes = [tuple(s["shape"]) for s in meta["inputs"]]
+    dtypes = [getattr(torch, s["dtype"]) for s in meta["inputs"]]
+    examples = tuple(
+        torch.zeros(s, dtype=d) if not d.is_floating_point else torch.randn(s, dtype=d)
+        for s, d in zip(shapes, dtypes, strict=True)
+    )
+    try:
+        program = deserialize(
+            SerializedArtifact(meta["program"].encode(), state, consts, (examples, {}))
+        )
+    except Exception as exc:  # the serde raises many types on a malformed program
+        raise EngineFileError(f"{p}: the stored program cannot be deserialised: {exc}") from exc
+    engine = sf_compile(
+        program,
+        tuple(t.to(dev) for t in examples),
+        backend=meta["backend"],
+        precision=meta["precision"],
+        output=meta["output"],
+        dynamic=tuple(meta["dynamic"]),
+        device=dev,
+        threshold=meta["threshold"],
+        options=meta["options"],
+    )
+    engine.info.notes.append(f"loaded from {p}")
+    return engine

@@ -1,0 +1,114 @@
+"""The backend interface: availability, eager, inductor, auto."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import segfast
+from segfast import BackendUnavailable, backends, models
+from segfast.cli import main
+
+
+def test_availability_lists_every_backend():
+    avail = backends.availability("cpu")
+    for name in ("eager", "torch", "inductor"):
+        assert name in avail
+        ok, why = avail[name]
+        assert isinstance(ok, bool)
+        assert why
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        segfast.compile(nn.Conv2d(3, 3, 1), input_shape=(1, 3, 8, 8), backend="nope")
+
+
+def test_eager_backend_is_the_model():
+    model = models.create("segnet", tiny=True).eval()
+    x = torch.randn(1, 3, 30, 34)
+    eng = segfast.compile(model, x, backend="eager", output="mask")
+    with torch.no_grad():
+        assert torch.equal(eng(x).long(), model(x).argmax(1))
+    assert "no fusion" in eng.summary()
+
+
+@pytest.mark.slow
+def test_inductor_backend():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)
+    ).eval()
+    x = torch.randn(1, 3, 16, 16)
+    eng = segfast.compile(model, x, backend="inductor")
+    report = segfast.check(eng, model, [x])
+    assert report.passed, str(report)
+
+
+def test_auto_measures_and_reports_its_choice():
+    model = models.create("unet", tiny=True).eval()
+    x = torch.randn(1, 1, 32, 32)
+    eng = segfast.compile(
+        model, x, backend="auto", options={"candidates": ["torch", "eager"], "iters": 2}
+    )
+    assert eng.backend in ("torch", "eager")
+    chosen = [c for c in eng.info.choice if c["chosen"]]
+    assert len(chosen) == 1
+    assert chosen[0]["backend"] == eng.backend
+    assert all(c["ms"] > 0 for c in eng.info.choice)
+    assert "auto chose" in eng.summary()
+
+
+def _make_inductor_unavailable(monkeypatch):
+    monkeypatch.setattr(
+        type(backends.get_backend("inductor")),
+        "availability",
+        lambda self, device=None: (False, "pretend: no compiler on this machine"),
+    )
+
+
+def test_auto_skips_unavailable_candidates_with_reason(monkeypatch):
+    _make_inductor_unavailable(monkeypatch)
+    model = models.create("unet", tiny=True).eval()
+    x = torch.randn(1, 1, 32, 32)
+    eng = segfast.compile(
+        model, x, backend="auto", options={"candidates": ["inductor", "torch"], "iters": 1}
+    )
+    skipped = next(c for c in eng.info.choice if c["backend"] == "inductor")
+    assert skipped["ms"] is None
+    assert skipped["reason"] == "pretend: no compiler on this machine"
+    assert eng.backend == "torch"
+
+
+def test_auto_with_nothing_runnable_says_why(monkeypatch):
+    _make_inductor_unavailable(monkeypatch)
+    model = models.create("unet", tiny=True).eval()
+    with pytest.raises(BackendUnavailable, match=r"auto found no backend.*pretend"):
+        segfast.compile(
+            model, torch.randn(1, 1, 16, 16), backend="auto", options={"candidates": ["inductor"]}
+        )
+
+
+def test_auto_rejects_unknown_candidates():
+    with pytest.raises(ValueError, match="unknown auto candidate"):
+        segfast.compile(
+            models.create("unet", tiny=True),
+            torch.randn(1, 1, 16, 16),
+            backend="auto",
+            options={"candidates": ["tpu"]},
+        )
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    _make_inductor_unavailable(monkeypatch)
+    with pytest.raises(BackendUnavailable, match="cannot run here: pretend"):
+        segfast.compile(
+            models.create("unet", tiny=True), torch.randn(1, 1, 16, 16), backend="inductor"
+        )
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out
+    assert "torch" in out

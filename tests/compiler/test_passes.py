@@ -1,0 +1,311 @@
+"""Each fusion pass: the pattern fires (recorded in the engine summary) and the
+fused graph computes what the original did, on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segfast
+from segfast.testing import assert_close
+
+
+def _compile(model: nn.Module, x: torch.Tensor, **kw) -> segfast.Engine:
+    return segfast.compile(model.eval(), x, backend="torch", **kw)
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so folding is really exercised."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _same(engine: segfast.Engine, model: nn.Module, *xs: torch.Tensor) -> None:
+    with torch.no_grad():
+        ref = model(*xs)
+    assert_close(engine(*xs), ref, atol=1e-5, rtol=1e-4)
+
+
+class ConvBN(nn.Module):
+    def __init__(self, transposed: bool = False, bias: bool = False, groups: int = 1):
+        super().__init__()
+        cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+        kw = {"stride": 2} if transposed else {"padding": 1}
+        self.conv = cls(4, 6, 3, bias=bias, groups=groups, **kw)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    ("transposed", "bias", "groups"),
+    [(False, False, 1), (False, True, 1), (True, False, 1), (True, True, 2), (False, True, 2)],
+)
+def test_bn_fold(transposed, bias, groups):
+    model = _randomise_bn(ConvBN(transposed, bias, groups)).eval()
+    x = torch.randn(2, 4, 9, 11)
+    eng = _compile(model, x)
+    assert eng.info.fusions["bn_fold"] == 1
+    assert eng.info.fusions["conv_transpose" if transposed else "conv"] == 1
+    _same(eng, model, x)
+
+
+ACTS = {
+    "relu": nn.ReLU(),
+    "relu6": nn.ReLU6(),
+    "leaky_relu": nn.LeakyReLU(0.2),
+    "silu": nn.SiLU(),
+    "sigmoid": nn.Sigmoid(),
+    "tanh": nn.Tanh(),
+    "clamp06": None,
+}
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_activation_fuses(act):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+            self.act = ACTS[act]
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.clamp(y, 0, 6) if self.act is None else self.act(y)
+
+    x = torch.randn(1, 3, 7, 9) * 3
+    model = M().eval()
+    eng = _compile(model, x)
+    assert eng.info.fusions["conv_act"] == 1
+    _same(eng, model, x)
+
+
+def test_unfusable_activation_stays_separate():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+        def forward(self, x):
+            return F.hardtanh(self.conv(x), -2.0, 2.0)  # not ReLU6: no fused form
+
+    x = torch.randn(1, 3, 7, 9) * 3
+    model = M().eval()
+    eng = _compile(model, x)
+    assert "conv_act" not in eng.info.fusions
+    _same(eng, model, x)
+
+
+class Residual(nn.Module):
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        skip = self.b(x)
+        if self.order == "add_then_relu":  # ResNet: relu(conv + skip)
+            return F.relu(self.a(x) + skip)
+        if self.order == "relu_then_add":
+            return skip + F.relu(self.a(x))
+        return self.a(x) + x  # plain add (MobileNetV2)
+
+
+@pytest.mark.parametrize("order", ["add_then_relu", "relu_then_add", "add"])
+def test_residual_fuses(order):
+    model = Residual(order).eval()
+    x = torch.randn(2, 4, 8, 6)
+    eng = _compile(model, x)
+    assert eng.info.fusions["conv_residual"] >= 1
+    if order != "add":
+        assert eng.info.fusions["conv_act"] >= 1
+    _same(eng, model, x)
+
+
+def test_broadcast_add_is_not_a_residual():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bias = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return self.conv(x) + self.bias
+
+    model = M().eval()
+    x = torch.randn(1, 3, 5, 5)
+    eng = _compile(model, x)
+    assert "conv_residual" not in eng.info.fusions
+    _same(eng, model, x)
+
+
+class Decoder(nn.Module):
+    """cat([skip, up(x)]) → conv, the U-Net decoder step, in every form."""
+
+    def __init__(self, mode: str | None, align: bool | None, first: bool, scale: bool):
+        super().__init__()
+        self.mode, self.align, self.first, self.scale = mode, align, first, scale
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 6, 2, stride=2)
+        self.dec = nn.Conv2d(10, 5, 3, padding=1)
+
+    def forward(self, x):
+        skip = F.relu(self.enc(x))
+        low = F.relu(self.down(skip))
+        if self.mode is None:
+            up = self.up(low)
+        elif self.scale:
+            up = F.interpolate(low, scale_factor=2, mode=self.mode, align_corners=self.align)
+        else:
+            up = F.interpolate(low, size=skip.shape[-2:], mode=self.mode, align_corners=self.align)
+        parts = [up, skip] if self.first else [skip, up]
+        return self.dec(torch.cat(parts, dim=1))
+
+
+@pytest.mark.parametrize(
+    ("mode", "align", "first", "scale"),
+    [
+        (None, None, False, False),
+        ("bilinear", False, False, True),
+        ("bilinear", True, False, False),
+        ("bilinear", False, True, False),
+        ("nearest", None, False, True),
+        ("nearest", None, True, False),
+    ],
+)
+def test_skip_concat(mode, align, first, scale):
+    model = Decoder(mode, align, first, scale).eval()
+    x = torch.randn(2, 3, 12, 16)
+    eng = _compile(model, x)
+    fired = "skip_concat" if mode is None else "skip_concat_resize"
+    assert eng.info.fusions[fired] == 1
+    _same(eng, model, x)
+
+
+def test_skip_concat_odd_size_resize():
+    """A non-×2 resize to the skip's size (DeepLab v3+ decoder) still fuses exactly."""
+    model = Decoder("bilinear", False, True, False).eval()
+    x = torch.randn(1, 3, 13, 17)  # low is 7×9, resized to 13×17
+    eng = _compile(model, x)
+    assert eng.info.fusions["skip_concat_resize"] == 1
+    _same(eng, model, x)
+
+
+def test_concat_with_other_readers_is_left_alone():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 2, 1)
+            self.b = nn.Conv2d(3, 2, 1)
+            self.c = nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            cat = torch.cat([self.a(x), self.b(x)], 1)
+            return self.c(cat) + cat.sum(1, keepdim=True)
+
+    model = M().eval()
+    x = torch.randn(1, 3, 5, 5)
+    eng = _compile(model, x)
+    assert "skip_concat" not in eng.info.fusions
+    _same(eng, model, x)
+
+
+class Head(nn.Module):
+    def __init__(self, upsample: bool, classes: int = 4, crop: bool = False):
+        super().__init__()
+        self.upsample, self.crop = upsample, crop
+        self.body = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.cls = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        y = self.cls(F.relu(self.body(x)))
+        if self.upsample:
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        if self.crop:
+            y = y[..., : h // 2 - 1, : w // 2 - 1]
+        return y
+
+
+@pytest.mark.parametrize("output", ["mask", "probs"])
+@pytest.mark.parametrize("upsample", [True, False])
+def test_head_fusion(output, upsample):
+    model = Head(upsample).eval()
+    x = torch.randn(2, 3, 17, 22)
+    eng = _compile(model, x, output=output)
+    assert eng.info.fusions["head_conv"] == 1
+    with torch.no_grad():
+        logits = model(x)
+    out = eng(x)
+    if output == "mask":
+        assert out.dtype == torch.uint8
+        assert torch.equal(out.long(), logits.argmax(1))
+    else:
+        assert_close(out, torch.softmax(logits, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_head_fusion_through_crop():
+    model = Head(False, crop=True).eval()
+    x = torch.randn(1, 3, 20, 24)
+    eng = _compile(model, x, output="mask")
+    assert eng.info.fusions["head_conv"] == 1
+    with torch.no_grad():
+        assert torch.equal(eng(x).long(), model(x).argmax(1))
+
+
+def test_binary_model_masks_by_sigmoid_threshold():
+    model = Head(True, classes=1).eval()
+    x = torch.randn(1, 3, 16, 16)
+    eng = _compile(model, x, output="mask", threshold=0.7)
+    with torch.no_grad():
+        want = (torch.sigmoid(model(x))[:, 0] > 0.7).to(torch.uint8)
+    assert torch.equal(eng(x), want)
+    probs = _compile(model, x, output="probs")
+    with torch.no_grad():
+        assert_close(probs(x), torch.sigmoid(model(x)), atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_and_identities_are_removed():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return F.relu(self.drop(self.conv(x))).clone()
+
+    model = M().eval()
+    x = torch.randn(1, 3, 6, 6)
+    eng = _compile(model, x)
+    assert eng.info.fusions["conv_act"] == 1  # dropout no longer splits conv → relu
+    assert eng.info.ops_after == 2  # the layout conversion and the fused conv
+    _same(eng, model, x)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_graph(precision):
+    model = _randomise_bn(ConvBN()).eval()
+    x = torch.randn(1, 4, 9, 9)
+    eng = _compile(model, x, precision=precision)
+    out = eng(x)
+    assert out.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert segfast.check(eng, model, [x]).passed
+
+
+def test_layout_is_channels_last():
+    model = ConvBN().eval()
+    x = torch.randn(1, 4, 9, 9)
+    out = _compile(model, x)(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)

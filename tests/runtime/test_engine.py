@@ -1,0 +1,197 @@
+"""Engine: input checks, save → load (fresh process), and every refusal case."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import segfast
+from segfast import EngineFileError, InputError, models
+from segfast.runtime import engine_file
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return models.create("unet", tiny=True, in_channels=3, num_classes=4).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(unet):
+    return segfast.compile(unet, torch.randn(1, 3, 40, 48), backend="torch", output="mask")
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.randn(1, 3, 40), "must be 4-D"),
+        (torch.randn(1, 2, 40, 48), "channels is 2, engine expects 3"),
+        (torch.randn(1, 3, 41, 48), "height is 41, engine expects 40.*static"),
+        (torch.randn(2, 3, 40, 48), "batch is 2"),
+        (torch.zeros(1, 3, 40, 48, dtype=torch.uint8), "floating-point.*uint8 frames"),
+        (np.zeros((1, 3, 40, 48), np.float32), "torch.from_numpy"),
+    ],
+)
+def test_bad_inputs_are_refused(engine, bad, match):
+    with pytest.raises(InputError, match=match):
+        engine(bad)
+
+
+def test_wrong_input_count(engine):
+    x = torch.randn(1, 3, 40, 48)
+    with pytest.raises(InputError, match="takes 1 input"):
+        engine(x, x)
+
+
+def test_half_input_to_fp32_engine_is_accepted(engine, unet):
+    x = torch.randn(1, 3, 40, 48)
+    assert engine(x.half()).shape == (1, 40, 48)
+
+
+def test_summary_names_the_fusions(engine):
+    text = engine.summary()
+    for word in (
+        "backend torch",
+        "bn_fold",
+        "skip_concat",
+        "head_conv",
+        "ops:",
+        "activation bytes",
+    ):
+        assert word in text
+    assert "Engine(backend='torch'" in repr(engine)
+
+
+def test_save_load_in_a_fresh_process(engine, tmp_path):
+    x = torch.randn(1, 3, 40, 48)
+    path = engine.save(tmp_path / "unet.segfast")
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(engine(x), tmp_path / "y.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, segfast
+        eng = segfast.load({str(path)!r})
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        y = torch.load({str(tmp_path / "y.pt")!r})
+        assert eng.backend == "torch" and eng.output == "mask", eng
+        assert torch.equal(eng(x), y)
+        assert eng.info.fusions["skip_concat"] == 3
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_dynamic_engine_round_trip(unet, tmp_path):
+    eng = segfast.compile(unet, torch.randn(1, 3, 32, 32), backend="torch", dynamic=True)
+    loaded = segfast.load(eng.save(tmp_path / "d.segfast"))
+    x = torch.randn(1, 3, 45, 29)
+    assert torch.allclose(loaded(x), eng(x))
+    with pytest.raises(EngineFileError, match="built for input"):
+        segfast.load(tmp_path / "d.segfast", input_shape=(1, 3, 1, 29))
+
+
+def _rewrite(path, mutate_meta=None, mutate_tensors=None, rehash=True):
+    """Rewrite an engine file's header/tensors (optionally with fresh digests)."""
+    from safetensors.torch import save_file
+
+    meta, tensors = engine_file.read(path)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    if mutate_meta:
+        mutate_meta(meta)
+    if rehash:
+        meta["weights_sha256"] = engine_file.weights_digest(tensors)
+    save_file(tensors, str(path), metadata={"segfast_engine": json.dumps(meta)})
+
+
+@pytest.fixture
+def saved(engine, tmp_path):
+    return engine.save(tmp_path / "e.segfast")
+
+
+def test_truncated_file_is_refused(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 3])
+    with pytest.raises(EngineFileError, match="truncated or corrupt"):
+        segfast.load(saved)
+
+
+def test_tampered_weights_are_refused(saved):
+    def flip(tensors):
+        k = next(k for k in tensors if k.endswith("weight"))
+        tensors[k] = tensors[k] + 1e-3
+
+    _rewrite(saved, mutate_tensors=flip, rehash=False)
+    with pytest.raises(EngineFileError, match="weights do not match their sha256"):
+        segfast.load(saved)
+
+
+def test_tampered_program_is_refused(saved):
+    def edit(meta):
+        # still valid JSON, but not the program that was hashed
+        meta["program"] = meta["program"].replace("aten.relu", "aten.sigmoid", 1) + " "
+
+    _rewrite(saved, mutate_meta=edit)
+    with pytest.raises(EngineFileError, match="program does not match"):
+        segfast.load(saved)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("torch_version", "1.13.1", "built with torch 1.13.1"),
+        ("segfast_version", "9.0.0", "built with segfast 9.0.0"),
+        ("format_version", 99, "format"),
+    ],
+)
+def test_other_versions_are_refused(saved, key, value, match):
+    _rewrite(saved, mutate_meta=lambda m: m.__setitem__(key, value))
+    with pytest.raises(EngineFileError, match=match):
+        segfast.load(saved)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_engine_is_refused_without_a_gpu(saved):
+    _rewrite(saved, mutate_meta=lambda m: m.__setitem__("device", {"type": "cuda", "name": "H100"}))
+    with pytest.raises(EngineFileError, match="built for CUDA"):
+        segfast.load(saved)
+
+
+def test_other_shape_is_refused(saved):
+    with pytest.raises(EngineFileError, match="built for input"):
+        segfast.load(saved, input_shape=(1, 3, 64, 64))
+    assert segfast.load(saved, input_shape=(1, 3, 40, 48)).input_shape == (1, 3, 40, 48)
+
+
+def test_not_an_engine(tmp_path):
+    p = tmp_path / "w.safetensors"
+    segfast.save_weights(models.create("unet", tiny=True), p)
+    with pytest.raises(EngineFileError, match="not a segfast engine"):
+        segfast.load(p)
+    with pytest.raises(EngineFileError, match="does not exist"):
+        segfast.load(tmp_path / "missing.segfast")
+
+
+def test_failed_save_leaves_nothing(engine, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    target = tmp_path / "e.segfast"
+    target.write_bytes(b"previous content")
+
+    def boom(*a, **k):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="no space"):
+        engine.save(target)
+    assert target.read_bytes() == b"previous content"
+    assert [p.name for p in tmp_path.iterdir()] == ["e.segfast"]
