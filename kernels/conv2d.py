@@ -1,0 +1,1127 @@
+"""2-D convolution with a fused per-channel epilogue and a fused two-source prologue.
+
+Computes, for x: [N, C1, H, W] (and optionally x2: [N, C2, H2, W2]) and
+weight: [Cout, Cin, KH, KW]::
+
+    inp = cat([x, up(x2)], 1)            # or cat([up(x2), x]) with x2_first; up = resize to H×W
+    y   = conv2d(inp, weight, stride, padding, dilation)          # y: [N, Cout, Ho, Wo]
+    y   = y * scale[c] + shift[c]                                  # folded BN / conv bias
+    y   = act(y + residual)   or   act(y) + residual               # residual_after_act
+    out = y.to(out_dtype)                                          # written through out's strides
+
+``up`` (nearest or bilinear, ATen semantics, both align_corners) and the concatenation
+are never materialised: the kernel gathers the x2 part of every K-tile straight from
+x2 and blends the bilinear neighbours in registers.
+
+Kernels:
+
+- ``_conv2d_kernel`` (groups=1): implicit GEMM with M = N·Ho·Wo output pixels,
+  Nd = Cout, K = KH·KW·Cin, fp32 accumulation in ``tl.dot``. A K-tile is one
+  (kh, kw) filter tap × a block of BLOCK_K input channels, so on the fast path —
+  channels_last input (C stride 1) and a packed weight (:func:`pack_conv_weight`,
+  Cout stride 1) — both operand tiles are contiguous loads. Inputs with very few
+  channels (C1 ≤ 8: the RGB stem, grayscale U-Net inputs) use a flat K loop
+  instead, where one K-tile spans several taps × all channels. When a layer has too
+  few output tiles to fill the GPU (DeepLab's ASPP at 32×32: M = 1024, K = 18432),
+  the K reduction is split over programs (split-K) into an fp32 workspace that
+  ``_splitk_epilogue_kernel`` sums in a fixed order (deterministic) before the epilogue.
+- ``_dw_conv2d_kernel`` (groups == Cin == Cout, weight [C, 1, KH, KW]): a direct
+  depthwise convolution vectorised over [BLOCK_P pixels × BLOCK_C channels], with
+  the same epilogue.
+
+Every tensor may have any strides (they are kernel arguments); outputs default to
+channels_last, and ``out=`` may be any strided view, e.g. a channel slice of a larger
+channels_last buffer.
+
+Precision: tl.dot takes fp16/bf16 tiles in the storage dtype and accumulates in fp32;
+fp32 tiles use ``input_precision="ieee"`` (never TF32). The bilinear x2 tile is blended
+in fp32 and rounded once to the storage dtype before tl.dot — the same rounding PyTorch
+applies when it materialises the upsampled tensor. The epilogue runs in fp32 and rounds
+once into out's dtype.
+
+Traffic and work (elements; multiply by the element size for bytes):
+    GEMM path:  read N·H·W·C1 + N·H2·W2·C2 + Cout·Cin·KH·KW (+ N·Ho·Wo·Cout residual)
+                (+ 2·Cout scale/shift); write N·Ho·Wo·Cout.
+                FLOPs 2·N·Ho·Wo·Cout·Cin·KH·KW.
+                (The compulsory traffic: an input tile is re-read by each of the
+                cdiv(Cout, BLOCK_N) column tiles and by the KH×KW overlapping taps, but
+                those re-reads hit L2 because neighbouring programs share them.)
+                Split-K adds SPLIT_K·M·Cout fp32 written and read once.
+    depthwise:  read N·H·W·C + C·KH·KW (+ N·Ho·Wo·C residual); write N·Ho·Wo·C.
+                FLOPs 2·N·Ho·Wo·C·KH·KW.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (
+    act_code,
+    apply_activation_reference,
+    autotune_configs,
+    check_device,
+    check_float_dtype,
+    next_power_of_2,
+)
+
+# Offsets are computed in int32 unless some tensor spans more elements than this;
+# then the kernels are compiled with IDX64=True and every offset is int64. (int32
+# offset arithmetic is about half the integer work of int64 in the K loop.) Tests
+# lower it to force the int64 path on small tensors.
+_INT32_MAX = 2**31 - 1
+
+# The flat-K loop (one K-tile spans several filter taps) serves inputs with at most
+# this many channels: with fewer, a per-tap channel block of the smallest tl.dot
+# width (16) would be more than half zeros (the 3-channel stem: 3/16 useful).
+_FLAT_K_MAX_CHANNELS = 8
+
+_RESIZE_CODES = {"none": 0, "nearest": 1, "bilinear": 2}
+
+# Split-K (see _split_k_for). Split only when even 128×128 output tiles cannot fill half
+# the SMs (the autotuner's smaller tiles recover up to 4× more programs on their own);
+# at most 16 splits, each keeping ≥ 8 K iterations of 64 channels so its software
+# pipeline still fills. Partial sums go through a [SPLIT_K, M, Cout] fp32 workspace.
+_SPLIT_TILE = 128
+_SPLIT_MAX = 16
+_SPLIT_MIN_ITERS = 8
+# Tile of the split-K epilogue kernel: an elementwise pass over a small fp32 workspace
+# (split outputs have fewer than ~SMs·128² elements), not worth autotuning.
+_SPLIT_EPILOGUE_BLOCK = 64
+
+# Autotune keys shared by both kernels: every geometry argument (plus, per kernel, the
+# channel counts and the constexprs that change the loop structure).
+_GEOMETRY_KEYS = ["N", "H", "W", "KH", "KW", "Ho", "Wo", "SH", "SW", "PH", "PW", "DH", "DW"]
+
+
+# --------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _idx(v, IDX64: tl.constexpr):
+    """Widen an index tensor to int64 before it meets a stride (large tensors only)."""
+    if IDX64:
+        v = v.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _activate(y, ACT: tl.constexpr, act_param):
+    """The epilogue activations of kernels._common.ACTIVATIONS, on fp32 values."""
+    if ACT == 1:  # relu
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:  # relu6
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    elif ACT == 3:  # leaky_relu
+        y = tl.where(y >= 0.0, y, y * act_param)
+    elif ACT == 4:  # silu: y·σ(y); exp overflow to inf gives the right limit (-0)
+        y = y / (1.0 + tl.exp(-y))
+    elif ACT == 5:  # sigmoid
+        y = 1.0 / (1.0 + tl.exp(-y))
+    elif ACT == 6:  # tanh via exp(-2|y|) ∈ (0, 1]: no overflow for any y
+        e = tl.exp(-2.0 * tl.abs(y))
+        t = (1.0 - e) / (1.0 + e)
+        y = tl.where(y >= 0.0, t, -t)
+    return y
+
+
+@triton.jit
+def _epilogue(
+    acc,  # [BM, BC] fp32: rows = output pixels, columns = output channels
+    co,  # [BC] output channel
+    mask_m,  # [BM]
+    mask_c,  # [BC]
+    out_ptr,
+    out_row,  # [BM] offset of each pixel in out (channel 0)
+    so_c,
+    res_ptr,
+    res_row,  # [BM] offset of each pixel in residual
+    sr_c,
+    scale_ptr,
+    s_scale,
+    shift_ptr,
+    s_shift,
+    act_param,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RES_MODE: tl.constexpr,  # 0: none, 1: before the activation, 2: after it
+    ACT: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """y = acc·scale + shift, residual, activation, cast, one masked store."""
+    y = acc
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + co * s_scale, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        y = y + tl.load(shift_ptr + co * s_shift, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_c[None, :]
+    c = _idx(co, IDX64)
+    if RES_MODE == 1:
+        y = y + tl.load(res_ptr + res_row[:, None] + c[None, :] * sr_c, mask=mask).to(tl.float32)
+    y = _activate(y, ACT, act_param)
+    if RES_MODE == 2:
+        y = y + tl.load(res_ptr + res_row[:, None] + c[None, :] * sr_c, mask=mask).to(tl.float32)
+    tl.store(
+        out_ptr + out_row[:, None] + c[None, :] * so_c,
+        y.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def _conv_configs():
+    """Autotune space of the implicit-GEMM kernel (one factory; see autotune_configs).
+
+    128×128×64 fp16 tiles are the H100/A100 sweet spot for tensor-core GEMMs of these
+    sizes (32 KiB of operands per stage, 3–4 stages fit in shared memory); 64-wide
+    variants serve small feature maps where 128×128 tiles leave SMs idle; BLOCK_N=32
+    serves narrow Cout (class heads); BLOCK_K=32/16 serves few input channels, where
+    a 64-deep channel block would be mostly padding. ``_prune_conv_configs`` drops
+    the tiles a given shape cannot use.
+    """
+    space = [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16},
+    ]
+    # Interpreter: one config; 64×32×16 keeps the program count (each program costs
+    # interpreter time) and the padding of the odd test sizes both small.
+    return autotune_configs(space, interpreter_config={"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})
+
+
+def _prune_conv_configs(configs, named_args, **kwargs):
+    """Drop tiles wider than the shape: BLOCK_N beyond Cout, BLOCK_K beyond the channel
+    count of either source (or beyond KH·KW·C1 for the flat-K loop), BLOCK_M beyond
+    the pixel count. Padding-only tiles cost the same time and add nothing."""
+    args = {**named_args, **kwargs}
+    m = args["N"] * args["Ho"] * args["Wo"]
+    k = args["KH"] * args["KW"] * args["C1"] if args["FLAT_K"] else max(args["C1"], args["C2"])
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(args["Cout"]))
+        and c.kwargs["BLOCK_K"] <= max(16, next_power_of_2(k))
+        and c.kwargs["BLOCK_M"] <= max(64, next_power_of_2(m))
+    ]
+    return kept or configs
+
+
+@triton.autotune(
+    configs=_conv_configs(),
+    key=[
+        *_GEOMETRY_KEYS,
+        "C1",
+        "C2",
+        "H2",
+        "W2",
+        "Cout",
+        "RESIZE",
+        "FLAT_K",
+        "IDX64",
+        "DOT_PRECISION",
+        "SPLIT_K",
+    ],
+    prune_configs_by={"early_config_prune": _prune_conv_configs},
+)
+@triton.jit
+def _conv2d_kernel(
+    x_ptr,  # [N, C1, H, W] any strides
+    x2_ptr,  # [N, C2, H2, W2] any strides (a dummy when HAS_X2 is False)
+    w_ptr,  # [Cout, C1 + C2, KH, KW] any strides (packed: Cout stride 1)
+    scale_ptr,  # [Cout]
+    shift_ptr,  # [Cout]
+    res_ptr,  # [N, Cout, Ho, Wo]
+    out_ptr,  # [N, Cout, Ho, Wo]
+    ws_ptr,  # [SPLIT_K, N·Ho·Wo, Cout] fp32 partial sums (split-K only; else a dummy)
+    N, C1, C2, H, W, H2, W2, Cout, KH, KW, Ho, Wo,
+    SH, SW, PH, PW, DH, DW,
+    step_h,  # fp32 source step of the x2 resize along h (ATen's scale), see _resample_steps
+    step_w,
+    wc_x,  # first weight input channel of x's channels (0, or C2 with x2_first)
+    wc_x2,  # first weight input channel of x2's channels (C1, or 0 with x2_first)
+    sx_n, sx_c, sx_h, sx_w,
+    s2_n, s2_c, s2_h, s2_w,
+    sw_o, sw_i, sw_h, sw_w,
+    s_scale, s_shift,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    act_param,
+    HAS_X2: tl.constexpr,
+    RESIZE: tl.constexpr,  # 0 none (x2 is H×W), 1 nearest, 2 bilinear
+    ALIGN_CORNERS: tl.constexpr,
+    FLAT_K: tl.constexpr,  # x's K loop runs over flattened (kh, kw, c); for C1 ≤ 8
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RES_MODE: tl.constexpr,
+    ACT: tl.constexpr,
+    IDX64: tl.constexpr,
+    # "ieee" for fp32 operands (exact fp32 products, never TF32); "tf32" (the target's
+    # default, which fp16/bf16 operands ignore) otherwise.
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: K split over programs, _splitk_epilogue_kernel finishes
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Tile order: the Cout tiles of one pixel tile are consecutive programs. The weight
+    # (≤ 9.4 MB for 2048→256 3×3 in fp16) stays resident in L2 for the whole launch, so
+    # the operand worth sharing is the pixel tile: gathered from DRAM by the first of
+    # its column programs, hit in L2 by the others running beside it. Neighbouring pixel
+    # tiles also share the halo rows of the KH×KW window. Axis 0 only: it allows 2³¹−1
+    # programs, far beyond any realistic M·Cout tile count (axes 1/2 stop at 65535).
+    # With split-K, the SPLIT_K programs of one output tile are consecutive too; program
+    # pid_k takes every SPLIT_K-th K iteration (so each split sees every tap and source).
+    pid = tl.program_id(0)
+    pid_k = pid % SPLIT_K
+    pid = pid // SPLIT_K
+    num_pid_n = tl.cdiv(Cout, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid - pid_m * num_pid_n
+
+    # Output pixels of this tile: m → (n, oh, ow). M = N·Ho·Wo < 2³¹ (checked by the
+    # launcher), so this index math is int32; rows past M are clamped onto M-1 so that
+    # every address the tile forms is in bounds (their results are masked at the store).
+    M = N * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    m = tl.minimum(offs_m, M - 1)
+    ow = m % Wo
+    t = m // Wo
+    oh = t % Ho
+    n = _idx(t // Ho, IDX64)
+    ih0 = oh * SH - PH  # [BM] input row of tap (0, 0); may be negative (padding)
+    iw0 = ow * SW - PW
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Cout
+    # Columns are NOT clamped (unlike rows): Triton's axis analysis loses the contiguity
+    # of offs_n through tl.minimum, which would turn the weight loads and the output
+    # stores — contiguous along Cout — into scalar accesses. Masks guard them instead.
+    w_col = offs_n * sw_o  # [BN]; the weight is small: int32 offsets (checked by the launcher)
+    mask_wn = mask_n[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # ---- source 1: x ------------------------------------------------------------------
+    x_row = n * sx_n  # [BM]
+    if FLAT_K:
+        # K = KH·KW·C1 flattened in (kh, kw, c) order; each K-tile spans several taps.
+        # Per-element index math ([BM, BK] tiles of coordinates) is the price of not
+        # padding 3 channels to a 16-wide K block; worth it only for tiny C1.
+        K = KH * KW * C1
+        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            k = k0 + offs_k  # [BK]
+            mask_k = k < K
+            r = k // C1
+            c = k - r * C1
+            kh = r // KW
+            kw = r - kh * KW
+            ih = ih0[:, None] + (kh * DH)[None, :]  # [BM, BK]
+            iw = iw0[:, None] + (kw * DW)[None, :]
+            ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ok = ok & mask_m[:, None] & mask_k[None, :]
+            ih = tl.minimum(tl.maximum(ih, 0), H - 1)
+            iw = tl.minimum(tl.maximum(iw, 0), W - 1)
+            a_off = (
+                x_row[:, None]
+                + _idx(ih, IDX64) * sx_h
+                + _idx(iw, IDX64) * sx_w
+                + _idx(c, IDX64)[None, :] * sx_c
+            )
+            a = tl.load(x_ptr + a_off, mask=ok, other=0.0)
+            w_row = (wc_x + c) * sw_i + kh * sw_h + kw * sw_w  # [BK]
+            b = tl.load(
+                w_ptr + w_row[:, None] + w_col[None, :], mask=mask_k[:, None] & mask_wn, other=0.0
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # One flat loop over (tap, channel block) rather than nested tap/channel loops:
+        # the software pipeliner (num_stages) overlaps loads only within the innermost
+        # loop, and a nested channel loop of 1–2 iterations (Cin = 64 at BLOCK_K = 64)
+        # would never overlap. The per-iteration cost of recomputing the tap's
+        # coordinates is a few [BM] integer ops, small beside a BM×BN×BK tl.dot.
+        nc = tl.cdiv(C1, BLOCK_K)
+        for it in range(pid_k, KH * KW * nc, SPLIT_K):
+            r = it // nc
+            c0 = (it - r * nc) * BLOCK_K
+            kh = r // KW
+            kw = r - kh * KW
+            ih = ih0 + kh * DH  # [BM]
+            iw = iw0 + kw * DW
+            ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih = tl.minimum(tl.maximum(ih, 0), H - 1)
+            iw = tl.minimum(tl.maximum(iw, 0), W - 1)
+            c = c0 + offs_k  # [BK]
+            mask_c = c < C1
+            a_row = x_row + _idx(ih, IDX64) * sx_h + _idx(iw, IDX64) * sx_w
+            # channels_last: sx_c == 1 (Triton specialises it), a [BM, BK] tile of
+            # contiguous channel runs: vectorised, coalesced loads.
+            a = tl.load(
+                x_ptr + a_row[:, None] + _idx(c, IDX64)[None, :] * sx_c,
+                mask=ok[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            # packed weight: sw_o == 1, a [BK, BN] tile of contiguous Cout runs.
+            w_row = (wc_x + c) * sw_i + kh * sw_h + kw * sw_w
+            b = tl.load(
+                w_ptr + w_row[:, None] + w_col[None, :], mask=mask_c[:, None] & mask_wn, other=0.0
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- source 2: x2, resized to H×W on the fly ---------------------------------------
+    # A second K loop over x2's channels (no per-element branch on the channel index);
+    # x2_first only changes which weight rows (wc_x2) these channels meet.
+    if HAS_X2:
+        x2_row = n * s2_n  # [BM]
+        nc2 = tl.cdiv(C2, BLOCK_K)
+        for it in range(pid_k, KH * KW * nc2, SPLIT_K):
+            r = it // nc2
+            c0 = (it - r * nc2) * BLOCK_K
+            kh = r // KW
+            kw = r - kh * KW
+            ih = ih0 + kh * DH  # [BM] row in the (virtual) resized H×W image
+            iw = iw0 + kw * DW
+            ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih = tl.minimum(tl.maximum(ih, 0), H - 1)
+            iw = tl.minimum(tl.maximum(iw, 0), W - 1)
+            c = c0 + offs_k
+            mask_c = c < C2
+            c_off = _idx(c, IDX64)[None, :] * s2_c  # [1, BK]
+            mask_a = ok[:, None] & mask_c[None, :]
+            if RESIZE == 0:
+                a_row = x2_row + _idx(ih, IDX64) * s2_h + _idx(iw, IDX64) * s2_w
+                a = tl.load(x2_ptr + a_row[:, None] + c_off, mask=mask_a, other=0.0)
+            elif RESIZE == 1:
+                # ATen "nearest": src = min(floor(d·step), in-1) in fp32 (d ≥ 0, so the
+                # truncating cast is the floor).
+                hs = tl.minimum((ih.to(tl.float32) * step_h).to(tl.int32), H2 - 1)
+                ws = tl.minimum((iw.to(tl.float32) * step_w).to(tl.int32), W2 - 1)
+                a_row = x2_row + _idx(hs, IDX64) * s2_h + _idx(ws, IDX64) * s2_w
+                a = tl.load(x2_ptr + a_row[:, None] + c_off, mask=mask_a, other=0.0)
+            else:
+                # ATen bilinear (area_pixel_compute_source_index): fp32 source coordinate,
+                # i0 = min(floor(src), in-1), i1 = min(i0+1, in-1), λ = clamp(src-i0, 0, 1).
+                if ALIGN_CORNERS:
+                    src_h = ih.to(tl.float32) * step_h
+                    src_w = iw.to(tl.float32) * step_w
+                else:
+                    src_h = tl.maximum((ih.to(tl.float32) + 0.5) * step_h - 0.5, 0.0)
+                    src_w = tl.maximum((iw.to(tl.float32) + 0.5) * step_w - 0.5, 0.0)
+                h0 = tl.minimum(src_h.to(tl.int32), H2 - 1)
+                w0 = tl.minimum(src_w.to(tl.int32), W2 - 1)
+                h1 = tl.minimum(h0 + 1, H2 - 1)
+                w1 = tl.minimum(w0 + 1, W2 - 1)
+                lh = tl.minimum(src_h - h0.to(tl.float32), 1.0)[:, None]  # [BM, 1]
+                lw = tl.minimum(src_w - w0.to(tl.float32), 1.0)[:, None]
+                r0 = x2_row + _idx(h0, IDX64) * s2_h
+                r1 = x2_row + _idx(h1, IDX64) * s2_h
+                q0 = _idx(w0, IDX64) * s2_w
+                q1 = _idx(w1, IDX64) * s2_w
+                v00 = tl.load(x2_ptr + (r0 + q0)[:, None] + c_off, mask=mask_a, other=0.0)
+                v01 = tl.load(x2_ptr + (r0 + q1)[:, None] + c_off, mask=mask_a, other=0.0)
+                v10 = tl.load(x2_ptr + (r1 + q0)[:, None] + c_off, mask=mask_a, other=0.0)
+                v11 = tl.load(x2_ptr + (r1 + q1)[:, None] + c_off, mask=mask_a, other=0.0)
+                # Blend in fp32 in ATen's order, then round once to the storage dtype so
+                # that tl.dot sees the same operand type as for x: for fp16/bf16 this is
+                # exactly the rounding PyTorch does when it materialises the upsampled
+                # tensor; for fp32 there is no rounding.
+                top = (1.0 - lw) * v00.to(tl.float32) + lw * v01.to(tl.float32)
+                bot = (1.0 - lw) * v10.to(tl.float32) + lw * v11.to(tl.float32)
+                a = ((1.0 - lh) * top + lh * bot).to(x2_ptr.dtype.element_ty)
+            w_row = (wc_x2 + c) * sw_i + kh * sw_h + kw * sw_w
+            b = tl.load(
+                w_ptr + w_row[:, None] + w_col[None, :], mask=mask_c[:, None] & mask_wn, other=0.0
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- epilogue: in registers, one write ---------------------------------------------
+    if SPLIT_K == 1:
+        ohi = _idx(oh, IDX64)
+        owi = _idx(ow, IDX64)
+        out_row = n * so_n + ohi * so_h + owi * so_w
+        res_row = n * sr_n + ohi * sr_h + owi * sr_w
+        _epilogue(
+            acc, offs_n, mask_m, mask_n, out_ptr, out_row, so_c, res_ptr, res_row, sr_c,
+            scale_ptr, s_scale, shift_ptr, s_shift, act_param,
+            HAS_SCALE, HAS_SHIFT, RES_MODE, ACT, IDX64,
+        )  # fmt: skip
+    else:
+        # fp32 partial sums; the launcher only splits small outputs (fewer tiles than
+        # SMs), so the workspace offsets fit int32.
+        ws = ws_ptr + pid_k * M * Cout + offs_m[:, None] * Cout + offs_n[None, :]
+        tl.store(ws, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr,  # [SPLIT_K, N·Ho·Wo, Cout] fp32 partial sums
+    scale_ptr,
+    shift_ptr,
+    res_ptr,
+    out_ptr,  # [N, Cout, Ho, Wo] any strides
+    N, Cout, Ho, Wo,
+    s_scale, s_shift,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    act_param,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RES_MODE: tl.constexpr,
+    ACT: tl.constexpr,
+    IDX64: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Sum the split-K partials of one output tile (fixed order: deterministic) and
+    apply the conv epilogue. Reads SPLIT_K·M·Cout fp32, writes M·Cout elements."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(Cout, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid - pid_m * num_pid_n
+    M = N * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    m = tl.minimum(offs_m, M - 1)
+    ow = m % Wo
+    t = m // Wo
+    oh = t % Ho
+    n = _idx(t // Ho, IDX64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Cout
+    mask = mask_m[:, None] & mask_n[None, :]
+    ws = ws_ptr + offs_m[:, None] * Cout + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws + s * M * Cout, mask=mask, other=0.0)
+    ohi = _idx(oh, IDX64)
+    owi = _idx(ow, IDX64)
+    out_row = n * so_n + ohi * so_h + owi * so_w
+    res_row = n * sr_n + ohi * sr_h + owi * sr_w
+    _epilogue(
+        acc, offs_n, mask_m, mask_n, out_ptr, out_row, so_c, res_ptr, res_row, sr_c,
+        scale_ptr, s_scale, shift_ptr, s_shift, act_param,
+        HAS_SCALE, HAS_SHIFT, RES_MODE, ACT, IDX64,
+    )  # fmt: skip
+
+
+def _dw_configs():
+    """Autotune space of the depthwise kernel (one factory; see autotune_configs).
+
+    A direct kernel is memory bound: tiles of 2–8 K elements spread over 64–256
+    threads, wide along channels (contiguous in channels_last: 128-byte lines at
+    64 fp16 channels) for wide MobileNet layers, narrow for the 16/24/32-channel ones.
+    No tl.dot, so software pipelining gains little: stages 1–2.
+    """
+    space = [
+        {"BLOCK_P": 64, "BLOCK_C": 64},
+        {"BLOCK_P": 32, "BLOCK_C": 128},
+        {"BLOCK_P": 128, "BLOCK_C": 32},
+        {"BLOCK_P": 128, "BLOCK_C": 64},
+        {"BLOCK_P": 256, "BLOCK_C": 16},
+    ]
+    return autotune_configs(
+        space,
+        num_warps=(2, 4),
+        num_stages=(1, 2),
+        interpreter_config={"BLOCK_P": 64, "BLOCK_C": 16},
+    )
+
+
+def _prune_dw_configs(configs, named_args, **kwargs):
+    """Drop channel tiles wider than C (they would be mostly padding)."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= max(16, next_power_of_2(args["C"]))]
+    return kept or configs
+
+
+@triton.autotune(
+    configs=_dw_configs(),
+    key=[*_GEOMETRY_KEYS, "C", "IDX64"],
+    prune_configs_by={"early_config_prune": _prune_dw_configs},
+)
+@triton.jit
+def _dw_conv2d_kernel(
+    x_ptr,  # [N, C, H, W] any strides
+    w_ptr,  # [C, 1, KH, KW] any strides (packed: C stride 1)
+    scale_ptr,  # [C]
+    shift_ptr,  # [C]
+    res_ptr,  # [N, C, Ho, Wo]
+    out_ptr,  # [N, C, Ho, Wo]
+    N, C, H, W, KH, KW, Ho, Wo,
+    SH, SW, PH, PW, DH, DW,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_h, sw_w,
+    s_scale, s_shift,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    act_param,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RES_MODE: tl.constexpr,
+    ACT: tl.constexpr,
+    IDX64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Channel tiles of one pixel tile are consecutive programs (same L2 argument as
+    # the GEMM kernel); everything on axis 0.
+    pid = tl.program_id(0)
+    num_pid_c = tl.cdiv(C, BLOCK_C)
+    pid_p = pid // num_pid_c
+    pid_c = pid - pid_p * num_pid_c
+
+    M = N * Ho * Wo
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < M
+    m = tl.minimum(offs_p, M - 1)
+    ow = m % Wo
+    t = m // Wo
+    oh = t % Ho
+    n = _idx(t // Ho, IDX64)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # not clamped: channels are the contiguous (vectorised) axis; see _conv2d_kernel
+    c_off = _idx(offs_c, IDX64)[None, :] * sx_c  # [1, BC]
+    w_c = offs_c * sw_o  # [BC]
+
+    x_row = n * sx_n
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for r in range(0, KH * KW):
+        kh = r // KW
+        kw = r - kh * KW
+        ih = ih0 + kh * DH
+        iw = iw0 + kw * DW
+        ok = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih = tl.minimum(tl.maximum(ih, 0), H - 1)
+        iw = tl.minimum(tl.maximum(iw, 0), W - 1)
+        a_row = x_row + _idx(ih, IDX64) * sx_h + _idx(iw, IDX64) * sx_w
+        xv = tl.load(x_ptr + a_row[:, None] + c_off, mask=ok[:, None] & mask_c[None, :], other=0.0)
+        wv = tl.load(w_ptr + w_c + kh * sw_h + kw * sw_w, mask=mask_c, other=0.0)  # [BC]
+        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    ohi = _idx(oh, IDX64)
+    owi = _idx(ow, IDX64)
+    out_row = n * so_n + ohi * so_h + owi * so_w
+    res_row = n * sr_n + ohi * sr_h + owi * sr_w
+    _epilogue(
+        acc, offs_c, mask_p, mask_c, out_ptr, out_row, so_c, res_ptr, res_row, sr_c,
+        scale_ptr, s_scale, shift_ptr, s_shift, act_param,
+        HAS_SCALE, HAS_SHIFT, RES_MODE, ACT, IDX64,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- host code
+
+
+def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The conv weight in the layout the kernels read fastest, same logical shape.
+
+    weight: [Cout, Cin, KH, KW] (depthwise: [C, 1, KH, KW]) → a tensor of the SAME
+    logical shape whose memory is [KH, KW, Cin, Cout] contiguous, i.e. the GEMM's B
+    matrix [KH·KW·Cin, Cout] row-major (Cout stride 1). ``conv2d`` accepts any weight
+    strides, so this is an optimisation, not a format flag: pack once at build time
+    and pass the packed tensor on every call. (``F.conv2d`` accepts it too.)
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [Cout, Cin, KH, KW], got {tuple(weight.shape)}")
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def _pair(name: str, v: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        pair = (v, v)
+    elif (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(isinstance(e, int) and not isinstance(e, bool) for e in v)
+    ):
+        pair = (int(v[0]), int(v[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
+    return pair
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """A validated conv2d call: every shape the kernels take."""
+
+    N: int
+    C1: int
+    C2: int
+    H: int
+    W: int
+    H2: int
+    W2: int
+    Cout: int
+    KH: int
+    KW: int
+    Ho: int
+    Wo: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    depthwise: bool
+    out_dtype: torch.dtype
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be {what} = {shape}, got {tuple(t.shape)}")
+
+
+def _check(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    groups: int,
+    act: str,
+    residual: torch.Tensor | None,
+    x2: torch.Tensor | None,
+    x2_resize: str,
+    x2_align_corners: bool,
+    x2_scales: tuple[float, float] | None,
+    x2_first: bool,
+    out: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> _Conv:
+    """Validate a conv2d call (shared by the launcher and the reference)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [Cout, Cin, KH, KW], got {tuple(weight.shape)}")
+    check_float_dtype("x", x)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    act_code(act)
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    dh, dw = _pair("dilation", dilation, 1)
+    N, C1, H, W = x.shape
+    Cout, Cin, KH, KW = weight.shape
+    if min(N, C1, H, W, Cout, KH, KW) < 1:
+        raise ValueError(
+            f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must have no empty dims"
+        )
+
+    if x2_resize not in _RESIZE_CODES:
+        raise ValueError(f"x2_resize must be one of {sorted(_RESIZE_CODES)}, got {x2_resize!r}")
+    C2, H2, W2 = 0, H, W
+    if x2 is None:
+        if x2_resize != "none" or x2_scales is not None or x2_first or x2_align_corners:
+            raise ValueError("x2_resize, x2_scales, x2_first and x2_align_corners need x2")
+    else:
+        if x2.dim() != 4:
+            raise ValueError(f"x2 must be 4-D [N, C2, H2, W2], got {tuple(x2.shape)}")
+        if x2.dtype != x.dtype:
+            raise TypeError(f"x2 must have x's dtype {x.dtype}, got {x2.dtype}")
+        if x2.shape[0] != N:
+            raise ValueError(f"x2 must have x's batch size {N}, got {x2.shape[0]}")
+        C2, H2, W2 = x2.shape[1:]
+        if min(C2, H2, W2) < 1:
+            raise ValueError(f"x2 must have no empty dims, got {tuple(x2.shape)}")
+        if x2_resize == "none" and (H2, W2) != (H, W):
+            raise ValueError(f"x2 must be x's size {(H, W)} when x2_resize='none', got {(H2, W2)}")
+        if x2_align_corners and x2_resize != "bilinear":
+            raise ValueError(f"x2_align_corners needs x2_resize='bilinear', got {x2_resize!r}")
+        if x2_scales is not None:
+            if x2_resize == "none":
+                raise ValueError("x2_scales needs x2_resize='nearest' or 'bilinear'")
+            if len(x2_scales) != 2 or any(float(s) <= 0 for s in x2_scales):
+                raise ValueError(f"x2_scales must be two positive floats, got {x2_scales!r}")
+
+    depthwise = groups != 1
+    if depthwise:
+        if not (groups == C1 == Cout and Cin == 1):
+            raise ValueError(
+                f"groups must be 1 or equal to Cin == Cout with weight [C, 1, KH, KW] "
+                f"(depthwise); got groups={groups}, x channels {C1}, weight "
+                f"{tuple(weight.shape)} (other grouped convs stay on PyTorch)"
+            )
+        if x2 is not None:
+            raise ValueError("x2 (two-source input) is only supported with groups=1")
+    elif Cin != C1 + C2:
+        raise ValueError(
+            f"weight must have Cin = C1 + C2 = {C1} + {C2} = {C1 + C2} input channels, "
+            f"got {Cin} (weight {tuple(weight.shape)})"
+        )
+
+    Ho = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"x of size {(H, W)} with padding {(ph, pw)} is smaller than the dilated "
+            f"kernel {(dh * (KH - 1) + 1, dw * (KW - 1) + 1)}"
+        )
+
+    for name, v in (("scale", scale), ("shift", shift)):
+        if v is not None:
+            check_float_dtype(name, v)
+            _check_shape(name, v, (Cout,), "[Cout]")
+    oshape = (N, Cout, Ho, Wo)
+    if residual is not None:
+        check_float_dtype("residual", residual)
+        _check_shape("residual", residual, oshape, "[N, Cout, Ho, Wo]")
+    if out_dtype is not None and out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if out is not None:
+        check_float_dtype("out", out)
+        _check_shape("out", out, oshape, "[N, Cout, Ho, Wo]")
+        if out_dtype is not None and out.dtype != out_dtype:
+            raise TypeError(f"out has dtype {out.dtype} but out_dtype is {out_dtype}")
+        odt = out.dtype
+    else:
+        odt = out_dtype or x.dtype
+    return _Conv(
+        N, C1, C2, H, W, H2, W2, Cout, KH, KW, Ho, Wo, (sh, sw), (ph, pw), (dh, dw), depthwise, odt
+    )
+
+
+def _resample_steps(
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    mode: str,
+    align_corners: bool,
+    scales: tuple[float, float] | None,
+    on_cpu: bool,
+) -> tuple[float, float]:
+    """ATen's fp32 source steps (h, w) for resizing in_hw → out_hw, per device.
+
+    ``area_pixel_compute_scale`` / ``compute_scales_value`` in fp32 (ATen's accumulate
+    type for fp32/fp16/bf16): (in-1)/(out-1) with align_corners (0 if out == 1),
+    otherwise 1/scale when the graph gave a scale factor, else in/out. On top of that
+    ATen short-cuts some sizes whatever the scale, differently per device, and the
+    kernel follows the device it runs on: equal sizes copy (step 1: the CPU kernels
+    per dim, CUDA nearest per dim, CUDA bilinear only when both dims are equal), and the
+    CPU nearest kernel halves at exactly 2× (step 0.5, i.e. d >> 1). These only matter
+    when a given scale disagrees with the sizes (e.g. scale_factor 2.05 on 7 → 14).
+    """
+    f32 = np.float32
+    steps = []
+    for n_in, n_out, scale in zip(in_hw, out_hw, scales or (None, None), strict=True):
+        if n_out == n_in and (in_hw == out_hw or on_cpu or mode == "nearest"):
+            steps.append(1.0)
+        elif mode == "nearest" and n_out == 2 * n_in and on_cpu:
+            steps.append(0.5)
+        elif mode == "bilinear" and align_corners:
+            steps.append(float(f32(n_in - 1) / f32(n_out - 1)) if n_out > 1 else 0.0)
+        elif scale is not None:
+            steps.append(float(f32(1.0 / float(scale))))
+        else:
+            steps.append(float(f32(n_in) / f32(n_out)))
+    return steps[0], steps[1]
+
+
+def _split_k_for(m: int, cout: int, k_iters: int, n_sm: int) -> int:
+    """How many programs share the K reduction of one output tile.
+
+    ``k_iters`` counts K iterations of 64 channels. DeepLab's ASPP at 32×32 (M = 1024,
+    Cout = 256, K = 9·2048) has 16 tiles of 128×128 for 132 SMs: split 8 ways. Layers
+    with enough output tiles are never split.
+    """
+    tiles = triton.cdiv(m, _SPLIT_TILE) * triton.cdiv(cout, _SPLIT_TILE)
+    if 2 * tiles > n_sm:
+        return 1
+    return max(1, min(_SPLIT_MAX, n_sm // tiles, k_iters // _SPLIT_MIN_ITERS))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_k(p: _Conv, device: torch.device) -> int:
+    """Split-K factor of a GEMM-path call (1 under the interpreter: no SMs to fill)."""
+    if device.type != "cuda":
+        return 1
+    if p.C1 <= _FLAT_K_MAX_CHANNELS:
+        k_iters = triton.cdiv(p.KH * p.KW * p.C1, 64)
+    else:
+        k_iters = p.KH * p.KW * triton.cdiv(p.C1, 64)
+    k_iters += p.KH * p.KW * triton.cdiv(p.C2, 64)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _split_k_for(p.N * p.Ho * p.Wo, p.Cout, k_iters, _sm_count(index))
+
+
+def _span(t: torch.Tensor) -> int:
+    """Largest element offset from t.data_ptr() any index of t reaches."""
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    act: str = "none",
+    act_param: float = 0.01,
+    residual: torch.Tensor | None = None,
+    residual_after_act: bool = False,
+    x2: torch.Tensor | None = None,
+    x2_resize: str = "none",
+    x2_align_corners: bool = False,
+    x2_scales: tuple[float, float] | None = None,
+    x2_first: bool = False,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Fused conv2d: ``act(conv(cat(x, up(x2)))·scale + shift (+ residual))`` → [N, Cout, Ho, Wo].
+
+    x: [N, C1, H, W]; weight: [Cout, C1 + C2, KH, KW] (depthwise, groups == C1 == Cout:
+    [C, 1, KH, KW]); scale/shift: [Cout] or None (1 / 0); residual: [N, Cout, Ho, Wo],
+    added before the activation, or after it with ``residual_after_act``; x2:
+    [N, C2, H2, W2], resized to H×W (``x2_resize`` "none" / "nearest" / "bilinear",
+    ATen semantics; ``x2_scales`` = the (scale_h, scale_w) ATen's upsample op got,
+    i.e. the graph's scale_factor, or None for size-based) and concatenated after x
+    (before it with ``x2_first``). All tensors may have any strides; the fast path is
+    channels_last x/x2 and a :func:`pack_conv_weight` weight. The result goes to
+    ``out`` (any strided view, e.g. a channel slice of a channels_last buffer) or to a
+    new channels_last tensor of ``out_dtype`` (default x.dtype). ``out`` must not
+    overlap the inputs.
+    """
+    device = check_device(x, weight, scale, shift, residual, x2, out)
+    p = _check(
+        x, weight, scale, shift, stride, padding, dilation, groups, act, residual,
+        x2, x2_resize, x2_align_corners, x2_scales, x2_first, out, out_dtype,
+    )  # fmt: skip
+    if out is None:
+        out = torch.empty(
+            (p.N, p.Cout, p.Ho, p.Wo),
+            dtype=p.out_dtype,
+            device=device,
+            memory_format=torch.channels_last,
+        )
+    M = p.N * p.Ho * p.Wo
+    if M > 2**31 - 1:
+        raise ValueError(f"N·Ho·Wo = {M} output pixels exceed 2**31 - 1")
+    if _span(weight) > 2**31 - 1:
+        raise ValueError(f"weight {tuple(weight.shape)} exceeds 2**31 elements")
+    idx64 = max(_span(t) for t in (x, x2, residual, out) if t is not None) > _INT32_MAX
+    # Absent optional tensors: any valid pointer; the constexpr flags keep it unread.
+    scale_t = scale if scale is not None else out
+    shift_t = shift if shift is not None else out
+    res_t = residual if residual is not None else out
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    res_mode = 0 if residual is None else (2 if residual_after_act else 1)
+    s_scale = scale.stride(0) if scale is not None else 0
+    s_shift = shift.stride(0) if shift is not None else 0
+    (sh, sw), (ph, pw), (dh, dw) = p.stride, p.padding, p.dilation
+
+    if p.depthwise:
+
+        def dw_grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_P"]) * triton.cdiv(p.Cout, meta["BLOCK_C"]),)
+
+        _dw_conv2d_kernel[dw_grid](
+            x, weight, scale_t, shift_t, res_t, out,
+            p.N, p.C1, p.H, p.W, p.KH, p.KW, p.Ho, p.Wo,
+            sh, sw, ph, pw, dh, dw,
+            *x.stride(),
+            weight.stride(0), weight.stride(2), weight.stride(3),
+            s_scale, s_shift,
+            *res_strides,
+            *out.stride(),
+            float(act_param),
+            HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None,
+            RES_MODE=res_mode,
+            ACT=act_code(act),
+            IDX64=idx64,
+        )  # fmt: skip
+        return out
+
+    resize = _RESIZE_CODES[x2_resize] if x2 is not None else 0
+    step_h, step_w = _resample_steps(
+        (p.H2, p.W2), (p.H, p.W), x2_resize, x2_align_corners, x2_scales, device.type == "cpu"
+    )
+    x2_t = x2 if x2 is not None else x
+    wc_x, wc_x2 = (p.C2, 0) if x2_first else (0, p.C1)
+    split = _split_k(p, device)
+    ws = torch.empty((split, M, p.Cout), dtype=torch.float32, device=device) if split > 1 else out
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(p.Cout, meta["BLOCK_N"]) * split,)
+
+    _conv2d_kernel[grid](
+        x, x2_t, weight, scale_t, shift_t, res_t, out, ws,
+        p.N, p.C1, p.C2, p.H, p.W, p.H2, p.W2, p.Cout, p.KH, p.KW, p.Ho, p.Wo,
+        sh, sw, ph, pw, dh, dw,
+        step_h, step_w,
+        wc_x, wc_x2,
+        *x.stride(),
+        *x2_t.stride(),
+        *weight.stride(),
+        s_scale, s_shift,
+        *res_strides,
+        *out.stride(),
+        float(act_param),
+        HAS_X2=x2 is not None,
+        RESIZE=resize,
+        ALIGN_CORNERS=bool(x2_align_corners),
+        FLAT_K=p.C1 <= _FLAT_K_MAX_CHANNELS,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        RES_MODE=res_mode,
+        ACT=act_code(act),
+        IDX64=idx64,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT_K=split,
+    )  # fmt: skip
+    if split > 1:
+        blk = _SPLIT_EPILOGUE_BLOCK
+        _splitk_epilogue_kernel[(triton.cdiv(M, blk) * triton.cdiv(p.Cout, blk),)](
+            ws, scale_t, shift_t, res_t, out,
+            p.N, p.Cout, p.Ho, p.Wo,
+            s_scale, s_shift,
+            *res_strides,
+            *out.stride(),
+            float(act_param),
+            HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None,
+            RES_MODE=res_mode,
+            ACT=act_code(act),
+            IDX64=idx64,
+            SPLIT_K=split,
+            BLOCK_M=blk,
+            BLOCK_N=blk,
+        )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _resize_reference(
+    x2: torch.Tensor,
+    size: tuple[int, int],
+    mode: str,
+    align_corners: bool,
+    scales: tuple[float, float] | None,
+) -> torch.Tensor:
+    """x2 resized to ``size`` exactly as ATen's upsample ops do (scales passed through)."""
+    if mode == "none":
+        return x2
+    sh, sw = scales if scales is not None else (None, None)
+    if mode == "nearest":
+        return torch.ops.aten.upsample_nearest2d.default(x2, list(size), sh, sw)
+    return torch.ops.aten.upsample_bilinear2d.default(x2, list(size), align_corners, sh, sw)
+
+
+def _reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    *,
+    compute_dtype: torch.dtype,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: torch.Tensor | None,
+    residual_after_act: bool,
+    x2: torch.Tensor | None,
+    x2_resize: str,
+    x2_align_corners: bool,
+    x2_scales: tuple[float, float] | None,
+    x2_first: bool,
+    out: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The composite PyTorch computation with every step in ``compute_dtype``.
+
+    fp32 is the reference (``conv2d_reference``); the tests also run it in fp16/bf16
+    to measure PyTorch's own error in that precision.
+    """
+    p = _check(
+        x, weight, scale, shift, stride, padding, dilation, groups, act, residual,
+        x2, x2_resize, x2_align_corners, x2_scales, x2_first, out, out_dtype,
+    )  # fmt: skip
+    inp = x.to(compute_dtype)
+    if x2 is not None:
+        up = _resize_reference(
+            x2.to(compute_dtype), (p.H, p.W), x2_resize, x2_align_corners, x2_scales
+        )
+        inp = torch.cat([up, inp] if x2_first else [inp, up], dim=1)
+    y = F.conv2d(inp, weight.to(compute_dtype), None, p.stride, p.padding, p.dilation, groups)
+    if scale is not None:
+        y = y * scale.to(compute_dtype)[None, :, None, None]
+    if shift is not None:
+        y = y + shift.to(compute_dtype)[None, :, None, None]
+    res = residual.to(compute_dtype) if residual is not None else None
+    if res is not None and not residual_after_act:
+        y = y + res
+    y = apply_activation_reference(y, act, act_param)
+    if res is not None and residual_after_act:
+        y = y + res
+    y = y.to(p.out_dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    act: str = "none",
+    act_param: float = 0.01,
+    residual: torch.Tensor | None = None,
+    residual_after_act: bool = False,
+    x2: torch.Tensor | None = None,
+    x2_resize: str = "none",
+    x2_align_corners: bool = False,
+    x2_scales: tuple[float, float] | None = None,
+    x2_first: bool = False,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch :func:`conv2d`: ATen upsample + ``torch.cat`` + ``F.conv2d`` + epilogue.
+
+    Computed in fp32 whatever the input dtype, cast to the output dtype at the end;
+    any device.
+    """
+    return _reference(
+        x, weight, scale, shift,
+        compute_dtype=torch.float32,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+        act=act, act_param=act_param,
+        residual=residual, residual_after_act=residual_after_act,
+        x2=x2, x2_resize=x2_resize, x2_align_corners=x2_align_corners,
+        x2_scales=x2_scales, x2_first=x2_first,
+        out=out, out_dtype=out_dtype,
+    )  # fmt: skip
