@@ -70,6 +70,7 @@ from ._common import (
     check_float_dtype,
     next_power_of_2,
 )
+from ._epilogue import activate
 
 # Offsets are computed in int32 unless some tensor spans more elements than this;
 # then the kernels are compiled with IDX64=True and every offset is int64. (int32
@@ -112,26 +113,6 @@ def _idx(v, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _activate(y, ACT: tl.constexpr, act_param):
-    """The epilogue activations of kernels._common.ACTIVATIONS, on fp32 values."""
-    if ACT == 1:  # relu
-        y = tl.maximum(y, 0.0)
-    elif ACT == 2:  # relu6
-        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
-    elif ACT == 3:  # leaky_relu
-        y = tl.where(y >= 0.0, y, y * act_param)
-    elif ACT == 4:  # silu: y·σ(y); exp overflow to inf gives the right limit (-0)
-        y = y / (1.0 + tl.exp(-y))
-    elif ACT == 5:  # sigmoid
-        y = 1.0 / (1.0 + tl.exp(-y))
-    elif ACT == 6:  # tanh via exp(-2|y|) ∈ (0, 1]: no overflow for any y
-        e = tl.exp(-2.0 * tl.abs(y))
-        t = (1.0 - e) / (1.0 + e)
-        y = tl.where(y >= 0.0, t, -t)
-    return y
-
-
-@triton.jit
 def _epilogue(
     acc,  # [BM, BC] fp32: rows = output pixels, columns = output channels
     co,  # [BC] output channel
@@ -164,7 +145,7 @@ def _epilogue(
     c = _idx(co, IDX64)
     if RES_MODE == 1:
         y = y + tl.load(res_ptr + res_row[:, None] + c[None, :] * sr_c, mask=mask).to(tl.float32)
-    y = _activate(y, ACT, act_param)
+    y = activate(y, ACT, act_param)
     if RES_MODE == 2:
         y = y + tl.load(res_ptr + res_row[:, None] + c[None, :] * sr_c, mask=mask).to(tl.float32)
     tl.store(

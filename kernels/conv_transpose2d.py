@@ -43,6 +43,7 @@ from ._common import (
     check_float_dtype,
     next_power_of_2,
 )
+from ._epilogue import activate
 
 
 def _configs():
@@ -75,26 +76,6 @@ def _prune_configs(configs, named_args, **kwargs):
         return kept
     smallest = min(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] for c in configs)
     return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == smallest]
-
-
-@triton.jit
-def _activation(y, ACT: tl.constexpr, act_param):
-    # codes from kernels._common.ACTIVATIONS; NaN propagates as in PyTorch
-    if ACT == 1:  # relu
-        y = tl.where(y < 0.0, 0.0, y)
-    elif ACT == 2:  # relu6
-        y = tl.where(y < 0.0, 0.0, tl.where(y > 6.0, 6.0, y))
-    elif ACT == 3:  # leaky_relu
-        y = tl.where(y > 0.0, y, y * act_param)
-    elif ACT == 4:  # silu
-        y = y / (1.0 + tl.exp(-y))
-    elif ACT == 5:  # sigmoid
-        y = 1.0 / (1.0 + tl.exp(-y))
-    elif ACT == 6:  # tanh, from exp(−2|y|) ∈ (0, 1] so it never overflows
-        e = tl.exp(-2.0 * tl.abs(y))
-        t = (1.0 - e) / (1.0 + e)
-        y = tl.where(y < 0.0, -t, t)
-    return y
 
 
 @triton.autotune(
@@ -245,7 +226,7 @@ def _conv_transpose2d_kernel(
         r = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         if not RES_AFTER_ACT:
             y = y + r
-    y = _activation(y, ACT, act_param)
+    y = activate(y, ACT, act_param)
     if RES_AFTER_ACT:  # only set with HAS_RES
         y = y + r
     y_off = (n64 * syn + oh64 * syh + ow64 * syw)[:, None] + co64 * syc

@@ -8,6 +8,7 @@ from segfast.backends.base import Backend, BuildRequest, Runner
 from segfast.backends.eager import EagerBackend
 from segfast.backends.inductor import InductorBackend
 from segfast.backends.torch_backend import TorchBackend
+from segfast.backends.triton_backend import TritonBackend
 
 _BACKENDS: dict[str, Backend] = {}
 
@@ -17,7 +18,7 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-for _b in (EagerBackend(), TorchBackend(), InductorBackend()):
+for _b in (EagerBackend(), TorchBackend(), TritonBackend(), InductorBackend()):
     register(_b)
 
 

@@ -8,13 +8,13 @@ that dtype against the fp32 reference (``assert_low_precision_close``).
 from __future__ import annotations
 
 import pytest
-import segfast.kernels.conv2d as conv_mod
 import torch
 import torch.nn.functional as F
 import triton
+
+import segfast.kernels.conv2d as conv_mod
 from segfast.kernels._common import ACTIVATIONS
 from segfast.kernels.conv2d import conv2d, conv2d_reference, pack_conv_weight
-
 from segfast.testing import assert_close, assert_low_precision_close, poison
 
 CL = torch.channels_last

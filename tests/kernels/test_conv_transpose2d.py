@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from segfast.kernels._common import ACTIVATIONS, apply_activation_reference
 from segfast.kernels.conv_transpose2d import (
     _prune_configs,
@@ -19,7 +20,6 @@ from segfast.kernels.conv_transpose2d import (
     conv_transpose2d_reference,
     pack_weight,
 )
-
 from segfast.testing import assert_close, assert_low_precision_close, assert_rel_l2, poison
 
 # name: (N, Cin, H, W, Cout, kernel, stride, padding, output_padding, dilation)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from segfast.kernels.head import (
     MODES,
     bilinear_scale,
@@ -19,7 +20,6 @@ from segfast.kernels.head import (
     seg_head_reference,
     upsample_argmax,
 )
-
 from segfast.testing import assert_close, assert_low_precision_close, poison
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from segfast.kernels.overlay import alpha_weight, default_palette, overlay, overlay_reference
 
+from segfast.kernels.overlay import alpha_weight, default_palette, overlay, overlay_reference
 from segfast.testing import poison
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from segfast.kernels.pool import (
     adaptive_avg_pool2d,
     adaptive_avg_pool2d_reference,
@@ -22,7 +23,6 @@ from segfast.kernels.pool import (
     max_unpool2d,
     max_unpool2d_reference,
 )
-
 from segfast.testing import assert_close, assert_low_precision_close, poison
 
 # (kernel_size, stride, padding, dilation, ceil_mode)

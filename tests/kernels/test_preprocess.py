@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from segfast.kernels.preprocess import preprocess, preprocess_reference
 
+from segfast.kernels.preprocess import preprocess, preprocess_reference
 from segfast.testing import assert_close, assert_low_precision_close, poison
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from segfast.kernels.resize import _aten_steps, resize, resize_reference
 
+from segfast.kernels.resize import _aten_steps, resize, resize_reference
 from segfast.testing import assert_close, assert_low_precision_close, poison
 
 try:

@@ -40,6 +40,8 @@ def run(ctx: PassContext) -> None:
         dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
         if dim not in (1, -3) or val(cat).dim() != 4:
             continue
+        if not all(isinstance(d, int) for d in val(cat).shape):
+            continue  # dynamic shapes: the buffer is sized per call, not planned
         parts = list(cat.args[0])
         offsets, off, slices = [], 0, []
         for p in parts:

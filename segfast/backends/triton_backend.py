@@ -1,0 +1,382 @@
+"""``triton``: the fused graph on segfast's Triton kernels.
+
+Lowering rewrites the fused graph's targets: every ``segfast.conv2d`` (groups 1
+or depthwise), ``segfast.conv_transpose2d`` (groups 1), ``segfast.head``,
+bilinear/nearest resize, max-pool (with indices), max-unpool and adaptive /
+global average pooling runs a kernel from :mod:`segfast.kernels`; convolution
+weights are packed once, at build time, into the layout the kernels read
+fastest. Concatenations the ``concat_slices`` pass marked become one
+preallocated NHWC buffer that each producer writes its channel slice of. What
+has no kernel stays on PyTorch (the summary counts it).
+
+On a GPU a static engine is captured once into a CUDA graph (after the
+autotuning warm-up): each call copies the input into the graph's static buffer,
+replays, and returns a copy of the output, so every intermediate buffer is
+reused across calls. On the CPU the backend runs only under Triton's
+interpreter (``TRITON_INTERPRET=1``) — for tests, not for speed.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from segfast.backends.base import Backend, BuildRequest, Runner
+from segfast.compiler.graph import is_call, val
+from segfast.compiler.ops import MASK_DTYPES
+from segfast.errors import BackendUnavailable
+
+aten = torch.ops.aten
+segfast_ops = torch.ops.segfast
+
+
+def _interpreting() -> bool:
+    from segfast.kernels._common import interpreting
+
+    return interpreting()
+
+
+# -- wrappers: graph-op signature → kernel launcher ----------------------------------------
+
+
+def _conv2d(
+    x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
+    x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first, out=None,
+):  # fmt: skip
+    from segfast.kernels.conv2d import conv2d
+
+    scales = None if x2_scale_h is None else (float(x2_scale_h), float(x2_scale_w))
+    return conv2d(
+        x, w, None, b, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+        groups=groups, act=act, act_param=act_param, residual=residual,
+        residual_after_act=residual_after_act, x2=x2, x2_resize=x2_resize,
+        x2_align_corners=x2_align_corners, x2_scales=scales, x2_first=x2_first, out=out,
+    )  # fmt: skip
+
+
+def _conv_transpose2d(
+    x, w, b, stride, padding, output_padding, dilation, groups, act, act_param, residual,
+    residual_after_act, out=None,
+):  # fmt: skip
+    from segfast.kernels.conv_transpose2d import conv_transpose2d
+
+    return conv_transpose2d(
+        x, w, None, b, stride=tuple(stride), padding=tuple(padding),
+        output_padding=tuple(output_padding), dilation=tuple(dilation), act=act,
+        act_param=act_param, residual=residual, residual_after_act=residual_after_act, out=out,
+    )  # fmt: skip
+
+
+def _head(x, w, b, out_h, out_w, resize, align_corners, scale_h, scale_w, mode, threshold,
+          mask_dtype):  # fmt: skip
+    from segfast.kernels.head import seg_head
+
+    scales = None if scale_h is None and scale_w is None else (scale_h, scale_w)
+    return seg_head(
+        x, w, b, out_size=(int(out_h), int(out_w)) if resize else None,
+        align_corners=align_corners, scales=scales if resize else None, mode=mode,
+        threshold=threshold, mask_dtype=MASK_DTYPES[mask_dtype],
+    )  # fmt: skip
+
+
+def _size_from(x: torch.Tensor, output_size: Any, factors: Any) -> list[int]:
+    if output_size is not None:
+        return [int(output_size[0]), int(output_size[1])]
+    # ATen: floor(input_size * scale_factor), in double precision
+    return [math.floor(x.shape[2] * float(factors[0])), math.floor(x.shape[3] * float(factors[1]))]
+
+
+def _resize_vec(mode: str) -> Callable[..., torch.Tensor]:
+    def run(x, output_size, *rest, out=None):
+        from segfast.kernels.resize import resize
+
+        align = bool(rest[0]) if mode == "bilinear" else False
+        factors = rest[-1] if len(rest) else None
+        scales = None if factors is None else (float(factors[0]), float(factors[1]))
+        return resize(x, _size_from(x, output_size, factors), mode, align, scales, out=out)
+
+    return run
+
+
+def _resize_default(mode: str) -> Callable[..., torch.Tensor]:
+    def run(x, output_size, *rest, out=None):
+        from segfast.kernels.resize import resize
+
+        align = bool(rest[0]) if mode == "bilinear" else False
+        scale_args = [*rest[1 if mode == "bilinear" else 0 :], None, None]
+        sh, sw = scale_args[0], scale_args[1]
+        scales = None if sh is None and sw is None else (sh, sw)
+        return resize(x, [int(s) for s in output_size], mode, align, scales, out=out)
+
+    return run
+
+
+def _max_pool(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    from segfast.kernels.pool import max_pool2d
+
+    stride = list(stride) if stride else list(kernel_size)
+    return max_pool2d(x, list(kernel_size), stride, padding, dilation, ceil_mode,
+                      return_indices=True)  # fmt: skip
+
+
+def _max_unpool(x, indices, output_size):
+    from segfast.kernels.pool import max_unpool2d
+
+    return max_unpool2d(x, indices, [int(s) for s in output_size])
+
+
+def _adaptive_avg(x, output_size):
+    from segfast.kernels.pool import adaptive_avg_pool2d
+
+    return adaptive_avg_pool2d(x, tuple(int(s) for s in output_size))
+
+
+def _global_avg(x, dims, keepdim=False, dtype=None):
+    from segfast.kernels.pool import global_avg_pool2d
+
+    return global_avg_pool2d(x)
+
+
+def _alloc_nhwc(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def _channel_slice(buf: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    return buf[:, offset : offset + size]
+
+
+def _copy_into(view: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return view.copy_(src)
+
+
+def _joined(buf: torch.Tensor, *written: torch.Tensor) -> torch.Tensor:
+    """The concat buffer, once every slice of it is written (the args order the graph)."""
+    return buf
+
+
+_RESIZE = {
+    aten.upsample_bilinear2d.vec: _resize_vec("bilinear"),
+    aten.upsample_nearest2d.vec: _resize_vec("nearest"),
+    aten._upsample_nearest_exact2d.vec: _resize_vec("nearest-exact"),
+    aten.upsample_bilinear2d.default: _resize_default("bilinear"),
+    aten.upsample_nearest2d.default: _resize_default("nearest"),
+    aten._upsample_nearest_exact2d.default: _resize_default("nearest-exact"),
+}
+
+
+_SLICE_WRITERS = (_conv2d, _conv_transpose2d)
+
+
+def _is_depthwise(w: torch.Tensor, groups: int) -> bool:
+    return groups > 1 and w.shape[1] == 1 and w.shape[0] == groups
+
+
+def _global_mean(node: fx.Node) -> bool:
+    if not is_call(node, aten.mean.dim) or val(node.args[0]).dim() != 4:
+        return False
+    dims = sorted(d % 4 for d in node.args[1])
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return dims == [2, 3] and bool(keep) and node.kwargs.get("dtype") is None
+
+
+def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str]]:
+    """Point the fused graph's ops at the Triton launchers; returns (gm, lowered, kept)."""
+    from segfast.kernels.conv2d import pack_conv_weight
+    from segfast.kernels.conv_transpose2d import pack_weight
+
+    lowered: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    packed: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def tensor_of(node: fx.Node) -> torch.Tensor:
+        obj: Any = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if t is segfast_ops.conv2d.default:
+            w = val(node.args[1])
+            groups = node.args[6]
+            if groups == 1 or (_is_depthwise(w, groups) and node.args[11] is None):
+                node.target = _conv2d
+                if node.args[1].op == "get_attr":
+                    packed[str(node.args[1].target)] = pack_conv_weight
+                lowered["conv2d" if groups == 1 else "depthwise_conv2d"] += 1
+            else:
+                kept["grouped conv2d"] += 1
+        elif t is segfast_ops.conv_transpose2d.default:
+            if node.args[7] == 1:
+                node.target = _conv_transpose2d
+                if node.args[1].op == "get_attr":
+                    packed[str(node.args[1].target)] = pack_weight
+                lowered["conv_transpose2d"] += 1
+            else:
+                kept["grouped conv_transpose2d"] += 1
+        elif t is segfast_ops.head.default:
+            node.target = _head
+            lowered["head"] += 1
+        elif t in _RESIZE:
+            node.target = _RESIZE[t]
+            lowered["resize"] += 1
+        elif t is aten.max_pool2d_with_indices.default:
+            node.target = _max_pool
+            lowered["max_pool2d"] += 1
+        elif t is aten.max_unpool2d.default:
+            node.target = _max_unpool
+            lowered["max_unpool2d"] += 1
+        elif t is aten._adaptive_avg_pool2d.default:
+            node.target = _adaptive_avg
+            lowered["adaptive_avg_pool2d"] += 1
+        elif _global_mean(node):
+            node.target = _global_avg
+            lowered["global_avg_pool2d"] += 1
+        elif t is aten.cat.default and node.meta.get("segfast_slices"):
+            pass  # becomes a slice-written buffer below
+        elif t is not operator.getitem and t is not aten._to_copy.default:
+            kept[str(t).removeprefix("aten.").split(".")[0]] += 1
+    # A weight read by one packer only is stored packed; a shared one keeps its layout.
+    users: Counter[str] = Counter(
+        str(n.target) for n in gm.graph.nodes if n.op == "get_attr" for _ in n.users
+    )
+    for name, packer in packed.items():
+        if users[name] != 1:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        tensor = getattr(owner, leaf)
+        packed_t = packer(tensor.detach())
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(packed_t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = packed_t
+    _lower_concats(gm, lowered)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, lowered, kept
+
+
+def _lower_concats(gm: fx.GraphModule, lowered: Counter[str]) -> None:
+    """Turn each marked ``cat`` into a buffer its producers write slices of."""
+    g = gm.graph
+    for cat in list(g.nodes):
+        slices = cat.meta.get("segfast_slices")
+        if not is_call(cat, aten.cat.default) or not slices:
+            continue
+        v = val(cat)
+        if not all(isinstance(d, int) for d in v.shape):
+            continue
+        parts = list(cat.args[0])
+        first = next(n for n in g.nodes if n in parts)  # the earliest producer
+        with g.inserting_before(first):
+            buf = g.call_function(_alloc_nhwc, (list(v.shape), v.dtype, v.device))
+        written = []
+        for part, spec in zip(parts, slices, strict=True):
+            off = sum(int(val(p).shape[1]) for p in parts[: parts.index(part)])
+            c = int(val(part).shape[1])
+            if spec is not None and (
+                part.target in _SLICE_WRITERS or part.target in _RESIZE.values()
+            ):
+                with g.inserting_before(part):
+                    view = g.call_function(_channel_slice, (buf, off, c))
+                part.kwargs = {**part.kwargs, "out": view}
+                written.append(part)
+            else:
+                with g.inserting_before(cat):
+                    view = g.call_function(_channel_slice, (buf, off, c))
+                    written.append(g.call_function(_copy_into, (view, part)))
+        with g.inserting_before(cat):
+            joined = g.call_function(_joined, (buf, *written))
+        joined.meta["val"] = v
+        cat.replace_all_uses_with(joined)
+        g.erase_node(cat)
+        lowered["concat_slices"] += 1
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    uses_graph = True
+    slice_outputs = True
+    description = "fused graph on segfast's Triton kernels, CUDA-graph replay on GPU"
+
+    def availability(self, device: torch.device | None = None) -> tuple[bool, str]:
+        try:
+            import triton
+        except ImportError:
+            return False, "triton is not installed (pip install 'segfast[triton]')"
+        version = f"triton {triton.__version__}"
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return False, f"{version}, but no CUDA GPU is present"
+            return True, f"{version} on {torch.cuda.get_device_name(device)}"
+        if device.type == "cpu" and _interpreting():
+            return True, f"{version} interpreter on the CPU (TRITON_INTERPRET=1: tests only, slow)"
+        return False, (
+            f"{version} needs a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, for tests)"
+        )
+
+    def build(self, req: BuildRequest) -> Runner:
+        ok, why = self.availability(req.device)
+        if not ok:
+            raise BackendUnavailable(f"triton: {why}")
+        if req.graph is None:
+            raise BackendUnavailable("the triton backend needs the fused graph")
+        if req.device.type == "cpu" and req.dtype == torch.bfloat16:
+            raise BackendUnavailable(
+                "triton: bf16 arithmetic is wrong in Triton's CPU interpreter; "
+                "bf16 engines need a GPU"
+            )
+        gm, lowered, kept = lower(req.graph.to(req.device))
+        notes = ["Triton kernels: " + ", ".join(f"{k} ×{n}" for k, n in sorted(lowered.items()))]
+        if kept:
+            notes.append(
+                "still on PyTorch: " + ", ".join(f"{k} ×{n}" for k, n in sorted(kept.items()))
+            )
+
+        def run(*inputs: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return gm(*inputs)
+
+        details: dict[str, Any] = {"graph": gm, "lowered": dict(lowered), "kept": dict(kept)}
+        static = not req.dynamic
+        if req.device.type == "cuda" and static and not req.options.get("no_cuda_graph"):
+            replay = _cuda_graph(run, req.inputs)
+            notes.append("CUDA graph: captured after autotuning; replayed per call")
+            return Runner(replay, notes=notes, cuda_graph=True, details=details)
+        return Runner(run, notes=notes, details=details)
+
+
+def _cuda_graph(
+    run: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
+) -> Callable[..., torch.Tensor]:
+    """Warm up (autotune) on a side stream, capture one graph, return a replayer."""
+    static_in = [t.clone() for t in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # the first calls autotune and compile
+            run(*static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(*static_in)
+
+    def replay(*xs: torch.Tensor) -> torch.Tensor:
+        for dst, src in zip(static_in, xs, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return static_out.clone()
+
+    return replay
