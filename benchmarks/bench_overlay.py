@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from segfast.kernels.overlay import default_palette, overlay, overlay_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")

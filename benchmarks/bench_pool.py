@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 import torch
+
 from segfast.kernels.pool import (
     adaptive_avg_pool2d,
     adaptive_avg_pool2d_reference,

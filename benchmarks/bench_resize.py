@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from segfast.kernels.resize import resize, resize_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
