@@ -131,11 +131,17 @@ def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
     return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
 
 
+def _bookkeeping(node: fx.Node) -> bool:
+    """Nodes that move no data: tuple indexing, and layout fixes that are no-ops
+    whenever the op before them already wrote NHWC (see passes/layout.py)."""
+    from segfast.compiler.ops import to_nhwc
+
+    return node.target is operator.getitem or node.target is to_nhwc
+
+
 def call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes that do work (call_function other than tuple indexing)."""
-    return [
-        n for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
-    ]
+    """Nodes that do work (call_function other than bookkeeping)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and not _bookkeeping(n)]
 
 
 def concrete(x: Any) -> int:
@@ -162,7 +168,7 @@ def nbytes(v: Any) -> int:
 
 
 def _is_view(node: fx.Node) -> bool:
-    if node.target is operator.getitem:
+    if _bookkeeping(node):
         return True
     schema = getattr(node.target, "_schema", None)
     return schema is not None and any(r.alias_info is not None for r in schema.returns)

@@ -146,7 +146,7 @@ def resample_of(node: fx.Node) -> Resample | None:
         return None
     t, a = node.target, node.args
     out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
         return None
     size = (out.shape[2], out.shape[3])
     if t is aten.upsample_bilinear2d.vec:

@@ -1,13 +1,21 @@
 """NHWC end to end: 4-D float inputs are converted to channels_last once at the
-graph's entry; every segfast op and the PyTorch ops after them keep that layout
-(convolutions on oneDNN / cuDNN / Triton all run fastest in it)."""
+graph's entry; every segfast op returns channels_last (convolutions on oneDNN,
+cuDNN and Triton all run fastest in it).
+
+For backends that run PyTorch ops (not ``slice_outputs`` ones, whose kernels
+always write NHWC), resizes and concatenations get a ``to_nhwc`` after them:
+PyTorch resizes a 1×1 map (DeepLab's image pooling) into NCHW, and a concat
+with one NCHW input turns NCHW, which made every later op convert.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from segfast.compiler.context import PassContext
-from segfast.compiler.graph import infer_val, val
+from segfast.compiler.graph import infer_val, is_call, val
+from segfast.compiler.ops import to_nhwc
+from segfast.compiler.patterns import resample_of
 
 aten = torch.ops.aten
 
@@ -26,3 +34,18 @@ def run(ctx: PassContext) -> None:
         infer_val(gm, cl)
         for u in users:
             u.replace_input_with(ph, cl)
+
+    if ctx.slice_outputs:
+        return
+    for node in list(gm.graph.nodes):
+        if not (resample_of(node) is not None or is_call(node, aten.cat.default)):
+            continue
+        v = val(node)
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            continue
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            fix = gm.graph.call_function(to_nhwc, (node,))
+        infer_val(gm, fix)
+        for u in users:
+            u.replace_input_with(node, fix)
