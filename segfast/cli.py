@@ -1,7 +1,6 @@
-"""The ``segfast`` command line.
-
-segfast models                       list the model zoo with parameter counts
-segfast info [MODEL --size HxW]      environment and backends; a model's stats
+"""The ``segfast`` command line: ``main`` plus the argument helpers the
+subcommands share. Each subcommand lives in ``segfast/commands/<name>.py``
+(``register(subparsers)``) and is listed in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -43,9 +42,14 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     """Arguments every model-taking command shares."""
-    p.add_argument("model", help="a zoo model name (see `segfast models`) or module:factory")
+    p.add_argument(
+        "model",
+        nargs="?" if optional else None,
+        default=None,
+        help="a zoo model name (see `segfast models`) or module:factory / file.py:factory",
+    )
     p.add_argument("--classes", type=int, default=None, help="number of output classes")
     p.add_argument("--in-channels", type=int, default=None, help="number of input channels")
     p.add_argument(
@@ -73,114 +77,20 @@ def build_model(args: argparse.Namespace) -> Any:
     )
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
-    from segfast import models
-
-    rows = []
-    for name in models.names():
-        spec = models.get_spec(name)
-        opts = spec.reference.options if spec.reference else {}
-        with torch.device("meta"):
-            model = models.create(name, **opts)
-        n = models.count_parameters(model)
-        ref = spec.reference
-        if ref is not None and not ref.published:
-            refs = "(no published count)"
-        elif ref is not None:
-            dev = 100.0 * (n - ref.params) / ref.params
-            refs = f"{ref.params / 1e6:8.2f}M ({dev:+.2f}%)"
-        else:
-            refs = "-"
-        rows.append((name, spec.task, f"{n / 1e6:8.2f}M", refs, spec.description))
-    header = ("model", "task", "params", "published", "description")
-    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=False)))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, [*widths, 0], strict=False)))
-    if args.verbose:
-        for name in models.names():
-            ref = models.get_spec(name).reference
-            if ref is not None:
-                print(f"\n{name}: reference options {ref.options}\n  source: {ref.source}")
-    return 0
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    import segfast
-
-    if args.model is None:
-        print(f"segfast {segfast.__version__}")
-        print(f"python {platform.python_version()}, torch {torch.__version__}")
-        print(f"cuda available: {torch.cuda.is_available()}")
-        try:
-            from segfast.backends import availability
-        except ImportError:
-            return 0
-        print("backends:")
-        for name, (ok, why) in availability().items():
-            print(f"  {name:12s} {'available' if ok else 'unavailable'}: {why}")
-        return 0
-
-    from segfast.bench.modelstats import format_bytes, model_stats
-    from segfast.models import get_spec
-
-    model = build_model(args)
-    try:
-        spec = get_spec(args.model)
-    except KeyError:
-        spec = None
-    size = args.size or (spec.standard_size if spec else (512, 512))
-    batch = args.batch or (spec.standard_batch if spec else 1)
-    if spec is not None:
-        inputs = spec.make_inputs(model, batch, size)
-    else:
-        inputs = (torch.randn(batch, int(getattr(model, "in_channels", 3)), *size),)
-    st = model_stats(model, inputs)
-    shapes = ", ".join("×".join(str(d) for d in t.shape) for t in inputs)
-    print(f"model:       {args.model}")
-    print(f"input:       {shapes}")
-    print(f"parameters:  {st.params:,} ({format_bytes(st.param_bytes)})")
-    print(f"GFLOPs:      {st.gflops:.2f} per forward (2 FLOPs per multiply-add)")
-    print(
-        f"activations: {format_bytes(st.activation_bytes_written)} written, "
-        f"{format_bytes(st.activation_bytes_peak)} peak live (fp32, analysed on {st.device})"
-    )
-    return 0
+# Subcommand modules under segfast/commands/, in --help order.
+COMMANDS = ("models", "info")
 
 
 def make_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="segfast", description="Fast, checked inference for image-segmentation networks."
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("models", help="list the model zoo with parameter counts")
-    p.add_argument("-v", "--verbose", action="store_true", help="also print reference sources")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("info", help="environment and backends; with MODEL, its statistics")
-    p.add_argument("model", nargs="?", default=None, help="a zoo model name or module:factory")
-    p.add_argument("--size", type=parse_size, default=None, help="input size HxW")
-    p.add_argument("--batch", type=int, default=None, help="batch size")
-    p.add_argument("--classes", type=int, default=None)
-    p.add_argument("--in-channels", type=int, default=None)
-    p.add_argument(
-        "-o",
-        "--option",
-        type=parse_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option (repeatable)",
-    )
-    p.add_argument("--tiny", action="store_true")
-    p.set_defaults(func=_cmd_info)
+    for name in COMMANDS:
+        importlib.import_module(f"segfast.commands.{name}").register(sub)
     return parser
 
 
@@ -189,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (SegfastError, KeyError, TypeError, ValueError) as exc:
+    except (SegfastError, KeyError, TypeError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"segfast: error: {msg}", file=sys.stderr)
         return 2

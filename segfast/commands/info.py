@@ -1,0 +1,63 @@
+"""``segfast info [MODEL]``: versions and backends; a model's parameters, GFLOPs
+and activation memory for one input size."""
+
+from __future__ import annotations
+
+import argparse
+
+from segfast.cli import add_model_arguments, build_model, parse_size
+
+
+def run(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import segfast
+
+    if args.model is None:
+        print(f"segfast {segfast.__version__}")
+        print(f"python {platform.python_version()}, torch {torch.__version__}")
+        print(f"cuda available: {torch.cuda.is_available()}")
+        try:
+            from segfast.backends import availability
+        except ImportError:
+            return 0
+        print("backends:")
+        for name, (ok, why) in availability().items():
+            print(f"  {name:12s} {'available' if ok else 'unavailable'}: {why}")
+        return 0
+
+    from segfast.bench.modelstats import format_bytes, model_stats
+    from segfast.models import get_spec
+
+    model = build_model(args)
+    try:
+        spec = get_spec(args.model)
+    except KeyError:
+        spec = None
+    size = args.size or (spec.standard_size if spec else (512, 512))
+    batch = args.batch or (spec.standard_batch if spec else 1)
+    if spec is not None:
+        inputs = spec.make_inputs(model, batch, size)
+    else:
+        inputs = (torch.randn(batch, int(getattr(model, "in_channels", 3)), *size),)
+    st = model_stats(model, inputs)
+    shapes = ", ".join("×".join(str(d) for d in t.shape) for t in inputs)
+    print(f"model:       {args.model}")
+    print(f"input:       {shapes}")
+    print(f"parameters:  {st.params:,} ({format_bytes(st.param_bytes)})")
+    print(f"GFLOPs:      {st.gflops:.2f} per forward (2 FLOPs per multiply-add)")
+    print(
+        f"activations: {format_bytes(st.activation_bytes_written)} written, "
+        f"{format_bytes(st.activation_bytes_peak)} peak live (fp32, analysed on {st.device})"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="environment and backends; with MODEL, its statistics")
+    add_model_arguments(p, optional=True)
+    p.add_argument("--size", type=parse_size, default=None, help="input size HxW")
+    p.add_argument("--batch", type=int, default=None, help="batch size")
+    p.set_defaults(func=run)
