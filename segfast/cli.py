@@ -78,7 +78,7 @@ def build_model(args: argparse.Namespace) -> Any:
 
 
 # Subcommand modules under segfast/commands/, in --help order.
-COMMANDS = ("models", "info")
+COMMANDS = ("models", "info", "bench")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,423 @@
+"""``segfast bench``'s engine: every backend on the same inputs, timed and checked.
+
+For one model, input size, batch and precision, each requested backend is
+built with :func:`segfast.compile`, warmed up, timed over rotating input sets,
+and compared with the fp32 eager model on the same inputs. A backend that
+cannot run here is reported with its reason instead of numbers.
+
+Timing: on the CPU each call is timed with ``time.perf_counter``; on a GPU the
+device time comes from CUDA events recorded around the call and the host
+latency from the host clock after synchronising — both are kept. Engines that
+replay CUDA graphs (triton) do so inside the timed call. Warm-up runs are
+excluded; the input sets rotate so caches do not flatter small inputs.
+
+Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` (reset per
+backend); on the CPU the highest resident set size a sampling thread sees
+(every 2 ms) while the backend builds and runs — RSS is per process, so the
+number includes what earlier backends left allocated.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import nn
+
+import segfast
+from segfast.bench.metrics import compare
+from segfast.bench.stats import summarize, throughput
+from segfast.bench.timing import measure, median
+from segfast.runtime.engine import DTYPES
+
+# Backends segfast measures itself against; "ratio to the fastest peer" uses these.
+PEERS = ("eager", "inductor", "onnxruntime", "tensorrt")
+ALL_BACKENDS = ("eager", "torch", "triton", "inductor", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    status: str  # "ok", "unavailable", "failed"
+    reason: str = ""
+    build_s: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # mean/p50/p90/p99/min/max/std
+    device_ms: dict[str, float] = field(default_factory=dict)  # GPU only: CUDA-event time
+    fps: float | None = None
+    gflops_per_s: float | None = None
+    gbytes_per_s: float | None = None
+    activation_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    rel_l2: float | None = None
+    max_abs: float | None = None
+    mask_agreement: float | None = None
+    torch_lowp_rel_l2: float | None = None  # PyTorch's own error in this precision
+    accuracy_ok: bool | None = None
+    accuracy_reason: str = ""
+    vs_eager: float | None = None  # eager p50 / this p50 (higher is faster)
+    vs_best_peer: float | None = None  # fastest peer's p50 / this p50
+    cuda_graph: bool = False
+    samples_s: list[float] = field(default_factory=list)  # host latency, every timed call
+    device_samples_s: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    input_shape: tuple[int, ...]
+    batch: int
+    precision: str
+    output: str
+    device: str
+    warmup: int
+    iters: int
+    flops: int
+    environment: dict[str, Any]
+    rows: list[Row]
+
+    def row(self, backend: str) -> Row:
+        return next(r for r in self.rows if r.backend == backend)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schema"] = "segfast-bench/1"
+        return d
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, driver, versions and date, for the JSON report."""
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "segfast": segfast.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    for mod in ("triton", "onnxruntime", "tensorrt"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_bytes=props.total_memory,
+            cuda=torch.version.cuda,
+            driver=_nvidia_driver(),
+        )
+    env["device_name"] = env.get("gpu") or env["cpu"]
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+class _RssSampler:
+    """Highest RSS seen by a background thread between start() and stop()."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> _RssSampler:
+        self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _peak_memory(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return _CudaPeak(device)
+    try:
+        return _RssSampler()
+    except ImportError:  # psutil is in the [bench] extra
+        return None
+
+
+class _CudaPeak:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> _CudaPeak:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+def parse_backends(text: str | Sequence[str]) -> list[str]:
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if "all" in names:
+        return list(ALL_BACKENDS)
+    unknown = [n for n in names if n not in ALL_BACKENDS]
+    if unknown:
+        raise ValueError(
+            f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}, all"
+        )
+    return names
+
+
+def run_benchmark(
+    model: nn.Module,
+    inputs: Sequence[tuple[torch.Tensor, ...]],
+    *,
+    name: str,
+    backends: Sequence[str] = ALL_BACKENDS,
+    precision: str = "fp32",
+    output: str = "logits",
+    warmup: int = 5,
+    iters: int = 30,
+    device: str | torch.device = "cpu",
+    options: dict[str, dict[str, Any]] | None = None,
+    engines: dict[str, Any] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> BenchResult:
+    """Benchmark ``model`` on every backend in ``backends``.
+
+    ``inputs`` is a list of input sets (tuples), rotated through while timing;
+    the accuracy columns compare each engine with the fp32 eager model on all
+    of them. ``engines`` may supply prebuilt engines by backend name (used by
+    tests to benchmark a deliberately wrong engine). ``on_progress(backend,
+    done, total)`` is called after every timed iteration.
+    """
+    from segfast.bench.modelstats import model_stats
+    from segfast.compiler.postprocess import WithHead
+
+    dev = torch.device(device)
+    model = model.eval().to(dev)
+    sets = [tuple(t.to(dev) for t in s) for s in inputs]
+    if not sets:
+        raise ValueError("run_benchmark needs at least one input set")
+    flops = model_stats(model, sets[0]).flops
+    reference = WithHead(model, output)
+    with torch.inference_mode():
+        refs = [reference(*(t.float() if t.is_floating_point() else t for t in s)) for s in sets]
+    lowp_ref = None
+    if precision != "fp32":  # PyTorch's own result in that precision, for the contract
+        import copy
+
+        dtype = DTYPES[precision]
+        lowp_model = copy.deepcopy(reference).to(dtype)
+        with torch.inference_mode():
+            lowp_ref = [
+                lowp_model(*(t.to(dtype) if t.is_floating_point() else t for t in s)) for s in sets
+            ]
+        del lowp_model
+    batch = int(sets[0][0].shape[0]) if sets[0][0].dim() else 1
+    rows: list[Row] = []
+    for be in backends:
+        row = _bench_one(
+            be, model, sets, refs, lowp_ref, precision=precision, output=output, warmup=warmup,
+            iters=iters, device=dev, options=(options or {}).get(be, {}),
+            engine=(engines or {}).get(be), flops=flops, batch=batch, on_progress=on_progress,
+        )  # fmt: skip
+        rows.append(row)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    _ratios(rows)
+    return BenchResult(
+        model=name,
+        input_shape=tuple(sets[0][0].shape),
+        batch=batch,
+        precision=precision,
+        output=output,
+        device=str(dev),
+        warmup=warmup,
+        iters=iters,
+        flops=flops,
+        environment=environment(dev),
+        rows=rows,
+    )
+
+
+def _bench_one(
+    backend: str,
+    model: nn.Module,
+    sets: list[tuple[torch.Tensor, ...]],
+    refs: list[torch.Tensor],
+    lowp_ref: list[torch.Tensor] | None,
+    *,
+    precision: str,
+    output: str,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    options: dict[str, Any],
+    engine: Any,
+    flops: int,
+    batch: int,
+    on_progress: Callable[[str, int, int], None] | None,
+) -> Row:
+    from segfast.backends import available
+
+    row = Row(backend=backend, precision=precision, status="ok")
+    if engine is None:
+        try:
+            ok, why = available(backend, device)
+        except ValueError as exc:  # not registered in this installation
+            ok, why = False, str(exc)
+        if not ok:
+            row.status, row.reason = "unavailable", why
+            return row
+    peak = _peak_memory(device)
+    try:
+        with peak if peak is not None else _Null():
+            if engine is None:
+                t0 = time.perf_counter()
+                engine = segfast.compile(
+                    model, sets[0], backend=backend, precision=precision, output=output,
+                    device=device, options=options,
+                )  # fmt: skip
+                row.build_s = time.perf_counter() - t0
+            else:
+                row.build_s = engine.info.build_seconds
+            for s in sets:
+                engine.check_inputs(s)
+            samples = measure(
+                engine.run_unchecked, sets, warmup=warmup, iters=iters, device=device,
+                on_iteration=(lambda i: on_progress(backend, i + 1, iters)) if on_progress
+                else None,
+            )  # fmt: skip
+            with torch.inference_mode():
+                outs = [engine.run_unchecked(*s) for s in sets]
+    except segfast.BackendUnavailable as exc:
+        row.status, row.reason = "unavailable", str(exc).splitlines()[0]
+        return row
+    except Exception as exc:  # a backend failing on this model is a result, not a crash
+        row.status = "failed"
+        row.reason = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
+        return row
+    if peak is not None:
+        row.peak_memory_bytes = int(peak.peak)
+    row.samples_s = list(samples.host_s)
+    row.device_samples_s = list(samples.device_s)
+    row.latency_ms = summarize(samples.host_s).as_dict()
+    if samples.device_s:
+        row.device_ms = summarize(samples.device_s).as_dict()
+    timed = median(samples.device_s or samples.host_s)
+    row.fps = throughput(batch, timed)
+    row.gflops_per_s = flops / timed / 1e9
+    info = engine.info
+    row.activation_bytes = info.bytes_after if info.bytes_after is not None else info.bytes_before
+    if row.activation_bytes:
+        row.gbytes_per_s = row.activation_bytes / timed / 1e9
+    row.cuda_graph = bool(getattr(engine._runner, "cuda_graph", False))
+    row.notes = list(info.notes)
+    _accuracy(row, outs, refs, lowp_ref, precision)
+    return row
+
+
+class _Null:
+    peak = 0
+
+    def __enter__(self) -> _Null:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _accuracy(
+    row: Row,
+    outs: list[torch.Tensor],
+    refs: list[torch.Tensor],
+    lowp_ref: list[torch.Tensor] | None,
+    precision: str,
+) -> None:
+    """Worst accuracy over the input sets, judged by segfast.check's contract."""
+    from segfast.check import FP32_MAX_REL, LOWP_FACTOR, LOWP_MAX_REL, MIN_MASK_AGREEMENT
+
+    accs = [compare(o, r) for o, r in zip(outs, refs, strict=True)]
+    row.rel_l2 = max(a.rel_l2 for a in accs)
+    row.max_abs = max(a.max_abs for a in accs)
+    agreements = [a.mask_agreement for a in accs if a.mask_agreement is not None]
+    row.mask_agreement = min(agreements) if agreements else None
+    reasons = []
+    if any(a.nonfinite for a in accs):
+        reasons.append(f"{sum(a.nonfinite for a in accs)} non-finite values")
+    integer = not outs[0].is_floating_point()
+    if integer:
+        if row.mask_agreement is not None and row.mask_agreement < MIN_MASK_AGREEMENT:
+            reasons.append(f"mask agreement {100 * row.mask_agreement:.2f}%")
+    elif precision == "fp32":
+        if row.rel_l2 > FP32_MAX_REL:
+            reasons.append(f"rel-L2 {row.rel_l2:.2e} > {FP32_MAX_REL:g}")
+    else:
+        own = max(compare(lp, r).rel_l2 for lp, r in zip(lowp_ref or [], refs, strict=True))
+        row.torch_lowp_rel_l2 = own
+        if row.rel_l2 > LOWP_MAX_REL or row.rel_l2 > max(LOWP_FACTOR * own, 1e-6):
+            reasons.append(f"rel-L2 {row.rel_l2:.2e} vs PyTorch's own {own:.2e}")
+    row.accuracy_ok = not reasons
+    row.accuracy_reason = "; ".join(reasons)
+
+
+def _ratios(rows: list[Row]) -> None:
+    ok = {r.backend: r for r in rows if r.status == "ok" and r.latency_ms}
+
+    def p50(r: Row) -> float:
+        return r.device_ms.get("p50_ms") or r.latency_ms["p50_ms"]
+
+    eager = ok.get("eager")
+    peers = [r for name, r in ok.items() if name in PEERS and r.accuracy_ok]
+    best_peer = min((p50(r) for r in peers), default=None)
+    for r in ok.values():
+        if eager is not None:
+            r.vs_eager = p50(eager) / p50(r)
+        if best_peer is not None:
+            r.vs_best_peer = best_peer / p50(r)

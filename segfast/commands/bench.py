@@ -1,0 +1,115 @@
+"""``segfast bench MODEL``: every backend side by side — latency, throughput,
+memory and accuracy against the fp32 eager model, on the same inputs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch import nn
+
+from segfast.cli import add_model_arguments, build_model, parse_size
+
+
+def input_channels(model: nn.Module) -> int:
+    """The model's input channels: its ``in_channels`` or its first conv's."""
+    n = getattr(model, "in_channels", None)
+    if isinstance(n, int):
+        return n
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            return int(m.in_channels)
+    raise ValueError("cannot tell the model's input channels; pass --in-channels")
+
+
+def make_input_sets(
+    model: nn.Module, ref: str, batch: int, size: tuple[int, int] | None, n: int, seed: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` different random input sets (rotated while timing)."""
+    from segfast.models import get_spec
+
+    g = torch.manual_seed(seed)
+    try:
+        spec = get_spec(ref)
+    except KeyError:
+        spec = None
+    sets = []
+    for _ in range(n):
+        if spec is not None:
+            sets.append(spec.make_inputs(model, batch, size))
+        else:
+            h, w = size or (512, 512)
+            sets.append((torch.randn(batch, input_channels(model), h, w, generator=g),))
+    return sets
+
+
+def run(args: argparse.Namespace) -> int:
+    import segfast
+    from segfast.bench import report
+    from segfast.bench.runner import parse_backends, run_benchmark
+
+    backends = parse_backends(args.backends)
+    model = build_model(args)
+    if args.weights:
+        segfast.load_weights(model, args.weights)
+    sets = make_input_sets(model, args.model, args.batch, args.size, args.input_sets)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    progress: Any = None
+    tasks: dict[str, Any] = {}
+    if not args.no_progress:
+        try:
+            from rich.progress import Progress
+
+            progress = Progress(transient=True)
+        except ImportError:
+            progress = None
+
+    def on_progress(backend: str, done: int, total: int) -> None:
+        if progress is None:
+            return
+        if backend not in tasks:
+            tasks[backend] = progress.add_task(f"{backend:12s}", total=total)
+        progress.update(tasks[backend], completed=done)
+
+    if progress is not None:
+        progress.start()
+    try:
+        res = run_benchmark(
+            model, sets, name=args.model, backends=backends, precision=args.precision,
+            output=args.output, warmup=args.warmup, iters=args.iters, device=device,
+            on_progress=on_progress,
+        )  # fmt: skip
+    finally:
+        if progress is not None:
+            progress.stop()
+    report.print_table(res)
+    if args.json:
+        print(f"wrote {report.write_json(res, args.json)}")
+    if args.plot:
+        print(f"wrote {report.plot(res, args.plot)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="latency, throughput, memory and accuracy of every backend, side by side"
+    )
+    add_model_arguments(p)
+    p.add_argument("--weights", default=None, help="safetensors / PyTorch state dict to load")
+    p.add_argument("--size", type=parse_size, default=None, help="input H×W (default: standard)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--output", choices=("logits", "probs", "mask"), default="logits")
+    p.add_argument(
+        "--backends", default="all",
+        help="comma-separated among eager,torch,triton,inductor,onnxruntime,tensorrt, or all",
+    )  # fmt: skip
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--input-sets", type=int, default=3, help="input sets rotated while timing")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--json", default=None, help="write every raw sample and the environment")
+    p.add_argument("--plot", default=None, help="write latency distributions (PNG)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)

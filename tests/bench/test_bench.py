@@ -1,0 +1,177 @@
+"""segfast bench: statistics, the report table, the JSON schema, the plot, and
+accuracy columns that are computed (a deliberately wrong engine is flagged)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import segfast
+from segfast import models
+from segfast.bench import report
+from segfast.bench.runner import parse_backends, run_benchmark
+from segfast.bench.stats import percentile, percentiles, summarize, throughput
+from segfast.cli import main
+
+
+def test_percentiles_on_known_samples():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile(list(range(1, 11)), 90) == pytest.approx(9.1)
+    assert percentile([5.0], 99) == 5.0
+    assert percentiles([3, 1, 2], (0, 100)) == {0: 1, 100: 3}
+    s = summarize([0.001, 0.002, 0.003, 0.004])
+    assert s.n == 4
+    assert s.p50_ms == pytest.approx(2.5)
+    assert s.mean_ms == pytest.approx(2.5)
+    assert s.min_ms == pytest.approx(1.0)
+    assert s.max_ms == pytest.approx(4.0)
+    assert s.std_ms == pytest.approx(1.2909944)
+    assert throughput(8, 0.5) == 16.0
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        percentile([1], 101)
+
+
+def test_parse_backends():
+    assert parse_backends("all")[:2] == ["eager", "torch"]
+    assert parse_backends("eager, torch") == ["eager", "torch"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        parse_backends("eager,cuda")
+
+
+@pytest.fixture(scope="module")
+def result():
+    torch.manual_seed(0)
+    model = models.create("unet", tiny=True).eval()
+    sets = [(torch.randn(1, 1, 32, 40),) for _ in range(2)]
+    good = segfast.compile(model, sets[0], backend="torch")
+    wrong_model = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong_model.head.weight.mul_(1.1)  # a 10 % error in the classifier
+    wrong = segfast.compile(wrong_model, sets[0], backend="torch")
+    return run_benchmark(
+        model, sets, name="unet-tiny", backends=["eager", "torch", "inductor", "tensorrt"],
+        warmup=1, iters=4, engines={"torch": good, "inductor": wrong},
+    )  # fmt: skip
+
+
+def test_rows_have_real_numbers(result):
+    eager, torch_row = result.row("eager"), result.row("torch")
+    for r in (eager, torch_row):
+        assert r.status == "ok"
+        assert len(r.samples_s) == 4
+        assert r.latency_ms["p50_ms"] > 0
+        assert r.fps > 0
+        assert r.gflops_per_s > 0
+        assert r.peak_memory_bytes > 0
+    assert eager.rel_l2 == 0.0
+    assert eager.vs_eager == pytest.approx(1.0)
+    assert torch_row.rel_l2 < 1e-4
+    assert torch_row.accuracy_ok
+    assert torch_row.gbytes_per_s > 0
+    assert result.flops > 0
+
+
+def test_wrong_backend_is_flagged(result):
+    bad = result.row("inductor")  # the perturbed engine stood in for inductor
+    assert bad.status == "ok"
+    assert bad.accuracy_ok is False
+    assert bad.rel_l2 > 1e-2
+    assert "rel-L2" in bad.accuracy_reason
+    # a failing peer is not "the fastest peer"
+    assert result.row("torch").vs_best_peer == pytest.approx(
+        result.row("eager").latency_ms["p50_ms"] / result.row("torch").latency_ms["p50_ms"]
+    )
+    assert "ACCURACY FAIL" in report.format_table(result)
+
+
+def test_unavailable_backend_has_a_reason(result):
+    trt = result.row("tensorrt")
+    assert trt.status == "unavailable"
+    assert trt.reason
+    assert f"tensorrt: unavailable — {trt.reason}" in report.format_table(result)
+
+
+def test_json_schema(result, tmp_path):
+    path = report.write_json(result, tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["schema"] == "segfast-bench/1"
+    for key in (
+        "model",
+        "input_shape",
+        "batch",
+        "precision",
+        "device",
+        "flops",
+        "environment",
+        "rows",
+        "warmup",
+        "iters",
+    ):
+        assert key in data
+    for key in ("date", "torch", "segfast", "device_name", "cpu"):
+        assert key in data["environment"]
+    for row in data["rows"]:
+        assert set(report.ROW_KEYS) <= set(row)
+    assert len(data["rows"][0]["samples_s"]) == 4
+
+
+def test_plot_and_markdown(result, tmp_path):
+    png = report.plot(result, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = report.markdown_table([result])
+    assert "| unet-tiny |" in md
+    assert "FAIL" in md
+    assert "unavailable" in md
+
+
+def test_cli_bench(tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "unet", "--tiny", "--size", "32x32", "--backends", "eager,torch,triton",
+               "--warmup", "1", "--iters", "3", "--no-progress", "--json", str(out_json),
+               "--plot", str(out_png)])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "p50 ms" in text
+    assert "torch" in text
+    data = json.loads(out_json.read_text())
+    assert [r["backend"] for r in data["rows"]] == ["eager", "torch", "triton"]
+    assert out_png.exists()
+
+
+def test_cli_bench_user_model(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))\n"
+    )
+    rc = main(["bench", f"{f}:build", "--size", "16x16", "--backends", "eager,torch",
+               "--iters", "2", "--warmup", "1", "--no-progress"])  # fmt: skip
+    assert rc == 0
+
+
+def test_suite_appends_results_and_readme_renders(tmp_path):
+    from segfast.bench import readme, suite
+
+    out = tmp_path / "benchmarks" / "results"
+    args = ["--out", str(out), "--cases", "smoke", "--backends", "eager,torch",
+            "--precisions", "fp32", "--warmup", "1", "--iters", "2"]  # fmt: skip
+    assert suite.main(args) == 0
+    assert suite.main(args) == 0  # a rerun replaces its own entry, keeps the file valid
+    (path,) = list(out.glob("*.json"))
+    results = suite.load_results(path)
+    assert [(r.model, r.precision) for r in results] == [("unet-tiny-32", "fp32")]
+    assert results[0].row("torch").accuracy_ok
+    text = readme.render(out)
+    assert "| unet-tiny-32 | 1×1×32×32 | fp32 | torch |" in text
+    (tmp_path / "README.md").write_text("a\n<!-- results:start -->\nold\n<!-- results:end -->\nz\n")
+    assert readme.main([str(tmp_path)]) == 0
+    new = (tmp_path / "README.md").read_text()
+    assert "old" not in new
+    assert "unet-tiny-32" in new
+    assert new.endswith("<!-- results:end -->\nz\n")
