@@ -83,8 +83,7 @@ def check(
     sets = _as_sets(inputs)
     output = engine.output
     precision = engine.precision
-    threshold = engine._source.get("threshold", 0.5) if isinstance(engine._source, dict) else 0.5
-    ref_model = WithHead(reference_model.eval(), output, threshold)
+    ref_model = WithHead(reference_model.eval(), output, engine.info.threshold)
     lowp_model = None
     if precision != "fp32":
         lowp_model = copy.deepcopy(ref_model).to(engine.dtype)

@@ -267,6 +267,7 @@ def compile(
         output=output,
         device=str(dev),
         inputs=_input_specs(inputs, axes, {}, min_size),
+        threshold=float(threshold),
     )
     graph = None
     captured = None

@@ -42,6 +42,7 @@ class EngineInfo:
     device: str
     inputs: list[InputSpec]
     num_classes: int | None = None
+    threshold: float = 0.5  # mask threshold of one-class models (sigmoid > threshold)
     build_seconds: float = 0.0
     passes: list[str] = field(default_factory=list)
     fusions: dict[str, int] = field(default_factory=dict)

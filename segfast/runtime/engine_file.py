@@ -115,7 +115,7 @@ def save(engine: Any, path: str | os.PathLike[str]) -> Path:
         "backend": info.backend,
         "precision": info.precision,
         "output": info.output,
-        "threshold": src.get("threshold", 0.5),
+        "threshold": info.threshold,
         "dynamic": list(src.get("dynamic", ())),
         "options": src.get("options", {}),
         "device": _device_info(engine.device),
