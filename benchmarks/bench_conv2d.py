@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.conv2d import conv2d, pack_conv_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -58,26 +59,6 @@ def _cudnn_benchmark():
     torch.backends.cudnn.benchmark = True
     yield
     torch.backends.cudnn.benchmark = saved
-
-
-def _measure(benchmark, fn, *, flops: int, bytes_moved: int) -> None:
-    import triton.testing
-
-    fn()  # autotune / cuDNN algorithm search outside the timings
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(),
-        ms=ms,
-        tflop_per_s=flops / ms / 1e9,
-        gb_per_s=bytes_moved / ms / 1e6,
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 def _bn(c: int):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.conv_transpose2d import conv_transpose2d, pack_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -24,24 +25,6 @@ CASES = {
     "unet-up4-128to64": ((1, 128, 256, 256), 64, 2, 2, 0),
     "dcgan-512to256": ((64, 512, 4, 4), 256, 4, 2, 1),
 }
-
-
-def _measure(benchmark, fn, *, bytes_moved: int, flops: int) -> None:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(),
-        ms=ms,
-        gb_per_s=bytes_moved / ms / 1e6,
-        tflop_per_s=flops / ms / 1e9,
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("impl", ["segfast", "torch"])

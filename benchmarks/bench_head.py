@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.head import seg_head
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -27,24 +28,6 @@ UPSAMPLE_CASES = {
 }
 # name: (features [N, C, H, W], K) — U-Net's final 1×1 conv
 CONV_CASES = {"unet-c64-k2-512x512": ((1, 64, 512, 512), 2)}
-
-
-def _measure(benchmark, fn, *, bytes_moved: int, flops: int = 0) -> None:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(),
-        ms=ms,
-        gb_per_s=bytes_moved / ms / 1e6,
-        tflop_per_s=flops / ms / 1e9,
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("impl", ["segfast", "torch"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.overlay import default_palette, overlay, overlay_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -21,21 +22,6 @@ CASES = {
     "1080p-int64-mask": (1, 1080, 1920, torch.int64),
     "1080p-x4-uint8-mask": (4, 1080, 1920, torch.uint8),
 }
-
-
-def _measure(benchmark, fn, *, bytes_moved: int) -> None:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(), ms=ms, gb_per_s=bytes_moved / ms / 1e6
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("impl", ["segfast", "torch"])

@@ -13,6 +13,7 @@ from functools import partial
 import pytest
 import torch
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.pool import (
     adaptive_avg_pool2d,
     adaptive_avg_pool2d_reference,
@@ -26,21 +27,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 
 # SegNet encoder stages on a 360×480 CamVid frame (2×2/s2, ceil_mode, indices)
 SEGNET = [(1, 64, 360, 480), (1, 128, 180, 240), (1, 256, 90, 120), (1, 512, 45, 60)]
-
-
-def _measure(benchmark, fn, *, bytes_moved: int) -> None:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(), ms=ms, gb_per_s=bytes_moved / ms / 1e6
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 def _x(shape):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.preprocess import preprocess, preprocess_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -22,21 +23,6 @@ CASES = {
     "1080p-x4-to-512x1024-nchw": ((4, 1080, 1920, 3), (512, 1024), "nchw"),
     "1080p-full-nhwc": ((1, 1080, 1920, 3), None, "nhwc"),
 }
-
-
-def _measure(benchmark, fn, *, bytes_moved: int) -> None:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(), ms=ms, gb_per_s=bytes_moved / ms / 1e6
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("impl", ["segfast", "torch"])

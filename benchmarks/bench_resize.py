@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from segfast.bench.kernel_timing import measure_kernel as _measure
 from segfast.kernels.resize import resize, resize_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -21,24 +22,6 @@ CASES = {
     "logits-x8-21c": ((1, 21, 64, 128), (512, 1024)),  # output stride 8
     "decoder-x2-256c": ((1, 256, 64, 64), (128, 128)),  # DeepLabV3+ decoder
 }
-
-
-def _measure(benchmark, fn, *, bytes_moved: int, flops: int = 0) -> None:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(),
-        ms=ms,
-        gb_per_s=bytes_moved / ms / 1e6,
-        tflop_per_s=flops / ms / 1e9,
-    )
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
