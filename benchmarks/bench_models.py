@@ -79,7 +79,10 @@ def _engine(name: str, opts: tuple, size: tuple[int, int], batch: int, backend: 
 def _bench(benchmark, case, backend: str, precision: str = "fp32") -> None:
     cid, name, opts, size, batch = case
     if backend not in ("eager_cl",):
-        ok, why = available(backend, DEVICE)
+        try:
+            ok, why = available(backend, DEVICE)
+        except ValueError as exc:  # not a backend of this installation
+            ok, why = False, str(exc)
         if not ok:
             pytest.skip(f"{backend}: {why}")
     run, x, acc = _engine(name, tuple(sorted(opts.items())), size, batch, backend, precision)
