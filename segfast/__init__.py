@@ -2,18 +2,20 @@
 
 Public API (re-exported here):
 
-- ``segfast.models``: the reference model zoo (``models.create``, ``models.names``);
+- ``compile(model, example_input, backend=..., precision=..., output=...)`` → ``Engine``;
+  ``load(path)`` an engine file; ``check(engine, model, inputs)`` against eager fp32;
+- ``models``: the reference model zoo (``models.create``, ``models.names``);
 - ``load_weights`` / ``save_weights``: safetensors or PyTorch state dicts, checked;
 - the error types in :mod:`segfast.errors`.
+
+Without PyTorch (an edge box) only :mod:`segfast.edge` and the errors import;
+every other name says why it is missing.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from segfast import models
-from segfast.check import CheckReport, check
-from segfast.compiler.api import compile
 from segfast.errors import (
     BackendUnavailable,
     EngineFileError,
@@ -22,9 +24,20 @@ from segfast.errors import (
     UnsupportedModelError,
     WeightsError,
 )
-from segfast.runtime.engine import Engine
-from segfast.runtime.engine_file import load
-from segfast.weights import load_state_dict, load_weights, save_weights
+
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as _exc:
+    _TORCH_MISSING: str | None = str(_exc)
+else:
+    _TORCH_MISSING = None
+    from segfast import models
+    from segfast.check import CheckReport, check
+    from segfast.compiler.api import compile
+    from segfast.runtime.engine import Engine
+    from segfast.runtime.engine_file import load
+    from segfast.runtime.video import run_video, stream
+    from segfast.weights import load_state_dict, load_weights, save_weights
 
 __all__ = [
     "BackendUnavailable",
@@ -42,5 +55,16 @@ __all__ = [
     "load_state_dict",
     "load_weights",
     "models",
+    "run_video",
     "save_weights",
+    "stream",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if _TORCH_MISSING is not None and name in __all__:
+        raise ImportError(
+            f"segfast.{name} needs PyTorch, which is not installed ({_TORCH_MISSING}); "
+            "without it only segfast.edge (the TensorRT edge runtime) is available"
+        )
+    raise AttributeError(f"module 'segfast' has no attribute {name!r}")

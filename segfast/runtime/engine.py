@@ -149,6 +149,12 @@ class Engine:
         """Call the backend without input checks (hot loops that checked once)."""
         return self._runner(*inputs)
 
+    def segment_large(self, image: Any, **kw: Any) -> Any:
+        """Overlap-tile inference for images of any size; see :mod:`segfast.runtime.tiling`."""
+        from segfast.runtime import tiling
+
+        return tiling.segment_large(self, image, **kw)
+
     # -- reporting --------------------------------------------------------------------
     def summary(self) -> str:
         from segfast.bench.modelstats import format_bytes

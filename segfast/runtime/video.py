@@ -1,0 +1,855 @@
+"""Real-time video segmentation: decode → preprocess + infer → postprocess + encode.
+
+:func:`stream` runs an engine over a video file, a live stream (``rtsp://`` and
+other URLs FFmpeg opens), a directory of images, a single image, or any iterable
+of uint8 frames, and yields one :class:`FrameResult` per frame; :func:`run_video`
+writes the results to a video file or an image directory.
+
+Three worker threads joined by bounded queues (``queue_size`` items each)::
+
+    decode (PyAV/FFmpeg) ─▶ preprocess + engine ─▶ mask resize, postprocess, overlay,
+                                                    encode (PyAV) ─▶ results (the iterator)
+
+* Frames are uint8 H×W×3 in ``channel_order`` ("bgr", as OpenCV, or "rgb").
+  Preprocessing is one fused kernel on CUDA (:func:`segfast.kernels.preprocess.preprocess`:
+  resize to the engine's input size, ÷255, mean/std, HWC → NCHW) and its PyTorch
+  reference on the CPU (the Triton kernels run on the CPU only under the interpreter);
+  the overlay likewise (:mod:`segfast.kernels.overlay`). Masks are resized back to the
+  frame size by nearest neighbour (pixel centres: source index ⌊(i + ½)·h/H⌋).
+* **Real-time mode** (``realtime=True``): a video file or an image sequence is released
+  at its own pace (its timestamps, or ``fps``) as a camera would deliver it; a live
+  stream (a URL) and a frame iterable (a camera reader) pace themselves. When inference
+  falls behind and the decode queue is full, the *oldest* waiting frame is dropped and
+  counted. Otherwise nothing is dropped: decoding waits for the slowest stage.
+* **Accounting**: every frame the source delivers or loses is counted in
+  ``frames_in``, and ends as exactly one of ``frames_out`` (processed, and written when
+  there is a writer), ``dropped`` (real-time mode), ``skipped`` (a packet the decoder
+  rejected or that yielded no frame, a frame flagged corrupt, an unreadable image) or
+  ``unfinished`` (in flight when the stream was stopped early). After a stream has run
+  to its end, ``frames_in == frames_out + dropped + skipped``.
+* **Ends**: a source that fails mid-way (a dropped network stream, a truncated file)
+  ends the stream cleanly — everything decoded so far is processed and written — and
+  the reason is kept in ``stats.end_reason`` and issued as a :class:`SourceEndedWarning`.
+  On an exception in any stage, a ``KeyboardInterrupt`` in the consuming thread, or
+  ``close()``, the writer still flushes its encoder and closes the container, so the
+  file holds every frame written so far and plays.
+* **Timestamps and audio**: frames keep the source's pts and time base, and the written
+  video uses them (dropped frames leave gaps: a variable frame rate). Audio packets are
+  copied unchanged (no re-encoding) when the output container can hold the codec.
+* **Statistics**: per-stage latency (decode, queue wait, preprocess, infer,
+  postprocess, overlay, encode) and end-to-end latency (frame decoded → written), with
+  p50/p90/p99 and frames per second (:class:`StreamStats`); live on a progress bar with
+  ``progress=True``. On CUDA each stage is synchronised so its time is its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+from segfast.errors import InputError
+from segfast.runtime._progress import Progress
+from segfast.runtime.engine_io import EngineIO
+from segfast.runtime.sources import (
+    DEFAULT_FPS,
+    Audio,
+    Frame,
+    Lost,
+    SourceInfo,
+    open_source,
+    probe_size,
+)
+from segfast.runtime.writers import ImageWriter, VideoWriter, encode_png, make_writer
+
+__all__ = [
+    "FrameResult",
+    "ImageWriter",
+    "SourceEndedWarning",
+    "SourceInfo",
+    "Stream",
+    "StreamStats",
+    "VideoWriter",
+    "encode_png",
+    "make_writer",
+    "open_source",
+    "probe_size",
+    "run_video",
+    "stream",
+]
+
+OUTPUTS = ("overlay", "mask")
+CHANNEL_ORDERS = ("bgr", "rgb")
+STAGES = ("decode", "queue", "preprocess", "infer", "postprocess", "overlay", "encode")
+
+
+class SourceEndedWarning(UserWarning):
+    """A source failed or disconnected before its end; the stream ended with what it had."""
+
+
+# -- results and statistics ---------------------------------------------------------------
+
+
+@dataclass
+class FrameResult:
+    """One processed frame."""
+
+    index: int  # position in the source, counting every frame it delivered or lost
+    pts: int | None  # presentation timestamp, in time_base units (the source's own)
+    time_base: Fraction | None
+    time: float | None  # pts · time_base, seconds
+    name: str | None  # file name, for image sources
+    image: np.ndarray  # the input frame, H×W×3 uint8, channel_order
+    mask: np.ndarray  # H×W class ids at the frame's size, uint8 (int32 above 256 classes)
+    overlay: np.ndarray | None  # H×W×3 uint8 frame with the mask blended in (output="overlay")
+    timings: dict[str, float] = field(default_factory=dict)  # stage → milliseconds
+
+
+@dataclass
+class StreamStats:
+    """Counters and latency samples of one stream (see the module docstring)."""
+
+    source: str = ""
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    unfinished: int = 0
+    wall_s: float = 0.0
+    stages: dict[str, list[float]] = field(default_factory=dict)  # stage → seconds per frame
+    latency: list[float] = field(default_factory=list)  # end to end, seconds per frame
+    end_reason: str | None = None  # why the source ended early, if it did
+    skip_reasons: list[str] = field(default_factory=list)  # the first few
+    notes: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Add to counters thread-safely: ``stats.add(dropped=1)``."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def sample(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stages.setdefault(stage, []).append(seconds)
+
+    def skip(self, n: int, reason: str) -> None:
+        with self._lock:
+            self.skipped += n
+            if len(self.skip_reasons) < 10:
+                self.skip_reasons.append(reason)
+
+    @property
+    def fps(self) -> float:
+        """Frames out per second of wall time."""
+        return self.frames_out / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """{stage: Summary} for every stage with samples, plus "end-to-end"."""
+        from segfast.bench.stats import summarize
+
+        out = {s: summarize(v) for s, v in self.stages.items() if v}
+        if self.latency:
+            out["end-to-end"] = summarize(self.latency)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters, notes, FPS and the latency summaries in ms (JSON-ready)."""
+        skip = ("stages", "latency", "_lock")
+        with self._lock:
+            d = {
+                f.name: copy.copy(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+                if f.name not in skip
+            }
+        d["fps"] = self.fps
+        d["latency_ms"] = {k: s.as_dict() for k, s in self.summary().items()}
+        return d
+
+    def report(self) -> str:
+        """A plain-text table: counters, FPS, per-stage and end-to-end percentiles."""
+        lines = [f"source: {self.source}"] if self.source else []
+        lines.append(
+            f"frames: in {self.frames_in}, out {self.frames_out}, dropped {self.dropped}, "
+            f"skipped {self.skipped}"
+            + (f", unfinished {self.unfinished}" if self.unfinished else "")
+        )
+        lines.append(f"wall {self.wall_s:.2f} s, {self.fps:.1f} frames/s out")
+        summ = self.summary()
+        if summ:
+            lines.append(f"{'stage':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'n':>6s}")
+            for name in (*STAGES, "end-to-end"):
+                if name in summ:
+                    s = summ[name]
+                    lines.append(
+                        f"{name:12s} {s.p50_ms:8.2f} {s.p90_ms:8.2f} {s.p99_ms:8.2f} {s.n:6d}"
+                    )
+        for r in self.skip_reasons:
+            lines.append(f"skipped: {r}")
+        if self.end_reason:
+            lines.append(f"source ended early: {self.end_reason}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# -- the pipeline helpers ---------------------------------------------------------------
+
+
+def _palette_array(palette: Any, k: int, order: str) -> torch.Tensor:
+    from segfast.kernels.overlay import default_palette
+
+    if palette is None:
+        return default_palette(max(k, 2), order=order)
+    p = torch.as_tensor(np.asarray(palette, dtype=np.uint8))
+    if p.dim() != 2 or p.shape[1] != 3 or p.shape[0] < 1:
+        raise InputError(f"palette must be K×3 uint8 colours, got shape {tuple(p.shape)}")
+    return p
+
+
+# -- the pipeline -------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    """A frame on its way through the pipeline."""
+
+    frame: Frame
+    arrival: float = 0.0  # perf_counter when it entered the pipeline
+    timings: dict[str, float] = field(default_factory=dict)  # stage → ms
+    mask: Any = None  # the engine-resolution mask (or foreground probability)
+    device_frame: Any = None  # the frame on the engine's device
+
+
+class _Stopped(Exception):
+    """A channel was aborted: the stream is shutting down."""
+
+
+_END = object()
+
+
+class _Channel:
+    """A bounded FIFO between two threads; ``put(drop_oldest=True)`` evicts instead of
+    waiting. ``close()`` ends it for the consumer once drained; ``abort()`` wakes
+    everyone with :class:`_Stopped` and returns what was left in it."""
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[Any] = deque()
+        self._size = size
+        self._cond = threading.Condition()
+        self._closed = False
+        self._aborted = False
+
+    def put(self, item: Any, *, drop_oldest: bool = False) -> Any:
+        """Append ``item``; return the evicted oldest item (drop_oldest), else None."""
+        with self._cond:
+            while len(self._items) >= self._size and not self._aborted:
+                if drop_oldest:
+                    old = self._items.popleft()
+                    self._items.append(item)
+                    self._cond.notify_all()
+                    return old
+                self._cond.wait(0.1)
+            if self._aborted:
+                raise _Stopped
+            self._items.append(item)
+            self._cond.notify_all()
+            return None
+
+    def get(self) -> Any:
+        """The next item, or ``_END`` once closed and drained."""
+        with self._cond:
+            while not self._items and not self._closed and not self._aborted:
+                self._cond.wait(0.1)  # a timed wait keeps Ctrl-C responsive
+            if self._aborted:
+                raise _Stopped
+            if self._items:
+                item = self._items.popleft()
+                self._cond.notify_all()
+                return item
+            return _END
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abort(self) -> list[Any]:
+        with self._cond:
+            self._aborted = True
+            left = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return left
+
+
+def _luma(frames: torch.Tensor, order: str) -> torch.Tensor:
+    """uint8 [..., 3] → uint8 [...] ITU-R BT.601 luma, for one-channel engines."""
+    w = (0.299, 0.587, 0.114) if order == "rgb" else (0.114, 0.587, 0.299)
+    wt = torch.tensor(w, dtype=torch.float32, device=frames.device)
+    return (frames.float() @ wt).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _nearest_index(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    """Source indices of nearest-neighbour resampling by pixel centres, src → dst."""
+    i = (torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst)
+    return i.floor().long().clamp_(max=src - 1).to(device)
+
+
+class _Preprocessor:
+    """uint8 H×W×3 frame → engine input [1, C, h, w], on the engine's device."""
+
+    def __init__(
+        self,
+        io: EngineIO,
+        size: tuple[int, int] | None,
+        mean: tuple[float, ...] | None,
+        std: tuple[float, ...] | None,
+        order: str,
+        custom: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
+        from segfast.kernels.preprocess import preprocess, preprocess_reference
+
+        if io.batch is not None and io.batch != 1:
+            raise InputError(
+                f"video runs one frame per call; this engine's batch is fixed at {io.batch} "
+                f"(compile with batch 1 or a dynamic batch)"
+            )
+        if custom is None and io.channels not in (1, 3):
+            raise InputError(
+                f"frames have 3 colour channels (or 1 as luma); this engine takes "
+                f"{io.channels}: pass preprocess= to build its input yourself"
+            )
+        if io.static_hw is not None and size is not None and tuple(size) != io.static_hw:
+            raise InputError(
+                f"size {size[0]}×{size[1]} differs from this static engine's input "
+                f"{io.static_hw[0]}×{io.static_hw[1]}"
+            )
+        self.io = io
+        self.size = io.static_hw or (tuple(size) if size is not None else None)
+        c = io.channels
+        self.mean = tuple(mean) if mean is not None else (0.0,) * c
+        self.std = tuple(std) if std is not None else (1.0,) * c
+        # One value for every channel, as --mean 0.5 says.
+        self.mean = self.mean * c if len(self.mean) == 1 else self.mean
+        self.std = self.std * c if len(self.std) == 1 else self.std
+        if custom is None and (len(self.mean) != c or len(self.std) != c):
+            raise InputError(
+                f"mean and std need {c} value(s) for this engine, got {self.mean}, {self.std}"
+            )
+        self.order = order
+        self.custom = custom
+        self.fn = preprocess if io.device.type == "cuda" else preprocess_reference
+        self.checked: tuple[int, int] | None = None
+
+    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
+        # frame: [H, W, 3] uint8 on the engine's device
+        h, w = int(frame.shape[0]), int(frame.shape[1])
+        target = self.size or (h, w)
+        if self.custom is None and self.checked != (h, w):
+            self.io.check_hw(target, "the inference size")
+            self.checked = (h, w)
+        if self.custom is not None:
+            x = self.custom(frame[None])
+            if (
+                not isinstance(x, torch.Tensor)
+                or x.dim() != 4
+                or tuple(x.shape[:2]) != (1, self.io.channels)
+            ):
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise InputError(
+                    f"preprocess returned {got}; the engine needs [1, {self.io.channels}, h, w]"
+                )
+            return x.to(self.io.input_dtype)
+        src = _luma(frame, self.order) if self.io.channels == 1 else frame
+        return self.fn(
+            src,
+            size=None if target == (h, w) else target,
+            mean=self.mean,
+            std=self.std,
+            input_order=self.order,
+            dtype=self.io.input_dtype,
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stream:
+    """The iterator :func:`stream` returns; see the module docstring.
+
+    Iterate it for :class:`FrameResult` objects; ``stats`` fills as it runs. Use it as a
+    context manager (or iterate to the end, or call :meth:`close`) so that the threads
+    stop and the writer finalises its file.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        source: Any,
+        *,
+        realtime: bool = False,
+        queue_size: int = 4,
+        output: str | None = "overlay",
+        writer: Any = None,
+        postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+        postprocess_input: str = "mask",
+        palette: Any = None,
+        alpha: float = 0.5,
+        progress: bool = False,
+        stats: StreamStats | None = None,
+        size: tuple[int, int] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        channel_order: str = "bgr",
+        fps: float | Fraction | None = None,
+        copy_audio: bool = True,
+    ) -> None:
+        if output is not None and output not in OUTPUTS:
+            raise InputError(f"output must be one of {OUTPUTS} or None, got {output!r}")
+        if channel_order not in CHANNEL_ORDERS:
+            raise InputError(
+                f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}"
+            )
+        if queue_size < 1:
+            raise InputError(f"queue_size must be ≥ 1, got {queue_size}")
+        if not 0.0 <= alpha <= 1.0:
+            raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        if writer is not None and output is None:
+            raise InputError("a writer needs output='overlay' or output='mask'")
+        self.engine = engine
+        self.io = EngineIO.of(engine)
+        if postprocess_input not in ("mask", "foreground"):
+            raise InputError(
+                f"postprocess_input must be 'mask' or 'foreground', got {postprocess_input!r}"
+            )
+        self.foreground = postprocess_input == "foreground"
+        if self.foreground:
+            if postprocess is None:
+                raise InputError("postprocess_input='foreground' needs a postprocess function")
+            if self.io.output == "mask" or self.io.num_classes not in (1, 2):
+                raise InputError(
+                    f"postprocess_input='foreground' needs the foreground probability of a "
+                    f"binary model: an engine with 1 or 2 classes and output 'probs' or "
+                    f"'logits'; this one has {self.io.num_classes} class(es), output "
+                    f"{self.io.output!r}"
+                )
+        self.pre = _Preprocessor(self.io, size, mean, std, channel_order, preprocess)
+        self.realtime = realtime
+        self.output = output
+        self.postprocess = postprocess
+        self.alpha = alpha
+        self.order = channel_order
+        self.palette = _palette_array(palette, self.io.num_classes or 2, channel_order)
+        self._palette_dev: torch.Tensor | None = None
+        if isinstance(writer, str | os.PathLike):
+            writer = make_writer(writer, copy_audio=copy_audio)
+        self.writer = writer
+        self.source = open_source(source, fps=fps, copy_audio=copy_audio and writer is not None)
+        self.stats = stats if stats is not None else StreamStats()
+        self.stats.source = self.source.info.describe()
+        self._progress_wanted = progress
+        self._progress: Progress | None = None
+        self._q_in = _Channel(queue_size)
+        self._q_mid = _Channel(queue_size)
+        self._q_out = _Channel(queue_size)
+        self._audio: deque[Any] = deque()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._error_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._closed = False
+        self._t0 = 0.0
+        self._index_of_nearest: dict[
+            tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]
+        ] = {}
+        if self.writer is not None:
+            try:
+                self.writer.begin(self.source.info, output, self.palette, channel_order)
+            except BaseException:
+                self.source.close()
+                raise
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._t0 = time.perf_counter()
+        self._progress = Progress(self._progress_wanted, "frames", self.source.info.frames)
+        for name, fn in (
+            ("decode", self._decode_loop),
+            ("infer", self._infer_loop),
+            ("encode", self._post_loop),
+        ):
+            t = threading.Thread(target=fn, name=f"segfast-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def __iter__(self) -> Stream:
+        self._start()
+        return self
+
+    def __next__(self) -> FrameResult:
+        if self._closed:
+            raise StopIteration
+        self._start()
+        try:
+            item = self._q_out.get()
+        except _Stopped:
+            item = _END
+        except BaseException:
+            self.close()
+            raise
+        if item is _END:
+            self.close()  # re-raises a worker's exception
+            raise StopIteration
+        if self._progress is not None:
+            s = self.stats
+            self._progress.update(
+                advance=1,
+                status=f"dropped {s.dropped} skipped {s.skipped} "
+                f"{s.frames_out / max(time.perf_counter() - self._t0, 1e-9):.1f} fps",
+            )
+        return item
+
+    def __enter__(self) -> Stream:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the threads, finalise the writer, complete ``stats``; re-raise the first
+        exception a worker thread raised (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._stop.set()
+            for ch in (self._q_in, self._q_mid, self._q_out):
+                ch.abort()
+            for t in self._threads:
+                while t.is_alive():
+                    t.join(0.1)
+        else:
+            self.source.close()
+            if self.writer is not None:
+                self.writer.close()
+        s = self.stats
+        s.wall_s = time.perf_counter() - self._t0 if self._started else 0.0
+        s.unfinished = s.frames_in - s.frames_out - s.dropped - s.skipped
+        if self.writer is not None:
+            s.notes.extend(n for n in getattr(self.writer, "notes", []) if n not in s.notes)
+        if self._progress is not None:
+            self._progress.close()
+        if self.source.end_reason and s.end_reason is None:
+            s.end_reason = self.source.end_reason
+        if s.end_reason:
+            warnings.warn(
+                f"the source ended early: {s.end_reason}; {s.frames_out} frame(s) written",
+                SourceEndedWarning,
+                stacklevel=2,
+            )
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._error_lock:
+            if self._error is None:
+                self._error = exc
+        self._stop.set()
+        for ch in (self._q_in, self._q_mid, self._q_out):
+            ch.abort()
+
+    # -- stage 1: decode --------------------------------------------------------------
+    def _decode_loop(self) -> None:
+        s, src = self.stats, self.source
+        pace = self.realtime and not src.paced_by_itself
+        first_time: float | None = None
+        start = time.perf_counter()
+        try:
+            for got in src.items(self.order):
+                if self._stop.is_set():
+                    break
+                if isinstance(got, Audio):
+                    self._audio.append(got.packet)
+                    continue
+                if isinstance(got, Lost):
+                    s.add(frames_in=got.count)
+                    s.skip(got.count, got.reason)
+                    continue
+                if pace:
+                    t = got.time
+                    if t is None:
+                        t = float(got.index / (src.info.fps or DEFAULT_FPS))
+                    first_time = t if first_time is None else first_time
+                    delay = start + (t - first_time) - time.perf_counter()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                item = _Item(got, arrival=time.perf_counter())
+                self._timing(item, "decode", got.decode_s)
+                s.add(frames_in=1)
+                if self._q_in.put(item, drop_oldest=self.realtime) is not None:
+                    s.add(dropped=1)
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._q_in.close()
+            src.close()
+
+    # -- stage 2: preprocess + infer --------------------------------------------------
+    def _infer_loop(self) -> None:
+        dev = self.io.device
+        try:
+            with torch.inference_mode():
+                while (item := self._q_in.get()) is not _END:
+                    t0 = time.perf_counter()
+                    self._timing(item, "queue", t0 - item.arrival)
+                    frame = torch.from_numpy(item.frame.image).to(dev)  # [H, W, 3] uint8
+                    x = self.pre(frame)  # [1, C, h, w]
+                    _sync(dev)
+                    t1 = time.perf_counter()
+                    self._timing(item, "preprocess", t1 - t0)
+                    y = self.engine(x)
+                    if self.foreground:  # [h, w] fp32 P(class K − 1): sigmoid / softmax[1]
+                        item.mask = self.io.to_probs(y)[0, -1]
+                    else:
+                        item.mask = self.io.to_mask(y)[0]  # [h, w] on the device
+                    _sync(dev)
+                    self._timing(item, "infer", time.perf_counter() - t1)
+                    item.device_frame = frame
+                    self._q_mid.put(item)
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._q_mid.close()
+
+    # -- stage 3: postprocess + overlay + encode --------------------------------------
+    def _post_loop(self) -> None:
+        w = self.writer
+        try:
+            with torch.inference_mode():
+                while (item := self._q_mid.get()) is not _END:
+                    result = self._finish(item)
+                    if w is not None:
+                        t0 = time.perf_counter()
+                        while self._audio:
+                            w.write_audio(self._audio.popleft())
+                        w.write(result)
+                        self._timing(item, "encode", time.perf_counter() - t0)
+                    latency = time.perf_counter() - item.arrival
+                    result.timings["end-to-end"] = 1e3 * latency
+                    with self.stats._lock:
+                        self.stats.latency.append(latency)
+                    self.stats.add(frames_out=1)
+                    self._q_out.put(result)
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            try:
+                if w is not None:
+                    while self._audio:
+                        w.write_audio(self._audio.popleft())
+                    w.close()
+            except BaseException as exc:
+                self._fail(exc)
+            self._q_out.close()
+
+    def _finish(self, item: _Item) -> FrameResult:
+        dev = self.io.device
+        t0 = time.perf_counter()
+        f = item.frame
+        H, W = f.image.shape[:2]
+        m = item.mask  # [h, w]
+        h, w = int(m.shape[0]), int(m.shape[1])
+        if (h, w) != (H, W):
+            key = (h, w, H, W)
+            if key not in self._index_of_nearest:
+                self._index_of_nearest[key] = (
+                    _nearest_index(h, H, m.device),
+                    _nearest_index(w, W, m.device),
+                )
+            iy, ix = self._index_of_nearest[key]
+            m = m[iy][:, ix]  # [H, W]
+        mask = m.cpu().numpy()  # the mask, or the foreground probability
+        if self.postprocess is not None:
+            mask = _check_mask(self.postprocess(mask), (H, W))
+            m = torch.from_numpy(mask).to(dev)
+        self._timing(item, "postprocess", time.perf_counter() - t0)
+        over = None
+        if self.output == "overlay":
+            t1 = time.perf_counter()
+            if dev.type == "cuda":
+                from segfast.kernels.overlay import overlay
+
+                if self._palette_dev is None:
+                    self._palette_dev = self.palette.to(dev)
+                ov = overlay(item.device_frame, m, self._palette_dev, alpha=self.alpha)
+            else:
+                from segfast.kernels.overlay import overlay_reference
+
+                ov = overlay_reference(
+                    torch.from_numpy(f.image), torch.from_numpy(mask), self.palette,
+                    alpha=self.alpha,
+                )  # fmt: skip
+            over = ov.cpu().numpy()
+            self._timing(item, "overlay", time.perf_counter() - t1)
+        return FrameResult(
+            index=f.index,
+            pts=f.pts,
+            time_base=f.time_base,
+            time=f.time,
+            name=f.name,
+            image=f.image,
+            mask=mask,
+            overlay=over,
+            timings=item.timings,
+        )
+
+    def _timing(self, item: _Item, stage: str, seconds: float) -> None:
+        item.timings[stage] = 1e3 * seconds
+        self.stats.sample(stage, seconds)
+
+
+def _check_mask(mask: Any, hw: tuple[int, int]) -> np.ndarray:
+    if not isinstance(mask, np.ndarray) or tuple(mask.shape) != hw:
+        got = tuple(mask.shape) if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise InputError(f"postprocess must return an H×W {hw} numpy mask, got {got}")
+    if mask.dtype == np.bool_:
+        return mask.astype(np.uint8)
+    if mask.dtype in (np.uint8, np.int32, np.int64):
+        return np.ascontiguousarray(mask)
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask.astype(np.int64)
+    raise InputError(f"postprocess must return an integer or bool mask, got {mask.dtype}")
+
+
+def stream(
+    engine: Any,
+    source: Any,
+    *,
+    realtime: bool = False,
+    queue_size: int = 4,
+    output: str | None = "overlay",
+    writer: Any = None,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    postprocess_input: str = "mask",
+    palette: Any = None,
+    alpha: float = 0.5,
+    progress: bool = False,
+    stats: StreamStats | None = None,
+    size: tuple[int, int] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channel_order: str = "bgr",
+    fps: float | Fraction | None = None,
+    copy_audio: bool = True,
+) -> Stream:
+    """Segment every frame of ``source`` with ``engine``; an iterator of :class:`FrameResult`.
+
+    Args:
+        engine: a :class:`segfast.Engine` (one N×C×H×W input; batch 1 or dynamic).
+        source: a video file, a URL FFmpeg opens (``rtsp://…``), a directory of images,
+            an image file, an H×W×3 uint8 array, or an iterable of such arrays.
+        realtime: pace file and image sources at their frame rate and drop the oldest
+            waiting frame when inference falls behind (default False: drop nothing).
+        queue_size: capacity of each of the three queues (≥ 1).
+        output: "overlay" (results carry the overlay; a writer writes it), "mask" (a
+            writer writes the mask: palette colours in videos, class ids in PNGs) or None.
+        writer: None, a path (video suffix → :class:`VideoWriter`; a directory or .png →
+            :class:`ImageWriter`), or a writer object with ``begin``, ``write``,
+            ``write_audio`` and ``close``.
+        postprocess: a function H×W mask → H×W mask (numpy) applied at the frame's size,
+            e.g. ``lambda m: segfast.runtime.postprocess.apply(m, ops)``.
+        postprocess_input: "mask" (default), or "foreground": ``postprocess`` gets the
+            fp32 foreground probability of a binary model (sigmoid of its one class, or
+            softmax class 1 of two; nearest-resized like masks) and returns the mask —
+            e.g. an Otsu threshold. Needs a logits or probs engine.
+        palette: K×3 uint8 colours in ``channel_order`` (default: the VOC colour map);
+            class 0 is left uncoloured in overlays.
+        alpha: overlay opacity in [0, 1].
+        progress: a live progress bar (rich) with counters and FPS.
+        stats: a :class:`StreamStats` to fill (default: a new one, ``.stats``).
+        size: (h, w) to run a dynamic engine at (default: each frame's size); a static
+            engine always runs at its own size.
+        mean, std: normalisation after ÷255, one value per engine channel or one for
+            all (default 0 and 1: inputs in [0, 1]). One-channel engines get the frame's
+            BT.601 luma.
+        preprocess: replaces the built-in preprocessing: uint8 [1, H, W, 3] frames on
+            the engine's device → the engine's [1, C, h, w] input.
+        channel_order: "bgr" (default) or "rgb" for frames, overlays and the palette.
+        fps: frame rate of image and iterable sources (default 25): their timestamps,
+            and the pace of image sources in real-time mode. Videos have their own.
+        copy_audio: copy the source's audio into a video writer's output (when it can).
+
+    Nothing runs until the stream is iterated (or entered as a context manager).
+    """
+    return Stream(
+        engine,
+        source,
+        realtime=realtime,
+        queue_size=queue_size,
+        output=output,
+        writer=writer,
+        postprocess=postprocess,
+        postprocess_input=postprocess_input,
+        palette=palette,
+        alpha=alpha,
+        progress=progress,
+        stats=stats,
+        size=size,
+        mean=mean,
+        std=std,
+        preprocess=preprocess,
+        channel_order=channel_order,
+        fps=fps,
+        copy_audio=copy_audio,
+    )
+
+
+def run_video(
+    engine: Any,
+    input: Any,
+    output_path: str | os.PathLike[str],
+    *,
+    on_result: Callable[[FrameResult], None] | None = None,
+    **options: Any,
+) -> StreamStats:
+    """Run :func:`stream` over ``input``, writing to ``output_path``; return the stats.
+
+    ``output_path``: a video file (its suffix picks the codec, :class:`VideoWriter`), a
+    directory (one PNG per frame) or a .png file (single-image input). ``on_result`` is
+    called with each result in the calling thread. The output is finalised even when
+    this raises (an exception, Ctrl-C).
+    """
+    if "writer" in options:
+        raise InputError("run_video writes to output_path; pass writer= to stream() instead")
+    with stream(engine, input, writer=output_path, **options) as s:
+        for result in s:
+            if on_result is not None:
+                on_result(result)
+    return s.stats
