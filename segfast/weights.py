@@ -178,8 +178,9 @@ def save_weights(
     """Save weights as safetensors, atomically (a failed save leaves no file).
 
     Tensors that share storage are copied apart (safetensors refuses aliases).
-    ``metadata`` values are stored as JSON strings in the file header; a model
-    built by :func:`segfast.models.create` records its name and options too.
+    ``metadata`` is stored as one JSON entry (``"segfast"``) of the file header,
+    with sorted keys so equal inputs give byte-identical files; a model built by
+    :func:`segfast.models.create` records its name and options there too.
     """
     from safetensors.torch import save_file
 
@@ -198,10 +199,13 @@ def save_weights(
         else:
             seen.add(ident)
         tensors[key] = t
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    # One header entry with sorted keys: safetensors writes several entries in hash
+    # order, which would make the file's bytes (and its sha256) differ run to run.
+    meta = dict(metadata or {})
     if spec is not None:
-        meta.setdefault("segfast_model", json.dumps(spec, default=list))
+        meta.setdefault("model", spec)
+    header = {"segfast": json.dumps(meta, sort_keys=True, default=list)} if meta else None
     out = Path(path)
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=meta or None)
+        save_file(tensors, str(tmp), metadata=header)
     return out

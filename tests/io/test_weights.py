@@ -161,3 +161,10 @@ def test_shared_tensors_are_saved(tmp_path):
 
 def test_public_api_exports():
     assert segfast.load_weights is load_weights
+
+
+def test_saving_is_byte_deterministic(tmp_path):
+    model = _model()
+    a = save_weights(model, tmp_path / "a.safetensors", metadata={"z": 1, "a": [1, 2], "m": "x"})
+    b = save_weights(model, tmp_path / "b.safetensors", metadata={"m": "x", "a": [1, 2], "z": 1})
+    assert a.read_bytes() == b.read_bytes()
