@@ -7,6 +7,8 @@ import torch
 from segfast.backends.base import Backend, BuildRequest, Runner
 from segfast.backends.eager import EagerBackend
 from segfast.backends.inductor import InductorBackend
+from segfast.backends.onnxruntime_backend import OnnxRuntimeBackend
+from segfast.backends.tensorrt_backend import TensorRTBackend
 from segfast.backends.torch_backend import TorchBackend
 from segfast.backends.triton_backend import TritonBackend
 
@@ -18,7 +20,14 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-for _b in (EagerBackend(), TorchBackend(), TritonBackend(), InductorBackend()):
+for _b in (
+    EagerBackend(),
+    TorchBackend(),
+    TritonBackend(),
+    InductorBackend(),
+    OnnxRuntimeBackend(),
+    TensorRTBackend(),
+):
     register(_b)
 
 

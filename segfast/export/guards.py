@@ -1,0 +1,172 @@
+"""The input-shape conditions under which ``torch.export`` proved an exported graph.
+
+A dynamic export is proven for the per-axis ranges of ``range_constraints``
+*and* for the guards ``torch.export`` recorded while tracing — e.g. a U-Net
+of depth 3 is traced assuming its 1/8 bottleneck is not 1×1, a guard on
+``(width + (-width) % 8) // 8 != 1`` that the ranges do not show. PyTorch
+enforces them when the program runs (``ExportedProgram.module()`` raises
+"Guard failed"); an ONNX file cannot carry them. segfast records them in the
+file's metadata (``segfast.guards``) and the ``onnxruntime`` backend enforces
+them, as the ``torch`` backend does.
+
+The guards come from ``ExportedProgram._guards_code`` (torch ≥ 2.9; a private
+attribute, read with ``getattr``: on a torch without it :func:`program_guards`
+returns ``None`` and the caller says the guards are unknown). They are Python
+expressions over input sizes; they are rewritten to name the sizes
+(``batch``, ``height``, ``width`` of the first input, ``input1_d0`` …) and
+evaluated by a small AST walker that accepts only integer arithmetic
+(and the float64 ``math.trunc(s·torch.sym_float(n))`` of scale factors),
+comparisons, ``and``/``or``/``not`` and ``min``/``max`` — never ``eval``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+_SIZE = re.compile(r"L\['inputs'\]\[(\d+)\]\.size\(\)\[(\d+)\]")
+_FIRST_INPUT = {0: "batch", 1: "channels", 2: "height", 3: "width"}
+_BINARY: dict[type, Callable[[int, int], int]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Div: operator.truediv,
+}
+_COMPARE: dict[type, Callable[[int, int], bool]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+# Functions guards call: shape arithmetic of F.interpolate's scale factors appears as
+# math.trunc(0.5*torch.sym_float(width)); evaluated in float64, as PyTorch does.
+_CALLS: dict[str, Callable[..., Any]] = {
+    "min": min,
+    "max": max,
+    "math.trunc": math.trunc,
+    "math.floor": math.floor,
+    "math.ceil": math.ceil,
+    "torch.sym_float": float,
+    "torch.sym_int": math.trunc,
+}
+
+
+def size_name(index: int, dim: int) -> str:
+    """The name a guard uses for ``inputs[index].shape[dim]``."""
+    if index == 0 and dim in _FIRST_INPUT:
+        return _FIRST_INPUT[dim]
+    return f"input{index}_d{dim}"
+
+
+def program_guards(program: torch.export.ExportedProgram) -> tuple[str, ...] | None:
+    """The program's shape guards with named sizes; ``None`` when this torch keeps none."""
+    code = getattr(program, "_guards_code", None)
+    if code is None:
+        return None
+    return tuple(_SIZE.sub(lambda m: size_name(int(m[1]), int(m[2])), g) for g in code)
+
+
+def _call_name(func: ast.AST) -> str | None:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        return f"{func.value.id}.{func.attr}"
+    return None
+
+
+def _eval(node: ast.AST, env: dict[str, int]) -> Any:
+    if isinstance(node, ast.Expression):
+        return _eval(node.body, env)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in env:
+        return env[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_eval(node.left, env), _eval(node.right, env))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval(node.operand, env)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _eval(node.operand, env)
+    if isinstance(node, ast.BoolOp):
+        values = (_eval(v, env) for v in node.values)
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+        left = _eval(node.left, env)
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            right = _eval(right_node, env)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.Call) and _call_name(node.func) in _CALLS and not node.keywords:
+        return _CALLS[_call_name(node.func)](*(_eval(a, env) for a in node.args))
+    raise ValueError(f"unsupported guard syntax: {ast.dump(node)[:80]}")
+
+
+_NODES = (
+    ast.Expression, ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.UnaryOp, ast.BoolOp,
+    ast.Compare, ast.Call, ast.Attribute, ast.And, ast.Or, ast.Not, ast.USub,
+    *_BINARY, *_COMPARE,
+)  # fmt: skip
+
+
+def _validate(tree: ast.AST) -> None:
+    """Raise ValueError unless ``tree`` is shape arithmetic :func:`_eval` handles."""
+    for node in ast.walk(tree):
+        if not isinstance(node, _NODES):
+            raise ValueError(f"unsupported guard syntax: {type(node).__name__}")
+        if isinstance(node, ast.Call) and _call_name(node.func) not in _CALLS:
+            raise ValueError(f"unsupported guard syntax: a call to {ast.unparse(node.func)}")
+        if isinstance(node, ast.Constant) and type(node.value) not in (int, float, bool):
+            raise ValueError(f"unsupported guard syntax: the constant {node.value!r}")
+
+
+class Guards:
+    """Compiled guards: ``first_violated(shapes)`` names the first that fails, or ``None``."""
+
+    def __init__(self, guards: Sequence[str]) -> None:
+        self.text = tuple(guards)
+        # Raises ValueError on syntax the walker does not accept (checked once, here).
+        self._trees = [ast.parse(g, mode="eval") for g in self.text]
+        for tree in self._trees:
+            _validate(tree)
+        called = {
+            id(n.func if isinstance(n.func, ast.Name) else n.func.value)
+            for t in self._trees
+            for n in ast.walk(t)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name | ast.Attribute)
+        }
+        self._names = sorted(
+            {
+                n.id
+                for t in self._trees
+                for n in ast.walk(t)
+                if isinstance(n, ast.Name) and id(n) not in called
+            }
+        )
+        self._cache: dict[tuple[tuple[int, ...], ...], str | None] = {}
+
+    def first_violated(self, shapes: Sequence[Sequence[int]]) -> str | None:
+        key = tuple(tuple(int(d) for d in s) for s in shapes)
+        if key in self._cache:
+            return self._cache[key]
+        env = {size_name(i, d): n for i, s in enumerate(key) for d, n in enumerate(s)}
+        missing = [n for n in self._names if n not in env]
+        if missing:
+            raise ValueError(f"the guards use sizes {missing} that these inputs do not have")
+        bad = next(
+            (g for g, t in zip(self.text, self._trees, strict=True) if not _eval(t, env)), None
+        )
+        if len(self._cache) < 4096:
+            self._cache[key] = bad
+        return bad
