@@ -90,8 +90,8 @@ def footnotes(res: BenchResult) -> list[str]:
     timing = "CUDA events (device time)" if res.device.startswith("cuda") else "perf_counter"
     out.append(
         f"latency: median of {res.iters} calls timed with {timing}; ×eager and ×best peer are "
-        "p50 ratios (>1 = faster); peers: eager, inductor, onnxruntime, tensorrt; accuracy vs "
-        "fp32 eager on the same inputs"
+        "p50 ratios (>1 = faster); peers: eager, eager_cl (channels_last), inductor, onnxruntime, "
+        "tensorrt; accuracy vs fp32 eager on the same inputs"
     )
     return out
 

@@ -37,8 +37,10 @@ from segfast.bench.timing import measure, median
 from segfast.runtime.engine import DTYPES
 
 # Backends segfast measures itself against; "ratio to the fastest peer" uses these.
-PEERS = ("eager", "inductor", "onnxruntime", "tensorrt")
-ALL_BACKENDS = ("eager", "torch", "triton", "inductor", "onnxruntime", "tensorrt")
+PEERS = ("eager", "eager_cl", "inductor", "onnxruntime", "tensorrt")
+ALL_BACKENDS = ("eager", "eager_cl", "torch", "triton", "inductor", "onnxruntime", "tensorrt")
+# Benchmark rows that are a backend with options: eager with channels_last memory.
+VARIANTS = {"eager_cl": ("eager", {"channels_last": True})}
 
 
 @dataclass
@@ -311,6 +313,8 @@ def _bench_one(
     from segfast.backends import available
 
     row = Row(backend=backend, precision=precision, status="ok")
+    backend, extra = VARIANTS.get(backend, (backend, {}))
+    options = {**extra, **options}
     if engine is None:
         try:
             ok, why = available(backend, device)

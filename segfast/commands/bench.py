@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", choices=("logits", "probs", "mask"), default="logits")
     p.add_argument(
         "--backends", default="all",
-        help="comma-separated among eager,torch,triton,inductor,onnxruntime,tensorrt, or all",
+        help="comma-separated among eager,eager_cl,torch,triton,inductor,onnxruntime,tensorrt, or all",
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)

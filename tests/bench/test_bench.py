@@ -37,7 +37,7 @@ def test_percentiles_on_known_samples():
 
 
 def test_parse_backends():
-    assert parse_backends("all")[:2] == ["eager", "torch"]
+    assert parse_backends("all")[:3] == ["eager", "eager_cl", "torch"]
     assert parse_backends("eager, torch") == ["eager", "torch"]
     with pytest.raises(ValueError, match="unknown backend"):
         parse_backends("eager,cuda")
@@ -131,7 +131,7 @@ def test_plot_and_markdown(result, tmp_path):
 
 def test_cli_bench(tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
-    rc = main(["bench", "unet", "--tiny", "--size", "32x32", "--backends", "eager,torch,triton",
+    rc = main(["bench", "unet", "--tiny", "--size", "32x32", "--backends", "eager,eager_cl,torch,triton",
                "--warmup", "1", "--iters", "3", "--no-progress", "--json", str(out_json),
                "--plot", str(out_png)])  # fmt: skip
     assert rc == 0
@@ -139,7 +139,11 @@ def test_cli_bench(tmp_path, capsys):
     assert "p50 ms" in text
     assert "torch" in text
     data = json.loads(out_json.read_text())
-    assert [r["backend"] for r in data["rows"]] == ["eager", "torch", "triton"]
+    assert [r["backend"] for r in data["rows"]] == ["eager", "eager_cl", "torch", "triton"]
+    cl = data["rows"][1]
+    assert cl["status"] == "ok"
+    assert cl["accuracy_ok"]
+    assert "channels_last" in " ".join(cl["notes"])
     assert out_png.exists()
 
 
