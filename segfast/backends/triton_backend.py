@@ -380,3 +380,18 @@ def _cuda_graph(
         return static_out.clone()
 
     return replay
+
+
+def _register_cuda_kernels() -> None:
+    """Give ``torch.ops.segfast.*`` their Triton implementations on CUDA tensors.
+
+    The composite PyTorch implementation stays the default for every other
+    device; the ``torch`` backend calls the composite directly, so only direct
+    callers of the ops on CUDA (and graphs that keep the ops) reach these.
+    """
+    torch.library.register_kernel("segfast::conv2d", "cuda", _conv2d)
+    torch.library.register_kernel("segfast::conv_transpose2d", "cuda", _conv_transpose2d)
+    torch.library.register_kernel("segfast::head", "cuda", _head)
+
+
+_register_cuda_kernels()

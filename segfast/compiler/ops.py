@@ -1,11 +1,11 @@
 """segfast's fused ops, registered with ``torch.library`` as ``torch.ops.segfast.*``.
 
 Each op has a composite PyTorch implementation that runs on any device (the
-``torch`` backend and every reference check use it) and a fake (meta)
-implementation for shape propagation, export and ``torch.compile``. The
-``triton`` backend swaps the targets for the Triton launchers of
-:mod:`segfast.kernels` when it lowers a fused graph; see
-:mod:`segfast.backends.triton_backend`.
+``torch`` backend and every reference check use it), a Triton implementation
+registered for CUDA tensors (:mod:`segfast.backends.triton_backend`, which also
+points a lowered graph's nodes straight at the Triton launchers of
+:mod:`segfast.kernels`), and a fake (meta) implementation for shape
+propagation, export and ``torch.compile``.
 
 Ops:
 

@@ -80,3 +80,17 @@ def test_fp16_on_triton():
     eng = segfast.compile(model, x, backend="triton", precision="fp16")
     report = segfast.check(eng, model, [x])
     assert report.passed, str(report)
+
+
+@pytest.mark.gpu
+def test_segfast_ops_dispatch_to_triton_on_cuda():
+    """torch.ops.segfast.conv2d on CUDA tensors runs the Triton implementation."""
+    from segfast.compiler.ops import conv2d_impl
+
+    x = torch.randn(1, 4, 9, 11, device="cuda")
+    w = torch.randn(6, 4, 3, 3, device="cuda")
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, None, False, None, "none",
+            False, None, None, False)  # fmt: skip
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        torch.testing.assert_close(torch.ops.segfast.conv2d(*args), conv2d_impl(*args),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
