@@ -241,7 +241,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
             node.target = _global_avg
             lowered["global_avg_pool2d"] += 1
         elif t is aten.cat.default and node.meta.get("segfast_slices"):
-            pass  # becomes a slice-written buffer below
+            continue  # becomes a slice-written buffer in _lower_concats
         elif t is not operator.getitem and t is not aten._to_copy.default:
             kept[str(t).removeprefix("aten.").split(".")[0]] += 1
     # A weight read by one packer only is stored packed; a shared one keeps its layout.
