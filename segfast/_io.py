@@ -17,6 +17,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     was, so a failed save never leaves a half-written file behind.
     """
     final = Path(path)
+    if final.is_dir():
+        raise IsADirectoryError(f"{final} is a directory; give the path of a file to write")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:

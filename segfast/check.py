@@ -18,6 +18,7 @@ from torch import nn
 
 from segfast.bench.metrics import Accuracy, compare
 from segfast.compiler.postprocess import WithHead
+from segfast.errors import InputError
 
 FP32_MAX_REL = 1e-4
 LOWP_MAX_REL = 1e-2
@@ -65,10 +66,28 @@ class CheckReport:
 def _as_sets(inputs: Any) -> list[tuple[torch.Tensor, ...]]:
     if isinstance(inputs, torch.Tensor):
         return [(inputs,)]
+    if not isinstance(inputs, Iterable) or type(inputs).__module__ == "numpy":
+        raise InputError(
+            f"inputs must be a tensor or an iterable of tensors / tuples of tensors, "
+            f"got {type(inputs).__name__}"
+        )
     sets = []
     for item in inputs:
-        sets.append((item,) if isinstance(item, torch.Tensor) else tuple(item))
+        group = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+        bad = [type(t).__name__ for t in group if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise InputError(f"inputs must be torch tensors, got {', '.join(sorted(set(bad)))}")
+        sets.append(group)
     return sets
+
+
+def _eval_mode(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode; ``ExportedProgram.module()`` refuses ``eval()`` but was
+    exported in the mode it runs in (segfast exports in eval mode)."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def check(
@@ -83,7 +102,7 @@ def check(
     sets = _as_sets(inputs)
     output = engine.output
     precision = engine.precision
-    ref_model = WithHead(reference_model.eval(), output, engine.info.threshold)
+    ref_model = WithHead(_eval_mode(reference_model), output, engine.info.threshold)
     lowp_model = None
     if precision != "fp32":
         lowp_model = copy.deepcopy(ref_model).to(engine.dtype)
@@ -108,8 +127,18 @@ def check(
             if acc.rel_l2 > FP32_MAX_REL:
                 reasons.append(f"rel-L2 {acc.rel_l2:.3g} > {FP32_MAX_REL:g}")
         else:
-            with torch.inference_mode():
-                lowp = lowp_model(*(t.to(engine.dtype) if t.is_floating_point() else t for t in s))
+            try:
+                with torch.inference_mode():
+                    lowp = lowp_model(
+                        *(t.to(engine.dtype) if t.is_floating_point() else t for t in s)
+                    )
+            except RuntimeError as exc:  # e.g. a constant the model makes in fp32 meets fp16
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                reasons.append(
+                    f"PyTorch's own {precision} run of the model fails ({first}), so the "
+                    f"{precision} bound ({LOWP_FACTOR}× PyTorch's own error) cannot be computed"
+                )
+                continue
             tacc = compare(lowp, ref)
             report.torch_lowp.append(tacc)
             bound = max(LOWP_FACTOR * tacc.rel_l2, 1e-6)

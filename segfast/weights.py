@@ -51,12 +51,20 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message: generic advice, then "WeightsUnpickler error: <what>".
+        text = str(exc)
+        detail = " ".join(text.partition("WeightsUnpickler error:")[2].split()[:40])
+        detail = detail.split(" Check the documentation")[0] or text.splitlines()[0]
+        if "Unsupported global" not in text:  # not a pickle of objects: random or cut bytes
+            raise WeightsError(
+                f"{path} is not a readable PyTorch weights file (truncated or corrupt?): {detail}"
+            ) from exc
         # weights_only=True refuses pickles holding anything but tensors and
         # plain containers; say so instead of falling back to unsafe loading.
         raise WeightsError(
             f"{path} holds Python objects other than tensors, which segfast refuses to "
             f"unpickle (weights_only=True). Save a plain state dict or safetensors. "
-            f"Detail: {str(exc).splitlines()[0]}"
+            f"Detail: {detail}"
         ) from exc
     except Exception as exc:  # a corrupt pickle stream fails in arbitrary ways (IndexError...)
         raise WeightsError(

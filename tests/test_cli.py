@@ -70,3 +70,20 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "segfast.cli", "models"], capture_output=True, text=True, check=True
     )
     assert "deeplabv3plus_mobilenetv2" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["bench", "unet", "--tiny", "--backends", "torch", "--batch", "0"], "--batch"),
+        (["bench", "unet", "--tiny", "--backends", "torch", "--iters", "0"], "--iters"),
+        (["bench", "unet", "--tiny", "--backends", "torch", "--warmup", "-1"], "--warmup"),
+        (["info", "unet", "--tiny", "--batch", "0"], "--batch"),
+        (["build", "unet", "--tiny", "--batch", "-2", "-o", "never.plan"], "--batch"),
+    ],
+)
+def test_counts_below_their_minimum_are_refused(argv, flag, capsys):
+    """`bench --batch 0` used to run and report 0 GFLOP/s and a NaN mask agreement;
+    `info --batch 0` silently used batch 1."""
+    assert main(argv) == 2
+    assert f"{flag} must be >= " in capsys.readouterr().err

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from segfast.backends.base import Backend, BuildRequest, Runner
-from segfast.compiler.graph import is_call, val
+from segfast.compiler.graph import is_call, set_constant, val
 from segfast.compiler.ops import MASK_DTYPES
 from segfast.errors import BackendUnavailable
 
@@ -253,12 +253,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
             continue
         owner_path, _, leaf = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        tensor = getattr(owner, leaf)
-        packed_t = packer(tensor.detach())
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(packed_t, requires_grad=False)
-        else:
-            owner._buffers[leaf] = packed_t
+        set_constant(gm, name, packer(getattr(owner, leaf).detach()))
     _lower_concats(gm, lowered)
     gm.graph.lint()
     gm.recompile()

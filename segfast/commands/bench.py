@@ -49,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from segfast.bench import report
     from segfast.bench.runner import parse_backends, run_benchmark
 
+    for flag, value, least in (
+        ("--batch", args.batch, 1),
+        ("--iters", args.iters, 1),
+        ("--warmup", args.warmup, 0),
+        ("--input-sets", args.input_sets, 1),
+    ):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     backends = parse_backends(args.backends)
     model = build_model(args)
     if args.weights:

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"segfast build supports --backend tensorrt, got {args.backend!r}")
     if (args.min_size or args.max_size) and not args.dynamic:
         raise InputError("--min-size/--max-size need --dynamic (a static plan has one size)")
+    if args.batch is not None and args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
     # Fail before exporting anything when the build cannot run here.
     ok, why = TensorRTBackend().availability(torch.device("cuda"))
     if not ok:

@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from segfast.bench.modelstats import format_bytes, model_stats
     from segfast.models import get_spec
 
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
     model = build_model(args)
     try:
         spec = get_spec(args.model)

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from segfast.backends import get_backend
-from segfast.backends.base import BuildRequest
+from segfast.backends.base import BuildRequest, Runner
 from segfast.compiler import ops as _ops  # noqa: F401  (registers torch.ops.segfast)
-from segfast.compiler.capture import capture, dynamic_axes
+from segfast.compiler.capture import Captured, capture, dynamic_axes
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import activation_bytes, call_nodes, infer_val, val
 from segfast.compiler.pipeline import run_passes
 from segfast.compiler.postprocess import OUTPUTS, WithHead, head_mode, mask_dtype
 from segfast.errors import BackendUnavailable, InputError, UnsupportedModelError
 from segfast.runtime.engine import DTYPE_NAMES, DTYPES, Engine, EngineInfo, InputSpec
+
+if TYPE_CHECKING:
+    from segfast.export.guards import Guards
 
 
 def resolve_precision(precision: str | torch.dtype) -> torch.dtype:
@@ -107,6 +111,14 @@ def select_primary_output(gm: fx.GraphModule) -> fx.Node:
     return primary
 
 
+def require_logits(out: torch.Tensor, output: str) -> None:
+    """Raise UnsupportedModelError unless ``out`` can take the ``output=`` reduction."""
+    if output != "logits" and out.dim() != 4:
+        raise UnsupportedModelError(
+            f"output={output!r} needs N×K×H×W logits; the model returns shape {tuple(out.shape)}"
+        )
+
+
 def append_head(gm: fx.GraphModule, output: str, threshold: float) -> None:
     """Append the ``segfast.head`` reduction the engine's ``output=`` asks for."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -114,10 +126,7 @@ def append_head(gm: fx.GraphModule, output: str, threshold: float) -> None:
     v = val(logits)
     if output == "logits":
         return
-    if v.dim() != 4:
-        raise UnsupportedModelError(
-            f"output={output!r} needs N×K×H×W logits; the model returns shape {tuple(v.shape)}"
-        )
+    require_logits(v, output)
     k = int(v.shape[1])
     mode = head_mode(output, k)
     with gm.graph.inserting_before(out_node):
@@ -165,6 +174,91 @@ def _input_specs(
                     dyn[a] = ranges.get(a, (min_size, _UNBOUNDED))
         specs.append(InputSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), dyn))
     return specs
+
+
+def _shape_guards(
+    captured: Captured, inputs: tuple[torch.Tensor, ...], axes: tuple[str, ...], notes: list[str]
+) -> Guards | None:
+    """The shape guards ``torch.export`` proved a dynamic graph under, or None.
+
+    Refuses a dynamic axis the guards pin to its example size (the graph would
+    claim a range it cannot run), as the ONNX export does. Guards segfast cannot
+    read are left to the graph, which asserts them itself.
+    """
+    from segfast.export.guards import Guards, program_guards
+    from segfast.export.onnx import refuse_pinned
+
+    text = program_guards(captured.program)
+    try:
+        guards = Guards(text) if text else None
+    except (ValueError, SyntaxError) as exc:
+        notes.append(f"shape guards not checked by segfast ({exc}): the graph asserts them")
+        return None
+    refuse_pinned(inputs, axes, captured.ranges, guards)
+    return guards
+
+
+def _guarded(
+    runner: Runner,
+    axes: tuple[str, ...],
+    ranges: dict[str, tuple[int, int]],
+    guards: Guards | None,
+) -> Runner:
+    """``runner`` that first checks the inputs lie where export proved the graph.
+
+    The captured graph asserts its guards too, but as an ``AssertionError``
+    naming ``x.size()[3]``; this names the shapes and raises :class:`InputError`.
+    ``ranges`` is read per call (batch 1 may be admitted after the build).
+    """
+    from segfast.export.onnx import in_domain
+
+    inner = runner.fn
+
+    def fn(*inputs: torch.Tensor) -> torch.Tensor:
+        why = in_domain([tuple(t.shape) for t in inputs], axes, ranges, guards)
+        if why is not None:
+            shapes = ", ".join("×".join(str(d) for d in t.shape) for t in inputs)
+            raise InputError(
+                f"input {shapes} is outside the shapes this engine is proven for: {why}"
+            )
+        return inner(*inputs)
+
+    return dataclasses.replace(runner, fn=fn)
+
+
+def _admit_batch_one(
+    engine: Engine,
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    ranges: dict[str, tuple[int, int]],
+    guards: Guards | None,
+) -> None:
+    """Extend a dynamic batch proven from 2 down to 1 when the engine is right there.
+
+    ``torch.export`` specialises size 1, so it proves a dynamic batch from 2; the
+    graph runs batch 1 all the same, unless the model branched on the batch size
+    while traced. Batch 1 is run and judged by :func:`segfast.check` (as the ONNX
+    export does): kept in the range when it passes, noted when it does not.
+    """
+    from segfast.check import check
+
+    lo, hi = ranges["batch"]
+    one = tuple(t[:1] if t.dim() >= 1 else t for t in inputs)
+    if lo != 2 or (guards is not None and guards.first_violated([t.shape for t in one])):
+        return
+    specs = [s for s in engine.info.inputs if "batch" in s.dynamic]
+    ranges["batch"] = (1, hi)
+    for s in specs:
+        s.dynamic["batch"] = (1, hi)
+    report = check(engine, model, [one])
+    if not report.passed:
+        ranges["batch"] = (lo, hi)
+        for s in specs:
+            s.dynamic["batch"] = (lo, hi)
+        engine.info.notes.append(
+            f"batch 1 (below the proven minimum 2) does not match the model: {report.reason}; "
+            "the batch range stays from 2"
+        )
 
 
 def _num_classes(model: nn.Module, out: torch.Tensor | None) -> int | None:
@@ -227,6 +321,8 @@ def compile(
     axes = dynamic_axes(dynamic)
     model_dev = _model_device(model)
     dev = torch.device(device) if device is not None else model_dev or torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {dev} was asked for, but no CUDA GPU is available here")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if model_dev is not None and model_dev != dev:
@@ -271,9 +367,14 @@ def compile(
     )
     graph = None
     captured = None
+    guards = None
+    ranges: dict[str, tuple[int, int]] | None = None  # graph backends: what export proved
     if be.uses_graph:
         captured = capture(model, inputs, dynamic=axes, program=program)
         info.inputs = _input_specs(inputs, axes, captured.ranges, min_size)
+        if axes:
+            ranges = dict(captured.ranges)
+            guards = _shape_guards(captured, inputs, axes, info.notes)
         gm = captured.graph
         primary = select_primary_output(gm)
         info.num_classes = _num_classes(model, val(primary))
@@ -288,6 +389,11 @@ def compile(
         info.bytes_after = activation_bytes(gm)
         info.notes += ctx.notes
         graph = gm
+    else:  # the backend runs the model itself: see once what it returns
+        with torch.no_grad():
+            logits = WithHead(model, "logits")(*inputs)
+        require_logits(logits, output)
+        info.num_classes = _num_classes(model, logits)
     req = BuildRequest(
         model=WithHead(model, output, threshold),
         inputs=inputs,
@@ -299,11 +405,14 @@ def compile(
         options=dict(options or {}),
     )
     runner = be.build(req)
+    if ranges is not None:
+        runner = _guarded(runner, axes, ranges, guards)
+    elif runner.details.get("dynamic_ranges"):  # e.g. onnxruntime: what its export proved
+        info.inputs = _input_specs(inputs, axes, runner.details["dynamic_ranges"], min_size)
     if info.num_classes is None:
         with torch.no_grad():
             info.num_classes = _num_classes(model, WithHead(model, "logits")(*inputs))
     info.notes += runner.notes
-    info.build_seconds = time.perf_counter() - t0
     source = {
         "model": model,
         "inputs": inputs,
@@ -312,7 +421,11 @@ def compile(
         "dynamic": axes,
         "options": dict(options or {}),
     }
-    return Engine(runner, info, source)
+    engine = Engine(runner, info, source)
+    if ranges is not None and "batch" in ranges:
+        _admit_batch_one(engine, model, inputs, ranges, guards)
+    info.build_seconds = time.perf_counter() - t0
+    return engine
 
 
 def auto_candidates(device: torch.device) -> list[str]:

@@ -83,6 +83,29 @@ def _dynamic_shapes(
     return tuple(shapes)
 
 
+def trace_inputs(
+    inputs: tuple[torch.Tensor, ...], axes: tuple[str, ...]
+) -> tuple[torch.Tensor, ...]:
+    """The inputs to export with: new tensor objects, a dynamic axis of size 1 doubled to 2.
+
+    ``torch.export`` specialises dimensions of size 1 (they broadcast), so a
+    dynamic batch or side traced at 1 would be pinned to 1. And it marks the
+    tensors it traces as dynamic (``_dynamo_weak_dynamic_indices``) without
+    clearing the mark when the export fails: a later static export of the
+    caller's tensors would then trace symbolic shapes. ``detach()`` gives
+    export objects of its own (sharing the data).
+    """
+    out = []
+    for i, t in enumerate(inputs):
+        t = t.detach()
+        for axis, d in (("batch", 0), ("height", 2), ("width", 3)):
+            applies = d == 0 or (i == 0 and t.dim() == 4)
+            if axis in axes and applies and d < t.dim() and t.shape[d] == 1:
+                t = torch.cat([t, t], dim=d)
+        out.append(t)
+    return tuple(out)
+
+
 def _finite_int(bound: Any) -> int | None:
     """int of a sympy range bound; None for an unbounded one (sympy oo / int_oo)."""
     try:
@@ -99,13 +122,9 @@ def dynamic_ranges(program: ExportedProgram, axes: tuple[str, ...]) -> dict[str,
     Raises UnsupportedModelError when the model pinned an axis it was asked to
     keep dynamic (e.g. a reshape to a fixed size).
     """
-    ph = next(
-        n
-        for n in program.graph.nodes
-        if n.op == "placeholder"
-        and n.name not in program.graph_signature.inputs_to_parameters
-        and n.name not in program.graph_signature.inputs_to_buffers
-    )
+    # The first user input (not a parameter, buffer or lifted tensor constant).
+    first = program.graph_signature.user_inputs[0]
+    ph = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
     v = ph.meta["val"]
     out: dict[str, tuple[int, int]] = {}
     for axis, d in (("batch", 0), ("height", 2), ("width", 3)):
@@ -145,10 +164,11 @@ def capture(
     model = model.eval()
     try:
         with torch.no_grad():
+            traced = trace_inputs(inputs, axes)
             program = torch.export.export(
                 model,
-                inputs,
-                dynamic_shapes=_dynamic_shapes(inputs, axes),
+                traced,
+                dynamic_shapes=_dynamic_shapes(traced, axes),
                 strict=False,
             )
     except Exception as exc:  # export raises many types; name the stage and keep the cause

@@ -46,6 +46,19 @@ def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return obj
 
 
+def set_constant(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
+    """Replace the tensor a ``get_attr`` target names, keeping what it is: a parameter
+    (frozen), a buffer, or a plain attribute (``torch.export``'s lifted constants)."""
+    owner_path, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        setattr(owner, leaf, tensor)
+
+
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx.Node) -> fx.Node:
     """Register ``tensor`` as a buffer of ``gm`` and return a ``get_attr`` node for it."""
     base = "_sf_" + "".join(c if c.isalnum() else "_" for c in hint)

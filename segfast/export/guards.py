@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
+# A size in a guard: of the varargs ``inputs`` (segfast's ONNX export traces
+# ``WithHead.forward(*inputs)``), or of a named argument (a model's own forward).
 _SIZE = re.compile(r"L\['inputs'\]\[(\d+)\]\.size\(\)\[(\d+)\]")
+_NAMED_SIZE = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]")
 _FIRST_INPUT = {0: "batch", 1: "channels", 2: "height", 3: "width"}
 _BINARY: dict[type, Callable[[int, int], int]] = {
     ast.Add: operator.add,
@@ -69,11 +72,20 @@ def size_name(index: int, dim: int) -> str:
 
 
 def program_guards(program: torch.export.ExportedProgram) -> tuple[str, ...] | None:
-    """The program's shape guards with named sizes; ``None`` when this torch keeps none."""
+    """The program's shape guards with named sizes; ``None`` when this torch keeps none
+    (or a guard reads an input this function cannot place)."""
     code = getattr(program, "_guards_code", None)
     if code is None:
         return None
-    return tuple(_SIZE.sub(lambda m: size_name(int(m[1]), int(m[2])), g) for g in code)
+    # A model's own forward names its arguments: the user inputs, in order.
+    index = {name: i for i, name in enumerate(program.graph_signature.user_inputs)}
+    out = []
+    for g in code:
+        g = _SIZE.sub(lambda m: size_name(int(m[1]), int(m[2])), g)
+        if any(m[1] not in index for m in _NAMED_SIZE.finditer(g)):
+            return None
+        out.append(_NAMED_SIZE.sub(lambda m: size_name(index[m[1]], int(m[2])), g))
+    return tuple(out)
 
 
 def _call_name(func: ast.AST) -> str | None:

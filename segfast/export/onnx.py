@@ -213,7 +213,7 @@ def export_onnx(
             "with static shapes"
         ) from exc
     if axes:
-        _refuse_pinned(traced, axes, ranges, guards)
+        refuse_pinned(traced, axes, ranges, guards)
     in_names = _input_names(model, len(inputs))
     proto = _to_onnx(program, traced, in_names, output, opset)
 
@@ -338,10 +338,14 @@ def _trace_inputs(
     """The inputs to trace with: cast to ``dtype``; a dynamic axis of size 1 doubled to 2.
 
     ``torch.export`` specialises dimensions of size 1 (they broadcast), so a
-    dynamic batch or side of 1 must be traced at 2 to stay symbolic.
+    dynamic batch or side of 1 must be traced at 2 to stay symbolic. The tensors
+    are new objects (``detach()``): export marks the ones it traces as dynamic
+    and leaves the mark when it fails, which would make a later static export of
+    the caller's tensors symbolic.
     """
     out = []
     for i, t in enumerate(inputs):
+        t = t.detach()
         if t.is_floating_point():
             t = t.to(dtype)
         for axis in axes:
@@ -627,7 +631,7 @@ def _probe_shapes(
     return sets
 
 
-def _refuse_pinned(
+def refuse_pinned(
     inputs: tuple[torch.Tensor, ...],
     axes: tuple[str, ...],
     ranges: dict[str, tuple[int, int]],
@@ -636,8 +640,10 @@ def _refuse_pinned(
     """Refuse a dynamic axis the model fixes: no other size of it satisfies the guards.
 
     torch.export (2.13, Dim.AUTO) can keep an axis symbolic with a range of
-    2..∞ yet record a guard such as ``height == 8`` (a reshape to a fixed size).
-    Each axis is varied on its own, and all together, over the probe steps.
+    2..∞ yet record a guard such as ``height == 8`` (a reshape to a fixed size,
+    or a second image input, whose height and width stay static, concatenated
+    with the first). Each axis is varied on its own, and all together, over
+    the probe steps.
     """
     example = [tuple(t.shape) for t in inputs]
     for axis in axes:
@@ -657,6 +663,12 @@ def _refuse_pinned(
                 + "; ".join((guards.text if guards else ())[:3])
                 + "); it cannot be exported with a dynamic "
                 + axis
+                + (
+                    " (dynamic height and width apply to the first input only; the other "
+                    "inputs keep their example shape)"
+                    if axis in ("height", "width") and any(t.dim() == 4 for t in inputs[1:])
+                    else ""
+                )
             )
 
 

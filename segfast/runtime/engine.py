@@ -127,11 +127,7 @@ class Engine:
                         raise InputError(f"{name} {what} is {got}; this engine takes {lo} to {hi}")
                     continue
                 if got != want:
-                    extra = (
-                        " (this engine is static: compile with dynamic=True for other sizes)"
-                        if d >= 2 or d == 0
-                        else ""
-                    )
+                    extra = _static_hint(i, d, t.dim(), spec)
                     raise InputError(
                         f"{name} {what} is {got}, engine expects {want}: shape {_fmt(t.shape)} vs "
                         f"{_fmt(spec.shape)}{extra}"
@@ -235,6 +231,18 @@ class Engine:
 
 def _fmt(shape: Any) -> str:
     return "×".join(str(int(d)) for d in shape)
+
+
+def _static_hint(index: int, d: int, ndim: int, spec: InputSpec) -> str:
+    """How to compile an engine that takes other sizes of a static dimension ``d``."""
+    if d == 0:
+        return " (the batch is static: compile with dynamic=['batch', ...] for other batches)"
+    if index == 0 and ndim == 4 and d >= 2:
+        if spec.dynamic:
+            what = _dim_name(d)
+            return f" (the {what} is static: compile with dynamic=[..., {what!r}] for others)"
+        return " (this engine is static: compile with dynamic=True for other sizes)"
+    return ""
 
 
 def _dim_name(d: int) -> str:

@@ -152,6 +152,8 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
+    if p.is_dir():
+        raise EngineFileError(f"{p} is a directory, not an engine file")
     if not p.is_file():
         raise EngineFileError(f"engine file {p} does not exist")
     try:
@@ -193,7 +195,9 @@ def _check_compatible(
             )
     built = meta["device"]
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineFileError(f"{path} was built for CUDA ({built.get('name')}); no GPU here")
+        if built["type"] == "cuda":
+            raise EngineFileError(f"{path} was built for CUDA ({built.get('name')}); no GPU here")
+        raise EngineFileError(f"cannot load {path} on {device}: no GPU here")
     if device.type != built["type"] and meta["backend"] in ("triton", "tensorrt"):
         raise EngineFileError(
             f"{path} is a {meta['backend']} engine built for {built['type']}; "
@@ -250,6 +254,12 @@ def load(
         )
     except Exception as exc:  # the serde raises many types on a malformed program
         raise EngineFileError(f"{p}: the stored program cannot be deserialised: {exc}") from exc
+    if dev.type != "cpu":
+        # The weights were read onto the CPU; the program (its weights and any device
+        # its ops name) moves to the engine's device before it is compiled there.
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, dev)
     engine = sf_compile(
         program,
         tuple(t.to(dev) for t in examples),

@@ -137,6 +137,20 @@ def test_pickled_objects_are_refused(tmp_path):
         load_state_dict(raw)
 
 
+def test_random_bytes_are_called_corrupt_not_objects(tmp_path):
+    """A stream that is no pickle of objects (random bytes, a plain pickle protocol torch
+    cannot read) was reported as "holds Python objects other than tensors"."""
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(WeightsError, match="not a readable PyTorch weights file") as err:
+        load_state_dict(garbage)
+    assert "refuses to unpickle" not in str(err.value)
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1), "evil": _Evil()}, evil)
+    with pytest.raises(WeightsError, match=r"refuses to unpickle.*Detail: Unsupported global"):
+        load_state_dict(evil)
+
+
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     import safetensors.torch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -179,6 +180,53 @@ def test_not_an_engine(tmp_path):
         segfast.load(p)
     with pytest.raises(EngineFileError, match="does not exist"):
         segfast.load(tmp_path / "missing.segfast")
+
+
+def test_directory_paths(engine, tmp_path):
+    """A directory was "does not exist" on load and a raw rename error on save."""
+    folder = tmp_path / "e.segfast"
+    folder.mkdir()
+    with pytest.raises(EngineFileError, match="is a directory, not an engine file"):
+        segfast.load(folder)
+    with pytest.raises(IsADirectoryError, match=r"e\.segfast is a directory; give the path"):
+        engine.save(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["e.segfast"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cpu_engine_asked_onto_cuda_without_a_gpu(saved):
+    """Used to say the CPU engine "was built for CUDA (None)"."""
+    with pytest.raises(EngineFileError, match=r"cannot load .* on cuda: no GPU here"):
+        segfast.load(saved, device="cuda")
+
+
+def test_load_moves_the_program_to_the_device(saved):
+    """The weights are read onto the CPU; compiling them for another device raised
+    "an exported program on cpu cannot be compiled for cuda" — every GPU engine file
+    failed to load. The meta device shows the move without a GPU."""
+    eng = segfast.load(saved, device="meta")
+    out = eng(torch.randn(1, 3, 40, 48, device="meta"))
+    assert (out.device.type, tuple(out.shape)) == ("meta", (1, 40, 48))
+
+
+@pytest.mark.gpu
+def test_cpu_engine_file_loads_onto_the_gpu(saved, unet):
+    x = torch.randn(1, 3, 40, 48, device="cuda")
+    eng = segfast.load(saved, device="cuda")
+    report = segfast.check(eng, copy.deepcopy(unet).to("cuda"), [x])
+    assert report.passed, str(report)
+
+
+def test_dynamic_batch_round_trip_keeps_batch_one(unet, tmp_path):
+    """Loading rebuilds from the stored program (traced at batch 2), whose module refuses
+    ``eval()``: admitting batch 1 again needs check() to accept it as the reference."""
+    eng = segfast.compile(unet, torch.randn(1, 3, 32, 32), backend="torch", dynamic=["batch"])
+    loaded = segfast.load(eng.save(tmp_path / "b.segfast"))
+    assert loaded.info.inputs[0].dynamic["batch"] == eng.info.inputs[0].dynamic["batch"]
+    assert loaded.info.inputs[0].dynamic["batch"][0] == 1
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(loaded(x[:1]), eng(x[:1]))
+    assert torch.allclose(loaded(x), eng(x))
 
 
 def test_failed_save_leaves_nothing(engine, tmp_path, monkeypatch):

@@ -6,6 +6,11 @@ For backends that run PyTorch ops (not ``slice_outputs`` ones, whose kernels
 always write NHWC), resizes and concatenations get a ``to_nhwc`` after them:
 PyTorch resizes a 1×1 map (DeepLab's image pooling) into NCHW, and a concat
 with one NCHW input turns NCHW, which made every later op convert.
+
+``view`` ops become ``reshape``: export recorded them on the model's NCHW
+tensors, and a view of an NHWC tensor that merges the channel axis with
+another (InstanceNorm decomposes into a view of N×C×H×W as 1×(N·C)×H×W) is
+not expressible as a view. The graph is functional, so a copying reshape is exact.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ def run(ctx: PassContext) -> None:
         infer_val(gm, cl)
         for u in users:
             u.replace_input_with(ph, cl)
+
+    for node in gm.graph.nodes:
+        if is_call(node, aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+            infer_val(gm, node)
 
     if ctx.slice_outputs:
         return

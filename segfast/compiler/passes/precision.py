@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from segfast.compiler.context import PassContext
-from segfast.compiler.graph import get_tensor, infer_val, val
+from segfast.compiler.graph import fake_mode_of, get_tensor, infer_val, set_constant, val
 
 aten = torch.ops.aten
 
@@ -20,15 +20,8 @@ def run(ctx: PassContext) -> None:
         if node.op == "get_attr" and ctx.dtype != torch.float32:
             t = get_tensor(gm, node)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != ctx.dtype:
-                owner_path, _, leaf = str(node.target).rpartition(".")
-                owner = gm.get_submodule(owner_path) if owner_path else gm
                 cast = t.detach().to(ctx.dtype)
-                if leaf in owner._parameters:
-                    owner._parameters[leaf] = torch.nn.Parameter(cast, requires_grad=False)
-                else:
-                    owner._buffers[leaf] = cast
-                from segfast.compiler.graph import fake_mode_of
-
+                set_constant(gm, str(node.target), cast)
                 mode = mode or fake_mode_of(gm)
                 node.meta["val"] = mode.from_tensor(cast, static_shapes=True)
         elif node.op == "placeholder":
