@@ -180,8 +180,7 @@ def _domain_checker(
     axes: tuple[str, ...], ranges: dict[str, tuple[int, int]], guards: tuple[str, ...] | None
 ) -> Any:
     """A check that inputs lie where export proved the graph: its ranges and its guards."""
-    from segfast.export.guards import Guards
-    from segfast.export.onnx import in_domain
+    from segfast.export.guards import Guards, in_domain
 
     compiled = Guards(guards) if guards else None
 

@@ -185,8 +185,7 @@ def _shape_guards(
     claim a range it cannot run), as the ONNX export does. Guards segfast cannot
     read are left to the graph, which asserts them itself.
     """
-    from segfast.export.guards import Guards, program_guards
-    from segfast.export.onnx import refuse_pinned
+    from segfast.export.guards import Guards, program_guards, refuse_pinned
 
     text = program_guards(captured.program)
     try:
@@ -210,7 +209,7 @@ def _guarded(
     naming ``x.size()[3]``; this names the shapes and raises :class:`InputError`.
     ``ranges`` is read per call (batch 1 may be admitted after the build).
     """
-    from segfast.export.onnx import in_domain
+    from segfast.export.guards import in_domain
 
     inner = runner.fn
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from segfast.errors import UnsupportedModelError
+
 # A size in a guard: of the varargs ``inputs`` (segfast's ONNX export traces
 # ``WithHead.forward(*inputs)``), or of a named argument (a model's own forward).
 _SIZE = re.compile(r"L\['inputs'\]\[(\d+)\]\.size\(\)\[(\d+)\]")
@@ -182,3 +184,99 @@ class Guards:
         if len(self._cache) < 4096:
             self._cache[key] = bad
         return bad
+
+
+# -- the domain export proved: ranges per axis plus the guards -------------------------
+
+AXIS_DIM = {"batch": 0, "height": 2, "width": 3}
+
+
+def in_domain(
+    shapes: Sequence[Sequence[int]],
+    axes: tuple[str, ...],
+    ranges: dict[str, tuple[int, int]],
+    guards: Guards | None,
+) -> str | None:
+    """Why input ``shapes`` lie outside what export proved (ranges, guards), or ``None``."""
+    for i, shape in enumerate(shapes):
+        for axis in axes:
+            d = AXIS_DIM[axis]
+            if (d == 0 or (i == 0 and len(shape) == 4)) and d < len(shape):
+                lo, hi = ranges[axis]
+                if not lo <= shape[d] <= hi:
+                    return f"{axis} {shape[d]} is outside {lo}..{hi}"
+    bad = guards.first_violated(shapes) if guards is not None else None
+    return f"the export guard {bad} does not hold" if bad else None
+
+
+# Size changes tried for probes, per dynamic axis: odd steps first (they change
+# parity and divisibility), then steps that keep a multiple of 16/32 (models that
+# need one), then scalings. An int adds; a float scales.
+GROW_STEPS: tuple[dict[str, int | float], ...] = (
+    {"batch": 1, "height": 5, "width": 3},
+    {"batch": 2, "height": 13, "width": 11},
+    {"batch": 1, "height": 32, "width": 32},
+    {"batch": 1, "height": 2.0, "width": 2.0},
+)
+SHRINK_STEPS: tuple[dict[str, int | float], ...] = (
+    {"height": 0.5, "width": 0.5},
+    {"height": 0.75, "width": 0.75},
+    {"height": -16, "width": -16},
+    {"height": -32, "width": -32},
+)
+
+
+def changed_shapes(
+    example: list[tuple[int, ...]], axes: Sequence[str], step: dict[str, int | float]
+) -> list[tuple[int, ...]]:
+    shapes = []
+    for i, shape in enumerate(example):
+        s = list(shape)
+        for axis in axes:
+            d = AXIS_DIM[axis]
+            if (d == 0 or (i == 0 and len(s) == 4)) and d < len(s) and axis in step:
+                f = step[axis]
+                s[d] = s[d] + f if isinstance(f, int) else int(s[d] * f) + (d == 3)
+        shapes.append(tuple(s))
+    return shapes
+
+
+def refuse_pinned(
+    inputs: tuple[torch.Tensor, ...],
+    axes: tuple[str, ...],
+    ranges: dict[str, tuple[int, int]],
+    guards: Guards | None,
+) -> None:
+    """Refuse a dynamic axis the model fixes: no other size of it satisfies the guards.
+
+    torch.export (2.13, Dim.AUTO) can keep an axis symbolic with a range of
+    2..∞ yet record a guard such as ``height == 8`` (a reshape to a fixed size,
+    or a second image input, whose height and width stay static, concatenated
+    with the first). Each axis is varied on its own, and all together, over
+    the probe steps.
+    """
+    example = [tuple(t.shape) for t in inputs]
+    for axis in axes:
+        for step in (*GROW_STEPS, *SHRINK_STEPS):
+            alone = {axis: step[axis]} if axis in step else None
+            trials = [alone, step] if alone else [step]
+            if any(
+                (shapes := changed_shapes(example, axes, t)) != example
+                and in_domain(shapes, axes, ranges, guards) is None
+                for t in trials
+            ):
+                break
+        else:
+            raise UnsupportedModelError(
+                f"the model fixes the input {axis} to {example[0][AXIS_DIM[axis]]} "
+                "(torch.export's guards admit no other size: "
+                + "; ".join((guards.text if guards else ())[:3])
+                + "); it cannot be exported with a dynamic "
+                + axis
+                + (
+                    " (dynamic height and width apply to the first input only; the other "
+                    "inputs keep their example shape)"
+                    if axis in ("height", "width") and any(t.dim() == 4 for t in inputs[1:])
+                    else ""
+                )
+            )

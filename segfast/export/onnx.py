@@ -76,14 +76,22 @@ from segfast.compiler.capture import dynamic_axes, dynamic_ranges
 from segfast.compiler.postprocess import OUTPUTS, WithHead
 from segfast.errors import BackendUnavailable, UnsupportedModelError
 from segfast.export import _ort
-from segfast.export.guards import Guards, program_guards
+from segfast.export.guards import (
+    AXIS_DIM,
+    GROW_STEPS,
+    SHRINK_STEPS,
+    Guards,
+    changed_shapes,
+    in_domain,
+    program_guards,
+    refuse_pinned,
+)
 from segfast.export.rewrites import ExportRewrites, audit
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # the issue's floor; the exporter writes 18 and converts down
 # ONNX Runtime vs eager on the exported file (issue 6): fp32 masks agree on ≥ 99.9 %.
 FP32_MIN_MASK_AGREEMENT = 0.999
-AXIS_DIM = {"batch": 0, "height": 2, "width": 3}
 # Loggers whose warnings during export are noise for a segfast user: the
 # exporter's registry skipping torchvision ops (not installed, not used), and
 # onnx_ir typing an empty attribute list as INTS (correct; the checker verifies it).
@@ -560,56 +568,6 @@ def _random_like(t: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) 
     return flat[idx]
 
 
-def in_domain(
-    shapes: Sequence[Sequence[int]],
-    axes: tuple[str, ...],
-    ranges: dict[str, tuple[int, int]],
-    guards: Guards | None,
-) -> str | None:
-    """Why input ``shapes`` lie outside what export proved (ranges, guards), or ``None``."""
-    for i, shape in enumerate(shapes):
-        for axis in axes:
-            d = AXIS_DIM[axis]
-            if (d == 0 or (i == 0 and len(shape) == 4)) and d < len(shape):
-                lo, hi = ranges[axis]
-                if not lo <= shape[d] <= hi:
-                    return f"{axis} {shape[d]} is outside {lo}..{hi}"
-    bad = guards.first_violated(shapes) if guards is not None else None
-    return f"the export guard {bad} does not hold" if bad else None
-
-
-# Size changes tried for probes, per dynamic axis: odd steps first (they change
-# parity and divisibility), then steps that keep a multiple of 16/32 (models that
-# need one), then scalings. An int adds; a float scales.
-_GROW: tuple[dict[str, int | float], ...] = (
-    {"batch": 1, "height": 5, "width": 3},
-    {"batch": 2, "height": 13, "width": 11},
-    {"batch": 1, "height": 32, "width": 32},
-    {"batch": 1, "height": 2.0, "width": 2.0},
-)
-_SHRINK: tuple[dict[str, int | float], ...] = (
-    {"height": 0.5, "width": 0.5},
-    {"height": 0.75, "width": 0.75},
-    {"height": -16, "width": -16},
-    {"height": -32, "width": -32},
-)
-
-
-def _changed(
-    example: list[tuple[int, ...]], axes: Sequence[str], step: dict[str, int | float]
-) -> list[tuple[int, ...]]:
-    shapes = []
-    for i, shape in enumerate(example):
-        s = list(shape)
-        for axis in axes:
-            d = AXIS_DIM[axis]
-            if (d == 0 or (i == 0 and len(s) == 4)) and d < len(s) and axis in step:
-                f = step[axis]
-                s[d] = s[d] + f if isinstance(f, int) else int(s[d] * f) + (d == 3)
-        shapes.append(tuple(s))
-    return shapes
-
-
 def _probe_shapes(
     inputs: tuple[torch.Tensor, ...],
     axes: tuple[str, ...],
@@ -617,59 +575,18 @@ def _probe_shapes(
     guards: Guards | None,
 ) -> list[list[tuple[int, ...]]]:
     """Up to two shape sets in the proven domain, differing from the example on each dynamic axis:
-    the first larger and the first smaller candidate (see _GROW, _SHRINK) that satisfy
+    the first larger and the first smaller candidate (see GROW_STEPS, SHRINK_STEPS) that satisfy
     the ranges and the guards."""
     example = [tuple(t.shape) for t in inputs]
     sets: list[list[tuple[int, ...]]] = []
-    for candidates in (_GROW, _SHRINK):
+    for candidates in (GROW_STEPS, SHRINK_STEPS):
         for step in candidates:
-            shapes = _changed(example, axes, step)
+            shapes = changed_shapes(example, axes, step)
             fresh = shapes != example and shapes not in sets
             if fresh and in_domain(shapes, axes, ranges, guards) is None:
                 sets.append(shapes)
                 break
     return sets
-
-
-def refuse_pinned(
-    inputs: tuple[torch.Tensor, ...],
-    axes: tuple[str, ...],
-    ranges: dict[str, tuple[int, int]],
-    guards: Guards | None,
-) -> None:
-    """Refuse a dynamic axis the model fixes: no other size of it satisfies the guards.
-
-    torch.export (2.13, Dim.AUTO) can keep an axis symbolic with a range of
-    2..∞ yet record a guard such as ``height == 8`` (a reshape to a fixed size,
-    or a second image input, whose height and width stay static, concatenated
-    with the first). Each axis is varied on its own, and all together, over
-    the probe steps.
-    """
-    example = [tuple(t.shape) for t in inputs]
-    for axis in axes:
-        for step in (*_GROW, *_SHRINK):
-            alone = {axis: step[axis]} if axis in step else None
-            trials = [alone, step] if alone else [step]
-            if any(
-                (shapes := _changed(example, axes, t)) != example
-                and in_domain(shapes, axes, ranges, guards) is None
-                for t in trials
-            ):
-                break
-        else:
-            raise UnsupportedModelError(
-                f"the model fixes the input {axis} to {example[0][AXIS_DIM[axis]]} "
-                "(torch.export's guards admit no other size: "
-                + "; ".join((guards.text if guards else ())[:3])
-                + "); it cannot be exported with a dynamic "
-                + axis
-                + (
-                    " (dynamic height and width apply to the first input only; the other "
-                    "inputs keep their example shape)"
-                    if axis in ("height", "width") and any(t.dim() == 4 for t in inputs[1:])
-                    else ""
-                )
-            )
 
 
 def _judge(out: torch.Tensor, ref: torch.Tensor, precision: str) -> tuple[Accuracy | None, str]:
