@@ -256,31 +256,9 @@ def conv2d_impl(
     return y.contiguous(memory_format=layout)
 
 
-@torch.library.custom_op("segfast::conv2d", mutates_args=())
-def conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    act: str,
-    act_param: float,
-    residual: Tensor | None,
-    residual_after_act: bool,
-    x2: Tensor | None,
-    x2_resize: str,
-    x2_align_corners: bool,
-    x2_scale_h: float | None,
-    x2_scale_w: float | None,
-    x2_first: bool,
-) -> Tensor:
-    """Fused convolution (see :func:`conv2d_impl`)."""
-    return conv2d_impl(
-        x, weight, bias, stride, padding, dilation, groups, act, act_param, residual,
-        residual_after_act, x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first,
-    )  # fmt: skip
+# The op is the composite implementation itself, registered (the function object
+# stays a plain Python function the torch backend calls directly).
+conv2d = torch.library.custom_op("segfast::conv2d", mutates_args=())(conv2d_impl)
 
 
 def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -341,26 +319,9 @@ def conv_transpose2d_impl(
     return y.contiguous(memory_format=layout)
 
 
-@torch.library.custom_op("segfast::conv_transpose2d", mutates_args=())
-def conv_transpose2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    output_padding: list[int],
-    dilation: list[int],
-    groups: int,
-    act: str,
-    act_param: float,
-    residual: Tensor | None,
-    residual_after_act: bool,
-) -> Tensor:
-    """Fused transposed convolution (see :func:`conv_transpose2d_impl`)."""
-    return conv_transpose2d_impl(
-        x, weight, bias, stride, padding, output_padding, dilation, groups, act, act_param,
-        residual, residual_after_act,
-    )  # fmt: skip
+conv_transpose2d = torch.library.custom_op("segfast::conv_transpose2d", mutates_args=())(
+    conv_transpose2d_impl
+)
 
 
 @conv_transpose2d.register_fake
@@ -426,26 +387,7 @@ def head_impl(
     return _reduce(y, mode, threshold, mask_dtype)
 
 
-@torch.library.custom_op("segfast::head", mutates_args=())
-def head(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    out_h: int,
-    out_w: int,
-    resize: bool,
-    align_corners: bool,
-    scale_h: float | None,
-    scale_w: float | None,
-    mode: str,
-    threshold: float,
-    mask_dtype: str,
-) -> Tensor:
-    """Segmentation head (see :func:`head_impl`)."""
-    return head_impl(
-        x, weight, bias, out_h, out_w, resize, align_corners, scale_h, scale_w, mode, threshold,
-        mask_dtype,
-    )  # fmt: skip
+head = torch.library.custom_op("segfast::head", mutates_args=())(head_impl)
 
 
 def _reduce(y: Tensor, mode: str, threshold: float, mask_dtype: str) -> Tensor:
