@@ -1,8 +1,18 @@
 """``torch``: the fused graph on PyTorch ops — BN folded, activations and
 residual adds fused into oneDNN convolutions on the CPU, NHWC throughout, the
-head reduction fused. The CPU default."""
+head reduction fused. The CPU default.
+
+On the CPU (fp32 and bf16, where oneDNN is usable) the fused graph is lowered
+into a flat plan (:mod:`segfast.backends.cpu`): convolution weights packed once
+for oneDNN, two-source convolutions as accumulating halves instead of a concat,
+max-pools without their unused indices, each intermediate freed after its last
+reader. Elsewhere (CUDA, fp16 on the CPU) the graph runs as a ``GraphModule``
+with the composite implementations called directly.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -14,7 +24,7 @@ from segfast.errors import BackendUnavailable
 class TorchBackend(Backend):
     name = "torch"
     uses_graph = True
-    description = "fused graph on PyTorch ops (oneDNN post-ops on the CPU)"
+    description = "fused graph on PyTorch ops (prepacked oneDNN convolutions on the CPU)"
 
     def availability(self, device: torch.device | None = None) -> tuple[bool, str]:
         return True, f"PyTorch {torch.__version__}"
@@ -23,6 +33,35 @@ class TorchBackend(Backend):
         if req.graph is None:
             raise BackendUnavailable("the torch backend needs the fused graph")
         gm = req.graph.to(req.device)
+        details: dict[str, Any] = {"graph": gm}
+        notes: list[str] = []
+        cpu_plan = (
+            req.device.type == "cpu"
+            and req.dtype in (torch.float32, torch.bfloat16)
+            and ops._mkldnn_ok()
+            and not req.options.get("no_cpu_plan")
+        )
+        if cpu_plan:
+            from segfast.backends.cpu import native as cpu_native
+            from segfast.backends.cpu.plan import lower
+
+            kernels = None
+            if req.dtype == torch.float32 and req.options.get("cpu_kernels", True):
+                kernels = cpu_native.load()
+                ok, why = cpu_native.status()
+                notes.append("segfast CPU kernels: " + ("loaded" if ok else f"not used ({why})"))
+            plan = lower(gm, native=kernels, use_winograd=bool(req.options.get("winograd", True)))
+            details["lowered"] = dict(plan.lowered)
+            notes.append(
+                "CPU plan: " + ", ".join(f"{k} ×{n}" for k, n in sorted(plan.lowered.items()))
+            )
+
+            def run(*inputs: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    return plan(*inputs)
+
+            return Runner(run, notes=notes, details=details)
+
         direct = {
             torch.ops.segfast.conv2d.default: ops.conv2d_impl,
             torch.ops.segfast.conv_transpose2d.default: ops.conv_transpose2d_impl,
@@ -35,14 +74,13 @@ class TorchBackend(Backend):
                 node.target = direct[node.target]
         gm.recompile()
 
-        def run(*inputs: torch.Tensor) -> torch.Tensor:
+        def run_graph(*inputs: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return gm(*inputs)
 
-        notes = []
         if req.device.type == "cpu":
             notes.append(
                 "oneDNN fused conv post-ops: "
                 + ("on" if ops._mkldnn_ok() else "unavailable, plain PyTorch convolutions")
             )
-        return Runner(run, notes=notes, details={"graph": gm})
+        return Runner(run_graph, notes=notes, details=details)

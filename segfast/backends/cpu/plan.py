@@ -1,0 +1,288 @@
+"""The fused graph lowered to a flat plan for the CPU, and the loop that runs it.
+
+Lowering walks the fused ``GraphModule`` once, in order:
+
+- ``segfast.conv2d`` / ``segfast.conv_transpose2d`` with a constant weight in a
+  dtype oneDNN takes (fp32, bf16) become :class:`~.onednn.PackedConv2d` /
+  :class:`~.onednn.PackedConvTranspose2d` calls, packed for the example
+  input's size (other sizes run too: oneDNN reorders when its choice differs);
+- with segfast's CPU kernels loaded (:mod:`.native`), fp32 only: 3×3 stride-1
+  dense convolutions with enough channels run by Winograd F(4×4, 3×3)
+  (:mod:`.winograd`), and depthwise convolutions with atrous paddings oneDNN
+  handles slowly run on :mod:`.depthwise`;
+- ``max_pool2d_with_indices`` whose indices nobody reads becomes
+  ``max_pool2d`` (the indices are a second full-size int64 write);
+- ``segfast.head`` calls its composite implementation directly (no custom-op
+  dispatch, ~40 µs a call);
+- every other node calls its target as the graph does.
+
+Running the plan is a loop over steps with a list of value slots; each slot is
+released after its last reader, so a buffer's memory goes back to the
+allocator as soon as possible and the next allocation of that size reuses
+cache-warm memory.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from segfast.backends.cpu import winograd
+from segfast.backends.cpu.depthwise import NativeDepthwiseConv2d, is_depthwise
+from segfast.backends.cpu.native import Native
+from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
+from segfast.compiler import ops
+from segfast.compiler.graph import get_tensor, is_call, val
+
+aten = torch.ops.aten
+segfast_ops = torch.ops.segfast
+
+
+class _Slot:
+    """A reference to a value slot inside step arguments."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def _resolver(template: Any) -> Callable[[list[Any]], Any]:
+    """A function that builds the real argument from the slot list."""
+    if isinstance(template, _Slot):
+        i = template.index
+        return lambda env: env[i]
+    if isinstance(template, list | tuple) and any(_has_slot(t) for t in template):
+        parts = [_resolver(t) for t in template]
+        kind = type(template)
+        return lambda env: kind(p(env) for p in parts)
+    return lambda env: template
+
+
+def _has_slot(template: Any) -> bool:
+    if isinstance(template, _Slot):
+        return True
+    if isinstance(template, list | tuple):
+        return any(_has_slot(t) for t in template)
+    return False
+
+
+@dataclass
+class Step:
+    fn: Callable[..., Any]
+    args: Callable[[list[Any]], tuple[Any, ...]]
+    kwargs: dict[str, Any]
+    out: int
+    free: tuple[int, ...]
+    name: str
+
+
+class Plan:
+    """The lowered graph: ``plan(*inputs)`` runs it."""
+
+    def __init__(
+        self, steps: list[Step], inputs: list[int], output: Any, n_slots: int, lowered: Counter
+    ) -> None:
+        self.steps = steps
+        self.inputs = inputs
+        self.output = _resolver(output)
+        self.n_slots = n_slots
+        self.lowered = lowered
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        env: list[Any] = [None] * self.n_slots
+        for i, t in zip(self.inputs, inputs, strict=True):
+            env[i] = t
+        for step in self.steps:
+            env[step.out] = step.fn(*step.args(env), **step.kwargs)
+            for i in step.free:
+                env[i] = None
+        return self.output(env)
+
+
+def _pool_no_indices(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    """``max_pool2d_with_indices`` for a graph that reads only the values."""
+    out = torch.nn.functional.max_pool2d(x, kernel_size, stride or None, padding, dilation,
+                                         ceil_mode)  # fmt: skip
+    return out, None
+
+
+def _only_values_read(node: fx.Node) -> bool:
+    return all(is_call(u, operator.getitem) and u.args[1] == 0 for u in node.users)
+
+
+def _conv2d_step(
+    gm: fx.GraphModule, node: fx.Node, native: Native | None, use_winograd: bool
+) -> tuple[Callable, tuple, str] | None:
+    (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
+     x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first) = node.args  # fmt: skip
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
+        return None
+    weight = get_tensor(gm, w)
+    bias = None if b is None else get_tensor(gm, b)
+    if weight.dtype not in DTYPES or (bias is not None and bias.dtype != weight.dtype):
+        return None
+    if weight.device.type != "cpu" or unary_attr(act, act_param) is None:
+        return None
+    xv = val(x)
+    x2_channels = None if x2 is None else int(val(x2).shape[1])
+    if native is not None and weight.dtype == torch.float32:
+        if x2 is None and is_depthwise(weight, groups) and max(padding) > ops._DW_MAX_INLINE_PAD:
+            conv = NativeDepthwiseConv2d(native, weight, bias, stride, padding, dilation, act,
+                                         act_param, residual_after_act)  # fmt: skip
+            return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
+        c_in = int(weight.shape[1])
+        h, w_ = (d if isinstance(d, int) else 1 << 30 for d in xv.shape[2:])
+        if (
+            use_winograd
+            and winograd.applies(weight, stride, dilation, groups)
+            and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_)
+        ):
+            conv = winograd.WinogradConv2d(
+                native, weight, bias, padding, act, act_param, residual_after_act,
+                x2_resize, x2_align, x2_sh, x2_sw, x2_first,
+            )  # fmt: skip
+            kind = "conv2d 3×3 Winograd F(4×4,3×3)" + (" two-source" if x2 is not None else "")
+            return conv, (x, residual, x2), kind
+    # Packed for the example's size; the two-source halves for x's H×W.
+    conv = PackedConv2d(
+        weight, bias, stride, padding, dilation, groups, act, act_param, residual_after_act,
+        x2_resize, x2_align, x2_sh, x2_sw, x2_first,
+        input_size=tuple(xv.shape), x2_channels=x2_channels,
+    )  # fmt: skip
+    kind = "conv2d (two-source, split-K)" if x2 is not None else "conv2d"
+    return conv, (x, residual, x2), kind
+
+
+def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple] | None:
+    (x, w, b, stride, padding, output_padding, dilation, groups, act, act_param, residual,
+     residual_after_act) = node.args  # fmt: skip
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
+        return None
+    weight = get_tensor(gm, w)
+    bias = None if b is None else get_tensor(gm, b)
+    if weight.dtype not in DTYPES or (bias is not None and bias.dtype != weight.dtype):
+        return None
+    if weight.device.type != "cpu" or unary_attr(act, act_param) is None:
+        return None
+    conv = PackedConvTranspose2d(
+        weight, bias, stride, padding, output_padding, dilation, groups, act, act_param,
+        residual_after_act, input_size=tuple(val(x).shape),
+    )  # fmt: skip
+    return conv, (x, residual)
+
+
+def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool = True) -> Plan:
+    """Lower the fused graph (on the CPU) into a :class:`Plan`.
+
+    ``native``: segfast's CPU kernels (:func:`segfast.backends.cpu.native.load`),
+    or None to run every convolution on oneDNN; ``use_winograd``: whether 3×3
+    layers may take Winograd F(4×4, 3×3) (needs ``native``).
+    """
+    nodes = list(gm.graph.nodes)
+    slot_of: dict[fx.Node, int] = {}
+    consts: dict[fx.Node, Any] = {}
+    lowered: Counter[str] = Counter()
+    inputs: list[int] = []
+    pending: list[tuple[fx.Node, Callable, tuple, dict]] = []
+    output: Any = None
+
+    def template(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if a in consts:
+                return consts[a]
+            return _Slot(slot_of[a])
+        if isinstance(a, list | tuple):
+            return type(a)(template(t) for t in a)
+        return a
+
+    for node in nodes:
+        if node.op == "placeholder":
+            slot_of[node] = len(slot_of)
+            inputs.append(slot_of[node])
+            continue
+        if node.op == "get_attr":
+            consts[node] = get_tensor(gm, node)
+            continue
+        if node.op == "output":
+            output = node.args[0]
+            continue
+        if node.op == "call_module":  # e.g. torch.export's shape-guard function
+            slot_of[node] = len(slot_of)
+            pending.append((node, gm.get_submodule(str(node.target)), node.args, dict(node.kwargs)))
+            continue
+        if node.op != "call_function":
+            raise NotImplementedError(f"cannot lower graph node {node.op} {node.target}")
+        fn: Callable = node.target
+        args: tuple = node.args
+        kwargs = dict(node.kwargs)
+        t = node.target
+        if t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
+            step = _conv2d_step(gm, node, native, use_winograd)
+            if step is not None:
+                fn, args, kind = step
+                lowered[kind] += 1
+            else:
+                fn = ops.conv2d_impl
+        elif t is segfast_ops.conv_transpose2d.default or t is ops.conv_transpose2d_impl:
+            step = _conv_transpose_step(gm, node)
+            if step is not None:
+                fn, args = step
+                lowered["conv_transpose2d"] += 1
+            else:
+                fn = ops.conv_transpose2d_impl
+        elif t is segfast_ops.head.default:
+            fn = ops.head_impl
+        elif t is aten.max_pool2d_with_indices.default and _only_values_read(node):
+            fn = _pool_no_indices
+            lowered["max_pool2d (no indices)"] += 1
+        slot_of[node] = len(slot_of)
+        pending.append((node, fn, args, kwargs))
+
+    # Last reader of every slot: free it right after that step.
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            if inp in slot_of:
+                last_use[inp] = node
+    frees: dict[fx.Node, list[int]] = {}
+    for value, reader in last_use.items():
+        if reader.op != "output":
+            frees.setdefault(reader, []).append(slot_of[value])
+    for node in slot_of:  # values nobody reads (e.g. export's guard call) go at once
+        if node.op != "placeholder" and not node.users:
+            frees.setdefault(node, []).append(slot_of[node])
+    steps = [
+        Step(
+            fn=fn,
+            args=_args_resolver(template(args)),
+            kwargs={k: template(v) for k, v in kwargs.items()},
+            out=slot_of[node],
+            free=tuple(frees.get(node, ())),
+            name=node.name,
+        )
+        for node, fn, args, kwargs in pending
+    ]
+    if any(_has_slot(v) for s in steps for v in s.kwargs.values()):
+        raise NotImplementedError("graph values passed as keyword arguments")
+    return Plan(steps, inputs, template(output), len(slot_of), lowered)
+
+
+def _args_resolver(template: tuple) -> Callable[[list[Any]], tuple[Any, ...]]:
+    if not _has_slot(template):
+        return lambda env: template
+    parts = [_resolver(t) for t in template]
+    return lambda env: tuple(p(env) for p in parts)

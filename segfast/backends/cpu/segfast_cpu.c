@@ -1,0 +1,453 @@
+/* segfast's CPU kernels: plain C99 + OpenMP, compiled on first use by
+ * segfast/backends/cpu/native.py (cc -O3 -march=native -fopenmp) and called
+ * through ctypes with torch tensors' data pointers.
+ *
+ * OpenMP: the library links libgomp by its soname; loaded after torch, the
+ * loader binds it to the libgomp torch already loaded, so these kernels and
+ * torch's ops share one thread pool (native.py refuses the library when a
+ * second OpenMP runtime would be mapped).
+ *
+ * Every tensor is fp32 NHWC with channel stride 1; the other strides are
+ * passed in elements, so channel slices of a larger buffer can be read and
+ * written. Activations: 0 none, 1 relu, 2 relu6, 3 leaky_relu (act_param is
+ * the slope); anything else is applied by the caller.
+ *
+ * Kernels:
+ *   sf_dwconv2d   depthwise KH×KW convolution, any stride/padding/dilation,
+ *                 bias, residual (before or after the activation);
+ *   sf_wino_in    Winograd F(4×4, 3×3) input transform: NHWC tiles → V[36][T][C];
+ *   sf_wino_out   Winograd F(4×4, 3×3) output transform: M[36][T][K] → NHWC,
+ *                 with bias, residual and activation.
+ * References: segfast/backends/cpu/depthwise.py and winograd.py.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define SF_CB 16 /* channels per vector block: one AVX-512 register of fp32 */
+
+static inline float sf_act(float v, int act, float p) {
+  switch (act) {
+    case 1: return v > 0.f ? v : 0.f;
+    case 2: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
+    case 3: return v >= 0.f ? v : v * p;
+    default: return v;
+  }
+}
+
+int sf_abi_version(void) { return 2; }
+
+/* 16 fp32 lanes; unaligned loads and stores (GCC vector extension: one AVX-512
+ * register, two AVX2 registers on older CPUs). */
+typedef float sf_v16 __attribute__((vector_size(64), aligned(4)));
+
+typedef int32_t sf_i16 __attribute__((vector_size(64), aligned(4)));
+
+/* a where m is set, else b (C has no vector ?: ; this compiles to a blend). */
+static inline sf_v16 sf_select(sf_i16 m, sf_v16 a, sf_v16 b) {
+  return (sf_v16)(((sf_i16)a & m) | ((sf_i16)b & ~m));
+}
+
+static inline sf_v16 sf_act_v(sf_v16 v, int act, float p) {
+  const sf_v16 zero = {0};
+  switch (act) {
+    case 1: return sf_select(v > zero, v, zero);
+    case 2: {
+      const sf_v16 six = zero + 6.f;
+      v = sf_select(v > zero, v, zero);
+      return sf_select(v < six, v, six);
+    }
+    case 3: return sf_select(v >= zero, v, v * p);
+    default: return v;
+  }
+}
+
+/* One output pixel, channels [c0, c0 + 16·NV): acc = bias + Σ taps w·x. */
+#define SF_DW_BLOCK(NV)                                                                   \
+  do {                                                                                    \
+    sf_v16 acc[NV];                                                                       \
+    for (int v = 0; v < NV; ++v) acc[v] = bias ? *(const sf_v16*)(bias + c0 + 16 * v) : zero; \
+    for (int64_t kh = 0; kh < KH; ++kh) {                                                 \
+      const int64_t ih = oh * sh - ph + kh * dh;                                          \
+      if (ih < 0 || ih >= H) continue;                                                    \
+      for (int64_t kw = 0; kw < KW; ++kw) {                                               \
+        const int64_t iw = ow * sw - pw + kw * dw;                                        \
+        if (iw < 0 || iw >= W) continue;                                                  \
+        const float* xp = x + n * xsn + ih * xsh + iw * xsw + c0;                         \
+        const float* wp = w + (kh * KW + kw) * C + c0;                                    \
+        for (int v = 0; v < NV; ++v)                                                      \
+          acc[v] += *(const sf_v16*)(wp + 16 * v) * *(const sf_v16*)(xp + 16 * v);        \
+      }                                                                                   \
+    }                                                                                     \
+    float* yp = y + n * ysn + oh * ysh + ow * ysw + c0;                                   \
+    const float* rp = res ? res + n * rsn + oh * rsh + ow * rsw + c0 : 0;                 \
+    for (int v = 0; v < NV; ++v) {                                                        \
+      sf_v16 o = acc[v];                                                                  \
+      if (rp && !res_after_act) o += *(const sf_v16*)(rp + 16 * v);                       \
+      o = sf_act_v(o, act, act_param);                                                    \
+      if (rp && res_after_act) o += *(const sf_v16*)(rp + 16 * v);                        \
+      *(sf_v16*)(yp + 16 * v) = o;                                                        \
+    }                                                                                     \
+  } while (0)
+
+/* y[n, oh, ow, c] = act(bias[c] + sum_{kh,kw} w[kh][kw][c] * x[n, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw, c] (+ res))
+ * Taps that fall in the zero padding are skipped (atrous rates larger than the map
+ * read mostly padding). Work item: one output row × one block of 64 channels, held
+ * in four vector registers; channels past the last multiple of 16 take a scalar loop. */
+void sf_dwconv2d(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t C,
+                 int64_t xsn, int64_t xsh, int64_t xsw,
+                 const float* restrict w, int64_t KH, int64_t KW, const float* restrict bias,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                 float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
+                 const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw, int res_after_act,
+                 int act, float act_param) {
+  const int64_t CBLK = 64;
+  const int64_t ncb = (C + CBLK - 1) / CBLK;
+  const int64_t rows = N * Ho;
+  const sf_v16 zero = {0};
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t cb = 0; cb < ncb; ++cb) {
+      const int64_t n = r / Ho, oh = r % Ho;
+      const int64_t cstart = cb * CBLK;
+      const int64_t cn = (C - cstart) < CBLK ? (C - cstart) : CBLK;
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        int64_t c0 = cstart;
+        if (cn == 64) {
+          SF_DW_BLOCK(4);
+          continue;
+        }
+        for (; c0 + 16 <= cstart + cn; c0 += 16) SF_DW_BLOCK(1);
+        for (; c0 < cstart + cn; ++c0) { /* the last C mod 16 channels */
+          float acc = bias ? bias[c0] : 0.f;
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            const int64_t ih = oh * sh - ph + kh * dh;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const int64_t iw = ow * sw - pw + kw * dw;
+              if (iw < 0 || iw >= W) continue;
+              acc += w[(kh * KW + kw) * C + c0] * x[n * xsn + ih * xsh + iw * xsw + c0];
+            }
+          }
+          float* yp = y + n * ysn + oh * ysh + ow * ysw + c0;
+          if (res) {
+            const float rv = res[n * rsn + oh * rsh + ow * rsw + c0];
+            *yp = res_after_act ? sf_act(acc, act, act_param) + rv : sf_act(acc + rv, act, act_param);
+          } else {
+            *yp = sf_act(acc, act, act_param);
+          }
+        }
+      }
+    }
+  }
+}
+
+/* Winograd F(4×4, 3×3), Lavin & Gray's points 0, ±1, ±2, ∞.
+ * Tiles are numbered over tile rows r = n*nth + th in [r0, r1), then tile columns:
+ * t = (r - r0)*ntw + tw. Tile (th, tw) reads input rows 4*th - ph + i and columns
+ * 4*tw - pw + j, i, j in 0..5 (zero outside the image).
+ * V[xi][t][c_off + c], xi = 6a + b, holds (Bᵀ d B)[a][b] for channel c; row length Ctot.
+ * One work item: one tile × 16 channels, all in vector registers. */
+
+/* Bᵀ applied to six vectors (one column or row of a tile). */
+#define SF_BT(o, d0, d1, d2, d3, d4, d5)                     \
+  do {                                                       \
+    o[0] = 4.f * d0 - 5.f * d2 + d4;                         \
+    o[1] = -4.f * d1 - 4.f * d2 + d3 + d4;                   \
+    o[2] = 4.f * d1 - 4.f * d2 - d3 + d4;                    \
+    o[3] = -2.f * d1 - d2 + 2.f * d3 + d4;                   \
+    o[4] = 2.f * d1 - d2 - 2.f * d3 + d4;                    \
+    o[5] = 4.f * d1 - 5.f * d3 + d5;                         \
+  } while (0)
+
+/* Aᵀ applied to six vectors. */
+#define SF_AT(o, m0, m1, m2, m3, m4, m5)                     \
+  do {                                                       \
+    o[0] = m0 + m1 + m2 + m3 + m4;                           \
+    o[1] = m1 - m2 + 2.f * m3 - 2.f * m4;                    \
+    o[2] = m1 + m2 + 4.f * m3 + 4.f * m4;                    \
+    o[3] = m1 - m2 + 8.f * m3 - 8.f * m4 + m5;               \
+  } while (0)
+
+static inline sf_v16 sf_load(const float* p, int n) {
+  if (n == 16) return *(const sf_v16*)p;
+  sf_v16 v = {0};
+  for (int c = 0; c < n; ++c) v[c] = p[c];
+  return v;
+}
+
+static inline void sf_store(float* p, sf_v16 v, int n) {
+  if (n == 16) {
+    *(sf_v16*)p = v;
+  } else {
+    for (int c = 0; c < n; ++c) p[c] = v[c];
+  }
+}
+
+void sf_wino_in(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t C,
+                int64_t xsn, int64_t xsh, int64_t xsw, int64_t c_off, int64_t Ctot,
+                int64_t ph, int64_t pw, int64_t nth, int64_t ntw, int64_t r0, int64_t r1,
+                float* restrict V) {
+  const int64_t T = (r1 - r0) * ntw;
+  const int64_t ncb = (C + SF_CB - 1) / SF_CB;
+  (void)N;
+#pragma omp parallel for schedule(static)
+  for (int64_t job = 0; job < T * ncb; ++job) {
+    const int64_t t = job / ncb, cb = job % ncb;
+    const int64_t gr = r0 + t / ntw, tw = t % ntw, n = gr / nth, th = gr % nth;
+    const int64_t c0 = cb * SF_CB;
+    const int cn = (int)((C - c0) < SF_CB ? (C - c0) : SF_CB);
+    const sf_v16 zero = {0};
+    sf_v16 d[6][6];
+    for (int i = 0; i < 6; ++i) {
+      const int64_t yy = th * 4 - ph + i;
+      for (int j = 0; j < 6; ++j) {
+        const int64_t xx = tw * 4 - pw + j;
+        d[i][j] = (yy < 0 || yy >= H || xx < 0 || xx >= W)
+                      ? zero
+                      : sf_load(x + n * xsn + yy * xsh + xx * xsw + c0, cn);
+      }
+    }
+    sf_v16 s[6][6]; /* s = Bᵀ d, column by column */
+    for (int j = 0; j < 6; ++j) {
+      sf_v16 o[6];
+      SF_BT(o, d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]);
+      for (int a = 0; a < 6; ++a) s[a][j] = o[a];
+    }
+    for (int a = 0; a < 6; ++a) { /* (s B) row by row, stored per xi */
+      sf_v16 o[6];
+      SF_BT(o, s[a][0], s[a][1], s[a][2], s[a][3], s[a][4], s[a][5]);
+      for (int b = 0; b < 6; ++b)
+        sf_store(V + ((int64_t)(a * 6 + b) * T + t) * Ctot + c_off + c0, o[b], cn);
+    }
+  }
+}
+
+/* y = act(Aᵀ M A + bias (+ res)): M[xi][t][k] for the tiles of rows [r0, r1);
+ * outputs past Ho/Wo (the last tile row/column of odd sizes) are not written. */
+void sf_wino_out(const float* restrict M, int64_t N, int64_t Ho, int64_t Wo, int64_t K,
+                 int64_t nth, int64_t ntw, int64_t r0, int64_t r1, const float* restrict bias,
+                 const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw, int res_after_act,
+                 int act, float act_param,
+                 float* restrict y, int64_t ysn, int64_t ysh, int64_t ysw) {
+  const int64_t T = (r1 - r0) * ntw;
+  const int64_t ncb = (K + SF_CB - 1) / SF_CB;
+  (void)N;
+#pragma omp parallel for schedule(static)
+  for (int64_t job = 0; job < T * ncb; ++job) {
+    const int64_t t = job / ncb, cb = job % ncb;
+    const int64_t gr = r0 + t / ntw, tw = t % ntw, n = gr / nth, th = gr % nth;
+    const int64_t k0 = cb * SF_CB;
+    const int kn = (int)((K - k0) < SF_CB ? (K - k0) : SF_CB);
+    sf_v16 s[4][6]; /* s = Aᵀ m, column by column */
+    for (int b = 0; b < 6; ++b) {
+      sf_v16 m[6], o[4];
+      for (int a = 0; a < 6; ++a) m[a] = sf_load(M + ((int64_t)(a * 6 + b) * T + t) * K + k0, kn);
+      SF_AT(o, m[0], m[1], m[2], m[3], m[4], m[5]);
+      for (int p = 0; p < 4; ++p) s[p][b] = o[p];
+    }
+    const sf_v16 bb = bias ? sf_load(bias + k0, kn) : (sf_v16){0};
+    for (int p = 0; p < 4; ++p) {
+      const int64_t yy = th * 4 + p;
+      if (yy >= Ho) break;
+      sf_v16 o[4]; /* (s A) row by row */
+      SF_AT(o, s[p][0], s[p][1], s[p][2], s[p][3], s[p][4], s[p][5]);
+      for (int q = 0; q < 4; ++q) {
+        const int64_t xx = tw * 4 + q;
+        if (xx >= Wo) break;
+        sf_v16 v = o[q] + bb;
+        if (res && !res_after_act) v += sf_load(res + n * rsn + yy * rsh + xx * rsw + k0, kn);
+        v = sf_act_v(v, act, act_param);
+        if (res && res_after_act) v += sf_load(res + n * rsn + yy * rsh + xx * rsw + k0, kn);
+        sf_store(y + n * ysn + yy * ysh + xx * ysw + k0, v, kn);
+      }
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------------------
+ * Depthwise convolution of a tensor produced on the fly, band by band.
+ *   mode 1 (expand): e[h][w][c] = act1(b1[c] + sum_k w1[k][c] x[h][w][k])   (1×1 conv, Cx → C)
+ *   mode 2 (resize): e = bilinear resize of x (Hx×Wx → H×W), ATen's index arithmetic
+ *                    (source = scale·(d + ½) − ½ clamped at 0, or scale·d with
+ *                    align_corners; a dimension of equal size is copied)
+ * then y = act2(b2 + sum_taps wd · e) with zero padding around e's H×W.
+ * One work item: one band of output rows × one block of 64 channels; the rows of e
+ * it reads live in a per-thread scratch buffer, so e is never written as a whole
+ * (MobileNetV2's first expansion at 512×512 input: 96 channels at 256×256, 25 MB).
+ * Weights come prepacked per 64-channel block, zero-padded:
+ *   w1p[cb][Cx][64], b1p[cb][64], wdp[cb][KH·KW][64], b2p[cb][64].
+ * Returns 0, or 1 when a thread's scratch buffer could not be allocated (y is then
+ * incomplete and the caller raises).
+ * ------------------------------------------------------------------------------- */
+
+static void sf_produce_expand(const float* x, int64_t xsn, int64_t xsh, int64_t xsw, int64_t Cx,
+                              int64_t n, int64_t r, int64_t W, const float* w1, const float* b1,
+                              int act1, float p1, float* row /* [W][64] */) {
+  const sf_v16 b0 = *(const sf_v16*)(b1), bv1 = *(const sf_v16*)(b1 + 16);
+  const sf_v16 bv2 = *(const sf_v16*)(b1 + 32), bv3 = *(const sf_v16*)(b1 + 48);
+  const float* xr = x + n * xsn + r * xsh;
+  int64_t w = 0;
+  for (; w + 4 <= W; w += 4) { /* 4 pixels × 64 channels: 16 accumulators */
+    sf_v16 a[4][4];
+    for (int p = 0; p < 4; ++p) {
+      a[p][0] = b0;
+      a[p][1] = bv1;
+      a[p][2] = bv2;
+      a[p][3] = bv3;
+    }
+    const float* xp0 = xr + (w + 0) * xsw;
+    const float* xp1 = xr + (w + 1) * xsw;
+    const float* xp2 = xr + (w + 2) * xsw;
+    const float* xp3 = xr + (w + 3) * xsw;
+    for (int64_t k = 0; k < Cx; ++k) {
+      const float* wk = w1 + k * 64;
+      const sf_v16 w0 = *(const sf_v16*)wk, w1v = *(const sf_v16*)(wk + 16);
+      const sf_v16 w2 = *(const sf_v16*)(wk + 32), w3 = *(const sf_v16*)(wk + 48);
+      const float s0 = xp0[k], s1 = xp1[k], s2 = xp2[k], s3 = xp3[k];
+      a[0][0] += s0 * w0; a[0][1] += s0 * w1v; a[0][2] += s0 * w2; a[0][3] += s0 * w3;
+      a[1][0] += s1 * w0; a[1][1] += s1 * w1v; a[1][2] += s1 * w2; a[1][3] += s1 * w3;
+      a[2][0] += s2 * w0; a[2][1] += s2 * w1v; a[2][2] += s2 * w2; a[2][3] += s2 * w3;
+      a[3][0] += s3 * w0; a[3][1] += s3 * w1v; a[3][2] += s3 * w2; a[3][3] += s3 * w3;
+    }
+    for (int p = 0; p < 4; ++p)
+      for (int v = 0; v < 4; ++v) *(sf_v16*)(row + (w + p) * 64 + 16 * v) = sf_act_v(a[p][v], act1, p1);
+  }
+  for (; w < W; ++w) {
+    sf_v16 a[4] = {b0, bv1, bv2, bv3};
+    const float* xp = xr + w * xsw;
+    for (int64_t k = 0; k < Cx; ++k) {
+      const float s = xp[k];
+      for (int v = 0; v < 4; ++v) a[v] += s * *(const sf_v16*)(w1 + k * 64 + 16 * v);
+    }
+    for (int v = 0; v < 4; ++v) *(sf_v16*)(row + w * 64 + 16 * v) = sf_act_v(a[v], act1, p1);
+  }
+}
+
+/* ATen's linear source index for output index d (fp32, as upsample_bilinear2d computes). */
+static inline void sf_linear_index(int64_t d, int64_t in, int64_t out, float scale, int align,
+                                   int64_t* i0, int64_t* i1, float* l1) {
+  if (in == out) { /* ATen's CPU kernel copies a dimension of equal size */
+    *i0 = *i1 = d;
+    *l1 = 0.f;
+    return;
+  }
+  float src = align ? scale * (float)d : scale * ((float)d + 0.5f) - 0.5f;
+  if (src < 0.f) src = 0.f;
+  int64_t a = (int64_t)src;
+  if (a > in - 1) a = in - 1;
+  *i0 = a;
+  *i1 = a + (a < in - 1 ? 1 : 0);
+  float l = src - (float)a;
+  *l1 = l < 0.f ? 0.f : (l > 1.f ? 1.f : l);
+}
+
+static void sf_produce_resize(const float* x, int64_t xsn, int64_t xsh, int64_t xsw, int64_t Hx,
+                              int64_t Wx, int64_t c0, int cn, int64_t n, int64_t r, int64_t H,
+                              int64_t W, float scale_h, float scale_w, int align,
+                              float* row /* [W][64] */) {
+  int64_t h0, h1;
+  float lh;
+  sf_linear_index(r, Hx, H, scale_h, align, &h0, &h1, &lh);
+  const float lh0 = 1.f - lh;
+  const float* r0 = x + n * xsn + h0 * xsh + c0;
+  const float* r1 = x + n * xsn + h1 * xsh + c0;
+  for (int64_t w = 0; w < W; ++w) {
+    int64_t w0, w1;
+    float lw;
+    sf_linear_index(w, Wx, W, scale_w, align, &w0, &w1, &lw);
+    const float lw0 = 1.f - lw;
+    for (int v = 0; v < 4; ++v) {
+      const int m = cn - 16 * v;
+      sf_v16 e = {0};
+      if (m > 0) {
+        const int k = m < 16 ? m : 16;
+        const sf_v16 a = sf_load(r0 + w0 * xsw + 16 * v, k), b = sf_load(r0 + w1 * xsw + 16 * v, k);
+        const sf_v16 c = sf_load(r1 + w0 * xsw + 16 * v, k), d = sf_load(r1 + w1 * xsw + 16 * v, k);
+        e = lh0 * (lw0 * a + lw * b) + lh * (lw0 * c + lw * d);
+      }
+      *(sf_v16*)(row + w * 64 + 16 * v) = e;
+    }
+  }
+}
+
+int sf_dw_fused(int mode, const float* restrict x, int64_t N, int64_t Hx, int64_t Wx, int64_t Cx,
+                 int64_t xsn, int64_t xsh, int64_t xsw, int64_t H, int64_t W, int64_t C,
+                 const float* restrict w1p, const float* restrict b1p, int act1, float act1_param,
+                 float scale_h, float scale_w, int align_corners,
+                 const float* restrict wdp, const float* restrict b2p, int64_t KH, int64_t KW,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                 int act2, float act2_param,
+                 float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
+                 int64_t band_rows) {
+  const int64_t ncb = (C + 63) / 64;
+  const int64_t nbands = (Ho + band_rows - 1) / band_rows;
+  const int64_t rows_max = (band_rows - 1) * sh + (KH - 1) * dh + 1;
+  const int64_t jobs = N * nbands * ncb;
+  int failed = 0;
+#pragma omp parallel
+  {
+    float* scratch = 0;
+    if (posix_memalign((void**)&scratch, 64, (size_t)(rows_max * W * 64) * sizeof(float)) != 0)
+      scratch = 0;
+    if (!scratch) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < jobs; ++job) {
+      if (!scratch) continue;
+      const int64_t cb = job % ncb, nb = job / ncb;
+      const int64_t n = nb / nbands, band = nb % nbands;
+      const int64_t c0 = cb * 64;
+      const int cn = (int)((C - c0) < 64 ? (C - c0) : 64);
+      const int64_t oh0 = band * band_rows;
+      const int64_t oh1 = (oh0 + band_rows) < Ho ? (oh0 + band_rows) : Ho;
+      const int64_t ih_lo = oh0 * sh - ph;
+      const int64_t ih_hi = (oh1 - 1) * sh - ph + (KH - 1) * dh;
+      const int64_t r_lo = ih_lo > 0 ? ih_lo : 0;
+      const int64_t r_hi = ih_hi < H - 1 ? ih_hi : H - 1;
+      for (int64_t r = r_lo; r <= r_hi; ++r) {
+        float* row = scratch + (r - ih_lo) * W * 64;
+        if (mode == 1)
+          sf_produce_expand(x, xsn, xsh, xsw, Cx, n, r, W, w1p + cb * Cx * 64, b1p + cb * 64,
+                            act1, act1_param, row);
+        else
+          sf_produce_resize(x, xsn, xsh, xsw, Hx, Wx, c0, cn, n, r, H, W, scale_h, scale_w,
+                            align_corners, row);
+      }
+      const float* wd = wdp + cb * KH * KW * 64;
+      const sf_v16 bz0 = *(const sf_v16*)(b2p + cb * 64), bz1 = *(const sf_v16*)(b2p + cb * 64 + 16);
+      const sf_v16 bz2 = *(const sf_v16*)(b2p + cb * 64 + 32), bz3 = *(const sf_v16*)(b2p + cb * 64 + 48);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          sf_v16 a0 = bz0, a1 = bz1, a2 = bz2, a3 = bz3;
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            const int64_t ih = oh * sh - ph + kh * dh;
+            if (ih < 0 || ih >= H) continue;
+            const float* srow = scratch + (ih - ih_lo) * W * 64;
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const int64_t iw = ow * sw - pw + kw * dw;
+              if (iw < 0 || iw >= W) continue;
+              const float* e = srow + iw * 64;
+              const float* wt = wd + (kh * KW + kw) * 64;
+              a0 += *(const sf_v16*)(wt) * *(const sf_v16*)(e);
+              a1 += *(const sf_v16*)(wt + 16) * *(const sf_v16*)(e + 16);
+              a2 += *(const sf_v16*)(wt + 32) * *(const sf_v16*)(e + 32);
+              a3 += *(const sf_v16*)(wt + 48) * *(const sf_v16*)(e + 48);
+            }
+          }
+          float* yp = y + n * ysn + oh * ysh + ow * ysw + c0;
+          const sf_v16 o[4] = {sf_act_v(a0, act2, act2_param), sf_act_v(a1, act2, act2_param),
+                               sf_act_v(a2, act2, act2_param), sf_act_v(a3, act2, act2_param)};
+          for (int v = 0; v < 4; ++v) {
+            const int m = cn - 16 * v;
+            if (m <= 0) break;
+            sf_store(yp + 16 * v, o[v], m < 16 ? m : 16);
+          }
+        }
+      }
+    }
+    free(scratch);
+  }
+  return failed;
+}

@@ -1,0 +1,82 @@
+"""The depthwise CPU kernel against PyTorch: odd sizes, strides, dilations,
+paddings, channel counts around the 16/64 blocks, epilogues, layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segfast.backends.cpu import native
+from segfast.backends.cpu.depthwise import NativeDepthwiseConv2d, reference
+
+lib = native.load()
+pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels: {native.status()[1]}")
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    err = (y.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item() + 1e-12
+    assert err <= 2e-6 * max(1.0, scale), (err, scale)
+
+
+@pytest.mark.parametrize(
+    ("c", "hw", "k", "stride", "pad", "dil"),
+    [
+        (1, (5, 7), 3, 1, 1, 1),
+        (7, (13, 11), 3, 2, 1, 1),
+        (16, (9, 9), 3, 1, 12, 12),
+        (17, (10, 6), 3, 1, 18, 18),
+        (64, (8, 8), 3, 1, 6, 6),
+        (65, (11, 12), 5, 2, 4, 2),
+        (130, (7, 5), 3, 1, 20, 20),  # rate beyond the map: only the centre tap reads data
+        (48, (6, 9), 3, 3, 0, 1),
+    ],
+)
+def test_matches_pytorch(c, hw, k, stride, pad, dil):
+    x = torch.randn(2, c, *hw).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, 1, k, k)
+    b = torch.randn(c)
+    conv = NativeDepthwiseConv2d(lib, w, b, [stride] * 2, [pad] * 2, [dil] * 2, "none", 0.0, False)
+    _close(conv(x), reference(x, w, b, [stride] * 2, [pad] * 2, [dil] * 2))
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("res", [None, "before", "after"])
+def test_epilogues(act, res):
+    c = 37
+    x = torch.randn(1, c, 9, 10).contiguous(memory_format=torch.channels_last) * 4
+    w, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+    r = None if res is None else torch.randn(1, c, 9, 10)
+    after = res == "after"
+    conv = NativeDepthwiseConv2d(lib, w, b, [1, 1], [12, 12], [12, 12], act, 0.2, after)
+    ref = reference(x, w, b, [1, 1], [12, 12], [12, 12], act, 0.2, r, after)
+    _close(conv(x, r), ref)
+
+
+def test_any_input_layout_and_no_bias():
+    c = 20
+    base = torch.randn(1, c + 5, 11, 9)
+    x = base[:, 2 : 2 + c]  # a channel slice of an NCHW tensor
+    w = torch.randn(c, 1, 3, 3)
+    conv = NativeDepthwiseConv2d(lib, w, None, [1, 1], [9, 9], [9, 9], "none", 0.0, False)
+    _close(conv(x), reference(x, w, None, [1, 1], [9, 9], [9, 9]))
+
+
+def test_broadcast_residual_falls_back_to_pytorch():
+    """A residual the kernel cannot read element for element (here [1, C, 1, 1])
+    goes through the composite implementation, with the same result."""
+    c = 8
+    w, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+    conv = NativeDepthwiseConv2d(lib, w, b, [1, 1], [10, 10], [10, 10], "relu", 0.0, False)
+    x = torch.randn(1, c, 6, 6)
+    r = torch.randn(1, c, 1, 1)
+    ref = reference(x, w, b, [1, 1], [10, 10], [10, 10], "relu", 0.0, r, False)
+    assert torch.allclose(conv(x, r), ref, atol=1e-6)
+
+
+def test_rejects_non_fp32_weights():
+    with pytest.raises(ValueError, match="fp32 only"):
+        NativeDepthwiseConv2d(lib, torch.randn(4, 1, 3, 3).half(), None, [1, 1], [1, 1],
+                              [1, 1], "none", 0.0, False)  # fmt: skip

@@ -1,0 +1,114 @@
+"""Prepacked oneDNN convolutions against segfast's composite implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segfast.backends.cpu.onednn import PackedConv2d, PackedConvTranspose2d
+from segfast.compiler import ops
+
+pytestmark = pytest.mark.skipif(not ops._mkldnn_ok(), reason="oneDNN is not usable here")
+
+
+def _conv(w, b, stride=1, pad=1, dil=1, groups=1, act="relu", res_after=False, x2=None,
+          x2_resize="none", x2_first=False, size=None):  # fmt: skip
+    return PackedConv2d(
+        w, b, [stride] * 2, [pad] * 2, [dil] * 2, groups, act, 0.1, res_after, x2_resize, False,
+        None, None, x2_first, input_size=size, x2_channels=x2,
+    )  # fmt: skip
+
+
+def _composite(x, w, b, stride=1, pad=1, dil=1, groups=1, act="relu", res=None, res_after=False,
+               x2=None, x2_resize="none", x2_first=False):  # fmt: skip
+    return ops.conv2d_impl(x, w, b, [stride] * 2, [pad] * 2, [dil] * 2, groups, act, 0.1, res,
+                           res_after, x2, x2_resize, False, None, None, x2_first)  # fmt: skip
+
+
+def _nhwc(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "leaky_relu", "silu", "sigmoid", "tanh"])
+def test_packed_equals_unpacked(act):
+    x, w, b = _nhwc(2, 13, 11, 9), torch.randn(17, 13, 3, 3), torch.randn(17)
+    y = _conv(w, b, act=act, size=x.shape)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, _composite(x, w, b, act=act), atol=1e-5)
+
+
+def test_packed_for_one_size_runs_at_another():
+    w, b = torch.randn(8, 5, 3, 3), torch.randn(8)
+    conv = _conv(w, b, size=(1, 5, 64, 64))
+    x = _nhwc(3, 5, 7, 13)
+    assert torch.allclose(conv(x), _composite(x, w, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("res_after", [False, True])
+def test_residual(res_after):
+    x, w, b = _nhwc(1, 8, 10, 10), torch.randn(8, 8, 3, 3), torch.randn(8)
+    r = _nhwc(1, 8, 10, 10)
+    y = _conv(w, b, res_after=res_after, size=x.shape)(x, r)
+    assert torch.allclose(y, _composite(x, w, b, res=r, res_after=res_after), atol=1e-5)
+    rb = torch.randn(1, 8, 1, 1)  # broadcast: composite path, same answer
+    y = _conv(w, b, res_after=res_after)(x, rb)
+    assert torch.allclose(y, _composite(x, w, b, res=rb, res_after=res_after), atol=1e-5)
+
+
+def test_depthwise_with_atrous_padding_is_prepadded():
+    c = 24
+    x, w = _nhwc(1, c, 16, 16), torch.randn(c, 1, 3, 3)
+    conv = _conv(w, None, pad=12, dil=12, groups=c, act="none", size=x.shape)
+    assert conv.prepad
+    assert torch.allclose(conv(x), _composite(x, w, None, pad=12, dil=12, groups=c, act="none"),
+                          atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("x2_first", [False, True])
+@pytest.mark.parametrize("resize", ["none", "bilinear", "nearest"])
+def test_two_sources_as_split_k(x2_first, resize):
+    x = _nhwc(2, 6, 12, 10)
+    x2 = torch.randn(2, 10, 6, 5) if resize != "none" else torch.randn(2, 10, 12, 10)
+    w, b = torch.randn(9, 16, 3, 3), torch.randn(9)
+    conv = _conv(w, b, x2=10, x2_resize=resize, x2_first=x2_first, size=x.shape)
+    assert conv.split
+    y = conv(x, None, x2)
+    ref = _composite(x, w, b, x2=x2, x2_resize=resize, x2_first=x2_first)
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_bf16():
+    x = _nhwc(1, 16, 9, 9, dtype=torch.bfloat16)
+    w, b = torch.randn(8, 16, 3, 3).bfloat16(), torch.randn(8).bfloat16()
+    y = _conv(w, b, size=x.shape)(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, _composite(x, w, b))
+
+
+def test_unsupported_activation_is_refused():
+    with pytest.raises(ValueError, match="no post-op"):
+        _conv(torch.randn(4, 4, 3, 3), None, act="gelu")
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "tanh"])
+@pytest.mark.parametrize("res", [None, "before", "after"])
+def test_conv_transpose(act, res):
+    x = _nhwc(2, 12, 7, 9)
+    w, b = torch.randn(12, 6, 2, 2), torch.randn(6)
+    r = None if res is None else _nhwc(2, 6, 14, 18)
+    after = res == "after"
+    conv = PackedConvTranspose2d(w, b, [2, 2], [0, 0], [0, 0], [1, 1], 1, act, 0.0, after,
+                                 input_size=x.shape)  # fmt: skip
+    ref = ops.conv_transpose2d_impl(x, w, b, [2, 2], [0, 0], [0, 0], [1, 1], 1, act, 0.0, r, after)
+    y = conv(x, r)
+    assert y.shape == ref.shape
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_conv_transpose_odd_geometry():
+    x = _nhwc(1, 5, 6, 7)
+    w, b = torch.randn(5, 3, 3, 3), torch.randn(3)
+    conv = PackedConvTranspose2d(w, b, [2, 3], [1, 0], [1, 2], [1, 1], 1, "relu", 0.0, False)
+    ref = ops.conv_transpose2d_impl(x, w, b, [2, 3], [1, 0], [1, 2], [1, 1], 1, "relu", 0.0,
+                                    None, False)  # fmt: skip
+    assert torch.allclose(conv(x), ref, atol=1e-5)
