@@ -39,6 +39,12 @@ FUSIONS: dict[str, Fusion] = {
             "conv_epilogue",
         ),
         Fusion(
+            "concat_depthwise",
+            "cat([a, b]) → depthwise conv",
+            "cat([depthwise(a), depthwise(b)]): the concat moves to the next conv",
+            "concat_depthwise",
+        ),
+        Fusion(
             "skip_concat_resize",
             "cat([skip, upsample(x)]) → conv",
             "two-source prologue, resize on the fly",

@@ -221,6 +221,62 @@ def test_concat_with_other_readers_is_left_alone():
     _same(eng, model, x)
 
 
+class SeparableAfterConcat(nn.Module):
+    """cat([up(low), skip]) → depthwise 3×3 → pointwise 1×1: DeepLab v3+'s decoder."""
+
+    def __init__(
+        self, three_parts: bool = False, dw_bias: bool = False, extra_reader: bool = False
+    ):
+        super().__init__()
+        self.three, self.extra = three_parts, extra_reader
+        self.enc = nn.Conv2d(3, 5, 3, padding=1)
+        self.down = nn.Conv2d(5, 7, 3, stride=2, padding=1)
+        c = 5 + 7 + (3 if three_parts else 0)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=dw_bias)
+        self.bn = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, 6, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.enc(x))
+        low = F.relu(self.down(skip))
+        up = F.interpolate(low, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        parts = [up, skip] + ([x] if self.three else [])
+        cat = torch.cat(parts, 1)
+        y = self.pw(F.relu(self.bn(self.dw(cat))))
+        return y + cat.mean() if self.extra else y
+
+
+@pytest.mark.parametrize("dw_bias", [False, True])
+def test_concat_moves_past_depthwise_into_a_prologue(dw_bias):
+    model = _randomise_bn(SeparableAfterConcat(dw_bias=dw_bias)).eval()
+    x = torch.randn(2, 3, 13, 18)
+    eng = _compile(model, x)
+    assert eng.info.fusions["concat_depthwise"] == 1
+    assert eng.info.fusions["skip_concat"] == 1  # the pointwise conv reads both halves
+    gm = eng._runner.details["graph"]
+    assert not any(n.target is torch.ops.aten.cat.default for n in gm.graph.nodes)
+    _same(eng, model, x)
+
+
+def test_concat_past_depthwise_with_three_parts():
+    """Three parts: the concat moves past the depthwise conv and stays (no
+    two-source prologue for three sources); still exact."""
+    model = _randomise_bn(SeparableAfterConcat(three_parts=True)).eval()
+    x = torch.randn(1, 3, 10, 12)
+    eng = _compile(model, x)
+    assert eng.info.fusions["concat_depthwise"] == 1
+    assert "skip_concat" not in eng.info.fusions
+    _same(eng, model, x)
+
+
+def test_concat_read_by_more_than_the_depthwise_conv_stays():
+    model = _randomise_bn(SeparableAfterConcat(extra_reader=True)).eval()
+    x = torch.randn(1, 3, 10, 12)
+    eng = _compile(model, x)
+    assert "concat_depthwise" not in eng.info.fusions
+    _same(eng, model, x)
+
+
 class Head(nn.Module):
     def __init__(self, upsample: bool, classes: int = 4, crop: bool = False):
         super().__init__()

@@ -87,13 +87,17 @@ def test_head_fires_on_upsampling_heads(name, fusion):
     assert eng.info.fusions[fusion] == 1
 
 
-def test_concat_into_depthwise_conv_is_not_a_prologue():
+def test_deeplab_decoder_concat_moves_past_the_depthwise_conv():
     """DeepLab v3+'s decoder concat feeds a *depthwise* conv (the separable conv's
-    first half), which reads one channel per output: no two-source prologue."""
+    first half), which reads one channel per input: the concat is pushed past it
+    (concat_depthwise) and the pointwise conv after it takes the two-source
+    prologue, so no concatenated tensor is left in the graph."""
     model = models.create("deeplabv3plus_mobilenetv2", tiny=True).eval()
     x = torch.randn(1, 3, 45, 61)
     eng = segfast.compile(model, x, backend="torch")
-    assert "skip_concat_resize" not in eng.info.fusions
+    assert eng.info.fusions["concat_depthwise"] == 1
+    assert eng.info.fusions["skip_concat"] >= 1
+    assert "skip_concat_resize" not in eng.info.fusions  # the upsample feeds the depthwise conv
     assert segfast.check(eng, model, [x]).passed
 
 

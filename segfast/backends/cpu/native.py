@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 2
+ABI_VERSION = 3
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -143,11 +143,10 @@ class Native:
             [_PTR] + [_I64] * 8 + [_PTR, _PTR] + [_I64] * 3 + [_INT, _INT, _FLOAT]
             + [_PTR] + [_I64] * 3
         )  # fmt: skip
-        self.dw_fused = lib.sf_dw_fused
-        self.dw_fused.restype = _INT
-        self.dw_fused.argtypes = (
-            [_INT, _PTR] + [_I64] * 10
-            + [_PTR, _PTR, _INT, _FLOAT, _FLOAT, _FLOAT, _INT, _PTR, _PTR] + [_I64] * 8
+        self.resize_dw = lib.sf_resize_dw
+        self.resize_dw.restype = _INT
+        self.resize_dw.argtypes = (
+            [_PTR] + [_I64] * 9 + [_FLOAT, _FLOAT, _INT, _PTR, _PTR] + [_I64] * 8
             + [_INT, _FLOAT, _PTR] + [_I64] * 6
         )  # fmt: skip
 

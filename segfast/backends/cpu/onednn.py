@@ -118,6 +118,8 @@ class PackedConv2d:
             self.packed = self._pack(w1, s1)
             self.packed2 = self._pack(w2, s2)
         else:
+            if size is not None and x2_channels is not None:  # joined input: all channels
+                size = [size[0], c_per_group * self.groups, size[2], size[3]]
             self.packed = self._pack(weight, size)
 
     def _pack(self, w: Tensor, size: list[int] | None) -> Tensor:

@@ -8,8 +8,10 @@ Lowering walks the fused ``GraphModule`` once, in order:
   input's size (other sizes run too: oneDNN reorders when its choice differs);
 - with segfast's CPU kernels loaded (:mod:`.native`), fp32 only: 3×3 stride-1
   dense convolutions with enough channels run by Winograd F(4×4, 3×3)
-  (:mod:`.winograd`), and depthwise convolutions with atrous paddings oneDNN
-  handles slowly run on :mod:`.depthwise`;
+  (:mod:`.winograd`), depthwise convolutions with atrous paddings oneDNN
+  handles slowly run on :mod:`.depthwise`, and a depthwise convolution whose
+  input is a large bilinear upsample read by nothing else computes the upsample
+  band by band (:mod:`.resize_dw`) instead of reading it from memory;
 - ``max_pool2d_with_indices`` whose indices nobody reads becomes
   ``max_pool2d`` (the indices are a second full-size int64 write);
 - ``segfast.head`` calls its composite implementation directly (no custom-op
@@ -34,11 +36,13 @@ import torch
 from torch import fx
 
 from segfast.backends.cpu import winograd
-from segfast.backends.cpu.depthwise import NativeDepthwiseConv2d, is_depthwise
+from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_depthwise
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
+from segfast.backends.cpu.resize_dw import MIN_BYTES, ResizeDepthwiseConv2d
 from segfast.compiler import ops
 from segfast.compiler.graph import get_tensor, is_call, val
+from segfast.compiler.patterns import resample_of
 
 aten = torch.ops.aten
 segfast_ops = torch.ops.segfast
@@ -185,6 +189,71 @@ def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, t
     return conv, (x, residual)
 
 
+def _const_fp32(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    t = get_tensor(gm, node)
+    return t if t.dtype == torch.float32 and t.device.type == "cpu" else None
+
+
+def _plain_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An fp32 depthwise ``segfast.conv2d`` with one source, no residual and an
+    activation segfast_cpu.c applies."""
+    if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
+        return False
+    a = node.args
+    w = _const_fp32(gm, a[1])
+    if w is None or not is_depthwise(w, a[6]) or a[9] is not None or a[11] is not None:
+        return False
+    return (a[2] is None or _const_fp32(gm, a[2]) is not None) and a[7] in ACT_CODES
+
+
+def _upsample_into(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The bilinear upsample (and its layout fix) feeding only a depthwise conv,
+    if its output is large: (upsample node, nodes the fusion absorbs)."""
+    absorbed = []
+    if is_call(node, ops.to_nhwc) and len(node.users) == 1:
+        absorbed.append(node)
+        node = node.args[0]
+    rs = resample_of(node) if isinstance(node, fx.Node) else None
+    if rs is None or rs.mode != "bilinear" or len(node.users) != 1 or rs.size_for_graph() is None:
+        return None
+    v = val(node)
+    if v.dtype != torch.float32 or not all(isinstance(d, int) for d in v.shape):
+        return None
+    if v.numel() * 4 < MIN_BYTES:  # small maps stay in cache unfused
+        return None
+    return node, [node, *absorbed]
+
+
+def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, fx.Node], set[fx.Node]]:
+    """Depthwise convs that compute their upsampled input themselves:
+    ({depthwise conv: upsample}, the nodes the fusions absorb)."""
+    fused: dict[fx.Node, fx.Node] = {}
+    absorbed: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if not _plain_depthwise(gm, node):
+            continue
+        up = _upsample_into(node.args[0])
+        if up is not None:
+            fused[node] = up[0]
+            absorbed.update(up[1])
+    return fused, absorbed
+
+
+def _resize_dw_step(
+    gm: fx.GraphModule, native: Native, dw: fx.Node, up: fx.Node
+) -> tuple[Callable, tuple]:
+    a = dw.args
+    weight, bias = get_tensor(gm, a[1]), None if a[2] is None else get_tensor(gm, a[2])
+    rs = resample_of(up)
+    conv = ResizeDepthwiseConv2d(
+        native, weight, bias, a[3], a[4], a[5], a[7], a[8], rs.align_corners,
+        (rs.scale_h, rs.scale_w),
+    )  # fmt: skip
+    return conv, (rs.input, list(rs.size_for_graph()))
+
+
 def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool = True) -> Plan:
     """Lower the fused graph (on the CPU) into a :class:`Plan`.
 
@@ -199,6 +268,7 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     inputs: list[int] = []
     pending: list[tuple[fx.Node, Callable, tuple, dict]] = []
     output: Any = None
+    fused, absorbed = _fusions(gm) if native is not None else ({}, set())
 
     def template(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -226,11 +296,16 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
             continue
         if node.op != "call_function":
             raise NotImplementedError(f"cannot lower graph node {node.op} {node.target}")
+        if node in absorbed:  # computed inside the depthwise conv that reads it
+            continue
         fn: Callable = node.target
         args: tuple = node.args
         kwargs = dict(node.kwargs)
         t = node.target
-        if t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
+        if node in fused:
+            fn, args = _resize_dw_step(gm, native, node, fused[node])
+            lowered["bilinear upsample + depthwise conv2d (segfast kernel)"] += 1
+        elif t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
             step = _conv2d_step(gm, node, native, use_winograd)
             if step is not None:
                 fn, args, kind = step
@@ -252,18 +327,20 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
         slot_of[node] = len(slot_of)
         pending.append((node, fn, args, kwargs))
 
-    # Last reader of every slot: free it right after that step.
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        for inp in node.all_input_nodes:
+    # Last reader of every slot (by what the steps really read): free it right after.
+    last_use: dict[fx.Node, fx.Node | None] = {}
+    for node, _, args, kwargs in pending:
+        for inp in _nodes_in((args, kwargs)):
             if inp in slot_of:
                 last_use[inp] = node
+    for inp in _nodes_in(output):
+        last_use[inp] = None  # the plan's result: never freed
     frees: dict[fx.Node, list[int]] = {}
     for value, reader in last_use.items():
-        if reader.op != "output":
+        if reader is not None:
             frees.setdefault(reader, []).append(slot_of[value])
     for node in slot_of:  # values nobody reads (e.g. export's guard call) go at once
-        if node.op != "placeholder" and not node.users:
+        if node.op != "placeholder" and node not in last_use:
             frees.setdefault(node, []).append(slot_of[node])
     steps = [
         Step(
@@ -279,6 +356,16 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     if any(_has_slot(v) for s in steps for v in s.kwargs.values()):
         raise NotImplementedError("graph values passed as keyword arguments")
     return Plan(steps, inputs, template(output), len(slot_of), lowered)
+
+
+def _nodes_in(a: Any) -> list[fx.Node]:
+    if isinstance(a, fx.Node):
+        return [a]
+    if isinstance(a, list | tuple):
+        return [n for t in a for n in _nodes_in(t)]
+    if isinstance(a, dict):
+        return [n for t in a.values() for n in _nodes_in(t)]
+    return []
 
 
 def _args_resolver(template: tuple) -> Callable[[list[Any]], tuple[Any, ...]]:

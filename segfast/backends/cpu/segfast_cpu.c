@@ -17,8 +17,10 @@
  *                 bias, residual (before or after the activation);
  *   sf_wino_in    Winograd F(4×4, 3×3) input transform: NHWC tiles → V[36][T][C];
  *   sf_wino_out   Winograd F(4×4, 3×3) output transform: M[36][T][K] → NHWC,
- *                 with bias, residual and activation.
- * References: segfast/backends/cpu/depthwise.py and winograd.py.
+ *                 with bias, residual and activation;
+ *   sf_resize_dw  depthwise convolution of a bilinear upsample, the upsample
+ *                 computed per band of rows and never written whole.
+ * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +36,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 2; }
+int sf_abi_version(void) { return 3; }
 
 /* 16 fp32 lanes; unaligned loads and stores (GCC vector extension: one AVX-512
  * register, two AVX2 registers on older CPUs). */
@@ -265,64 +267,18 @@ void sf_wino_out(const float* restrict M, int64_t N, int64_t Ho, int64_t Wo, int
 }
 
 /* ---------------------------------------------------------------------------------
- * Depthwise convolution of a tensor produced on the fly, band by band.
- *   mode 1 (expand): e[h][w][c] = act1(b1[c] + sum_k w1[k][c] x[h][w][k])   (1×1 conv, Cx → C)
- *   mode 2 (resize): e = bilinear resize of x (Hx×Wx → H×W), ATen's index arithmetic
- *                    (source = scale·(d + ½) − ½ clamped at 0, or scale·d with
- *                    align_corners; a dimension of equal size is copied)
- * then y = act2(b2 + sum_taps wd · e) with zero padding around e's H×W.
+ * Depthwise convolution of a bilinear upsample, the upsample computed band by band:
+ *   e = bilinear resize of x (Hx×Wx → H×W), ATen's index arithmetic (source =
+ *       scale·(d + ½) − ½ clamped at 0, or scale·d with align_corners; a dimension
+ *       of equal size is copied)
+ *   y = act(b + sum_taps wd · e) with zero padding around e's H×W.
  * One work item: one band of output rows × one block of 64 channels; the rows of e
  * it reads live in a per-thread scratch buffer, so e is never written as a whole
- * (MobileNetV2's first expansion at 512×512 input: 96 channels at 256×256, 25 MB).
- * Weights come prepacked per 64-channel block, zero-padded:
- *   w1p[cb][Cx][64], b1p[cb][64], wdp[cb][KH·KW][64], b2p[cb][64].
- * Returns 0, or 1 when a thread's scratch buffer could not be allocated (y is then
- * incomplete and the caller raises).
+ * (DeepLab v3+'s decoder: 256 channels upsampled ×4 to 128×128, 16 MB).
+ * Weights come prepacked per 64-channel block, zero-padded: wdp[cb][KH·KW][64],
+ * bp[cb][64]. Returns 0, or 1 when a thread's scratch buffer could not be
+ * allocated (y is then incomplete and the caller raises).
  * ------------------------------------------------------------------------------- */
-
-static void sf_produce_expand(const float* x, int64_t xsn, int64_t xsh, int64_t xsw, int64_t Cx,
-                              int64_t n, int64_t r, int64_t W, const float* w1, const float* b1,
-                              int act1, float p1, float* row /* [W][64] */) {
-  const sf_v16 b0 = *(const sf_v16*)(b1), bv1 = *(const sf_v16*)(b1 + 16);
-  const sf_v16 bv2 = *(const sf_v16*)(b1 + 32), bv3 = *(const sf_v16*)(b1 + 48);
-  const float* xr = x + n * xsn + r * xsh;
-  int64_t w = 0;
-  for (; w + 4 <= W; w += 4) { /* 4 pixels × 64 channels: 16 accumulators */
-    sf_v16 a[4][4];
-    for (int p = 0; p < 4; ++p) {
-      a[p][0] = b0;
-      a[p][1] = bv1;
-      a[p][2] = bv2;
-      a[p][3] = bv3;
-    }
-    const float* xp0 = xr + (w + 0) * xsw;
-    const float* xp1 = xr + (w + 1) * xsw;
-    const float* xp2 = xr + (w + 2) * xsw;
-    const float* xp3 = xr + (w + 3) * xsw;
-    for (int64_t k = 0; k < Cx; ++k) {
-      const float* wk = w1 + k * 64;
-      const sf_v16 w0 = *(const sf_v16*)wk, w1v = *(const sf_v16*)(wk + 16);
-      const sf_v16 w2 = *(const sf_v16*)(wk + 32), w3 = *(const sf_v16*)(wk + 48);
-      const float s0 = xp0[k], s1 = xp1[k], s2 = xp2[k], s3 = xp3[k];
-      a[0][0] += s0 * w0; a[0][1] += s0 * w1v; a[0][2] += s0 * w2; a[0][3] += s0 * w3;
-      a[1][0] += s1 * w0; a[1][1] += s1 * w1v; a[1][2] += s1 * w2; a[1][3] += s1 * w3;
-      a[2][0] += s2 * w0; a[2][1] += s2 * w1v; a[2][2] += s2 * w2; a[2][3] += s2 * w3;
-      a[3][0] += s3 * w0; a[3][1] += s3 * w1v; a[3][2] += s3 * w2; a[3][3] += s3 * w3;
-    }
-    for (int p = 0; p < 4; ++p)
-      for (int v = 0; v < 4; ++v) *(sf_v16*)(row + (w + p) * 64 + 16 * v) = sf_act_v(a[p][v], act1, p1);
-  }
-  for (; w < W; ++w) {
-    sf_v16 a[4] = {b0, bv1, bv2, bv3};
-    const float* xp = xr + w * xsw;
-    for (int64_t k = 0; k < Cx; ++k) {
-      const float s = xp[k];
-      for (int v = 0; v < 4; ++v) a[v] += s * *(const sf_v16*)(w1 + k * 64 + 16 * v);
-    }
-    for (int v = 0; v < 4; ++v) *(sf_v16*)(row + w * 64 + 16 * v) = sf_act_v(a[v], act1, p1);
-  }
-}
-
 /* ATen's linear source index for output index d (fp32, as upsample_bilinear2d computes). */
 static inline void sf_linear_index(int64_t d, int64_t in, int64_t out, float scale, int align,
                                    int64_t* i0, int64_t* i1, float* l1) {
@@ -370,9 +326,8 @@ static void sf_produce_resize(const float* x, int64_t xsn, int64_t xsh, int64_t 
   }
 }
 
-int sf_dw_fused(int mode, const float* restrict x, int64_t N, int64_t Hx, int64_t Wx, int64_t Cx,
+int sf_resize_dw(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx,
                  int64_t xsn, int64_t xsh, int64_t xsw, int64_t H, int64_t W, int64_t C,
-                 const float* restrict w1p, const float* restrict b1p, int act1, float act1_param,
                  float scale_h, float scale_w, int align_corners,
                  const float* restrict wdp, const float* restrict b2p, int64_t KH, int64_t KW,
                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
@@ -407,13 +362,8 @@ int sf_dw_fused(int mode, const float* restrict x, int64_t N, int64_t Hx, int64_
       const int64_t r_lo = ih_lo > 0 ? ih_lo : 0;
       const int64_t r_hi = ih_hi < H - 1 ? ih_hi : H - 1;
       for (int64_t r = r_lo; r <= r_hi; ++r) {
-        float* row = scratch + (r - ih_lo) * W * 64;
-        if (mode == 1)
-          sf_produce_expand(x, xsn, xsh, xsw, Cx, n, r, W, w1p + cb * Cx * 64, b1p + cb * 64,
-                            act1, act1_param, row);
-        else
-          sf_produce_resize(x, xsn, xsh, xsw, Hx, Wx, c0, cn, n, r, H, W, scale_h, scale_w,
-                            align_corners, row);
+        sf_produce_resize(x, xsn, xsh, xsw, Hx, Wx, c0, cn, n, r, H, W, scale_h, scale_w,
+                          align_corners, scratch + (r - ih_lo) * W * 64);
       }
       const float* wd = wdp + cb * KH * KW * 64;
       const sf_v16 bz0 = *(const sf_v16*)(b2p + cb * 64), bz1 = *(const sf_v16*)(b2p + cb * 64 + 16);

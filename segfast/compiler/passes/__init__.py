@@ -10,6 +10,7 @@ from collections.abc import Callable
 from segfast.compiler.context import PassContext
 from segfast.compiler.passes import (
     cleanup,
+    concat_depthwise,
     concat_slices,
     conv_epilogue,
     fold_bn,
@@ -23,6 +24,8 @@ PASSES: list[tuple[str, Callable[[PassContext], None]]] = [
     ("cleanup", cleanup.run),  # first: identity ops would break every chain below
     ("fold_bn", fold_bn.run),  # before conv_epilogue: conv→BN→act only chains once BN is gone
     ("conv_epilogue", conv_epilogue.run),  # convolutions become segfast ops (+ act, residual)
+    # before skip_concat: moves a concat past depthwise convs to a dense conv it can fuse into
+    ("concat_depthwise", concat_depthwise.run),
     ("skip_concat", skip_concat.run),  # needs the consumer convs to be segfast.conv2d already
     ("head", head.run),  # needs the classifier conv as a plain segfast.conv2d
     ("concat_slices", concat_slices.run),  # after skip_concat: only cats it left over

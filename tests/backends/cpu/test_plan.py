@@ -157,3 +157,36 @@ def test_unet_base32_takes_winograd():
     assert sum(n for k, n in lowered.items() if "Winograd" in k) == 9
     report = segfast.check(eng, model, x)
     assert report.passed, report
+
+
+class UpThenSeparable(nn.Module):
+    """bilinear ×4 → depthwise 3×3 → pointwise: the decoder shape the resize fusion targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 40, 3, stride=4, padding=1)
+        self.dw = nn.Conv2d(40, 40, 3, padding=1, groups=40, bias=False)
+        self.pw = nn.Conv2d(40, 7, 1)
+
+    def forward(self, x):
+        y = F.relu(self.enc(x))
+        y = F.interpolate(y, scale_factor=4.0, mode="bilinear", align_corners=False)
+        return self.pw(self.dw(y))
+
+
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_upsample_into_depthwise_is_fused(monkeypatch):
+    from segfast.backends.cpu import plan
+
+    monkeypatch.setattr(plan, "MIN_BYTES", 1)  # fuse even this small test map
+    model = UpThenSeparable().eval()
+    x = torch.randn(2, 3, 36, 44)
+    eng = _compile(model, x)
+    assert (
+        eng._runner.details["lowered"]["bilinear upsample + depthwise conv2d (segfast kernel)"] == 1
+    )
+    with torch.no_grad():
+        assert _rel(eng(x), model(x)) <= 1e-5
+    monkeypatch.setattr(plan, "MIN_BYTES", 1 << 40)  # and not when the map is small
+    eng = _compile(model, x)
+    assert not any("upsample" in k for k in eng._runner.details["lowered"])

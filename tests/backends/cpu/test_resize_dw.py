@@ -1,0 +1,74 @@
+"""Depthwise convolution of a bilinear upsample, fused: against PyTorch's
+upsample followed by the depthwise conv, over sizes, scales and alignments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segfast.backends.cpu import native, resize_dw
+from segfast.backends.cpu.resize_dw import ResizeDepthwiseConv2d, source_scale
+from segfast.compiler import ops
+
+lib = native.load()
+pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels: {native.status()[1]}")
+
+
+def _reference(x, size, align, scales, w, b, stride, pad, dil, act):
+    up = ops.resize_like_aten(x, size, "bilinear", align, *scales)
+    y = F.conv2d(up.double(), w.double(), None if b is None else b.double(), stride, pad, dil,
+                 w.shape[0])  # fmt: skip
+    return ops.activation(y, act, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("c", "src", "size", "align", "scales"),
+    [
+        (16, (8, 8), (32, 32), False, (None, None)),
+        (70, (5, 7), (13, 29), False, (None, None)),
+        (3, (6, 6), (6, 6), False, (None, None)),  # equal size: a copy
+        (33, (4, 9), (11, 9), True, (None, None)),
+        (20, (5, 5), (10, 10), False, (2.0, 2.0)),  # scale_factor given
+        (129, (7, 3), (15, 7), False, (2.2, 2.5)),  # non-integral scales
+        (8, (1, 1), (9, 12), False, (None, None)),  # from a 1×1 map
+    ],
+)
+@pytest.mark.parametrize(("stride", "pad", "dil"), [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_matches_upsample_then_depthwise(c, src, size, align, scales, stride, pad, dil):
+    x = torch.randn(2, c, *src).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+    conv = ResizeDepthwiseConv2d(lib, w, b, [stride] * 2, [pad] * 2, [dil] * 2, "relu6", 0.1,
+                                 align, scales)  # fmt: skip
+    y = conv(x, size)
+    ref = _reference(x, size, align, scales, w, b, [stride] * 2, [pad] * 2, [dil] * 2, "relu6")
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_bands(monkeypatch):
+    """Tiny scratch (one row per band): same result."""
+    x = torch.randn(1, 40, 9, 11).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(40, 1, 3, 3)
+    conv = ResizeDepthwiseConv2d(lib, w, None, [1, 1], [1, 1], [1, 1], "none", 0.0, False,
+                                 (None, None))  # fmt: skip
+    whole = conv(x, (36, 44))
+    monkeypatch.setattr(resize_dw, "SCRATCH_BYTES", 1)
+    assert torch.equal(conv(x, (36, 44)), whole)
+
+
+def test_source_scale_is_atens():
+    assert source_scale(32, 128, False, None) == 0.25
+    assert source_scale(5, 13, True, None) == pytest.approx(4 / 12)
+    assert source_scale(5, 1, True, None) == 0.0
+    assert source_scale(5, 11, False, 2.2) == pytest.approx(1 / 2.2)
+
+
+def test_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="depthwise weight"):
+        ResizeDepthwiseConv2d(lib, torch.randn(4, 2, 3, 3), None, [1, 1], [1, 1], [1, 1],
+                              "none", 0.0, False, (None, None))  # fmt: skip
+    with pytest.raises(ValueError, match="activation"):
+        ResizeDepthwiseConv2d(lib, torch.randn(4, 1, 3, 3), None, [1, 1], [1, 1], [1, 1],
+                              "silu", 0.0, False, (None, None))  # fmt: skip
