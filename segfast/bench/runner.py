@@ -5,16 +5,27 @@ built with :func:`segfast.compile`, warmed up, timed over rotating input sets,
 and compared with the fp32 eager model on the same inputs. A backend that
 cannot run here is reported with its reason instead of numbers.
 
-Timing: on the CPU each call is timed with ``time.perf_counter``; on a GPU the
-device time comes from CUDA events recorded around the call and the host
-latency from the host clock after synchronising — both are kept. Engines that
-replay CUDA graphs (triton) do so inside the timed call. Warm-up runs are
-excluded; the input sets rotate so caches do not flatter small inputs.
+Timing: every backend is built, warmed up and checked first; then the timed
+calls run in ``rounds`` rounds, each round giving every backend one block of
+calls, in an order that rotates from round to round. Side by side in one run
+means the same conditions: a slow minute of a shared machine lands on every
+backend, not on whichever ran then. On the CPU each block starts after a short
+pause and one untimed call, so the thread pool of the backend before it
+(OpenMP, ONNX Runtime's spinning workers) has parked instead of competing for
+the cores (measured on 2 cores: without the pause, alternating oneDNN and ONNX
+Runtime made both 30–50 % slower). On the CPU each call is timed with
+``time.perf_counter``; on a GPU the device time comes from CUDA events recorded
+around the call and the host latency from the host clock after synchronising —
+both are kept. Engines that replay CUDA graphs (triton) do so inside the timed
+call. Warm-up runs are excluded; the input sets rotate so caches do not flatter
+small inputs.
 
-Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` (reset per
-backend); on the CPU the process's peak resident set size while the backend
-builds and runs (Linux's VmHWM, reset per backend; elsewhere not reported) —
-RSS is per process, so it includes what earlier backends left allocated.
+Peak memory: what the backend added at its peak while it was built, warmed up
+and checked, over what the process held before (the other engines stay alive
+for the interleaved timing): on a GPU ``torch.cuda.max_memory_allocated``
+minus the allocated bytes before; on the CPU the process's peak resident set
+size minus its resident size before (Linux's VmHWM, reset per backend;
+elsewhere not reported).
 """
 
 from __future__ import annotations
@@ -157,7 +168,7 @@ class _RssPeak:
     """
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak = 0  # bytes above the resident size at entry
 
     @staticmethod
     def supported() -> bool:
@@ -169,20 +180,25 @@ class _RssPeak:
             return False
 
     @staticmethod
-    def _hwm() -> int:
+    def _status(field: str) -> int:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
         return 0
+
+    @staticmethod
+    def _hwm() -> int:
+        return _RssPeak._status("VmHWM:")
 
     def __enter__(self) -> _RssPeak:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
+        self.base = self._status("VmRSS:")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.peak = self._hwm()
+        self.peak = max(0, self._hwm() - self.base)
 
 
 def _peak_memory(device: torch.device) -> Any:
@@ -199,11 +215,12 @@ class _CudaPeak:
     def __enter__(self) -> _CudaPeak:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
         torch.cuda.synchronize(self.device)
-        self.peak = torch.cuda.max_memory_allocated(self.device)
+        self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
 
 
 def parse_backends(text: str | Sequence[str]) -> list[str]:
@@ -232,6 +249,8 @@ def run_benchmark(
     options: dict[str, dict[str, Any]] | None = None,
     engines: dict[str, Any] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    rounds: int = 5,
+    pause_s: float = 0.05,
 ) -> BenchResult:
     """Benchmark ``model`` on every backend in ``backends``.
 
@@ -239,7 +258,9 @@ def run_benchmark(
     the accuracy columns compare each engine with the fp32 eager model on all
     of them. ``engines`` may supply prebuilt engines by backend name (used by
     tests to benchmark a deliberately wrong engine). ``on_progress(backend,
-    done, total)`` is called after every timed iteration.
+    done, total)`` is called after every timed iteration. The ``iters`` timed
+    calls per backend are split over ``rounds`` interleaved rounds (see the
+    module docstring); ``pause_s`` is the CPU pause before each block.
     """
     from segfast.bench.modelstats import model_stats
     from segfast.compiler.postprocess import WithHead
@@ -266,16 +287,24 @@ def run_benchmark(
         del lowp_model
     batch = int(sets[0][0].shape[0]) if sets[0][0].dim() else 1
     rows: list[Row] = []
+    built: list[tuple[Row, Any]] = []
     for be in backends:
-        row = _bench_one(
+        row, engine = _prepare(
             be, model, sets, refs, lowp_ref, precision=precision, output=output, warmup=warmup,
-            iters=iters, device=dev, options=(options or {}).get(be, {}),
-            engine=(engines or {}).get(be), flops=flops, batch=batch, on_progress=on_progress,
+            device=dev, options=(options or {}).get(be, {}), engine=(engines or {}).get(be),
         )  # fmt: skip
         rows.append(row)
+        if engine is not None:
+            built.append((row, engine))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    _time_interleaved(built, sets, iters=iters, rounds=rounds, pause_s=pause_s, device=dev,
+                      on_progress=on_progress)  # fmt: skip
+    for row, engine in built:
+        if row.status == "ok":
+            _finish(row, engine, flops=flops, batch=batch)
+    del built
     _ratios(rows)
     return BenchResult(
         model=name,
@@ -292,7 +321,7 @@ def run_benchmark(
     )
 
 
-def _bench_one(
+def _prepare(
     backend: str,
     model: nn.Module,
     sets: list[tuple[torch.Tensor, ...]],
@@ -302,14 +331,11 @@ def _bench_one(
     precision: str,
     output: str,
     warmup: int,
-    iters: int,
     device: torch.device,
     options: dict[str, Any],
     engine: Any,
-    flops: int,
-    batch: int,
-    on_progress: Callable[[str, int, int], None] | None,
-) -> Row:
+) -> tuple[Row, Any]:
+    """Build (or take), warm up and check one backend: (its row, the engine or None)."""
     from segfast.backends import available
 
     row = Row(backend=backend, precision=precision, status="ok")
@@ -322,7 +348,7 @@ def _bench_one(
             ok, why = False, str(exc)
         if not ok:
             row.status, row.reason = "unavailable", why
-            return row
+            return row, None
     peak = _peak_memory(device)
     try:
         with peak if peak is not None else _Null():
@@ -337,30 +363,72 @@ def _bench_one(
                 row.build_s = engine.info.build_seconds
             for s in sets:
                 engine.check_inputs(s)
-            samples = measure(
-                engine.run_unchecked, sets, warmup=warmup, iters=iters, device=device,
-                on_iteration=(lambda i: on_progress(backend, i + 1, iters)) if on_progress
-                else None,
-            )  # fmt: skip
+            measure(engine.run_unchecked, sets, warmup=warmup, iters=0, device=device)
             with torch.inference_mode():
                 outs = [engine.run_unchecked(*s) for s in sets]
     except segfast.BackendUnavailable as exc:
         row.status, row.reason = "unavailable", str(exc).splitlines()[0]
-        return row
+        return row, None
     except Exception as exc:  # a backend failing on this model is a result, not a crash
-        row.status = "failed"
-        row.reason = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        )
-        return row
+        _failed(row, exc)
+        return row, None
     if peak is not None:
         row.peak_memory_bytes = int(peak.peak)
-    row.samples_s = list(samples.host_s)
-    row.device_samples_s = list(samples.device_s)
-    row.latency_ms = summarize(samples.host_s).as_dict()
-    if samples.device_s:
-        row.device_ms = summarize(samples.device_s).as_dict()
-    timed = median(samples.device_s or samples.host_s)
+    _accuracy(row, outs, refs, lowp_ref, precision)
+    return row, engine
+
+
+def _failed(row: Row, exc: BaseException) -> None:
+    row.status = "failed"
+    text = str(exc).strip()
+    row.reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _time_interleaved(
+    built: list[tuple[Row, Any]],
+    sets: list[tuple[torch.Tensor, ...]],
+    *,
+    iters: int,
+    rounds: int,
+    pause_s: float,
+    device: torch.device,
+    on_progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """``iters`` timed calls per engine in ``rounds`` blocks, the order rotating."""
+    rounds = max(1, min(rounds, iters)) if iters > 0 else 0
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    done: dict[int, int] = {id(row): 0 for row, _ in built}
+    for r in range(rounds):
+        k = r % len(built) if built else 0
+        for row, engine in built[k:] + built[:k]:
+            if row.status != "ok":
+                continue
+            if device.type == "cpu" and pause_s > 0:
+                time.sleep(pause_s)
+
+            def tick(i: int, row: Row = row, base: int = done[id(row)]) -> None:
+                if on_progress is not None:
+                    on_progress(row.backend, base + i + 1, iters)
+
+            try:
+                samples = measure(engine.run_unchecked, sets, warmup=1, iters=per_round[r],
+                                  device=device, on_iteration=tick)  # fmt: skip
+            except Exception as exc:  # failing while timed: a result, not a crash
+                _failed(row, exc)
+                continue
+            row.samples_s.extend(samples.host_s)
+            row.device_samples_s.extend(samples.device_s)
+            done[id(row)] += per_round[r]
+
+
+def _finish(row: Row, engine: Any, *, flops: int, batch: int) -> None:
+    """Latency statistics and throughput from the row's samples."""
+    if not row.samples_s:
+        return
+    row.latency_ms = summarize(row.samples_s).as_dict()
+    if row.device_samples_s:
+        row.device_ms = summarize(row.device_samples_s).as_dict()
+    timed = median(row.device_samples_s or row.samples_s)
     row.fps = throughput(batch, timed)
     row.gflops_per_s = flops / timed / 1e9
     info = engine.info
@@ -369,8 +437,6 @@ def _bench_one(
         row.gbytes_per_s = row.activation_bytes / timed / 1e9
     row.cuda_graph = bool(getattr(engine._runner, "cuda_graph", False))
     row.notes = list(info.notes)
-    _accuracy(row, outs, refs, lowp_ref, precision)
-    return row
 
 
 class _Null:

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default=",".join(ALL_BACKENDS))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precisions = (args.precisions or ("fp32,fp16" if device == "cuda" else "fp32,bf16")).split(",")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {cid} {precision} on {dev_name}", flush=True)
             res = run_benchmark(
                 model, sets, name=cid, backends=backends, precision=precision,
-                warmup=args.warmup, iters=args.iters, device=device,
+                warmup=args.warmup, iters=args.iters, device=device, rounds=args.rounds,
             )  # fmt: skip
             report.print_table(res)
             results = [r for r in results if (r.model, r.precision) != (cid, precision)]

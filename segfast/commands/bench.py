@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         ("--iters", args.iters, 1),
         ("--warmup", args.warmup, 0),
         ("--input-sets", args.input_sets, 1),
+        ("--rounds", args.rounds, 1),
     ):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         res = run_benchmark(
             model, sets, name=args.model, backends=backends, precision=args.precision,
             output=args.output, warmup=args.warmup, iters=args.iters, device=device,
-            on_progress=on_progress,
+            on_progress=on_progress, rounds=args.rounds,
         )  # fmt: skip
     finally:
         if progress is not None:
@@ -116,6 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--input-sets", type=int, default=3, help="input sets rotated while timing")
+    p.add_argument(
+        "--rounds", type=int, default=5,
+        help="the timed calls are split into this many rounds, backends interleaved",
+    )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--json", default=None, help="write every raw sample and the environment")
     p.add_argument("--plot", default=None, help="write latency distributions (PNG)")
