@@ -46,7 +46,7 @@ class TorchBackend(Backend):
             from segfast.backends.cpu.plan import lower
 
             kernels = None
-            if req.dtype == torch.float32 and req.options.get("cpu_kernels", True):
+            if req.options.get("cpu_kernels", True):
                 kernels = cpu_native.load()
                 ok, why = cpu_native.status()
                 notes.append("segfast CPU kernels: " + ("loaded" if ok else f"not used ({why})"))

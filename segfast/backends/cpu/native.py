@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -143,6 +143,13 @@ class Native:
             [_PTR] + [_I64] * 8 + [_PTR, _PTR] + [_I64] * 3 + [_INT, _INT, _FLOAT]
             + [_PTR] + [_I64] * 3
         )  # fmt: skip
+        for name in ("resize_nchw", "resize_argmax"):
+            fn = getattr(lib, f"sf_{name}")
+            fn.restype = _INT
+            fn.argtypes = (
+                [_PTR, _INT] + [_I64] * 7 + [_PTR, _INT] + [_I64] * 2 + [_FLOAT, _FLOAT, _INT]
+            )
+            setattr(self, name, fn)
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT
         self.resize_dw.argtypes = (

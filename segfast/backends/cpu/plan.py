@@ -11,7 +11,10 @@ Lowering walks the fused ``GraphModule`` once, in order:
   (:mod:`.winograd`), depthwise convolutions with atrous paddings oneDNN
   handles slowly run on :mod:`.depthwise`, and a depthwise convolution whose
   input is a large bilinear upsample read by nothing else computes the upsample
-  band by band (:mod:`.resize_dw`) instead of reading it from memory;
+  band by band (:mod:`.resize_dw`) instead of reading it from memory; a bilinear
+  upsample of the logits that ends the graph writes them NCHW, and the
+  ``segfast.head`` argmax takes the mask from the (resized) logits without
+  writing full-resolution logits (:mod:`.resize`);
 - ``max_pool2d_with_indices`` whose indices nobody reads becomes
   ``max_pool2d`` (the indices are a second full-size int64 write);
 - ``segfast.head`` calls its composite implementation directly (no custom-op
@@ -39,6 +42,7 @@ from segfast.backends.cpu import winograd
 from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_depthwise
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
+from segfast.backends.cpu.resize import NativeResize
 from segfast.backends.cpu.resize_dw import MIN_BYTES, ResizeDepthwiseConv2d
 from segfast.compiler import ops
 from segfast.compiler.graph import get_tensor, is_call, val
@@ -254,6 +258,59 @@ def _resize_dw_step(
     return conv, (rs.input, list(rs.size_for_graph()))
 
 
+def _output_upsample(out: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The bilinear upsample the graph ends with: (upsample, nodes it replaces)."""
+    if not isinstance(out, fx.Node):
+        return None
+    replaced = []
+    node = out
+    if is_call(node, ops.to_nhwc) and len(node.users) == 1:
+        replaced.append(node)
+        node = node.args[0]
+    rs = resample_of(node) if isinstance(node, fx.Node) else None
+    if rs is None or rs.mode != "bilinear" or len(node.users) != 1 or rs.size_for_graph() is None:
+        return None
+    v = val(node)
+    if v.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return node, [node, *replaced]
+
+
+class _HeadArgmax:
+    """``segfast.head`` in argmax mode: [1×1 conv on oneDNN] → resize+argmax kernel."""
+
+    def __init__(self, conv: PackedConv2d | None, resize: NativeResize, mask_dtype: str) -> None:
+        self.conv, self.resize, self.mask_dtype = conv, resize, mask_dtype
+
+    def __call__(self, x: torch.Tensor, out_h: Any, out_w: Any, resize: bool) -> torch.Tensor:
+        if self.conv is not None:
+            x = self.conv(x)
+        size = (int(out_h), int(out_w)) if resize else (int(x.shape[2]), int(x.shape[3]))
+        return self.resize.argmax(x, size, self.mask_dtype)
+
+
+def _head_step(gm: fx.GraphModule, node: fx.Node, native: Native) -> tuple[Callable, tuple] | None:
+    (x, w, b, out_h, out_w, resize, align, scale_h, scale_w, mode, _threshold,
+     mask_dtype) = node.args  # fmt: skip
+    if mode != "argmax" or val(x).dtype not in (torch.float32, torch.bfloat16):
+        return None
+    conv = None
+    if w is not None:
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            return None
+        if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
+            return None
+        weight = get_tensor(gm, w)
+        weight = weight if weight.dim() == 4 else weight[:, :, None, None]
+        bias = None if b is None else get_tensor(gm, b)
+        if weight.dtype != val(x).dtype or (bias is not None and bias.dtype != weight.dtype):
+            return None
+        conv = PackedConv2d(weight, bias, [1, 1], [0, 0], [1, 1], 1, "none", 0.0, False, "none",
+                            False, None, None, False, input_size=tuple(val(x).shape))  # fmt: skip
+    rsz = NativeResize(native, bool(align), (scale_h, scale_w))
+    return _HeadArgmax(conv, rsz, mask_dtype), (x, out_h, out_w, resize)
+
+
 def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool = True) -> Plan:
     """Lower the fused graph (on the CPU) into a :class:`Plan`.
 
@@ -269,6 +326,10 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     pending: list[tuple[fx.Node, Callable, tuple, dict]] = []
     output: Any = None
     fused, absorbed = _fusions(gm) if native is not None else ({}, set())
+    out_node = next(n for n in nodes if n.op == "output")
+    final = _output_upsample(out_node.args[0]) if native is not None else None
+    if final is not None:
+        absorbed.update(final[1][1:])  # the layout fix after it; the upsample is replaced
 
     def template(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -289,6 +350,8 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
             continue
         if node.op == "output":
             output = node.args[0]
+            if final is not None:
+                output = final[0]  # the native resize replaces upsample + layout fix
             continue
         if node.op == "call_module":  # e.g. torch.export's shape-guard function
             slot_of[node] = len(slot_of)
@@ -305,6 +368,11 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
         if node in fused:
             fn, args = _resize_dw_step(gm, native, node, fused[node])
             lowered["bilinear upsample + depthwise conv2d (segfast kernel)"] += 1
+        elif final is not None and node is final[0]:
+            rs = resample_of(node)
+            fn = NativeResize(native, rs.align_corners, (rs.scale_h, rs.scale_w)).logits
+            args = (rs.input, list(rs.size_for_graph()))
+            lowered["bilinear upsample of the logits, NCHW out (segfast kernel)"] += 1
         elif t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
             step = _conv2d_step(gm, node, native, use_winograd)
             if step is not None:
@@ -319,8 +387,13 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
                 lowered["conv_transpose2d"] += 1
             else:
                 fn = ops.conv_transpose2d_impl
-        elif t is segfast_ops.head.default:
-            fn = ops.head_impl
+        elif t is segfast_ops.head.default or t is ops.head_impl:
+            step = _head_step(gm, node, native) if native is not None else None
+            if step is not None:
+                fn, args = step
+                lowered["head: [resize +] argmax (segfast kernel)"] += 1
+            else:
+                fn = ops.head_impl
         elif t is aten.max_pool2d_with_indices.default and _only_values_read(node):
             fn = _pool_no_indices
             lowered["max_pool2d (no indices)"] += 1

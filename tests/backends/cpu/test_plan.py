@@ -3,6 +3,8 @@ unlowered fused graph, that each lowering fires, options, fallbacks."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +192,43 @@ def test_upsample_into_depthwise_is_fused(monkeypatch):
     monkeypatch.setattr(plan, "MIN_BYTES", 1 << 40)  # and not when the map is small
     eng = _compile(model, x)
     assert not any("upsample" in k for k in eng._runner.details["lowered"])
+
+
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logits_upsample_and_mask_head(precision):
+    """A model ending in a bilinear upsample (FCN/DeepLab style): the logits come
+    back NCHW from the resize kernel; output="mask" takes the argmax kernel."""
+    model = models.create("deeplabv3plus_mobilenetv2", tiny=True).eval()
+    x = torch.randn(1, 3, 45, 61)
+    logits = segfast.compile(model, x, backend="torch", precision=precision)
+    assert (
+        logits._runner.details["lowered"][
+            "bilinear upsample of the logits, NCHW out (segfast kernel)"
+        ]
+        == 1
+    )
+    y = logits(x)
+    assert y.is_contiguous()
+    assert segfast.check(logits, model, x).passed
+    mask = segfast.compile(model, x, backend="torch", precision=precision, output="mask")
+    assert mask._runner.details["lowered"]["head: [resize +] argmax (segfast kernel)"] == 1
+    if precision == "fp32":
+        assert segfast.check(mask, model, x).passed
+    else:  # random weights: near-ties flip in bf16; no worse than PyTorch's own bf16
+        with torch.no_grad():
+            ref = model(x).argmax(1)
+            own = copy.deepcopy(model).bfloat16()(x.bfloat16()).argmax(1)
+        ours = (mask(x).long() == ref).float().mean()
+        assert ours >= (own == ref).float().mean()
+
+
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_mask_head_with_classifier_inside():
+    """FCN's head: 1×1 classifier + upsample + argmax as one segfast.head."""
+    model = models.create("fcn_resnet50", tiny=True).eval()
+    x = torch.randn(1, 3, 40, 36)
+    eng = segfast.compile(model, x, backend="torch", output="mask")
+    assert eng.info.fusions.get("head_conv") == 1
+    assert eng._runner.details["lowered"]["head: [resize +] argmax (segfast kernel)"] == 1
+    assert segfast.check(eng, model, x).passed
