@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -150,6 +150,11 @@ class Native:
                 [_PTR, _INT] + [_I64] * 7 + [_PTR, _INT] + [_I64] * 2 + [_FLOAT, _FLOAT, _INT]
             )
             setattr(self, name, fn)
+        self.up_taps = lib.sf_up_taps
+        self.up_taps.restype = _INT
+        self.up_taps.argtypes = (
+            [_PTR] + [_I64] * 15 + [_FLOAT, _FLOAT, _INT, _PTR, _INT, _FLOAT, _PTR] + [_I64] * 3
+        )  # fmt: skip
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT
         self.resize_dw.argtypes = (

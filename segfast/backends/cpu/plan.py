@@ -11,7 +11,10 @@ Lowering walks the fused ``GraphModule`` once, in order:
   (:mod:`.winograd`), depthwise convolutions with atrous paddings oneDNN
   handles slowly run on :mod:`.depthwise`, and a depthwise convolution whose
   input is a large bilinear upsample read by nothing else computes the upsample
-  band by band (:mod:`.resize_dw`) instead of reading it from memory; a bilinear
+  band by band (:mod:`.resize_dw`) instead of reading it from memory — and
+  when a pointwise conv reads that depthwise conv and the upsample is ≥ ×4 in
+  area, the channel mixing moves to the source resolution (per-tap weights,
+  :class:`~.resize_dw.UpsampleSeparableConv2d`); a bilinear
   upsample of the logits that ends the graph writes them NCHW, and the
   ``segfast.head`` argmax takes the mask from the (resized) logits without
   writing full-resolution logits (:mod:`.resize`);
@@ -43,7 +46,7 @@ from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
 from segfast.backends.cpu.resize import NativeResize
-from segfast.backends.cpu.resize_dw import MIN_BYTES, ResizeDepthwiseConv2d
+from segfast.backends.cpu.resize_dw import MIN_BYTES, ResizeDepthwiseConv2d, UpsampleSeparableConv2d
 from segfast.compiler import ops
 from segfast.compiler.graph import get_tensor, is_call, val
 from segfast.compiler.patterns import resample_of
@@ -245,6 +248,66 @@ def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, fx.Node], set[fx.Node]]:
     return fused, absorbed
 
 
+def _separable_after_upsample(
+    gm: fx.GraphModule, fused: dict[fx.Node, fx.Node]
+) -> dict[fx.Node, tuple[fx.Node, fx.Node, slice, fx.Node | None]]:
+    """Pointwise convs reading a fused upsample→depthwise conv whose channel
+    mixing is cheaper at the source resolution:
+    {pointwise: (depthwise, upsample, its weight columns, other source or None)}."""
+    out: dict[fx.Node, tuple[fx.Node, fx.Node, slice, fx.Node | None]] = {}
+    for node in gm.graph.nodes:
+        if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
+            continue
+        a = node.args
+        w = _const_fp32(gm, a[1])
+        if w is None or tuple(w.shape[2:]) != (1, 1) or a[6] != 1 or a[9] is not None:
+            continue
+        if list(a[3]) != [1, 1] or list(a[4]) != [0, 0] or a[7] not in ACT_CODES:
+            continue
+        if a[2] is not None and _const_fp32(gm, a[2]) is None:
+            continue
+        x, x2, x2_resize, x2_first = a[0], a[11], a[12], a[16]
+        cx = int(val(x).shape[1])
+        c2 = 0 if x2 is None else int(val(x2).shape[1])
+        if x in fused and (x2 is None or x2_resize == "none"):
+            dw, other, cols = x, x2, slice(c2, c2 + cx) if x2_first else slice(0, cx)
+        elif x2 is not None and x2 in fused and x2_resize == "none":
+            dw, other, cols = x2, x, slice(0, c2) if x2_first else slice(cx, cx + c2)
+        else:
+            continue
+        d = dw.args
+        if len(dw.users) != 1 or d[7] != "none" or list(d[3]) != [1, 1]:
+            continue
+        up = fused[dw]
+        src, dst = val(resample_of(up).input), val(up)
+        taps = int(val(d[1]).shape[2]) * int(val(d[1]).shape[3])
+        sizes = [*src.shape[2:], *dst.shape[2:]]
+        if not all(isinstance(v, int) for v in sizes):
+            continue
+        h, w_, big_h, big_w = sizes
+        if taps * h * w_ > 0.6 * big_h * big_w:  # mixing at the source must be cheaper
+            continue
+        out[node] = (dw, up, cols, other)
+    return out
+
+
+def _separable_step(
+    gm: fx.GraphModule,
+    native: Native,
+    pw: fx.Node,
+    spec: tuple[fx.Node, fx.Node, slice, fx.Node | None],
+) -> tuple[Callable, tuple]:
+    dw, up, cols, other = spec
+    a, d = pw.args, dw.args
+    rs = resample_of(up)
+    conv = UpsampleSeparableConv2d(
+        native, get_tensor(gm, d[1]), None if d[2] is None else get_tensor(gm, d[2]), d[4], d[5],
+        get_tensor(gm, a[1]), None if a[2] is None else get_tensor(gm, a[2]), cols, a[7], a[8],
+        rs.align_corners, (rs.scale_h, rs.scale_w), input_size=tuple(val(rs.input).shape),
+    )  # fmt: skip
+    return conv, (rs.input, list(rs.size_for_graph()), other)
+
+
 def _resize_dw_step(
     gm: fx.GraphModule, native: Native, dw: fx.Node, up: fx.Node
 ) -> tuple[Callable, tuple]:
@@ -326,6 +389,10 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     pending: list[tuple[fx.Node, Callable, tuple, dict]] = []
     output: Any = None
     fused, absorbed = _fusions(gm) if native is not None else ({}, set())
+    separable = _separable_after_upsample(gm, fused) if native is not None else {}
+    for dw, _, _, _ in separable.values():
+        absorbed.add(dw)
+        fused.pop(dw)
     out_node = next(n for n in nodes if n.op == "output")
     final = _output_upsample(out_node.args[0]) if native is not None else None
     if final is not None:
@@ -365,7 +432,10 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
         args: tuple = node.args
         kwargs = dict(node.kwargs)
         t = node.target
-        if node in fused:
+        if node in separable:
+            fn, args = _separable_step(gm, native, node, separable[node])
+            lowered["bilinear upsample + separable conv, mixed at the source (segfast kernel)"] += 1
+        elif node in fused:
             fn, args = _resize_dw_step(gm, native, node, fused[node])
             lowered["bilinear upsample + depthwise conv2d (segfast kernel)"] += 1
         elif final is not None and node is final[0]:

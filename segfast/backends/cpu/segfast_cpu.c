@@ -36,7 +36,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 4; }
+int sf_abi_version(void) { return 5; }
 
 /* 16 fp32 lanes; unaligned loads and stores (GCC vector extension: one AVX-512
  * register, two AVX2 registers on older CPUs). */
@@ -622,5 +622,145 @@ int sf_resize_argmax(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, 
     }
   }
   sf_columns_free(&cols);
+  return failed;
+}
+
+/* ---------------------------------------------------------------------------------
+ * pointwise(depthwise(bilinear_upsample(a))) with the channel mixing done at the
+ * low resolution. The depthwise taps t (KH·KW of them, stride 1) and the 1×1
+ * conv W fold into per-tap matrices W_t = W·diag(w_t), and a 1×1 conv commutes
+ * with shifts and with the resize, so
+ *     y[p] = bias + sum_t up(Z_t)[p + off_t]      with  Z_t = W_t · a  (low resolution)
+ * (zero where p + off_t leaves the H×W map, as the depthwise conv's padding).
+ * The caller computes Z = [W_1; …; W_T] · a with one GEMM; this kernel does the
+ * sum, 4 bilinear corners per tap, 64 output channels per work item.
+ * Z: [N, h, w, T·K] (channel t·K + k), NHWC strides zsn, zsh, zsw.
+ * ------------------------------------------------------------------------------- */
+int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
+               int64_t zsh, int64_t zsw, int64_t K, int64_t KH, int64_t KW, int64_t ph,
+               int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W, float scale_h,
+               float scale_w, int align, const float* restrict bias, int act, float act_param,
+               float* restrict y, int64_t ysn, int64_t ysh, int64_t ysw) {
+  /* Separable: per output row and depthwise row kh, the two source rows of Z are
+   * blended vertically at the source width (w pixels × KW taps × 64 channels, a
+   * per-thread buffer V), then every output pixel blends two of those horizontally
+   * per tap: 2 loads and 2 FMAs per tap and channel, two output pixels at a time
+   * (eight independent accumulators). Taps falling outside the map read a zero
+   * block with weight 0, so the inner loop has no branches. */
+  int64_t* rows = (int64_t*)malloc((size_t)(2 * H) * sizeof(int64_t));
+  float* rl = (float*)malloc((size_t)H * sizeof(float));
+  int64_t* hoff = (int64_t*)malloc((size_t)(2 * W * KW) * sizeof(int64_t)); /* [ow][kw][2] */
+  float* hw = (float*)malloc((size_t)(2 * W * KW) * sizeof(float));
+  int failed = !rows || !rl || !hoff || !hw;
+  const int64_t zero_block = KH * w * KW * 64; /* offset of 64 zeros after V */
+  if (!failed) {
+    for (int64_t i = 0; i < H; ++i)
+      sf_linear_index(i, h, H, scale_h, align, rows + 2 * i, rows + 2 * i + 1, rl + i);
+    for (int64_t ow = 0; ow < W; ++ow) {
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t ix = ow - pw + kw * dw, e = 2 * (ow * KW + kw);
+        if (ix < 0 || ix >= W) {
+          hoff[e] = hoff[e + 1] = zero_block;
+          hw[e] = hw[e + 1] = 0.f;
+          continue;
+        }
+        int64_t x0, x1;
+        float lx;
+        sf_linear_index(ix, w, W, scale_w, align, &x0, &x1, &lx);
+        hoff[e] = (x0 * KW + kw) * 64;
+        hoff[e + 1] = (x1 * KW + kw) * 64;
+        hw[e] = 1.f - lx;
+        hw[e + 1] = lx;
+      }
+    }
+  }
+  const int64_t ncb = (K + 63) / 64;
+  if (!failed) {
+#pragma omp parallel
+    {
+      float* V = 0; /* [KH][w][KW][64], then 64 zeros */
+      if (posix_memalign((void**)&V, 64, (size_t)(zero_block + 64) * sizeof(float)) != 0) V = 0;
+      if (!V) {
+#pragma omp atomic write
+        failed = 1;
+      } else {
+        for (int c = 0; c < 64; ++c) V[zero_block + c] = 0.f;
+      }
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t r = 0; r < N * H; ++r) {
+        for (int64_t cb = 0; cb < ncb; ++cb) {
+          if (!V) continue;
+          const int64_t n = r / H, oh = r % H;
+          const int64_t k0 = cb * 64;
+          const int kn = (int)((K - k0) < 64 ? (K - k0) : 64);
+          int64_t khs[16];
+          int nkh = 0;
+          for (int64_t kh = 0; kh < KH; ++kh) { /* vertical blends at the source width */
+            const int64_t iy = oh - ph + kh * dh;
+            if (iy < 0 || iy >= H) continue;
+            if (nkh < 16) khs[nkh++] = kh;
+            const int64_t y0 = rows[2 * iy], y1 = rows[2 * iy + 1];
+            const float ly = rl[iy], ly0 = 1.f - ly;
+            for (int64_t x = 0; x < w; ++x) {
+              for (int64_t kw = 0; kw < KW; ++kw) {
+                const int64_t t = (kh * KW + kw) * K + k0;
+                const float* p0 = Z + n * zsn + y0 * zsh + x * zsw + t;
+                const float* p1 = Z + n * zsn + y1 * zsh + x * zsw + t;
+                float* dst = V + ((kh * w + x) * KW + kw) * 64;
+                for (int v = 0; v < 4; ++v) {
+                  const int m = kn - 16 * v;
+                  sf_v16 e = {0};
+                  if (m > 0) {
+                    const int c = m < 16 ? m : 16;
+                    e = ly0 * sf_load(p0 + 16 * v, c) + ly * sf_load(p1 + 16 * v, c);
+                  }
+                  *(sf_v16*)(dst + 16 * v) = e;
+                }
+              }
+            }
+          }
+          sf_v16 bz[4] = {{0}, {0}, {0}, {0}};
+          for (int v = 0; v < 4 && bias; ++v) {
+            const int m = kn - 16 * v;
+            if (m > 0) bz[v] = sf_load(bias + k0 + 16 * v, m < 16 ? m : 16);
+          }
+          for (int64_t ow = 0; ow < W; ow += 2) { /* horizontal blends, summed over taps */
+            const int two = ow + 1 < W;
+            const int64_t ow1 = two ? ow + 1 : ow;
+            sf_v16 a[2][4];
+            for (int v = 0; v < 4; ++v) a[0][v] = a[1][v] = bz[v];
+            for (int i = 0; i < nkh; ++i) {
+              const float* Vk = V + khs[i] * w * KW * 64;
+              for (int64_t kw = 0; kw < KW; ++kw) {
+                const int64_t e0 = 2 * (ow * KW + kw), e1 = 2 * (ow1 * KW + kw);
+                const float* q00 = hoff[e0] == zero_block ? V + zero_block : Vk + hoff[e0];
+                const float* q01 = hoff[e0 + 1] == zero_block ? V + zero_block : Vk + hoff[e0 + 1];
+                const float* q10 = hoff[e1] == zero_block ? V + zero_block : Vk + hoff[e1];
+                const float* q11 = hoff[e1 + 1] == zero_block ? V + zero_block : Vk + hoff[e1 + 1];
+                const float w00 = hw[e0], w01 = hw[e0 + 1], w10 = hw[e1], w11 = hw[e1 + 1];
+                for (int v = 0; v < 4; ++v) {
+                  a[0][v] += w00 * *(const sf_v16*)(q00 + 16 * v) + w01 * *(const sf_v16*)(q01 + 16 * v);
+                  a[1][v] += w10 * *(const sf_v16*)(q10 + 16 * v) + w11 * *(const sf_v16*)(q11 + 16 * v);
+                }
+              }
+            }
+            for (int p = 0; p < 1 + two; ++p) {
+              float* dst = y + n * ysn + oh * ysh + (ow + p) * ysw + k0;
+              for (int v = 0; v < 4; ++v) {
+                const int m = kn - 16 * v;
+                if (m <= 0) break;
+                sf_store(dst + 16 * v, sf_act_v(a[p][v], act, act_param), m < 16 ? m : 16);
+              }
+            }
+          }
+        }
+      }
+      free(V);
+    }
+  }
+  free(rows);
+  free(rl);
+  free(hoff);
+  free(hw);
   return failed;
 }

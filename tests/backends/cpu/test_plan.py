@@ -162,7 +162,8 @@ def test_unet_base32_takes_winograd():
 
 
 class UpThenSeparable(nn.Module):
-    """bilinear ×4 → depthwise 3×3 → pointwise: the decoder shape the resize fusion targets."""
+    """bilinear ×4 → depthwise 3×3 → ReLU → pointwise: the resize fusion (the
+    activation keeps the pointwise conv from mixing at the source)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -173,7 +174,7 @@ class UpThenSeparable(nn.Module):
     def forward(self, x):
         y = F.relu(self.enc(x))
         y = F.interpolate(y, scale_factor=4.0, mode="bilinear", align_corners=False)
-        return self.pw(self.dw(y))
+        return self.pw(F.relu(self.dw(y)))
 
 
 @pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
@@ -232,3 +233,38 @@ def test_mask_head_with_classifier_inside():
     assert eng.info.fusions.get("head_conv") == 1
     assert eng._runner.details["lowered"]["head: [resize +] argmax (segfast kernel)"] == 1
     assert segfast.check(eng, model, x).passed
+
+
+class UpSeparableWithSkip(nn.Module):
+    """DeepLab v3+'s decoder in miniature: cat([up×4(aspp), low]) → separable conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = nn.Conv2d(3, 6, 3, padding=1)
+        self.deep = nn.Conv2d(6, 32, 3, stride=4, padding=1)
+        self.dw = nn.Conv2d(38, 38, 3, padding=1, groups=38, bias=False)
+        self.pw = nn.Sequential(nn.Conv2d(38, 20, 1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
+
+    def forward(self, x):
+        low = F.relu(self.low(x))
+        deep = F.relu(self.deep(low))
+        up = F.interpolate(deep, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.pw(self.dw(torch.cat([up, low], 1)))
+
+
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_decoder_separable_mixes_at_the_source(monkeypatch):
+    from segfast.backends.cpu import plan
+
+    monkeypatch.setattr(plan, "MIN_BYTES", 1)
+    model = UpSeparableWithSkip().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 48, 40)
+    eng = _compile(model, x)
+    lowered = eng._runner.details["lowered"]
+    assert lowered["bilinear upsample + separable conv, mixed at the source (segfast kernel)"] == 1
+    assert eng.info.fusions["concat_depthwise"] == 1
+    with torch.no_grad():
+        assert _rel(eng(x), model(x)) <= 1e-5
