@@ -39,9 +39,13 @@ def test_info_model(capsys):
 
 
 def test_info_environment(capsys):
+    from segfast.backends.cpu import native
+
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out
+    ok, why = native.status()
+    assert f"CPU kernels (torch backend on the CPU): {'loaded' if ok else 'not used'}: {why}" in out
 
 
 def test_info_user_model_file(tmp_path, capsys):

@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
         print("backends:")
         for name, (ok, why) in availability().items():
             print(f"  {name:12s} {'available' if ok else 'unavailable'}: {why}")
+        from segfast.backends.cpu import native
+
+        ok, why = native.status()
+        print(f"CPU kernels (torch backend on the CPU): {'loaded' if ok else 'not used'}: {why}")
         return 0
 
     from segfast.bench.modelstats import format_bytes, model_stats
