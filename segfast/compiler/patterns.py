@@ -39,6 +39,12 @@ FUSIONS: dict[str, Fusion] = {
             "conv_epilogue",
         ),
         Fusion(
+            "broadcast_branch",
+            "cat([..., upsample(p at 1×1)]) → 1×1 conv",
+            "W_p·p at 1×1 as a per-image residual; the rest of the concat convolved",
+            "broadcast_branch",
+        ),
+        Fusion(
             "concat_depthwise",
             "cat([a, b]) → depthwise conv",
             "cat([depthwise(a), depthwise(b)]): the concat moves to the next conv",

@@ -277,6 +277,57 @@ def test_concat_read_by_more_than_the_depthwise_conv_stays():
     _same(eng, model, x)
 
 
+class PoolingBranch(nn.Module):
+    """ASPP in miniature: a 1×1 branch, an image-pooling branch upsampled back,
+    concatenated, then a 1×1 projection (+ BN + ReLU)."""
+
+    def __init__(self, mode: str = "bilinear", expand: bool = False, batch_norm: bool = True):
+        super().__init__()
+        self.mode, self.use_expand = mode, expand
+        self.branch = nn.Conv2d(3, 6, 1)
+        self.pool_conv = nn.Conv2d(3, 4, 1)
+        self.proj = nn.Conv2d(10, 5, 1, bias=not batch_norm)
+        self.bn = nn.BatchNorm2d(5) if batch_norm else nn.Identity()
+
+    def forward(self, x):
+        b = F.relu(self.branch(x))
+        p = F.relu(self.pool_conv(x.mean((2, 3), keepdim=True)))
+        if self.use_expand:
+            p = p.expand(-1, -1, x.shape[2], x.shape[3])
+        elif self.mode == "bilinear":
+            p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            p = F.interpolate(p, size=x.shape[-2:], mode="nearest")
+        return F.relu(self.bn(self.proj(torch.cat([b, p], 1))))
+
+
+@pytest.mark.parametrize(
+    ("mode", "expand"), [("bilinear", False), ("nearest", False), (None, True)]
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_broadcast_branch_becomes_a_residual(mode, expand, batch):
+    model = _randomise_bn(PoolingBranch(mode or "bilinear", expand)).eval()
+    x = torch.randn(batch, 3, 9, 13)
+    eng = _compile(model, x)
+    assert eng.info.fusions["broadcast_branch"] == 1
+    gm = eng._runner.details["graph"]
+    assert not any(n.target is torch.ops.aten.cat.default for n in gm.graph.nodes)
+    _same(eng, model, x)
+
+
+def test_broadcast_branch_needs_a_pointwise_reader():
+    class M(PoolingBranch):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(10, 5, 3, padding=1)  # 3×3: the border sees zeros
+
+    model = M().eval()
+    x = torch.randn(1, 3, 8, 8)
+    eng = _compile(model, x)
+    assert "broadcast_branch" not in eng.info.fusions
+    _same(eng, model, x)
+
+
 class Head(nn.Module):
     def __init__(self, upsample: bool, classes: int = 4, crop: bool = False):
         super().__init__()

@@ -164,6 +164,13 @@ class PackedConv2d:
             return y
         if residual.shape != (x.shape[0], self.weight.shape[0], *residual.shape[2:]):
             return self._composite(x, residual, x2)
+        if x.shape[0] == 1 and residual.dim() == 4 and residual.stride()[2:] == (0, 0):
+            # One image and a residual constant over the map (the broadcast_branch
+            # pass's W_p·p): it is a bias.
+            vec = residual[0, :, 0, 0]
+            bias = vec if self.bias is None else vec + self.bias
+            return _CONV(x, self.packed, bias.contiguous(), self.conv_pad, self.stride,
+                         self.dilation, self.groups, self.unary, self.scalars, "")  # fmt: skip
         out_hw = [
             ops._conv_out_size(
                 x.shape[2 + i],

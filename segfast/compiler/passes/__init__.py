@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from segfast.compiler.context import PassContext
 from segfast.compiler.passes import (
+    broadcast_branch,
     cleanup,
     concat_depthwise,
     concat_slices,
@@ -24,6 +25,8 @@ PASSES: list[tuple[str, Callable[[PassContext], None]]] = [
     ("cleanup", cleanup.run),  # first: identity ops would break every chain below
     ("fold_bn", fold_bn.run),  # before conv_epilogue: conv→BN→act only chains once BN is gone
     ("conv_epilogue", conv_epilogue.run),  # convolutions become segfast ops (+ act, residual)
+    # after conv_epilogue (reads segfast.conv2d), before the passes that rewrite concats
+    ("broadcast_branch", broadcast_branch.run),
     # before skip_concat: moves a concat past depthwise convs to a dense conv it can fuse into
     ("concat_depthwise", concat_depthwise.run),
     ("skip_concat", skip_concat.run),  # needs the consumer convs to be segfast.conv2d already
