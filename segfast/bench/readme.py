@@ -34,7 +34,11 @@ def render(results_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    root = Path(argv[0]) if argv else Path(".")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", nargs="?", default=".", help="the repository (README.md, benchmarks/)")
+    root = Path(ap.parse_args(argv).root)
     readme = root / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:
