@@ -152,6 +152,21 @@ def _vec_scales(scales: Any) -> tuple[float | None, float | None]:
     return float(scales[0]), float(scales[1])
 
 
+def channel_concat(node: Any) -> list[fx.Node] | None:
+    """The parts of a 4-D ``cat`` along channels that something reads, else None."""
+    if (
+        not isinstance(node, fx.Node)
+        or node.op != "call_function"
+        or node.target is not aten.cat.default
+    ):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = node.meta.get("val")
+    if dim not in (1, -3) or not isinstance(out, torch.Tensor) or out.dim() != 4 or not node.users:
+        return None
+    return list(node.args[0])
+
+
 def resample_of(node: fx.Node) -> Resample | None:
     """Describe an upsample node in one normalised form, or None if it is not one."""
     if node.op != "call_function":

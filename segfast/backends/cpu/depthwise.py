@@ -109,13 +109,20 @@ class NativeDepthwiseConv2d:
         )  # fmt: skip
         if in_kernel:
             return y
-        # An activation the kernel lacks (silu, sigmoid, tanh): epilogue in PyTorch.
-        if residual is not None and not self.residual_after_act:
-            y.add_(residual)
-        y = ops.activation(y, self.act, self.act_param)
-        if residual is not None and self.residual_after_act:
-            y = y + residual
-        return ops.to_nhwc(y)
+        return epilogue(y, residual, self.act, self.act_param, self.residual_after_act)
+
+
+def epilogue(
+    y: Tensor, residual: Tensor | None, act: str, act_param: float, residual_after_act: bool
+) -> Tensor:
+    """The residual and an activation segfast_cpu.c lacks (silu, sigmoid, tanh),
+    applied in PyTorch to a kernel's output it owns."""
+    if residual is not None and not residual_after_act:
+        y.add_(residual)
+    y = ops.activation(y, act, act_param)
+    if residual is not None and residual_after_act:
+        y = y + residual
+    return ops.to_nhwc(y)
 
 
 def reference(

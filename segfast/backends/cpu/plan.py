@@ -131,11 +131,11 @@ def _only_values_read(node: fx.Node) -> bool:
     return all(is_call(u, operator.getitem) and u.args[1] == 0 for u in node.users)
 
 
-def _conv2d_step(
-    gm: fx.GraphModule, node: fx.Node, native: Native | None, use_winograd: bool
-) -> tuple[Callable, tuple, str] | None:
-    (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
-     x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first) = node.args  # fmt: skip
+def _onednn_constants(
+    gm: fx.GraphModule, w: Any, b: Any, act: str, act_param: float
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A conv's weight and bias, when both are CPU constants in a dtype oneDNN
+    takes and its activation is a oneDNN post-op; else None."""
     if not isinstance(w, fx.Node) or w.op != "get_attr":
         return None
     if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
@@ -146,6 +146,18 @@ def _conv2d_step(
         return None
     if weight.device.type != "cpu" or unary_attr(act, act_param) is None:
         return None
+    return weight, bias
+
+
+def _conv2d_step(
+    gm: fx.GraphModule, node: fx.Node, native: Native | None, use_winograd: bool
+) -> tuple[Callable, tuple, str] | None:
+    (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
+     x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first) = node.args  # fmt: skip
+    constants = _onednn_constants(gm, w, b, act, act_param)
+    if constants is None:
+        return None
+    weight, bias = constants
     xv = val(x)
     x2_channels = None if x2 is None else int(val(x2).shape[1])
     if native is not None and weight.dtype == torch.float32:
@@ -179,16 +191,10 @@ def _conv2d_step(
 def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple] | None:
     (x, w, b, stride, padding, output_padding, dilation, groups, act, act_param, residual,
      residual_after_act) = node.args  # fmt: skip
-    if not isinstance(w, fx.Node) or w.op != "get_attr":
+    constants = _onednn_constants(gm, w, b, act, act_param)
+    if constants is None:
         return None
-    if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
-        return None
-    weight = get_tensor(gm, w)
-    bias = None if b is None else get_tensor(gm, b)
-    if weight.dtype not in DTYPES or (bias is not None and bias.dtype != weight.dtype):
-        return None
-    if weight.device.type != "cpu" or unary_attr(act, act_param) is None:
-        return None
+    weight, bias = constants
     conv = PackedConvTranspose2d(
         weight, bias, stride, padding, output_padding, dilation, groups, act, act_param,
         residual_after_act, input_size=tuple(val(x).shape),

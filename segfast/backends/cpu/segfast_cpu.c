@@ -527,9 +527,65 @@ static void sf_rowcache_get(sf_rowcache* rc, const void* x, int x_bf16, int64_t 
   *r1 = rc->rows[s1];
 }
 
-int sf_resize_nchw(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, int64_t Wx,
-                   int64_t C, int64_t xsn, int64_t xsh, int64_t xsw, void* restrict y, int y_bf16,
-                   int64_t H, int64_t W, float scale_h, float scale_w, int align) {
+/* What one output row does with its two resized source rows r0, r1 (channel-major,
+ * W wide) and the vertical weights: write logits, or an argmax mask. */
+typedef struct {
+  void* y;
+  int kind; /* sf_resize_nchw: 0 fp32, 1 bf16; sf_resize_argmax: 0 uint8, 1 int32, 2 int64 */
+  int64_t C, H, W;
+} sf_rowout;
+
+typedef void (*sf_row_fn)(const sf_rowout* o, int64_t n, int64_t oh, const float* r0,
+                          const float* r1, float lh0, float lh);
+
+static void sf_row_logits(const sf_rowout* o, int64_t n, int64_t oh, const float* r0,
+                          const float* r1, float lh0, float lh) {
+  const int64_t C = o->C, H = o->H, W = o->W;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* restrict a = r0 + c * W;
+    const float* restrict b = r1 + c * W;
+    const int64_t off = ((n * C + c) * H + oh) * W;
+    if (o->kind == 1) {
+      uint16_t* restrict dst = (uint16_t*)o->y + off;
+      for (int64_t w = 0; w < W; ++w) dst[w] = sf_bf16_round(lh0 * a[w] + lh * b[w]);
+    } else {
+      float* restrict dst = (float*)o->y + off;
+      for (int64_t w = 0; w < W; ++w) dst[w] = lh0 * a[w] + lh * b[w];
+    }
+  }
+}
+
+static void sf_row_argmax(const sf_rowout* o, int64_t n, int64_t oh, const float* r0,
+                          const float* r1, float lh0, float lh) {
+  const int64_t C = o->C, H = o->H, W = o->W;
+  for (int64_t w0 = 0; w0 < W; w0 += 16) { /* 16 pixels at a time, channels in turn */
+    const int m = (W - w0) < 16 ? (int)(W - w0) : 16;
+    sf_v16 best = lh0 * *(const sf_v16*)(r0 + w0) + lh * *(const sf_v16*)(r1 + w0);
+    sf_i16 arg = {0};
+    for (int64_t c = 1; c < C; ++c) { /* reads up to 15 past a row: allocated slack */
+      const sf_v16 t = lh0 * *(const sf_v16*)(r0 + c * W + w0) +
+                       lh * *(const sf_v16*)(r1 + c * W + w0);
+      const sf_i16 gt = t > best;
+      best = sf_select(gt, t, best);
+      arg = (arg & ~gt) | (((sf_i16){0} + (int32_t)c) & gt);
+    }
+    const int64_t at = (n * H + oh) * W + w0;
+    for (int j = 0; j < m; ++j) {
+      if (o->kind == 0)
+        ((uint8_t*)o->y)[at + j] = (uint8_t)arg[j];
+      else if (o->kind == 1)
+        ((int32_t*)o->y)[at + j] = arg[j];
+      else
+        ((int64_t*)o->y)[at + j] = arg[j];
+    }
+  }
+}
+
+/* The shared driver: output rows in parallel, each with its resized source rows. */
+static int sf_resize_rows(const void* x, int x_bf16, int64_t N, int64_t Hx, int64_t Wx, int64_t C,
+                          int64_t xsn, int64_t xsh, int64_t xsw, int64_t H, int64_t W,
+                          float scale_h, float scale_w, int align, sf_row_fn emit,
+                          const sf_rowout* out) {
   sf_columns cols;
   int failed = sf_columns_make(Wx, W, scale_w, align, &cols);
   if (!failed) {
@@ -548,21 +604,9 @@ int sf_resize_nchw(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, in
         int64_t h0, h1;
         float lh;
         sf_linear_index(oh, Hx, H, scale_h, align, &h0, &h1, &lh);
-        const float lh0 = 1.f - lh;
         const float *r0, *r1;
         sf_rowcache_get(&rc, x, x_bf16, xsn, xsh, xsw, n, Hx, h0, h1, C, W, &cols, &r0, &r1);
-        for (int64_t c = 0; c < C; ++c) {
-          const float* restrict a = r0 + c * W;
-          const float* restrict b = r1 + c * W;
-          const int64_t off = ((n * C + c) * H + oh) * W;
-          if (y_bf16) {
-            uint16_t* restrict dst = (uint16_t*)y + off;
-            for (int64_t w = 0; w < W; ++w) dst[w] = sf_bf16_round(lh0 * a[w] + lh * b[w]);
-          } else {
-            float* restrict dst = (float*)y + off;
-            for (int64_t w = 0; w < W; ++w) dst[w] = lh0 * a[w] + lh * b[w];
-          }
-        }
+        emit(out, n, oh, r0, r1, 1.f - lh, lh);
       }
       sf_rowcache_free(&rc);
     }
@@ -571,58 +615,21 @@ int sf_resize_nchw(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, in
   return failed;
 }
 
+int sf_resize_nchw(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, int64_t Wx,
+                   int64_t C, int64_t xsn, int64_t xsh, int64_t xsw, void* restrict y, int y_bf16,
+                   int64_t H, int64_t W, float scale_h, float scale_w, int align) {
+  const sf_rowout out = {y, y_bf16, C, H, W};
+  return sf_resize_rows(x, x_bf16, N, Hx, Wx, C, xsn, xsh, xsw, H, W, scale_h, scale_w, align,
+                        sf_row_logits, &out);
+}
+
 /* out_kind: 0 uint8, 1 int32, 2 int64 mask [N, H, W] contiguous. */
 int sf_resize_argmax(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, int64_t Wx,
                      int64_t C, int64_t xsn, int64_t xsh, int64_t xsw, void* restrict y,
                      int out_kind, int64_t H, int64_t W, float scale_h, float scale_w, int align) {
-  sf_columns cols;
-  int failed = sf_columns_make(Wx, W, scale_w, align, &cols);
-  if (!failed) {
-#pragma omp parallel
-    {
-      sf_rowcache rc;
-      const int bad = sf_rowcache_make(W, C, &rc);
-      if (bad) {
-#pragma omp atomic write
-        failed = 1;
-      }
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < N * H; ++r) {
-        if (bad) continue;
-        const int64_t n = r / H, oh = r % H;
-        int64_t h0, h1;
-        float lh;
-        sf_linear_index(oh, Hx, H, scale_h, align, &h0, &h1, &lh);
-        const float lh0 = 1.f - lh;
-        const float *r0, *r1;
-        sf_rowcache_get(&rc, x, x_bf16, xsn, xsh, xsw, n, Hx, h0, h1, C, W, &cols, &r0, &r1);
-        for (int64_t w0 = 0; w0 < W; w0 += 16) { /* 16 pixels at a time, channels in turn */
-          const int m = (W - w0) < 16 ? (int)(W - w0) : 16;
-          sf_v16 best = lh0 * *(const sf_v16*)(r0 + w0) + lh * *(const sf_v16*)(r1 + w0);
-          sf_i16 arg = {0};
-          for (int64_t c = 1; c < C; ++c) { /* reads up to 15 past a row: allocated slack */
-            const sf_v16 t = lh0 * *(const sf_v16*)(r0 + c * W + w0) +
-                             lh * *(const sf_v16*)(r1 + c * W + w0);
-            const sf_i16 gt = t > best;
-            best = sf_select(gt, t, best);
-            arg = (arg & ~gt) | (((sf_i16){0} + (int32_t)c) & gt);
-          }
-          const int64_t o = (n * H + oh) * W + w0;
-          for (int j = 0; j < m; ++j) {
-            if (out_kind == 0)
-              ((uint8_t*)y)[o + j] = (uint8_t)arg[j];
-            else if (out_kind == 1)
-              ((int32_t*)y)[o + j] = arg[j];
-            else
-              ((int64_t*)y)[o + j] = arg[j];
-          }
-        }
-      }
-      sf_rowcache_free(&rc);
-    }
-  }
-  sf_columns_free(&cols);
-  return failed;
+  const sf_rowout out = {y, out_kind, C, H, W};
+  return sf_resize_rows(x, x_bf16, N, Hx, Wx, C, xsn, xsh, xsw, H, W, scale_h, scale_w, align,
+                        sf_row_argmax, &out);
 }
 
 /* ---------------------------------------------------------------------------------

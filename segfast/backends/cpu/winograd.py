@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from segfast.backends.cpu.depthwise import ACT_CODES, nhwc_strides
+from segfast.backends.cpu.depthwise import ACT_CODES, epilogue, nhwc_strides
 from segfast.backends.cpu.native import Native
 from segfast.compiler import ops
 
@@ -181,12 +181,7 @@ class WinogradConv2d:
         self._run(sources, n, h, w, ho, wo, y, res, ACT_CODES.get(self.act, 0))
         if in_kernel:
             return y
-        if residual is not None and not self.residual_after_act:
-            y.add_(residual)
-        y = ops.activation(y, self.act, self.act_param)
-        if residual is not None and self.residual_after_act:
-            y = y + residual
-        return ops.to_nhwc(y)
+        return epilogue(y, residual, self.act, self.act_param, self.residual_after_act)
 
     def _run(self, sources: list[Tensor], n: int, h: int, w: int, ho: int, wo: int,
              y: Tensor, res: Tensor | None, act: int) -> None:  # fmt: skip

@@ -25,7 +25,7 @@ from torch import fx
 
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import add_constant, erase_dead, get_tensor, infer_val, is_call, val
-from segfast.compiler.patterns import resample_of
+from segfast.compiler.patterns import channel_concat, resample_of
 
 aten = torch.ops.aten
 segfast = torch.ops.segfast
@@ -59,15 +59,10 @@ def _pointwise_reader(user: fx.Node, cat: fx.Node) -> bool:
 def run(ctx: PassContext) -> None:
     gm = ctx.gm
     for cat in list(gm.graph.nodes):
-        if not is_call(cat, aten.cat.default) or not cat.users:
-            continue
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        parts = channel_concat(cat)
         out = val(cat)
-        if dim not in (1, -3) or not isinstance(out, torch.Tensor) or out.dim() != 4:
+        if parts is None or not all(isinstance(d, int) for d in out.shape):
             continue
-        if not all(isinstance(d, int) for d in out.shape):
-            continue
-        parts = list(cat.args[0])
         consts = [(i, _constant_source(p)) for i, p in enumerate(parts)]
         consts = [(i, s) for i, s in consts if s is not None]
         if len(consts) != 1 or len(parts) < 2 or parts.count(parts[consts[0][0]]) != 1:

@@ -22,6 +22,7 @@ from torch import fx
 
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import add_constant, erase_dead, get_tensor, infer_val, is_call, val
+from segfast.compiler.patterns import channel_concat
 
 aten = torch.ops.aten
 segfast = torch.ops.segfast
@@ -45,13 +46,9 @@ def _depthwise_reader(user: fx.Node, cat: fx.Node, channels: int) -> bool:
 def run(ctx: PassContext) -> None:
     gm = ctx.gm
     for cat in list(gm.graph.nodes):
-        if not is_call(cat, aten.cat.default) or not cat.users:
+        parts = channel_concat(cat)
+        if parts is None:
             continue
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        out = val(cat)
-        if dim not in (1, -3) or not isinstance(out, torch.Tensor) or out.dim() != 4:
-            continue
-        parts = list(cat.args[0])
         widths = [val(p).shape[1] for p in parts]
         if len(parts) < 2 or not all(isinstance(c, int) for c in widths):
             continue
