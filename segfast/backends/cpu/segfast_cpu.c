@@ -36,7 +36,28 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 5; }
+int sf_abi_version(void) { return 6; }
+
+/* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
+ * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
+ * pages fault in (and are zeroed) on every call — 210 page faults per DeepLab v3+
+ * frame before this. OpenMP's worker threads live as long as the process, so the
+ * buffers do too (each at most the largest request made on that thread). */
+enum { SF_SLOT_BAND, SF_SLOT_ROWS, SF_SLOT_TABLE0, SF_SLOT_TABLE1, SF_SLOT_TABLE2, SF_SLOT_TABLE3,
+       SF_SLOTS };
+static __thread void* sf_buf[SF_SLOTS];
+static __thread size_t sf_cap[SF_SLOTS];
+
+static void* sf_scratch(int slot, size_t bytes) {
+  if (sf_cap[slot] < bytes) {
+    void* p = 0;
+    if (posix_memalign(&p, 64, bytes) != 0) return 0;
+    free(sf_buf[slot]);
+    sf_buf[slot] = p;
+    sf_cap[slot] = bytes;
+  }
+  return sf_buf[slot];
+}
 
 /* 16 fp32 lanes; unaligned loads and stores (GCC vector extension: one AVX-512
  * register, two AVX2 registers on older CPUs). */
@@ -341,9 +362,7 @@ int sf_resize_dw(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx,
   int failed = 0;
 #pragma omp parallel
   {
-    float* scratch = 0;
-    if (posix_memalign((void**)&scratch, 64, (size_t)(rows_max * W * 64) * sizeof(float)) != 0)
-      scratch = 0;
+    float* scratch = (float*)sf_scratch(SF_SLOT_BAND, (size_t)(rows_max * W * 64) * sizeof(float));
     if (!scratch) {
 #pragma omp atomic write
       failed = 1;
@@ -397,7 +416,6 @@ int sf_resize_dw(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx,
         }
       }
     }
-    free(scratch);
   }
   return failed;
 }
@@ -439,9 +457,9 @@ typedef struct {
 } sf_columns;
 
 static int sf_columns_make(int64_t Wx, int64_t W, float scale_w, int align, sf_columns* t) {
-  t->i0 = (int32_t*)malloc((size_t)W * sizeof(int32_t));
-  t->i1 = (int32_t*)malloc((size_t)W * sizeof(int32_t));
-  t->l1 = (float*)malloc((size_t)W * sizeof(float));
+  t->i0 = (int32_t*)sf_scratch(SF_SLOT_TABLE0, (size_t)W * sizeof(int32_t));
+  t->i1 = (int32_t*)sf_scratch(SF_SLOT_TABLE1, (size_t)W * sizeof(int32_t));
+  t->l1 = (float*)sf_scratch(SF_SLOT_TABLE2, (size_t)W * sizeof(float));
   if (!t->i0 || !t->i1 || !t->l1) return 1;
   for (int64_t w = 0; w < W; ++w) {
     int64_t a, b;
@@ -452,11 +470,6 @@ static int sf_columns_make(int64_t Wx, int64_t W, float scale_w, int align, sf_c
   return 0;
 }
 
-static void sf_columns_free(sf_columns* t) {
-  free(t->i0);
-  free(t->i1);
-  free(t->l1);
-}
 
 /* R[c][w] = source row h of image n resized along W; tmp holds [W][C]. Scalar
  * transposition (no vector gathers, which are slow on Zen 4). */
@@ -493,18 +506,14 @@ typedef struct {
 } sf_rowcache;
 
 static int sf_rowcache_make(int64_t W, int64_t C, sf_rowcache* rc) {
-  rc->tmp = (float*)malloc((size_t)(W * C) * sizeof(float));
-  rc->rows[0] = (float*)malloc((size_t)(W * C + 16) * sizeof(float));
-  rc->rows[1] = (float*)malloc((size_t)(W * C + 16) * sizeof(float));
+  float* base = (float*)sf_scratch(SF_SLOT_ROWS, (size_t)(3 * W * C + 32) * sizeof(float));
+  rc->tmp = base;
+  rc->rows[0] = base ? base + W * C : 0;
+  rc->rows[1] = base ? base + 2 * W * C + 16 : 0;
   rc->key[0] = rc->key[1] = -1;
   return !rc->tmp || !rc->rows[0] || !rc->rows[1];
 }
 
-static void sf_rowcache_free(sf_rowcache* rc) {
-  free(rc->tmp);
-  free(rc->rows[0]);
-  free(rc->rows[1]);
-}
 
 /* The resized rows for source rows h0 and h1 of image n (computing what is missing). */
 static void sf_rowcache_get(sf_rowcache* rc, const void* x, int x_bf16, int64_t xsn, int64_t xsh,
@@ -608,10 +617,8 @@ static int sf_resize_rows(const void* x, int x_bf16, int64_t N, int64_t Hx, int6
         sf_rowcache_get(&rc, x, x_bf16, xsn, xsh, xsw, n, Hx, h0, h1, C, W, &cols, &r0, &r1);
         emit(out, n, oh, r0, r1, 1.f - lh, lh);
       }
-      sf_rowcache_free(&rc);
     }
   }
-  sf_columns_free(&cols);
   return failed;
 }
 
@@ -654,10 +661,10 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
    * per tap: 2 loads and 2 FMAs per tap and channel, two output pixels at a time
    * (eight independent accumulators). Taps falling outside the map read a zero
    * block with weight 0, so the inner loop has no branches. */
-  int64_t* rows = (int64_t*)malloc((size_t)(2 * H) * sizeof(int64_t));
-  float* rl = (float*)malloc((size_t)H * sizeof(float));
-  int64_t* hoff = (int64_t*)malloc((size_t)(2 * W * KW) * sizeof(int64_t)); /* [ow][kw][2] */
-  float* hw = (float*)malloc((size_t)(2 * W * KW) * sizeof(float));
+  int64_t* rows = (int64_t*)sf_scratch(SF_SLOT_TABLE0, (size_t)(2 * H) * sizeof(int64_t));
+  float* rl = (float*)sf_scratch(SF_SLOT_TABLE1, (size_t)H * sizeof(float));
+  int64_t* hoff = (int64_t*)sf_scratch(SF_SLOT_TABLE2, (size_t)(2 * W * KW) * sizeof(int64_t));
+  float* hw = (float*)sf_scratch(SF_SLOT_TABLE3, (size_t)(2 * W * KW) * sizeof(float));
   int failed = !rows || !rl || !hoff || !hw;
   const int64_t zero_block = KH * w * KW * 64; /* offset of 64 zeros after V */
   if (!failed) {
@@ -685,8 +692,8 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
   if (!failed) {
 #pragma omp parallel
     {
-      float* V = 0; /* [KH][w][KW][64], then 64 zeros */
-      if (posix_memalign((void**)&V, 64, (size_t)(zero_block + 64) * sizeof(float)) != 0) V = 0;
+      float* V = (float*)sf_scratch(SF_SLOT_BAND, (size_t)(zero_block + 64) * sizeof(float));
+      /* [KH][w][KW][64], then 64 zeros */
       if (!V) {
 #pragma omp atomic write
         failed = 1;
@@ -762,12 +769,7 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
           }
         }
       }
-      free(V);
     }
   }
-  free(rows);
-  free(rl);
-  free(hoff);
-  free(hw);
   return failed;
 }
