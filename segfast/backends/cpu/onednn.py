@@ -51,6 +51,14 @@ def unary_attr(act: str, act_param: float) -> tuple[str, list[float]] | None:
     return ops._MKLDNN_UNARY.get(act)
 
 
+def post_op(act: str, act_param: float) -> tuple[str, list[float]]:
+    """:func:`unary_attr`, for a layer that must have one."""
+    attr = unary_attr(act, act_param)
+    if attr is None:
+        raise ValueError(f"oneDNN has no post-op for activation {act!r}")
+    return attr
+
+
 def _static_size(shape: Sequence[Any] | None) -> list[int] | None:
     """The example input's size as ints, or None where an axis is symbolic."""
     if shape is None or not all(isinstance(d, int) for d in shape):
@@ -91,10 +99,7 @@ class PackedConv2d:
         self.act, self.act_param = act, float(act_param)
         self.residual_after_act = bool(residual_after_act)
         self.x2_spec = (x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first)
-        attr = unary_attr(act, act_param)
-        if attr is None:
-            raise ValueError(f"oneDNN has no post-op for activation {act!r}")
-        self.unary, self.scalars = attr
+        self.unary, self.scalars = post_op(act, act_param)
         k, c_per_group = int(weight.shape[0]), int(weight.shape[1])
         depthwise = self.groups > 1 and self.groups == k and c_per_group == 1
         # oneDNN's depthwise kernels fall to a slow path at large paddings (atrous
@@ -212,10 +217,7 @@ class PackedConvTranspose2d:
         self.args = (list(stride), list(padding), list(output_padding), list(dilation), int(groups))
         self.act, self.act_param = act, float(act_param)
         self.residual_after_act = bool(residual_after_act)
-        attr = unary_attr(act, act_param)
-        if attr is None:
-            raise ValueError(f"oneDNN has no post-op for activation {act!r}")
-        self.unary, self.scalars = attr
+        self.unary, self.scalars = post_op(act, act_param)
         st, pad, opad, dil, g = self.args
         self.packed = _PACK_T(weight, pad, opad, st, dil, g, _static_size(input_size))
 

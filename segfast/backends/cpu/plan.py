@@ -68,11 +68,14 @@ class _Slot:
 
 
 def _resolver(template: Any) -> Callable[[list[Any]], Any]:
-    """A function that builds the real argument from the slot list."""
+    """A function that builds the real argument(s) from the slot list."""
     if isinstance(template, _Slot):
         i = template.index
         return lambda env: env[i]
-    if isinstance(template, list | tuple) and any(_has_slot(t) for t in template):
+    if isinstance(template, dict) and _has_slot(template):
+        items = [(k, _resolver(v)) for k, v in template.items()]
+        return lambda env: {k: r(env) for k, r in items}
+    if isinstance(template, list | tuple) and _has_slot(template):
         parts = [_resolver(t) for t in template]
         kind = type(template)
         return lambda env: kind(p(env) for p in parts)
@@ -82,6 +85,8 @@ def _resolver(template: Any) -> Callable[[list[Any]], Any]:
 def _has_slot(template: Any) -> bool:
     if isinstance(template, _Slot):
         return True
+    if isinstance(template, dict):
+        return any(_has_slot(t) for t in template.values())
     if isinstance(template, list | tuple):
         return any(_has_slot(t) for t in template)
     return False
@@ -91,7 +96,7 @@ def _has_slot(template: Any) -> bool:
 class Step:
     fn: Callable[..., Any]
     args: Callable[[list[Any]], tuple[Any, ...]]
-    kwargs: dict[str, Any]
+    kwargs: Callable[[list[Any]], dict[str, Any]]
     out: int
     free: tuple[int, ...]
     name: str
@@ -114,10 +119,15 @@ class Plan:
         for i, t in zip(self.inputs, inputs, strict=True):
             env[i] = t
         for step in self.steps:
-            env[step.out] = step.fn(*step.args(env), **step.kwargs)
+            env[step.out] = step.fn(*step.args(env), **step.kwargs(env))
             for i in step.free:
                 env[i] = None
         return self.output(env)
+
+
+def _method(name: str) -> Callable[..., Any]:
+    """A ``call_method`` node's call: the method of its first argument."""
+    return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
 
 
 def _pool_no_indices(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
@@ -221,9 +231,9 @@ def _plain_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (a[2] is None or _const_fp32(gm, a[2]) is not None) and a[7] in ACT_CODES
 
 
-def _upsample_into(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
-    """The bilinear upsample (and its layout fix) feeding only a depthwise conv,
-    if its output is large: (upsample node, nodes the fusion absorbs)."""
+def _bilinear_behind_layout_fix(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """A bilinear upsample read once, possibly through the layout pass's
+    ``to_nhwc`` (read once too): (the upsample, [it, the layout fix if any])."""
     absorbed = []
     if is_call(node, ops.to_nhwc) and len(node.users) == 1:
         absorbed.append(node)
@@ -231,12 +241,21 @@ def _upsample_into(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     rs = resample_of(node) if isinstance(node, fx.Node) else None
     if rs is None or rs.mode != "bilinear" or len(node.users) != 1 or rs.size_for_graph() is None:
         return None
-    v = val(node)
+    return node, [node, *absorbed]
+
+
+def _upsample_into(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The bilinear upsample (and its layout fix) feeding only a depthwise conv,
+    if its output is large: (upsample node, nodes the fusion absorbs)."""
+    up = _bilinear_behind_layout_fix(node)
+    if up is None:
+        return None
+    v = val(up[0])
     if v.dtype != torch.float32 or not all(isinstance(d, int) for d in v.shape):
         return None
     if v.numel() * 4 < MIN_BYTES:  # small maps stay in cache unfused
         return None
-    return node, [node, *absorbed]
+    return up
 
 
 def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, fx.Node], set[fx.Node]]:
@@ -329,20 +348,10 @@ def _resize_dw_step(
 
 def _output_upsample(out: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     """The bilinear upsample the graph ends with: (upsample, nodes it replaces)."""
-    if not isinstance(out, fx.Node):
+    up = _bilinear_behind_layout_fix(out)
+    if up is None or val(up[0]).dtype not in (torch.float32, torch.bfloat16):
         return None
-    replaced = []
-    node = out
-    if is_call(node, ops.to_nhwc) and len(node.users) == 1:
-        replaced.append(node)
-        node = node.args[0]
-    rs = resample_of(node) if isinstance(node, fx.Node) else None
-    if rs is None or rs.mode != "bilinear" or len(node.users) != 1 or rs.size_for_graph() is None:
-        return None
-    v = val(node)
-    if v.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return node, [node, *replaced]
+    return up
 
 
 class _HeadArgmax:
@@ -365,15 +374,11 @@ def _head_step(gm: fx.GraphModule, node: fx.Node, native: Native) -> tuple[Calla
         return None
     conv = None
     if w is not None:
-        if not isinstance(w, fx.Node) or w.op != "get_attr":
+        constants = _onednn_constants(gm, w, b, "none", 0.0)
+        if constants is None or constants[0].dtype != val(x).dtype:
             return None
-        if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
-            return None
-        weight = get_tensor(gm, w)
+        weight, bias = constants
         weight = weight if weight.dim() == 4 else weight[:, :, None, None]
-        bias = None if b is None else get_tensor(gm, b)
-        if weight.dtype != val(x).dtype or (bias is not None and bias.dtype != weight.dtype):
-            return None
         conv = PackedConv2d(weight, bias, [1, 1], [0, 0], [1, 1], 1, "none", 0.0, False, "none",
                             False, None, None, False, input_size=tuple(val(x).shape))  # fmt: skip
     rsz = NativeResize(native, bool(align), (scale_h, scale_w))
@@ -411,6 +416,8 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
             return _Slot(slot_of[a])
         if isinstance(a, list | tuple):
             return type(a)(template(t) for t in a)
+        if isinstance(a, dict):
+            return {k: template(v) for k, v in a.items()}
         return a
 
     for node in nodes:
@@ -426,12 +433,13 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
             if final is not None:
                 output = final[0]  # the native resize replaces upsample + layout fix
             continue
-        if node.op == "call_module":  # e.g. torch.export's shape-guard function
+        if node.op in ("call_module", "call_method"):  # e.g. torch.export's shape-guard module
             slot_of[node] = len(slot_of)
-            pending.append((node, gm.get_submodule(str(node.target)), node.args, dict(node.kwargs)))
+            name = str(node.target)
+            target = gm.get_submodule(name) if node.op == "call_module" else _method(name)
+            pending.append((node, target, node.args, dict(node.kwargs)))
             continue
-        if node.op != "call_function":
-            raise NotImplementedError(f"cannot lower graph node {node.op} {node.target}")
+        # call_function: FX has no other kind of node
         if node in absorbed:  # computed inside the depthwise conv that reads it
             continue
         fn: Callable = node.target
@@ -494,16 +502,14 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     steps = [
         Step(
             fn=fn,
-            args=_args_resolver(template(args)),
-            kwargs={k: template(v) for k, v in kwargs.items()},
+            args=_resolver(template(tuple(args))),
+            kwargs=_resolver(template(kwargs)),
             out=slot_of[node],
             free=tuple(frees.get(node, ())),
             name=node.name,
         )
         for node, fn, args, kwargs in pending
     ]
-    if any(_has_slot(v) for s in steps for v in s.kwargs.values()):
-        raise NotImplementedError("graph values passed as keyword arguments")
     return Plan(steps, inputs, template(output), len(slot_of), lowered)
 
 
@@ -515,10 +521,3 @@ def _nodes_in(a: Any) -> list[fx.Node]:
     if isinstance(a, dict):
         return [n for t in a.values() for n in _nodes_in(t)]
     return []
-
-
-def _args_resolver(template: tuple) -> Callable[[list[Any]], tuple[Any, ...]]:
-    if not _has_slot(template):
-        return lambda env: template
-    parts = [_resolver(t) for t in template]
-    return lambda env: tuple(p(env) for p in parts)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from segfast.backends.cpu.depthwise import ACT_CODES, nhwc_strides
 from segfast.backends.cpu.native import Native
+from segfast.backends.cpu.onednn import _CONV_BINARY_, _PACK, PackedConv2d, post_op
 from segfast.compiler import ops
 
 BLOCK = 64  # channels per work item (four 16-lane vectors)
@@ -152,13 +153,11 @@ class UpsampleSeparableConv2d:
         scales: tuple[float | None, float | None],
         input_size: Sequence[int] | None = None,
     ) -> None:
-        from segfast.backends.cpu.onednn import _CONV_BINARY_, _PACK, PackedConv2d, unary_attr
-
         c, one, kh, kw = dw_weight.shape
         k = int(pw_weight.shape[0])
         if one != 1 or tuple(pw_weight.shape[2:]) != (1, 1):
             raise ValueError("need a depthwise weight [C, 1, KH, KW] and a 1×1 pointwise weight")
-        if act not in ACT_CODES or unary_attr(act, act_param) is None:
+        if act not in ACT_CODES:
             raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {act!r}")
         self.native = native
         self.k, self.kh, self.kw = k, int(kh), int(kw)
@@ -184,8 +183,7 @@ class UpsampleSeparableConv2d:
         rest = torch.ones(wp.shape[1], dtype=torch.bool)
         rest[a_channels] = False
         self.b_channels = int(rest.sum())
-        self.unary, self.scalars = unary_attr(act, act_param)
-        self._binary = _CONV_BINARY_
+        self.unary, self.scalars = post_op(act, act_param)
         self.packed_b = None
         if self.b_channels:
             wb = wp[:, rest].reshape(k, self.b_channels, 1, 1).contiguous()
@@ -211,7 +209,7 @@ class UpsampleSeparableConv2d:
             raise MemoryError("segfast CPU kernel: could not allocate index tables")
         if last:
             return y
-        return self._binary(
+        return _CONV_BINARY_(
             y, ops.to_nhwc(b), self.packed_b, self.bias, [0, 0], [1, 1], [1, 1], 1, "add", None,
             None if self.unary == "none" else self.unary, self.scalars, "",
         )  # fmt: skip

@@ -287,19 +287,6 @@ void sf_wino_out(const float* restrict M, int64_t N, int64_t Ho, int64_t Wo, int
   }
 }
 
-/* ---------------------------------------------------------------------------------
- * Depthwise convolution of a bilinear upsample, the upsample computed band by band:
- *   e = bilinear resize of x (Hx×Wx → H×W), ATen's index arithmetic (source =
- *       scale·(d + ½) − ½ clamped at 0, or scale·d with align_corners; a dimension
- *       of equal size is copied)
- *   y = act(b + sum_taps wd · e) with zero padding around e's H×W.
- * One work item: one band of output rows × one block of 64 channels; the rows of e
- * it reads live in a per-thread scratch buffer, so e is never written as a whole
- * (DeepLab v3+'s decoder: 256 channels upsampled ×4 to 128×128, 16 MB).
- * Weights come prepacked per 64-channel block, zero-padded: wdp[cb][KH·KW][64],
- * bp[cb][64]. Returns 0, or 1 when a thread's scratch buffer could not be
- * allocated (y is then incomplete and the caller raises).
- * ------------------------------------------------------------------------------- */
 /* ATen's linear source index for output index d (fp32, as upsample_bilinear2d computes). */
 static inline void sf_linear_index(int64_t d, int64_t in, int64_t out, float scale, int align,
                                    int64_t* i0, int64_t* i1, float* l1) {
@@ -318,9 +305,44 @@ static inline void sf_linear_index(int64_t d, int64_t in, int64_t out, float sca
   *l1 = l < 0.f ? 0.f : (l > 1.f ? 1.f : l);
 }
 
+/* Source columns and weights per output column, for one resize along W (built once
+ * per call by the calling thread, read by all). */
+typedef struct {
+  int32_t *i0, *i1; /* source columns per output column */
+  float* l1;        /* weight of i1 */
+} sf_columns;
+
+static int sf_columns_make(int64_t Wx, int64_t W, float scale_w, int align, sf_columns* t) {
+  t->i0 = (int32_t*)sf_scratch(SF_SLOT_TABLE0, (size_t)W * sizeof(int32_t));
+  t->i1 = (int32_t*)sf_scratch(SF_SLOT_TABLE1, (size_t)W * sizeof(int32_t));
+  t->l1 = (float*)sf_scratch(SF_SLOT_TABLE2, (size_t)W * sizeof(float));
+  if (!t->i0 || !t->i1 || !t->l1) return 1;
+  for (int64_t w = 0; w < W; ++w) {
+    int64_t a, b;
+    sf_linear_index(w, Wx, W, scale_w, align, &a, &b, t->l1 + w);
+    t->i0[w] = (int32_t)a;
+    t->i1[w] = (int32_t)b;
+  }
+  return 0;
+}
+
+
+/* ---------------------------------------------------------------------------------
+ * Depthwise convolution of a bilinear upsample, the upsample computed band by band:
+ *   e = bilinear resize of x (Hx×Wx → H×W), ATen's index arithmetic (source =
+ *       scale·(d + ½) − ½ clamped at 0, or scale·d with align_corners; a dimension
+ *       of equal size is copied)
+ *   y = act(b + sum_taps wd · e) with zero padding around e's H×W.
+ * One work item: one band of output rows × one block of 64 channels; the rows of e
+ * it reads live in a per-thread scratch buffer, so e is never written as a whole
+ * (DeepLab v3+'s decoder: 256 channels upsampled ×4 to 128×128, 16 MB).
+ * Weights come prepacked per 64-channel block, zero-padded: wdp[cb][KH·KW][64],
+ * bp[cb][64]. Returns 0, or 1 when a thread's scratch buffer could not be
+ * allocated (y is then incomplete and the caller raises).
+ * ------------------------------------------------------------------------------- */
 static void sf_produce_resize(const float* x, int64_t xsn, int64_t xsh, int64_t xsw, int64_t Hx,
-                              int64_t Wx, int64_t c0, int cn, int64_t n, int64_t r, int64_t H,
-                              int64_t W, float scale_h, float scale_w, int align,
+                              int64_t c0, int cn, int64_t n, int64_t r, int64_t H, int64_t W,
+                              float scale_h, int align, const sf_columns* cols,
                               float* row /* [W][64] */) {
   int64_t h0, h1;
   float lh;
@@ -329,10 +351,8 @@ static void sf_produce_resize(const float* x, int64_t xsn, int64_t xsh, int64_t 
   const float* r0 = x + n * xsn + h0 * xsh + c0;
   const float* r1 = x + n * xsn + h1 * xsh + c0;
   for (int64_t w = 0; w < W; ++w) {
-    int64_t w0, w1;
-    float lw;
-    sf_linear_index(w, Wx, W, scale_w, align, &w0, &w1, &lw);
-    const float lw0 = 1.f - lw;
+    const int64_t w0 = cols->i0[w], w1 = cols->i1[w];
+    const float lw = cols->l1[w], lw0 = 1.f - lw;
     for (int v = 0; v < 4; ++v) {
       const int m = cn - 16 * v;
       sf_v16 e = {0};
@@ -359,7 +379,9 @@ int sf_resize_dw(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx,
   const int64_t nbands = (Ho + band_rows - 1) / band_rows;
   const int64_t rows_max = (band_rows - 1) * sh + (KH - 1) * dh + 1;
   const int64_t jobs = N * nbands * ncb;
-  int failed = 0;
+  sf_columns cols;
+  int failed = sf_columns_make(Wx, W, scale_w, align_corners, &cols);
+  if (failed) return failed;
 #pragma omp parallel
   {
     float* scratch = (float*)sf_scratch(SF_SLOT_BAND, (size_t)(rows_max * W * 64) * sizeof(float));
@@ -381,8 +403,8 @@ int sf_resize_dw(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx,
       const int64_t r_lo = ih_lo > 0 ? ih_lo : 0;
       const int64_t r_hi = ih_hi < H - 1 ? ih_hi : H - 1;
       for (int64_t r = r_lo; r <= r_hi; ++r) {
-        sf_produce_resize(x, xsn, xsh, xsw, Hx, Wx, c0, cn, n, r, H, W, scale_h, scale_w,
-                          align_corners, scratch + (r - ih_lo) * W * 64);
+        sf_produce_resize(x, xsn, xsh, xsw, Hx, c0, cn, n, r, H, W, scale_h, align_corners,
+                          &cols, scratch + (r - ih_lo) * W * 64);
       }
       const float* wd = wdp + cb * KH * KW * 64;
       const sf_v16 bz0 = *(const sf_v16*)(b2p + cb * 64), bz1 = *(const sf_v16*)(b2p + cb * 64 + 16);
@@ -450,26 +472,6 @@ static inline uint16_t sf_bf16_round(float f) {
   if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
   return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
-
-typedef struct {
-  int32_t *i0, *i1; /* source columns per output column */
-  float* l1;        /* weight of i1 */
-} sf_columns;
-
-static int sf_columns_make(int64_t Wx, int64_t W, float scale_w, int align, sf_columns* t) {
-  t->i0 = (int32_t*)sf_scratch(SF_SLOT_TABLE0, (size_t)W * sizeof(int32_t));
-  t->i1 = (int32_t*)sf_scratch(SF_SLOT_TABLE1, (size_t)W * sizeof(int32_t));
-  t->l1 = (float*)sf_scratch(SF_SLOT_TABLE2, (size_t)W * sizeof(float));
-  if (!t->i0 || !t->i1 || !t->l1) return 1;
-  for (int64_t w = 0; w < W; ++w) {
-    int64_t a, b;
-    sf_linear_index(w, Wx, W, scale_w, align, &a, &b, t->l1 + w);
-    t->i0[w] = (int32_t)a;
-    t->i1[w] = (int32_t)b;
-  }
-  return 0;
-}
-
 
 /* R[c][w] = source row h of image n resized along W; tmp holds [W][C]. Scalar
  * transposition (no vector gathers, which are slow on Zen 4). */

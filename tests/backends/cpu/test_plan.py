@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import segfast
 from segfast import models
@@ -268,3 +268,18 @@ def test_decoder_separable_mixes_at_the_source(monkeypatch):
     assert eng.info.fusions["concat_depthwise"] == 1
     with torch.no_grad():
         assert _rel(eng(x), model(x)) <= 1e-5
+
+
+def test_plan_runs_methods_and_graph_values_in_keywords():
+    """FX nodes the fused graph may carry besides call_function: call_method, and
+    graph values passed by keyword."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_method("relu", (x,))
+    z = g.call_function(torch.add, (x,), {"other": y, "alpha": 2})
+    g.output(z)
+    from segfast.backends.cpu.plan import lower
+
+    plan = lower(fx.GraphModule(nn.Module(), g))
+    t = torch.randn(3, 4)
+    assert torch.equal(plan(t), torch.add(t, t.relu(), alpha=2))
