@@ -102,7 +102,7 @@ def worthwhile(c_in: int, c_out: int, h: int, w: int) -> bool:
     """Whether F(4×4, 3×3) beats oneDNN's direct convolution for this layer.
 
     Measured on 2 cores of an AMD EPYC (Zen 4) with torch 2.13 against oneDNN
-    with prepacked weights, blocks of calls alternated (benchmarks/bench_cpu_conv.py):
+    with prepacked weights, blocks of calls alternated (benchmarks/bench_cpu_kernels.py):
     1.3–2.2× from 128 channels in and out; break-even at 64; slower below
     (the transforms are bound by memory and grow with H·W·C, the saving with
     C·K) and on maps under 8×8 (too few tiles for the GEMMs).

@@ -1,0 +1,124 @@
+"""segfast's CPU kernels against what the ``torch`` backend would run without
+them (oneDNN with prepacked weights, PyTorch's resize), on the layers of the
+CPU comparison (U-Net base 32 at 256², DeepLab v3+ MobileNetV2 at 512²).
+
+    pytest benchmarks/bench_cpu_kernels.py --benchmark-only
+    pytest benchmarks/bench_cpu_kernels.py --benchmark-only -k winograd
+
+Each case records ms (median), GFLOP/s or GB/s and the CPU name in extra_info.
+Compare ``segfast`` and ``onednn`` rows of the same case within one run: a
+shared machine's speed drifts between runs. Needs the kernels
+(``segfast info`` says whether they load here).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segfast.backends.cpu import native
+from segfast.backends.cpu.depthwise import NativeDepthwiseConv2d
+from segfast.backends.cpu.onednn import PackedConv2d
+from segfast.backends.cpu.resize import NativeResize
+from segfast.backends.cpu.resize_dw import ResizeDepthwiseConv2d
+from segfast.backends.cpu.winograd import WinogradConv2d
+from segfast.bench.runner import _cpu_name
+
+LIB = native.load()
+pytestmark = pytest.mark.skipif(LIB is None, reason=f"CPU kernels: {native.status()[1]}")
+
+
+def _nhwc(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+
+
+def _packed(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, pad: int, dil: int = 1,
+            groups: int = 1, act: str = "relu") -> PackedConv2d:  # fmt: skip
+    return PackedConv2d(w, b, [1, 1], [pad, pad], [dil, dil], groups, act, 0.0, False, "none",
+                        False, None, None, False, input_size=tuple(x.shape))  # fmt: skip
+
+
+def _measure(benchmark: Any, fn: Callable[[], object], *, flops: int = 0, nbytes: int = 0) -> None:
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    ms = 1e3 * sorted(times)[len(times) // 2]
+    info: dict[str, Any] = {"device": _cpu_name(), "threads": torch.get_num_threads(), "ms": ms}
+    if flops:
+        info["gflop_per_s"] = flops / ms / 1e6
+    if nbytes:
+        info["gb_per_s"] = nbytes / ms / 1e6
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, rounds=10, warmup_rounds=2)
+
+
+# (C_in, C_out, H) of U-Net base 32's 3×3 layers that take Winograd
+WINOGRAD = {"128c-64": (128, 128, 64), "256c-32": (256, 256, 32), "512-256c-32": (512, 256, 32)}
+
+
+@pytest.mark.parametrize("impl", ["segfast", "onednn"])
+@pytest.mark.parametrize("case", list(WINOGRAD))
+def test_winograd(benchmark, case, impl):
+    c, k, h = WINOGRAD[case]
+    x, w, b = _nhwc(1, c, h, h), torch.randn(k, c, 3, 3) / (9 * c) ** 0.5, torch.randn(k)
+    conv = WinogradConv2d(LIB, w, b, (1, 1), "relu", 0.0, False) if impl == "segfast" else (
+        _packed(w, b, x, 1))  # fmt: skip
+    _measure(benchmark, lambda: conv(x), flops=2 * h * h * c * k * 9)  # direct-conv FLOPs
+
+
+@pytest.mark.parametrize("impl", ["segfast", "onednn"])
+@pytest.mark.parametrize("rate", [12, 18])
+def test_atrous_depthwise(benchmark, rate, impl):
+    """DeepLab v3+'s ASPP: 1280 channels at 32×32. Bytes: read + write the map."""
+    x, w = _nhwc(1, 1280, 32, 32), torch.randn(1280, 1, 3, 3)
+    if impl == "segfast":
+        conv = NativeDepthwiseConv2d(LIB, w, None, [1, 1], [rate] * 2, [rate] * 2, "none", 0.0,
+                                     False)  # fmt: skip
+    else:
+        conv = _packed(w, None, x, rate, rate, 1280, "none")
+    _measure(benchmark, lambda: conv(x), nbytes=2 * x.numel() * 4)
+
+
+@pytest.mark.parametrize("impl", ["segfast", "torch"])
+def test_upsample_depthwise(benchmark, impl):
+    """DeepLab v3+'s decoder: 256 channels 32² → 128², then a 3×3 depthwise conv."""
+    a, w = _nhwc(1, 256, 32, 32), torch.randn(256, 1, 3, 3)
+    fused = ResizeDepthwiseConv2d(LIB, w, None, [1, 1], [1, 1], [1, 1], "none", 0.0, False,
+                                  (None, None))  # fmt: skip
+    dw = _packed(w, None, _nhwc(1, 256, 128, 128), 1, 1, 256, "none")
+
+    def run() -> torch.Tensor:
+        if impl == "segfast":
+            return fused(a, (128, 128))
+        return dw(F.interpolate(a, size=(128, 128), mode="bilinear"))
+
+    _measure(benchmark, run, nbytes=(a.numel() + 256 * 128 * 128) * 4)
+
+
+@pytest.mark.parametrize("impl", ["segfast", "torch"])
+@pytest.mark.parametrize("out", ["logits", "mask"])
+def test_logits_resize(benchmark, out, impl):
+    """21-class logits 128² → 512² (DeepLab v3+ at 512²), NCHW logits or an argmax mask."""
+    x = _nhwc(1, 21, 128, 128)
+    rz = NativeResize(LIB, False, (None, None))
+
+    def run() -> torch.Tensor:
+        if impl == "segfast":
+            return (
+                rz.logits(x, (512, 512)) if out == "logits" else rz.argmax(x, (512, 512), "uint8")
+            )
+        y = F.interpolate(x, size=(512, 512), mode="bilinear")
+        return y if out == "logits" else y.argmax(1).to(torch.uint8)
+
+    written = 21 * 512 * 512 * 4 if out == "logits" else 512 * 512
+    _measure(benchmark, run, nbytes=x.numel() * 4 + written)
