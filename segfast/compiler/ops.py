@@ -54,6 +54,25 @@ def activation(y: Tensor, act: str, act_param: float) -> Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
+def activation_(y: Tensor, act: str, act_param: float) -> Tensor:
+    """:func:`activation` in place, on a tensor the caller owns."""
+    if act == "none":
+        return y
+    if act == "relu":
+        return y.relu_()
+    if act == "relu6":
+        return y.clamp_(0.0, 6.0)
+    if act == "leaky_relu":
+        return F.leaky_relu_(y, act_param)
+    if act == "silu":
+        return F.silu(y, inplace=True)
+    if act == "sigmoid":
+        return y.sigmoid_()
+    if act == "tanh":
+        return y.tanh_()
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
+
+
 def _layout(x: Tensor) -> torch.memory_format:
     """segfast ops return NHWC (channels_last) whatever their input's layout: the
     compiler runs NHWC end to end, and one op that slips to NCHW (e.g. PyTorch's
@@ -112,6 +131,11 @@ def join_sources(
 
 # Largest depthwise padding oneDNN handles on its fast path (rate 6 fast, 12 slow).
 _DW_MAX_INLINE_PAD = 8
+
+# The unary post-ops oneDNN's convolution takes after a binary "add" (PyTorch's
+# mkldnn op raises "Unary Fusion behavior undefined" for the others): any other
+# activation runs in place after the fused add.
+MKLDNN_UNARY_AFTER_ADD = ("none", "relu")
 
 _MKLDNN_UNARY = {
     "none": ("none", []),
@@ -181,11 +205,16 @@ def _conv_cpu_fused(
         return None
     if residual is None:
         return op.default(x, weight, bias, padding, stride, dilation, groups, unary, scalars, "")
-    if residual_after_act or residual.shape != (x.shape[0], weight.shape[0], *residual.shape[2:]):
-        return None
+    out_hw = tuple(
+        _conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+        for i in range(2)
+    )
+    if residual_after_act or tuple(residual.shape) != (x.shape[0], weight.shape[0], *out_hw):
+        return None  # oneDNN's binary add would read a residual of another shape unchecked
     if residual.dtype != x.dtype:
         return None
-    return op.binary(
+    fused = unary in MKLDNN_UNARY_AFTER_ADD
+    y = op.binary(
         x,
         residual,
         weight,
@@ -196,10 +225,11 @@ def _conv_cpu_fused(
         groups,
         "add",
         None,
-        None if unary == "none" else unary,
-        scalars,
+        unary if fused and unary != "none" else None,
+        scalars if fused else [],
         "",
     )
+    return y if fused else activation_(y, act, act_param)
 
 
 # -- segfast::conv2d ------------------------------------------------------------------

@@ -100,6 +100,11 @@ class PackedConv2d:
         self.residual_after_act = bool(residual_after_act)
         self.x2_spec = (x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first)
         self.unary, self.scalars = post_op(act, act_param)
+        # after a binary add oneDNN fuses only relu; others run in place after it
+        self.fused_after_add = self.unary in ops.MKLDNN_UNARY_AFTER_ADD
+        fused = self.fused_after_add and self.unary != "none"
+        self.after_add = self.unary if fused else None
+        self.after_add_scalars = self.scalars if fused else []
         k, c_per_group = int(weight.shape[0]), int(weight.shape[1])
         depthwise = self.groups > 1 and self.groups == k and c_per_group == 1
         # oneDNN's depthwise kernels fall to a slow path at large paddings (atrous
@@ -154,10 +159,11 @@ class PackedConv2d:
             a, b = (x2, x) if first else (x, x2)
             y = _CONV(a, self.packed, self.bias, self.padding, self.stride, self.dilation,
                       1, "none", [], "")  # fmt: skip
-            return _CONV_BINARY_(
+            y = _CONV_BINARY_(
                 y, b, self.packed2, None, self.padding, self.stride, self.dilation, 1,
-                "add", None, None if self.unary == "none" else self.unary, self.scalars, "",
+                "add", None, self.after_add, self.after_add_scalars, "",
             )  # fmt: skip
+            return y if self.fused_after_add else ops.activation_(y, self.act, self.act_param)
         if self.prepad:
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph))
@@ -188,11 +194,11 @@ class PackedConv2d:
         ]
         if list(residual.shape[2:]) != out_hw:
             return self._composite(x, residual, x2)
-        return _CONV_BINARY(
+        y = _CONV_BINARY(
             x, ops.to_nhwc(residual), self.packed, self.bias, self.conv_pad, self.stride,
-            self.dilation, self.groups, "add", None,
-            None if self.unary == "none" else self.unary, self.scalars, "",
+            self.dilation, self.groups, "add", None, self.after_add, self.after_add_scalars, "",
         )  # fmt: skip
+        return y if self.fused_after_add else ops.activation_(y, self.act, self.act_param)
 
 
 class PackedConvTranspose2d:

@@ -283,3 +283,34 @@ def test_plan_runs_methods_and_graph_values_in_keywords():
     plan = lower(fx.GraphModule(nn.Module(), g))
     t = torch.randn(3, 4)
     assert torch.equal(plan(t), torch.add(t, t.relu(), alpha=2))
+
+
+class ResidualThenAct(nn.Module):
+    """``act(conv(y) + y)`` and ``act(conv(cat))``: oneDNN fuses only relu after its
+    binary add (PyTorch's op raised "Unary Fusion behavior undefined" for the rest)."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.act(self.b(y) + y)
+        return self.act(self.c(torch.cat([z, y], 1)))
+
+
+@pytest.mark.parametrize(
+    "act", [F.relu, F.relu6, F.silu, torch.sigmoid, torch.tanh, lambda t: F.leaky_relu(t, 0.2)]
+)
+@pytest.mark.parametrize("options", [{}, {"no_cpu_plan": True}])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_any_activation_after_a_fused_residual(act, options, precision):
+    torch.manual_seed(5)
+    model = ResidualThenAct(act).eval()
+    x = torch.randn(1, 3, 14, 18)
+    eng = segfast.compile(model, x, backend="torch", options=options, precision=precision)
+    report = segfast.check(eng, model, x)
+    assert report.passed, report
