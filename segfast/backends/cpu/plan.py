@@ -8,7 +8,9 @@ Lowering walks the fused ``GraphModule`` once, in order:
   input's size (other sizes run too: oneDNN reorders when its choice differs);
 - with segfast's CPU kernels loaded (:mod:`.native`), fp32 only: 3×3 stride-1
   dense convolutions with enough channels run by Winograd F(4×4, 3×3)
-  (:mod:`.winograd`), depthwise convolutions with atrous paddings oneDNN
+  (:mod:`.winograd`), MobileNetV2's ``[1×1 expand →] depthwise → 1×1 project
+  (+ residual)`` blocks with a large, narrow expanded tensor run as one kernel
+  that never writes it (:mod:`.invres`), depthwise convolutions with atrous paddings oneDNN
   handles slowly run on :mod:`.depthwise`, and a depthwise convolution whose
   input is a large bilinear upsample read by nothing else computes the upsample
   band by band (:mod:`.resize_dw`) instead of reading it from memory — and
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import winograd
+from segfast.backends.cpu import invres, winograd
 from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_depthwise
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
@@ -316,6 +318,70 @@ def _separable_after_upsample(
     return out
 
 
+def _pointwise_conv(gm: fx.GraphModule, node: Any) -> bool:
+    """An fp32 1×1 ``segfast.conv2d`` (stride 1, no padding, groups 1, one
+    source) whose activation segfast_cpu.c applies."""
+    if not isinstance(node, fx.Node) or not is_call(node, segfast_ops.conv2d.default,
+                                                     ops.conv2d_impl):  # fmt: skip
+        return False
+    a = node.args
+    w = _const_fp32(gm, a[1])
+    if w is None or w.dim() != 4 or tuple(w.shape[2:]) != (1, 1) or a[6] != 1 or a[11] is not None:
+        return False
+    if list(a[3]) != [1, 1] or list(a[4]) != [0, 0] or a[7] not in ACT_CODES:
+        return False
+    return a[2] is None or _const_fp32(gm, a[2]) is not None
+
+
+def _inverted_residuals(
+    gm: fx.GraphModule, taken: set[fx.Node]
+) -> dict[fx.Node, tuple[fx.Node | None, fx.Node]]:
+    """MobileNetV2 blocks ``[1×1 expand →] depthwise → 1×1 project (+ residual)``
+    worth one :class:`~.invres.NativeInvertedResidual` call:
+    {project: (expand or None, depthwise)}. ``taken``: depthwise convs other
+    fusions claimed."""
+    out: dict[fx.Node, tuple[fx.Node | None, fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if not _pointwise_conv(gm, node):
+            continue
+        dw = node.args[0]
+        if not isinstance(dw, fx.Node) or dw in taken or len(dw.users) != 1:
+            continue
+        if not _plain_depthwise(gm, dw) or list(dw.args[5]) != [dw.args[5][0]] * 2:
+            continue
+        expand = dw.args[0]
+        if not (
+            isinstance(expand, fx.Node)
+            and len(expand.users) == 1
+            and _pointwise_conv(gm, expand)
+            and expand.args[9] is None
+        ):
+            expand = None
+        src = val(dw.args[0])
+        kh = int(val(dw.args[1]).shape[2])
+        h, w_ = (d if isinstance(d, int) else 1 << 30 for d in src.shape[2:])
+        ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
+        if invres.worthwhile(int(src.shape[1]), h, w_, ring_rows):
+            out[node] = (expand, dw)
+    return out
+
+
+def _invres_step(
+    gm: fx.GraphModule, native: Native, project: fx.Node, expand: fx.Node | None, dw: fx.Node
+) -> tuple[Callable, tuple]:
+    def spec(node: fx.Node) -> invres.Conv:
+        a = node.args
+        return invres.conv_spec(get_tensor(gm, a[1]), None if a[2] is None else get_tensor(gm, a[2]),
+                                a[3], a[4], a[5], a[6], a[7], a[8])  # fmt: skip
+
+    block = invres.NativeInvertedResidual(
+        native, None if expand is None else spec(expand), spec(dw), spec(project),
+        bool(project.args[10]),
+    )  # fmt: skip
+    x = dw.args[0] if expand is None else expand.args[0]
+    return block, (x, project.args[9])
+
+
 def _separable_step(
     gm: fx.GraphModule,
     native: Native,
@@ -404,6 +470,11 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     for dw, _, _, _ in separable.values():
         absorbed.add(dw)
         fused.pop(dw)
+    blocks = _inverted_residuals(gm, set(fused)) if native is not None else {}
+    for expand, dw in blocks.values():
+        absorbed.add(dw)
+        if expand is not None:
+            absorbed.add(expand)
     out_node = next(n for n in nodes if n.op == "output")
     final = _output_upsample(out_node.args[0]) if native is not None else None
     if final is not None:
@@ -446,7 +517,10 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
         args: tuple = node.args
         kwargs = dict(node.kwargs)
         t = node.target
-        if node in separable:
+        if node in blocks:
+            fn, args = _invres_step(gm, native, node, *blocks[node])
+            lowered["inverted residual block (segfast kernel)"] += 1
+        elif node in separable:
             fn, args = _separable_step(gm, native, node, separable[node])
             lowered["bilinear upsample + separable conv, mixed at the source (segfast kernel)"] += 1
         elif node in fused:

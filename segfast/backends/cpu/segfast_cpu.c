@@ -22,6 +22,7 @@
  *                 computed per band of rows and never written whole.
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -36,7 +37,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 6; }
+int sf_abi_version(void) { return 7; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -44,7 +45,7 @@ int sf_abi_version(void) { return 6; }
  * frame before this. OpenMP's worker threads live as long as the process, so the
  * buffers do too (each at most the largest request made on that thread). */
 enum { SF_SLOT_BAND, SF_SLOT_ROWS, SF_SLOT_TABLE0, SF_SLOT_TABLE1, SF_SLOT_TABLE2, SF_SLOT_TABLE3,
-       SF_SLOTS };
+       SF_SLOT_RING, SF_SLOT_DWROW, SF_SLOT_TAGS, SF_SLOTS };
 static __thread void* sf_buf[SF_SLOTS];
 static __thread size_t sf_cap[SF_SLOTS];
 
@@ -774,4 +775,239 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
     }
   }
   return failed;
+}
+
+/* ---- Inverted residual block: [1×1 expand →] depthwise KH×KW → 1×1 project (+ residual) ----
+ * MobileNetV2's blocks at high resolution write an expanded tensor 4–6× the size of
+ * their input and read it back (96 channels at 256×256: 25 MB each way), then write
+ * and read the depthwise output. Here each thread walks a contiguous run of output
+ * rows keeping a ring of the R = (KH-1)·dh + 1 expanded rows its taps reach (in L2);
+ * only the block's input and output touch memory. Internal rows have Cp channels
+ * (the expanded width rounded up to 16, weights and biases zero-padded).
+ * Reference: segfast/backends/cpu/invres.py. */
+
+/* out[m][n] = act(bias[n] + Σ_k a[m·as + k]·B[k·Np + n]) (+ res), n in [n0, n0 + 16·NV) ∩ [0, N):
+ * MR pixels × NV vectors of accumulators in registers; B's rows are zero-padded to Np. */
+#define SF_GEMM_TILE(MR, NV)                                                                     \
+  static void sf_gemm_tile_##MR##_##NV(                                                           \
+      const float* restrict a, int64_t as, int64_t K, const float* restrict B, int64_t Np,        \
+      const float* restrict bias, int64_t n0, int64_t N, float* restrict out, int64_t os,         \
+      const float* restrict res, int64_t rs, int res_after_act, int act, float ap) {              \
+    sf_v16 acc[MR][NV];                                                                           \
+    for (int v = 0; v < NV; ++v) {                                                                \
+      const sf_v16 b = *(const sf_v16*)(bias + n0 + 16 * v);                                      \
+      for (int m = 0; m < MR; ++m) acc[m][v] = b;                                                 \
+    }                                                                                             \
+    const float* bp = B + n0;                                                                     \
+    for (int64_t k = 0; k < K; ++k, bp += Np) {                                                   \
+      sf_v16 bv[NV];                                                                              \
+      for (int v = 0; v < NV; ++v) bv[v] = *(const sf_v16*)(bp + 16 * v);                         \
+      for (int m = 0; m < MR; ++m) {                                                              \
+        const float am = a[m * as + k]; /* splat by the vector extension */                       \
+        for (int v = 0; v < NV; ++v) acc[m][v] += am * bv[v];                                     \
+      }                                                                                           \
+    }                                                                                             \
+    for (int m = 0; m < MR; ++m) {                                                                \
+      for (int v = 0; v < NV; ++v) {                                                              \
+        const int64_t c = n0 + 16 * v;                                                            \
+        if (c >= N) break;                                                                        \
+        const int cn = N - c < 16 ? (int)(N - c) : 16;                                            \
+        sf_v16 o = acc[m][v];                                                                     \
+        if (res && !res_after_act) o += sf_load(res + m * rs + c, cn);                            \
+        o = sf_act_v(o, act, ap);                                                                 \
+        if (res && res_after_act) o += sf_load(res + m * rs + c, cn);                             \
+        sf_store(out + m * os + c, o, cn);                                                        \
+      }                                                                                           \
+    }                                                                                             \
+  }
+SF_GEMM_TILE(6, 4)
+SF_GEMM_TILE(8, 3)
+SF_GEMM_TILE(12, 2)
+SF_GEMM_TILE(12, 1)
+SF_GEMM_TILE(1, 4)
+SF_GEMM_TILE(1, 3)
+SF_GEMM_TILE(1, 2)
+SF_GEMM_TILE(1, 1)
+#undef SF_GEMM_TILE
+
+#define SF_TILE(MR, NV)                                                                       \
+  sf_gemm_tile_##MR##_##NV(a + p * as, as, K, B, Np, bias, n0, N, out + p * os, os,              \
+               res ? res + p * rs : 0, rs, res_after_act, act, ap)
+
+/* The 1×1 convolution of P pixels (a row): out[p][0:N] from a[p][0:K]. */
+static void sf_gemm_rows(const float* restrict a, int64_t P, int64_t as, int64_t K,
+                         const float* restrict B, int64_t Np, const float* restrict bias, int64_t N,
+                         float* restrict out, int64_t os, const float* restrict res, int64_t rs,
+                         int res_after_act, int act, float ap) {
+  /* chunks of ≤ 4 vectors: with 6, GCC folded the weight loads into the FMAs (24
+   * accumulators + 6 weights + a broadcast leave no spare register) and the tile
+   * became load-bound — 160→960→160 at 32²: 0.84× oneDNN with 6, 0.97× with 4. */
+  const int64_t nvt = Np / 16;
+  const int64_t chunks = (nvt + 3) / 4;
+  int64_t v0 = 0;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int nv = (int)(nvt / chunks + (ch < nvt % chunks));
+    const int64_t n0 = 16 * v0;
+    int64_t p = 0;
+    switch (nv) {
+      case 4: for (; p + 6 <= P; p += 6) SF_TILE(6, 4); break;
+      case 3: for (; p + 8 <= P; p += 8) SF_TILE(8, 3); break;
+      case 2: for (; p + 12 <= P; p += 12) SF_TILE(12, 2); break;
+      default: for (; p + 12 <= P; p += 12) SF_TILE(12, 1); break;
+    }
+    for (; p < P; ++p) {
+      switch (nv) {
+        case 4: SF_TILE(1, 4); break;
+        case 3: SF_TILE(1, 3); break;
+        case 2: SF_TILE(1, 2); break;
+        default: SF_TILE(1, 1); break;
+      }
+    }
+    v0 += nv;
+  }
+}
+#undef SF_TILE
+
+#define MAX_KH 64
+
+/* Eight output pixels × 16 channels of one depthwise row, every tap inside the map. */
+static inline __attribute__((always_inline)) void sf_ir_dw_px8(
+    const float* const* rp, const int64_t* kidx, int64_t nk, const float* restrict wd, int64_t KW,
+    int64_t Cp, int64_t c, int64_t iw0, int64_t sw, int64_t dw, int act, float ap,
+    const float* restrict bd, float* restrict out) {
+  sf_v16 acc[8];
+  const sf_v16 b = *(const sf_v16*)(bd + c);
+  for (int p = 0; p < 8; ++p) acc[p] = b;
+  for (int64_t i = 0; i < nk; ++i) {
+    const float* xr = rp[i] + iw0 * Cp + c;
+    const float* wr = wd + kidx[i] * KW * Cp + c;
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      const sf_v16 wv = *(const sf_v16*)(wr + kw * Cp);
+      const float* xp = xr + kw * dw * Cp;
+      for (int p = 0; p < 8; ++p) acc[p] += wv * *(const sf_v16*)(xp + p * sw * Cp);
+    }
+  }
+  for (int p = 0; p < 8; ++p) *(sf_v16*)(out + p * Cp + c) = sf_act_v(acc[p], act, ap);
+}
+
+/* dwrow[ow][0:Cp] = act(bd + Σ taps wd·x) over the valid rows rp[i] (tap row kidx[i]). */
+static void sf_ir_dw_row(const float* const* rp, const int64_t* kidx, int64_t nk, int64_t W,
+                         int64_t Cp, const float* restrict wd, const float* restrict bd,
+                         int64_t KW, int64_t sw, int64_t pw, int64_t dw, int act, float ap,
+                         float* restrict dwrow, int64_t Wo) {
+  /* interior: ow·sw - pw ≥ 0 and ow·sw - pw + (KW-1)·dw ≤ W-1 */
+  int64_t lo = (pw + sw - 1) / sw;
+  int64_t hi = (W - 1 + pw - (KW - 1) * dw) >= 0 ? (W - 1 + pw - (KW - 1) * dw) / sw + 1 : 0;
+  if (lo > Wo) lo = Wo;
+  if (hi > Wo) hi = Wo;
+  if (hi < lo) hi = lo;
+  int64_t ow = lo;
+  for (; ow + 8 <= hi; ow += 8) {
+    const int64_t iw0 = ow * sw - pw;
+    float* out = dwrow + ow * Cp;
+    if (KW == 3 && sw == 1 && dw == 1) {
+      for (int64_t c = 0; c < Cp; c += 16)
+        sf_ir_dw_px8(rp, kidx, nk, wd, 3, Cp, c, iw0, 1, 1, act, ap, bd, out);
+    } else if (KW == 3 && sw == 2 && dw == 1) {
+      for (int64_t c = 0; c < Cp; c += 16)
+        sf_ir_dw_px8(rp, kidx, nk, wd, 3, Cp, c, iw0, 2, 1, act, ap, bd, out);
+    } else {
+      for (int64_t c = 0; c < Cp; c += 16)
+        sf_ir_dw_px8(rp, kidx, nk, wd, KW, Cp, c, iw0, sw, dw, act, ap, bd, out);
+    }
+  }
+  /* edges and the remainder: one pixel at a time, taps checked */
+  for (int64_t o = 0; o < Wo; ++o) {
+    if (o >= lo && o < ow) {
+      o = ow - 1;
+      continue;
+    }
+    for (int64_t c = 0; c < Cp; c += 16) {
+      sf_v16 acc = *(const sf_v16*)(bd + c);
+      for (int64_t i = 0; i < nk; ++i) {
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const int64_t iw = o * sw - pw + kw * dw;
+          if (iw < 0 || iw >= W) continue;
+          acc += *(const sf_v16*)(wd + (kidx[i] * KW + kw) * Cp + c) *
+                 *(const sf_v16*)(rp[i] + iw * Cp + c);
+        }
+      }
+      *(sf_v16*)(dwrow + o * Cp + c) = sf_act_v(acc, act, ap);
+    }
+  }
+}
+
+/* we == NULL: no expansion (the depthwise conv reads x, Cin ≤ Cp). Ce: the real expanded
+ * width (≤ Cp). wd: [KH][KW][Cp]; we: [Cin][Cp]; wp: [Ce][Cop]; biases padded likewise.
+ * Returns 0; -1 when a thread's scratch could not be allocated; -2 for KH > MAX_KH. */
+int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
+              int64_t xsn, int64_t xsh, int64_t xsw,
+              const float* restrict we, const float* restrict be, int act_e, float ap_e,
+              int64_t Ce, int64_t Cp,
+              const float* restrict wd, const float* restrict bd, int64_t KH, int64_t KW,
+              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+              int act_d, float ap_d,
+              const float* restrict wp, const float* restrict bp, int64_t Co, int64_t Cop,
+              int act_p, float ap_p,
+              float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
+              const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw,
+              int res_after_act) {
+  if (KH > MAX_KH) return -2;
+  const int64_t R = (KH - 1) * dh + 1;
+  const int64_t rows = N * Ho;
+  const int64_t row_len = W * Cp;
+  const int direct = !we && Cin == Cp && xsw == Cp;
+  int failed = 0;
+#pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (rows + nt - 1) / nt;
+    const int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float* ring = (float*)sf_scratch(SF_SLOT_RING, (size_t)(direct ? 16 : R * row_len) * sizeof(float));
+    float* dwrow = (float*)sf_scratch(SF_SLOT_DWROW, (size_t)(Wo * Cp) * sizeof(float));
+    int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_TAGS, (size_t)R * sizeof(int64_t));
+    if (!ring || !dwrow || !tag) {
+#pragma omp atomic write
+      failed = 1;
+    } else if (r0 < r1) {
+      for (int64_t i = 0; i < R; ++i) tag[i] = -1;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, oh = r % Ho;
+        /* the expanded rows this output row reads, each computed once per run */
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t ih = oh * sh - ph + kh * dh;
+          if (ih < 0 || ih >= H) continue;
+          const int64_t slot = ih % R;
+          if (tag[slot] == n * H + ih) continue;
+          tag[slot] = n * H + ih;
+          float* dst = ring + slot * row_len;
+          const float* src = x + n * xsn + ih * xsh;
+          if (direct) continue; /* the depthwise conv reads x's rows in place */
+          if (we) {
+            sf_gemm_rows(src, W, xsw, Cin, we, Cp, be, Cp, dst, Cp, 0, 0, 0, act_e, ap_e);
+          } else {
+            for (int64_t iw = 0; iw < W; ++iw) {
+              for (int64_t c = 0; c < Cin; ++c) dst[iw * Cp + c] = src[iw * xsw + c];
+              for (int64_t c = Cin; c < Cp; ++c) dst[iw * Cp + c] = 0.f;
+            }
+          }
+        }
+        /* depthwise: one output row, all Cp channels */
+        const float* rp[MAX_KH];
+        int64_t kidx[MAX_KH];
+        int64_t nk = 0;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t ih = oh * sh - ph + kh * dh;
+          if (ih < 0 || ih >= H) continue;
+          rp[nk] = direct ? x + n * xsn + ih * xsh : ring + (ih % R) * row_len;
+          kidx[nk++] = kh;
+        }
+        sf_ir_dw_row(rp, kidx, nk, W, Cp, wd, bd, KW, sw, pw, dw, act_d, ap_d, dwrow, Wo);
+        /* project: the output row, with the residual */
+        sf_gemm_rows(dwrow, Wo, Cp, Ce, wp, Cop, bp, Co, y + n * ysn + oh * ysh, ysw,
+                     res ? res + n * rsn + oh * rsh : 0, rsw, res_after_act, act_p, ap_p);
+      }
+    }
+  }
+  return failed ? -1 : 0;
 }

@@ -1,0 +1,217 @@
+"""MobileNetV2's inverted residual block as one CPU kernel (``sf_invres``), fp32 NHWC.
+
+``[1×1 expand + act →] depthwise KH×KW + act → 1×1 project [+ act] [+ residual]``:
+at high resolution the expanded tensor is 4–6× the block's input (DeepLab v3+
+MobileNetV2 at 512²: 96 channels at 256×256, 25 MB) and three oneDNN calls
+write it, read it, write the depthwise output and read that again. The kernel
+walks each thread's output rows keeping only the expanded rows the depthwise
+taps reach (a ring of ``(KH-1)·dilation + 1`` rows, in L2), so memory sees the
+block's input and output only. The 1×1 convolutions are register-tiled
+GEMMs over one row of pixels (6–12 pixels × 16–64 channels of accumulators).
+
+Worth it where the expanded tensor is large next to the work: see
+:func:`worthwhile` (measured on 2 cores of an AMD EPYC Zen 4, torch 2.13).
+Reference: :func:`reference` (the three composite convolutions segfast's graph
+runs elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from segfast.backends.cpu.depthwise import ACT_CODES, nhwc_strides
+from segfast.backends.cpu.native import Native
+from segfast.compiler import ops
+
+# Measured on 2 cores of an AMD EPYC Zen 4 (torch 2.13): the kernel wins where
+# the expanded tensor is large and narrow (MobileNetV2 at 512²: 1.0–1.9× the
+# three oneDNN calls per block; at 1024×2048, where each expanded tensor is a
+# fresh 100–200 MB allocation for oneDNN, 4–5×); with 576–960 channels on a
+# 32×32 map the two are even, and oneDNN's GEMMs take those. The ring of
+# expanded rows should stay in the caches (it is ≤ 1.2 MB at 1024×2048).
+MIN_EXPANDED_BYTES = 1 << 20
+MAX_EXPANDED_CHANNELS = 384
+MAX_RING_BYTES = 4 << 20
+MAX_KERNEL_ROWS = 64  # MAX_KH in segfast_cpu.c
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One convolution of the block, as ``segfast.conv2d`` takes it."""
+
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    act: str
+    act_param: float
+
+
+def _pad(t: Tensor, *size: int) -> Tensor:
+    out = torch.zeros(size, dtype=torch.float32)
+    out[tuple(slice(0, s) for s in t.shape)] = t
+    return out.contiguous()
+
+
+def _round16(c: int) -> int:
+    return (c + 15) // 16 * 16
+
+
+def worthwhile(c_expanded: int, h: int, w: int, ring_rows: int) -> bool:
+    """Whether the fused block beats three oneDNN calls for an expanded tensor
+    of ``c_expanded × h × w`` (fp32) and a depthwise conv reaching ``ring_rows``
+    rows."""
+    cp = _round16(c_expanded)
+    return (
+        c_expanded <= MAX_EXPANDED_CHANNELS
+        and c_expanded * h * w * 4 >= MIN_EXPANDED_BYTES
+        and ring_rows * w * cp * 4 <= MAX_RING_BYTES
+    )
+
+
+class NativeInvertedResidual:
+    """``project(depthwise(expand(x))) (+ residual)``; called as ``block(x, residual)``."""
+
+    def __init__(
+        self,
+        native: Native,
+        expand: Conv | None,
+        depthwise: Conv,
+        project: Conv,
+        residual_after_act: bool,
+    ) -> None:
+        for conv in (expand, depthwise, project):
+            if conv is None:
+                continue
+            if conv.weight.dtype != torch.float32 or (
+                conv.bias is not None and conv.bias.dtype != torch.float32
+            ):
+                raise ValueError(
+                    f"the inverted residual kernel is fp32 only, got {conv.weight.dtype}"
+                )
+            if conv.act not in ACT_CODES:
+                raise ValueError(f"activation {conv.act!r} is not in the kernel")
+        for conv in (expand, project):
+            if conv is None:
+                continue
+            if tuple(conv.weight.shape[2:]) != (1, 1) or conv.groups != 1:
+                raise ValueError("expand and project must be 1×1 convolutions with groups=1")
+            if conv.stride != (1, 1) or conv.padding != (0, 0):
+                raise ValueError("expand and project must have stride 1 and no padding")
+        ce, one, kh, kw = depthwise.weight.shape
+        if one != 1 or depthwise.groups != ce:
+            raise ValueError(f"not a depthwise weight: {tuple(depthwise.weight.shape)}")
+        c_in = int(expand.weight.shape[1]) if expand is not None else int(ce)
+        if expand is not None and int(expand.weight.shape[0]) != ce:
+            raise ValueError("expand's output channels differ from the depthwise conv's")
+        if int(project.weight.shape[1]) != ce:
+            raise ValueError("project's input channels differ from the depthwise conv's")
+        if kh > MAX_KERNEL_ROWS:
+            raise ValueError(f"depthwise kernel has {kh} rows, the kernel takes {MAX_KERNEL_ROWS}")
+        self.native = native
+        self.expand, self.depthwise, self.project = expand, depthwise, project
+        self.residual_after_act = bool(residual_after_act)
+        self.c_in, self.ce, self.kh, self.kw = c_in, int(ce), int(kh), int(kw)
+        self.cp = _round16(self.ce)
+        self.co = int(project.weight.shape[0])
+        self.cop = _round16(self.co)
+
+        def bias(conv: Conv, n: int, size: int) -> Tensor:
+            b = conv.bias if conv.bias is not None else torch.zeros(n)
+            return _pad(b.detach().float(), size)
+
+        if expand is not None:
+            self.we = _pad(expand.weight.detach().reshape(self.ce, c_in).t(), c_in, self.cp)
+            self.be = bias(expand, self.ce, self.cp)
+        wd = depthwise.weight.detach().reshape(self.ce, self.kh, self.kw).permute(1, 2, 0)
+        self.wd = _pad(wd, self.kh, self.kw, self.cp)
+        self.bd = bias(depthwise, self.ce, self.cp)
+        self.wp = _pad(project.weight.detach().reshape(self.co, self.ce).t(), self.ce, self.cop)
+        self.bp = bias(project, self.co, self.cop)
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        d = self.depthwise
+        return (
+            ops._conv_out_size(h, self.kh, d.stride[0], d.padding[0], d.dilation[0]),
+            ops._conv_out_size(w, self.kw, d.stride[1], d.padding[1], d.dilation[1]),
+        )
+
+    def _composite(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        return reference(x, self.expand, self.depthwise, self.project, residual,
+                         self.residual_after_act)  # fmt: skip
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.c_in:
+            return self._composite(x, residual)
+        n, _, h, w = x.shape
+        ho, wo = self.out_size(h, w)
+        if ho < 1 or wo < 1 or x.numel() == 0:
+            return self._composite(x, residual)
+        x = ops.to_nhwc(x)
+        if residual is not None:
+            if residual.dtype != x.dtype or tuple(residual.shape) != (n, self.co, ho, wo):
+                return self._composite(x, residual)
+            residual = ops.to_nhwc(residual)
+        y = torch.empty((n, self.co, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+        e, d, p = self.expand, self.depthwise, self.project
+        rc = self.native.invres(
+            x.data_ptr(), n, h, w, self.c_in, *nhwc_strides(x),
+            0 if e is None else self.we.data_ptr(), 0 if e is None else self.be.data_ptr(),
+            ACT_CODES[e.act] if e is not None else 0, e.act_param if e is not None else 0.0,
+            self.ce, self.cp,
+            self.wd.data_ptr(), self.bd.data_ptr(), self.kh, self.kw,
+            d.stride[0], d.stride[1], d.padding[0], d.padding[1], d.dilation[0], d.dilation[1],
+            ACT_CODES[d.act], d.act_param,
+            self.wp.data_ptr(), self.bp.data_ptr(), self.co, self.cop,
+            ACT_CODES[p.act], p.act_param,
+            y.data_ptr(), ho, wo, *nhwc_strides(y),
+            0 if residual is None else residual.data_ptr(),
+            *(nhwc_strides(residual) if residual is not None else (0, 0, 0)),
+            int(self.residual_after_act),
+        )  # fmt: skip
+        if rc == -1:
+            raise MemoryError("sf_invres could not allocate its per-thread rows")
+        if rc != 0:
+            raise RuntimeError(f"sf_invres refused the call (code {rc})")
+        return y
+
+
+def _conv(x: Tensor, c: Conv, residual: Tensor | None = None, after: bool = False) -> Tensor:
+    return ops.conv2d_impl(
+        x, c.weight, c.bias, list(c.stride), list(c.padding), list(c.dilation), c.groups,
+        c.act, c.act_param, residual, after, None, "none", False, None, None, False,
+    )  # fmt: skip
+
+
+def reference(
+    x: Tensor,
+    expand: Conv | None,
+    depthwise: Conv,
+    project: Conv,
+    residual: Tensor | None = None,
+    residual_after_act: bool = False,
+) -> Tensor:
+    """What :class:`NativeInvertedResidual` computes, as three composite convolutions."""
+    h = x if expand is None else _conv(x, expand)
+    h = _conv(h, depthwise)
+    return _conv(h, project, residual, residual_after_act)
+
+
+def conv_spec(
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    act: str,
+    act_param: float,
+) -> Conv:
+    return Conv(weight, bias, (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1])),
+                (int(dilation[0]), int(dilation[1])), int(groups), str(act), float(act_param))  # fmt: skip
