@@ -122,3 +122,46 @@ def test_logits_resize(benchmark, out, impl):
 
     written = 21 * 512 * 512 * 4 if out == "logits" else 512 * 512
     _measure(benchmark, run, nbytes=x.numel() * 4 + written)
+
+
+# (C_in, expansion, C_out, H, stride) of DeepLab v3+ MobileNetV2's blocks at 512²
+# (and the first at 1024×2048, where each unfused expanded tensor is a fresh 100 MB+)
+INVRES = {
+    "b2-16-96-24-256s2": (16, 6, 24, 256, 256, 2),
+    "b3-24-144-24-128": (24, 6, 24, 128, 128, 1),
+    "b5-32-192-32-64": (32, 6, 32, 64, 64, 1),
+    "b2-at-1024x2048": (16, 6, 24, 512, 1024, 2),
+}
+
+
+@pytest.mark.parametrize("impl", ["segfast", "onednn"])
+@pytest.mark.parametrize("case", list(INVRES))
+def test_inverted_residual(benchmark, case, impl):
+    """expand 1×1 + relu6 → depthwise 3×3 + relu6 → project 1×1 (+ residual at stride 1):
+    one sf_invres call against three prepacked oneDNN convolutions."""
+    from segfast.backends.cpu.invres import NativeInvertedResidual, conv_spec
+
+    c_in, t, c_out, h, w, s = INVRES[case]
+    ce = c_in * t
+    x = _nhwc(1, c_in, h, w)
+    e = conv_spec(torch.randn(ce, c_in, 1, 1) / c_in**0.5, torch.randn(ce), [1, 1], [0, 0],
+                  [1, 1], 1, "relu6", 0.0)  # fmt: skip
+    d = conv_spec(torch.randn(ce, 1, 3, 3) / 3, torch.randn(ce), [s, s], [1, 1], [1, 1], ce,
+                  "relu6", 0.0)  # fmt: skip
+    p = conv_spec(torch.randn(c_out, ce, 1, 1) / ce**0.5, torch.randn(c_out), [1, 1], [0, 0],
+                  [1, 1], 1, "none", 0.0)  # fmt: skip
+    ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+    r = _nhwc(1, c_out, ho, wo) if s == 1 and c_in == c_out else None
+    flops = 2 * (h * w * c_in * ce + ho * wo * ce * 9 + ho * wo * ce * c_out)
+    if impl == "segfast":
+        block = NativeInvertedResidual(LIB, e, d, p, False)
+        _measure(benchmark, lambda: block(x, r), flops=flops)
+        return
+
+    def packed(c: Any, size: tuple[int, ...]) -> PackedConv2d:
+        return PackedConv2d(c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, c.act,
+                            0.0, False, "none", False, None, None, False, input_size=size)  # fmt: skip
+
+    pe, pd = packed(e, (1, c_in, h, w)), packed(d, (1, ce, h, w))
+    pp = packed(p, (1, ce, ho, wo))
+    _measure(benchmark, lambda: pp(pd(pe(x)), r), flops=flops)

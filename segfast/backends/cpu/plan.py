@@ -214,23 +214,28 @@ def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, t
     return conv, (x, residual)
 
 
-def _const_fp32(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+def _const_fp32(
+    gm: fx.GraphModule, node: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> torch.Tensor | None:
+    """A CPU constant in one of ``dtypes`` (fp32 unless told), else None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     t = get_tensor(gm, node)
-    return t if t.dtype == torch.float32 and t.device.type == "cpu" else None
+    return t if t.dtype in dtypes and t.device.type == "cpu" else None
 
 
-def _plain_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An fp32 depthwise ``segfast.conv2d`` with one source, no residual and an
-    activation segfast_cpu.c applies."""
+def _plain_depthwise(
+    gm: fx.GraphModule, node: fx.Node, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> bool:
+    """A depthwise ``segfast.conv2d`` (weights in ``dtypes``) with one source, no
+    residual and an activation segfast_cpu.c applies."""
     if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
         return False
     a = node.args
-    w = _const_fp32(gm, a[1])
+    w = _const_fp32(gm, a[1], dtypes)
     if w is None or not is_depthwise(w, a[6]) or a[9] is not None or a[11] is not None:
         return False
-    return (a[2] is None or _const_fp32(gm, a[2]) is not None) and a[7] in ACT_CODES
+    return (a[2] is None or _const_fp32(gm, a[2], dtypes) is not None) and a[7] in ACT_CODES
 
 
 def _bilinear_behind_layout_fix(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -246,32 +251,36 @@ def _bilinear_behind_layout_fix(node: Any) -> tuple[fx.Node, list[fx.Node]] | No
     return node, [node, *absorbed]
 
 
-def _upsample_into(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+def _upsample_into(
+    node: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> tuple[fx.Node, list[fx.Node]] | None:
     """The bilinear upsample (and its layout fix) feeding only a depthwise conv,
     if its output is large: (upsample node, nodes the fusion absorbs)."""
     up = _bilinear_behind_layout_fix(node)
     if up is None:
         return None
     v = val(up[0])
-    if v.dtype != torch.float32 or not all(isinstance(d, int) for d in v.shape):
+    if v.dtype not in dtypes or not all(isinstance(d, int) for d in v.shape):
         return None
-    if v.numel() * 4 < MIN_BYTES:  # small maps stay in cache unfused
+    if v.numel() * v.element_size() < MIN_BYTES:  # small maps stay in cache unfused
         return None
     return up
 
 
-def _fusions(gm: fx.GraphModule) -> tuple[dict[fx.Node, fx.Node], set[fx.Node]]:
-    """Depthwise convs that compute their upsampled input themselves:
-    ({depthwise conv: upsample}, the nodes the fusions absorb)."""
+def _fusions(
+    gm: fx.GraphModule, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, list[fx.Node]]]:
+    """Depthwise convs (weights in ``dtypes``) that compute their upsampled input
+    themselves: ({depthwise conv: upsample}, {depthwise conv: nodes it absorbs})."""
     fused: dict[fx.Node, fx.Node] = {}
-    absorbed: set[fx.Node] = set()
+    absorbed: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if not _plain_depthwise(gm, node):
+        if not _plain_depthwise(gm, node, dtypes):
             continue
-        up = _upsample_into(node.args[0])
+        up = _upsample_into(node.args[0], dtypes)
         if up is not None:
             fused[node] = up[0]
-            absorbed.update(up[1])
+            absorbed[node] = up[1]
     return fused, absorbed
 
 
@@ -286,12 +295,12 @@ def _separable_after_upsample(
         if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
             continue
         a = node.args
-        w = _const_fp32(gm, a[1])
+        w = _const_fp32(gm, a[1], DTYPES)
         if w is None or tuple(w.shape[2:]) != (1, 1) or a[6] != 1 or a[9] is not None:
             continue
         if list(a[3]) != [1, 1] or list(a[4]) != [0, 0] or a[7] not in ACT_CODES:
             continue
-        if a[2] is not None and _const_fp32(gm, a[2]) is None:
+        if a[2] is not None and _const_fp32(gm, a[2], DTYPES) is None:
             continue
         x, x2, x2_resize, x2_first = a[0], a[11], a[12], a[16]
         cx = int(val(x).shape[1])
@@ -465,12 +474,16 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     inputs: list[int] = []
     pending: list[tuple[fx.Node, Callable, tuple, dict]] = []
     output: Any = None
-    fused, absorbed = _fusions(gm) if native is not None else ({}, set())
+    # upsample → depthwise: fp32 (sf_resize_dw); → pointwise too: fp32 or bf16 (sf_up_taps)
+    fused, into = _fusions(gm, DTYPES) if native is not None else ({}, {})
     separable = _separable_after_upsample(gm, fused) if native is not None else {}
     for dw, _, _, _ in separable.values():
-        absorbed.add(dw)
+        into[dw] = [*into[dw], dw]
         fused.pop(dw)
-    blocks = _inverted_residuals(gm, set(fused)) if native is not None else {}
+    for dw in [d for d in fused if val(d).dtype != torch.float32]:
+        del fused[dw], into[dw]  # bf16 upsample → depthwise alone stays on oneDNN
+    absorbed = {n for nodes in into.values() for n in nodes}
+    blocks = _inverted_residuals(gm, set(into)) if native is not None else {}
     for expand, dw in blocks.values():
         absorbed.add(dw)
         if expand is not None:

@@ -167,7 +167,11 @@ class UpsampleSeparableConv2d:
         wp = pw_weight.detach().reshape(k, -1)
         wa = wp[:, a_channels].double()  # [K, C]
         taps = dw_weight.detach().reshape(c, kh * kw).double()  # [C, T]
-        stacked = torch.einsum("kc,ct->tkc", wa, taps).reshape(-1, c, 1, 1).float()
+        # fp32, or bf16 (then W_t·a and the output are bf16; the tap sums are fp32)
+        self.dtype = pw_weight.dtype
+        if self.dtype not in (torch.float32, torch.bfloat16) or dw_weight.dtype != self.dtype:
+            raise ValueError(f"need fp32 or bf16 weights, got {dw_weight.dtype}, {self.dtype}")
+        stacked = torch.einsum("kc,ct->tkc", wa, taps).reshape(-1, c, 1, 1).to(self.dtype)
         size = None if input_size is None else list(input_size)
         self.zconv = PackedConv2d(stacked.contiguous(), None, [1, 1], [0, 0], [1, 1], 1, "none",
                                   0.0, False, "none", False, None, None, False,
@@ -179,7 +183,8 @@ class UpsampleSeparableConv2d:
         )
         if dw_bias is not None:
             bias = bias + wa @ dw_bias.detach().double()
-        self.bias = bias.float().contiguous()
+        self.bias = bias.float().contiguous()  # the kernel's (fp32)
+        self.bias_io = self.bias.to(self.dtype)  # oneDNN's, in the engine's dtype
         rest = torch.ones(wp.shape[1], dtype=torch.bool)
         rest[a_channels] = False
         self.b_channels = int(rest.sum())
@@ -190,12 +195,14 @@ class UpsampleSeparableConv2d:
             self.packed_b = _PACK(wb, [0, 0], [1, 1], [1, 1], 1, None)
 
     def __call__(self, a: Tensor, size: Sequence[int], b: Tensor | None = None) -> Tensor:
-        if (b is None) != (self.b_channels == 0) or a.dtype != torch.float32:
+        if (b is None) != (self.b_channels == 0) or a.dtype != self.dtype:
+            raise ValueError("UpsampleSeparableConv2d got inputs it was not built for")
+        if b is not None and b.dtype != self.dtype:
             raise ValueError("UpsampleSeparableConv2d got inputs it was not built for")
         h, w = int(size[0]), int(size[1])
         z = self.zconv(a)  # [N, T·K, h_in, w_in] channels_last
         n, _, hz, wz = z.shape
-        y = torch.empty((n, self.k, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+        y = torch.empty((n, self.k, h, w), dtype=self.dtype, memory_format=torch.channels_last)
         last = b is None
         failed = self.native.up_taps(
             z.data_ptr(), n, hz, wz, *nhwc_strides(z), self.k, self.kh, self.kw,
@@ -203,13 +210,16 @@ class UpsampleSeparableConv2d:
             source_scale(hz, h, self.align, self.scales[0]),
             source_scale(wz, w, self.align, self.scales[1]), int(self.align),
             self.bias.data_ptr() if last else 0, ACT_CODES[self.act] if last else 0,
-            self.act_param, y.data_ptr(), *nhwc_strides(y),
+            self.act_param, y.data_ptr(), *nhwc_strides(y), int(self.dtype == torch.bfloat16),
         )  # fmt: skip
         if failed:
             raise MemoryError("segfast CPU kernel: could not allocate index tables")
         if last:
             return y
-        return _CONV_BINARY_(
-            y, ops.to_nhwc(b), self.packed_b, self.bias, [0, 0], [1, 1], [1, 1], 1, "add", None,
-            None if self.unary == "none" else self.unary, self.scalars, "",
+        fused = self.unary in ops.MKLDNN_UNARY_AFTER_ADD  # oneDNN fuses only relu after the add
+        y = _CONV_BINARY_(
+            y, ops.to_nhwc(b), self.packed_b, self.bias_io, [0, 0], [1, 1], [1, 1], 1, "add", None,
+            self.unary if fused and self.unary != "none" else None,
+            self.scalars if fused else [], "",
         )  # fmt: skip
+        return y if fused else ops.activation_(y, self.act, self.act_param)

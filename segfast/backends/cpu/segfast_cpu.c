@@ -37,7 +37,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 7; }
+int sf_abi_version(void) { return 8; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -204,6 +204,58 @@ static inline void sf_store(float* p, sf_v16 v, int n) {
     *(sf_v16*)p = v;
   } else {
     for (int c = 0; c < n; ++c) p[c] = v[c];
+  }
+}
+
+/* bf16 <-> fp32 where a kernel reads or writes bf16 and computes in fp32: a bf16 is
+ * the top half of an fp32; stores round to nearest even, NaN stays a quiet NaN. */
+typedef uint16_t sf_h16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t sf_u32v __attribute__((vector_size(64), aligned(4)));
+
+static inline float sf_bf16_load(const uint16_t* p) {
+  union { uint32_t u; float f; } v;
+  v.u = (uint32_t)(*p) << 16;
+  return v.f;
+}
+
+static inline uint16_t sf_bf16_round(float f) {
+  union { uint32_t u; float f; } v;
+  v.f = f;
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline sf_v16 sf_bf16_load16(const uint16_t* p) {
+  return (sf_v16)(__builtin_convertvector(*(const sf_h16*)p, sf_u32v) << 16);
+}
+
+static inline void sf_bf16_store16(uint16_t* p, sf_v16 v) {
+  const sf_u32v u = (sf_u32v)v;
+  const sf_u32v rne = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const sf_u32v nan = (sf_u32v)((u & 0x7fffffffu) > 0x7f800000u);
+  const sf_u32v r = (rne & ~nan) | (((u >> 16) | 0x40u) & nan);
+  *(sf_h16*)p = __builtin_convertvector(r, sf_h16);
+}
+
+/* n ≤ 16 lanes at element offset off of an fp32 tensor, or a bf16 one when bf16 is
+ * set (a constant after inlining: no branch is left in the loops). */
+static inline __attribute__((always_inline)) sf_v16 sf_load_any(const void* p, int bf16,
+                                                               int64_t off, int n) {
+  if (!bf16) return sf_load((const float*)p + off, n);
+  if (n == 16) return sf_bf16_load16((const uint16_t*)p + off);
+  sf_v16 v = {0};
+  for (int c = 0; c < n; ++c) v[c] = sf_bf16_load((const uint16_t*)p + off + c);
+  return v;
+}
+
+static inline __attribute__((always_inline)) void sf_store_any(void* p, int bf16, int64_t off,
+                                                              sf_v16 v, int n) {
+  if (!bf16) {
+    sf_store((float*)p + off, v, n);
+  } else if (n == 16) {
+    sf_bf16_store16((uint16_t*)p + off, v);
+  } else {
+    for (int c = 0; c < n; ++c) ((uint16_t*)p)[off + c] = sf_bf16_round(v[c]);
   }
 }
 
@@ -461,19 +513,6 @@ int sf_resize_dw(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx,
  * be allocated.
  * ------------------------------------------------------------------------------- */
 
-static inline float sf_bf16_load(const uint16_t* p) {
-  union { uint32_t u; float f; } v;
-  v.u = (uint32_t)(*p) << 16;
-  return v.f;
-}
-
-static inline uint16_t sf_bf16_round(float f) {
-  union { uint32_t u; float f; } v;
-  v.f = f;
-  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
-  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
 /* R[c][w] = source row h of image n resized along W; tmp holds [W][C]. Scalar
  * transposition (no vector gathers, which are slow on Zen 4). */
 __attribute__((optimize("no-tree-vectorize"))) static void sf_transpose(const float* tmp,
@@ -653,11 +692,12 @@ int sf_resize_argmax(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, 
  * sum, 4 bilinear corners per tap, 64 output channels per work item.
  * Z: [N, h, w, T·K] (channel t·K + k), NHWC strides zsn, zsh, zsw.
  * ------------------------------------------------------------------------------- */
-int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
-               int64_t zsh, int64_t zsw, int64_t K, int64_t KH, int64_t KW, int64_t ph,
-               int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W, float scale_h,
-               float scale_w, int align, const float* restrict bias, int act, float act_param,
-               float* restrict y, int64_t ysn, int64_t ysh, int64_t ysw) {
+static inline __attribute__((always_inline)) int sf_up_taps_t(
+    const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn, int64_t zsh,
+    int64_t zsw, int64_t K, int64_t KH, int64_t KW, int64_t ph, int64_t pw, int64_t dh,
+    int64_t dw, int64_t H, int64_t W, float scale_h, float scale_w, int align,
+    const float* restrict bias, int act, float act_param, void* restrict y, int64_t ysn,
+    int64_t ysh, int64_t ysw, const int bf16) {
   /* Separable: per output row and depthwise row kh, the two source rows of Z are
    * blended vertically at the source width (w pixels × KW taps × 64 channels, a
    * per-thread buffer V), then every output pixel blends two of those horizontally
@@ -721,15 +761,16 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
             for (int64_t x = 0; x < w; ++x) {
               for (int64_t kw = 0; kw < KW; ++kw) {
                 const int64_t t = (kh * KW + kw) * K + k0;
-                const float* p0 = Z + n * zsn + y0 * zsh + x * zsw + t;
-                const float* p1 = Z + n * zsn + y1 * zsh + x * zsw + t;
+                const int64_t p0 = n * zsn + y0 * zsh + x * zsw + t;
+                const int64_t p1 = n * zsn + y1 * zsh + x * zsw + t;
                 float* dst = V + ((kh * w + x) * KW + kw) * 64;
                 for (int v = 0; v < 4; ++v) {
                   const int m = kn - 16 * v;
                   sf_v16 e = {0};
                   if (m > 0) {
                     const int c = m < 16 ? m : 16;
-                    e = ly0 * sf_load(p0 + 16 * v, c) + ly * sf_load(p1 + 16 * v, c);
+                    e = ly0 * sf_load_any(Z, bf16, p0 + 16 * v, c) +
+                        ly * sf_load_any(Z, bf16, p1 + 16 * v, c);
                   }
                   *(sf_v16*)(dst + 16 * v) = e;
                 }
@@ -762,11 +803,12 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
               }
             }
             for (int p = 0; p < 1 + two; ++p) {
-              float* dst = y + n * ysn + oh * ysh + (ow + p) * ysw + k0;
+              const int64_t dst = n * ysn + oh * ysh + (ow + p) * ysw + k0;
               for (int v = 0; v < 4; ++v) {
                 const int m = kn - 16 * v;
                 if (m <= 0) break;
-                sf_store(dst + 16 * v, sf_act_v(a[p][v], act, act_param), m < 16 ? m : 16);
+                sf_store_any(y, bf16, dst + 16 * v, sf_act_v(a[p][v], act, act_param),
+                             m < 16 ? m : 16);
               }
             }
           }
@@ -775,6 +817,19 @@ int sf_up_taps(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t
     }
   }
   return failed;
+}
+
+/* Z and y fp32, or bf16 when bf16 is set (blends and sums in fp32; bias fp32). */
+int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
+               int64_t zsh, int64_t zsw, int64_t K, int64_t KH, int64_t KW, int64_t ph,
+               int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W, float scale_h,
+               float scale_w, int align, const float* restrict bias, int act, float act_param,
+               void* restrict y, int64_t ysn, int64_t ysh, int64_t ysw, int bf16) {
+  if (bf16)
+    return sf_up_taps_t(Z, N, h, w, zsn, zsh, zsw, K, KH, KW, ph, pw, dh, dw, H, W, scale_h,
+                        scale_w, align, bias, act, act_param, y, ysn, ysh, ysw, 1);
+  return sf_up_taps_t(Z, N, h, w, zsn, zsh, zsw, K, KH, KW, ph, pw, dh, dw, H, W, scale_h,
+                      scale_w, align, bias, act, act_param, y, ysn, ysh, ysw, 0);
 }
 
 /* ---- Inverted residual block: [1×1 expand →] depthwise KH×KW → 1×1 project (+ residual) ----

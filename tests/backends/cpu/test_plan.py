@@ -238,12 +238,13 @@ def test_mask_head_with_classifier_inside():
 class UpSeparableWithSkip(nn.Module):
     """DeepLab v3+'s decoder in miniature: cat([up×4(aspp), low]) → separable conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, act: nn.Module | None = None) -> None:
         super().__init__()
         self.low = nn.Conv2d(3, 6, 3, padding=1)
         self.deep = nn.Conv2d(6, 32, 3, stride=4, padding=1)
         self.dw = nn.Conv2d(38, 38, 3, padding=1, groups=38, bias=False)
-        self.pw = nn.Sequential(nn.Conv2d(38, 20, 1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(38, 20, 1, bias=False), nn.BatchNorm2d(20),
+                                act if act is not None else nn.ReLU())  # fmt: skip
 
     def forward(self, x):
         low = F.relu(self.low(x))
@@ -253,11 +254,12 @@ class UpSeparableWithSkip(nn.Module):
 
 
 @pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
-def test_decoder_separable_mixes_at_the_source(monkeypatch):
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1)])
+def test_decoder_separable_mixes_at_the_source(monkeypatch, act):
     from segfast.backends.cpu import plan
 
     monkeypatch.setattr(plan, "MIN_BYTES", 1)
-    model = UpSeparableWithSkip().eval()
+    model = UpSeparableWithSkip(act).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
@@ -268,6 +270,25 @@ def test_decoder_separable_mixes_at_the_source(monkeypatch):
     assert eng.info.fusions["concat_depthwise"] == 1
     with torch.no_grad():
         assert _rel(eng(x), model(x)) <= 1e-5
+
+
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_bf16_decoder_separable_mixes_at_the_source(monkeypatch):
+    """bf16: W_t·a and the output in bf16, the tap sums in fp32; a lone bf16
+    upsample → depthwise conv stays on oneDNN."""
+    from segfast.backends.cpu import plan
+
+    monkeypatch.setattr(plan, "MIN_BYTES", 1)
+    torch.manual_seed(6)
+    model = UpSeparableWithSkip(nn.ReLU6()).eval()
+    x = torch.randn(1, 3, 48, 40)
+    eng = segfast.compile(model, x, backend="torch", precision="bf16")
+    lowered = eng._runner.details["lowered"]
+    assert lowered["bilinear upsample + separable conv, mixed at the source (segfast kernel)"] == 1
+    report = segfast.check(eng, model, [x, torch.randn(1, 3, 48, 40)])
+    assert report.passed, report
+    eng = segfast.compile(UpThenSeparable().eval(), x, backend="torch", precision="bf16")
+    assert not any("upsample" in k for k in eng._runner.details["lowered"])
 
 
 def test_plan_runs_methods_and_graph_values_in_keywords():
