@@ -63,15 +63,17 @@ def _round16(c: int) -> int:
     return (c + 15) // 16 * 16
 
 
-def worthwhile(c_expanded: int, h: int, w: int, ring_rows: int) -> bool:
+def worthwhile(c_expanded: int, h: int | None, w: int | None, ring_rows: int) -> bool:
     """Whether the fused block beats three oneDNN calls for an expanded tensor
     of ``c_expanded × h × w`` (fp32) and a depthwise conv reaching ``ring_rows``
-    rows."""
+    rows. ``None``: a dynamic size, taken as large (the kernel's advantage grows
+    with the map) with a ring that stays in the caches."""
     cp = _round16(c_expanded)
+    big = 1 << 30
     return (
         c_expanded <= MAX_EXPANDED_CHANNELS
-        and c_expanded * h * w * 4 >= MIN_EXPANDED_BYTES
-        and ring_rows * w * cp * 4 <= MAX_RING_BYTES
+        and c_expanded * (h or big) * (w or big) * 4 >= MIN_EXPANDED_BYTES
+        and (w is None or ring_rows * w * cp * 4 <= MAX_RING_BYTES)
     )
 
 

@@ -368,7 +368,7 @@ def _inverted_residuals(
             expand = None
         src = val(dw.args[0])
         kh = int(val(dw.args[1]).shape[2])
-        h, w_ = (d if isinstance(d, int) else 1 << 30 for d in src.shape[2:])
+        h, w_ = (d if isinstance(d, int) else None for d in src.shape[2:])
         ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
         if invres.worthwhile(int(src.shape[1]), h, w_, ring_rows):
             out[node] = (expand, dw)

@@ -128,6 +128,7 @@ def test_worthwhile():
     assert not invres.worthwhile(96, 16, 16, 3)  # too small to matter
     assert not invres.worthwhile(960, 32, 32, 3)  # wide: oneDNN's GEMMs win
     assert not invres.worthwhile(256, 256, 256, 49)  # atrous rate 24 on a wide map: 12 MB ring
+    assert invres.worthwhile(144, None, None, 3)  # dynamic H, W: taken as large
 
 
 class TinyMobile(nn.Module):
@@ -172,6 +173,18 @@ def test_plan_fuses_blocks_and_matches_eager(monkeypatch):
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1 << 40)  # and not when not worth it
     eng = segfast.compile(model, x, backend="torch")
     assert "inverted residual block (segfast kernel)" not in eng._runner.details["lowered"]
+
+
+def test_plan_fuses_blocks_with_dynamic_shapes():
+    torch.manual_seed(7)
+    model = TinyMobile().eval()
+    x = torch.randn(1, 3, 40, 36)
+    eng = segfast.compile(model, x, backend="torch", dynamic=True)
+    assert eng._runner.details["lowered"]["inverted residual block (segfast kernel)"] == 3
+    for shape in [(1, 3, 40, 36), (1, 3, 30, 50), (1, 3, 17, 23)]:
+        y = torch.randn(*shape)
+        report = segfast.check(eng, model, y)
+        assert report.passed, (shape, report)
 
 
 def test_plan_keeps_bf16_blocks_on_onednn(monkeypatch):
