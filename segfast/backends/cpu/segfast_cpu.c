@@ -22,6 +22,9 @@
  *                 computed per band of rows and never written whole.
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -71,19 +74,37 @@ static inline sf_v16 sf_select(sf_i16 m, sf_v16 a, sf_v16 b) {
   return (sf_v16)(((sf_i16)a & m) | ((sf_i16)b & ~m));
 }
 
-static inline sf_v16 sf_act_v(sf_v16 v, int act, float p) {
+/* max(v, 0) and min(v, 6) as one instruction each where AVX-512 is there (GCC's
+ * vector extension has no max; the select is compare + three logic ops). A NaN
+ * becomes 0 either way, as with sf_select(v > 0, v, 0). */
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) sf_v16 sf_relu_v(sf_v16 v) {
+  return (sf_v16)_mm512_max_ps((__m512)v, _mm512_setzero_ps());
+}
+static inline __attribute__((always_inline)) sf_v16 sf_min6_v(sf_v16 v) {
+  return (sf_v16)_mm512_min_ps((__m512)v, _mm512_set1_ps(6.f));
+}
+#else
+static inline sf_v16 sf_relu_v(sf_v16 v) {
+  const sf_v16 zero = {0};
+  return sf_select(v > zero, v, zero);
+}
+static inline sf_v16 sf_min6_v(sf_v16 v) {
+  const sf_v16 six = (sf_v16){0} + 6.f;
+  return sf_select(v < six, v, six);
+}
+#endif
+
+static inline __attribute__((always_inline)) sf_v16 sf_act_v(sf_v16 v, int act, float p) {
   const sf_v16 zero = {0};
   switch (act) {
-    case 1: return sf_select(v > zero, v, zero);
-    case 2: {
-      const sf_v16 six = zero + 6.f;
-      v = sf_select(v > zero, v, zero);
-      return sf_select(v < six, v, six);
-    }
+    case 1: return sf_relu_v(v);
+    case 2: return sf_min6_v(sf_relu_v(v));
     case 3: return sf_select(v >= zero, v, v * p);
     default: return v;
   }
 }
+
 
 /* One output pixel, channels [c0, c0 + 16·NV): acc = bias + Σ taps w·x. */
 #define SF_DW_BLOCK(NV)                                                                   \
@@ -192,18 +213,28 @@ void sf_dwconv2d(const float* restrict x, int64_t N, int64_t H, int64_t W, int64
     o[3] = m1 - m2 + 8.f * m3 - 8.f * m4 + m5;               \
   } while (0)
 
-static inline sf_v16 sf_load(const float* p, int n) {
+/* The first n ≤ 16 lanes (the rest of a load are zeros): masked loads and stores
+ * where AVX-512 is there. */
+static inline __attribute__((always_inline)) sf_v16 sf_load(const float* p, int n) {
   if (n == 16) return *(const sf_v16*)p;
+#ifdef __AVX512F__
+  return (sf_v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#else
   sf_v16 v = {0};
   for (int c = 0; c < n; ++c) v[c] = p[c];
   return v;
+#endif
 }
 
-static inline void sf_store(float* p, sf_v16 v, int n) {
+static inline __attribute__((always_inline)) void sf_store(float* p, sf_v16 v, int n) {
   if (n == 16) {
     *(sf_v16*)p = v;
   } else {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+#else
     for (int c = 0; c < n; ++c) p[c] = v[c];
+#endif
   }
 }
 
@@ -843,6 +874,28 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
 
 /* out[m][n] = act(bias[n] + Σ_k a[m·as + k]·B[k·Np + n]) (+ res), n in [n0, n0 + 16·NV) ∩ [0, N):
  * MR pixels × NV vectors of accumulators in registers; B's rows are zero-padded to Np. */
+/* Bias + accumulators → act → (+ residual) → out, all NV vectors inside [0, N). */
+#define SF_GEMM_EPI(MR, NV, ACT)                                                                  \
+  do {                                                                                            \
+    int cn[NV];                                                                                   \
+    for (int v = 0; v < NV; ++v) cn[v] = N - n0 - 16 * v >= 16 ? 16 : (int)(N - n0 - 16 * v);    \
+    if (res) {                                                                                    \
+      for (int m = 0; m < MR; ++m)                                                                \
+        for (int v = 0; v < NV; ++v) {                                                            \
+          const sf_v16 r = sf_load(res + m * rs + n0 + 16 * v, cn[v]);                            \
+          sf_v16 o = res_after_act ? acc[m][v] : acc[m][v] + r;                                   \
+          o = ACT;                                                                                \
+          sf_store(out + m * os + n0 + 16 * v, res_after_act ? o + r : o, cn[v]);                 \
+        }                                                                                         \
+    } else {                                                                                      \
+      for (int m = 0; m < MR; ++m)                                                                \
+        for (int v = 0; v < NV; ++v) {                                                            \
+          sf_v16 o = acc[m][v];                                                                   \
+          sf_store(out + m * os + n0 + 16 * v, ACT, cn[v]);                                       \
+        }                                                                                         \
+    }                                                                                             \
+  } while (0)
+
 #define SF_GEMM_TILE(MR, NV)                                                                     \
   static void sf_gemm_tile_##MR##_##NV(                                                           \
       const float* restrict a, int64_t as, int64_t K, const float* restrict B, int64_t Np,        \
@@ -860,6 +913,13 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
       for (int m = 0; m < MR; ++m) {                                                              \
         const float am = a[m * as + k]; /* splat by the vector extension */                       \
         for (int v = 0; v < NV; ++v) acc[m][v] += am * bv[v];                                     \
+      }                                                                                           \
+    }                                                                                             \
+    if (act != 3) { /* one epilogue per activation (the last vector may be partial) */          \
+      switch (act) {                                                                              \
+        case 1: SF_GEMM_EPI(MR, NV, sf_relu_v(o)); return;                                        \
+        case 2: SF_GEMM_EPI(MR, NV, sf_min6_v(sf_relu_v(o))); return;                             \
+        default: SF_GEMM_EPI(MR, NV, o); return;                                                  \
       }                                                                                           \
     }                                                                                             \
     for (int m = 0; m < MR; ++m) {                                                                \
@@ -884,6 +944,7 @@ SF_GEMM_TILE(1, 3)
 SF_GEMM_TILE(1, 2)
 SF_GEMM_TILE(1, 1)
 #undef SF_GEMM_TILE
+#undef SF_GEMM_EPI
 
 #define SF_TILE(MR, NV)                                                                       \
   sf_gemm_tile_##MR##_##NV(a + p * as, as, K, B, Np, bias, n0, N, out + p * os, os,              \
