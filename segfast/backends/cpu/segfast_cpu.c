@@ -729,18 +729,23 @@ static inline __attribute__((always_inline)) int sf_up_taps_t(
     int64_t dw, int64_t H, int64_t W, float scale_h, float scale_w, int align,
     const float* restrict bias, int act, float act_param, void* restrict y, int64_t ysn,
     int64_t ysh, int64_t ysw, const int bf16) {
-  /* Separable: per output row and depthwise row kh, the two source rows of Z are
-   * blended vertically at the source width (w pixels × KW taps × 64 channels, a
-   * per-thread buffer V), then every output pixel blends two of those horizontally
-   * per tap: 2 loads and 2 FMAs per tap and channel, two output pixels at a time
-   * (eight independent accumulators). Taps falling outside the map read a zero
-   * block with weight 0, so the inner loop has no branches. */
+  /* Separable, with the depthwise rows summed before the horizontal blend: the
+   * horizontal taps and weights depend on (ow, kw) only, so per output row
+   *   U[x][kw][k] = Σ_kh  (1-ly)·Z[y0][x][(kh,kw), k] + ly·Z[y1][x][(kh,kw), k]
+   * (vertical blends at the source width, Z's rows read contiguously), then
+   *   y[ow][k] = Σ_kw  hw0·U[x0][kw][k] + hw1·U[x1][kw][k]
+   * — KH times fewer horizontal blends than blending every (kh, kw) tap. U is a
+   * per-thread buffer (w × KW × Kp floats, Kp = K rounded up to 64, then 64 zeros);
+   * two output pixels at a time, one 64-channel block at a time (eight independent
+   * accumulators). Horizontal taps outside the map read the zero block with weight
+   * 0, so the inner loop has no branches. */
   int64_t* rows = (int64_t*)sf_scratch(SF_SLOT_TABLE0, (size_t)(2 * H) * sizeof(int64_t));
   float* rl = (float*)sf_scratch(SF_SLOT_TABLE1, (size_t)H * sizeof(float));
   int64_t* hoff = (int64_t*)sf_scratch(SF_SLOT_TABLE2, (size_t)(2 * W * KW) * sizeof(int64_t));
   float* hw = (float*)sf_scratch(SF_SLOT_TABLE3, (size_t)(2 * W * KW) * sizeof(float));
   int failed = !rows || !rl || !hoff || !hw;
-  const int64_t zero_block = KH * w * KW * 64; /* offset of 64 zeros after V */
+  const int64_t ncb = (K + 63) / 64, Kp = ncb * 64;
+  const int64_t zero_block = w * KW * Kp; /* offset of 64 zeros after U */
   if (!failed) {
     for (int64_t i = 0; i < H; ++i)
       sf_linear_index(i, h, H, scale_h, align, rows + 2 * i, rows + 2 * i + 1, rl + i);
@@ -755,92 +760,110 @@ static inline __attribute__((always_inline)) int sf_up_taps_t(
         int64_t x0, x1;
         float lx;
         sf_linear_index(ix, w, W, scale_w, align, &x0, &x1, &lx);
-        hoff[e] = (x0 * KW + kw) * 64;
-        hoff[e + 1] = (x1 * KW + kw) * 64;
+        hoff[e] = (x0 * KW + kw) * Kp;
+        hoff[e + 1] = (x1 * KW + kw) * Kp;
         hw[e] = 1.f - lx;
         hw[e + 1] = lx;
       }
     }
   }
-  const int64_t ncb = (K + 63) / 64;
   if (!failed) {
 #pragma omp parallel
     {
-      float* V = (float*)sf_scratch(SF_SLOT_BAND, (size_t)(zero_block + 64) * sizeof(float));
-      /* [KH][w][KW][64], then 64 zeros */
-      if (!V) {
+      float* U = (float*)sf_scratch(SF_SLOT_BAND, (size_t)(zero_block + 64) * sizeof(float));
+      if (!U) {
 #pragma omp atomic write
         failed = 1;
       } else {
-        for (int c = 0; c < 64; ++c) V[zero_block + c] = 0.f;
+        for (int c = 0; c < 64; ++c) U[zero_block + c] = 0.f;
       }
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for schedule(static)
       for (int64_t r = 0; r < N * H; ++r) {
-        for (int64_t cb = 0; cb < ncb; ++cb) {
-          if (!V) continue;
-          const int64_t n = r / H, oh = r % H;
-          const int64_t k0 = cb * 64;
-          const int kn = (int)((K - k0) < 64 ? (K - k0) : 64);
-          int64_t khs[16];
-          int nkh = 0;
-          for (int64_t kh = 0; kh < KH; ++kh) { /* vertical blends at the source width */
-            const int64_t iy = oh - ph + kh * dh;
-            if (iy < 0 || iy >= H) continue;
-            if (nkh < 16) khs[nkh++] = kh;
-            const int64_t y0 = rows[2 * iy], y1 = rows[2 * iy + 1];
-            const float ly = rl[iy], ly0 = 1.f - ly;
-            for (int64_t x = 0; x < w; ++x) {
-              for (int64_t kw = 0; kw < KW; ++kw) {
-                const int64_t t = (kh * KW + kw) * K + k0;
-                const int64_t p0 = n * zsn + y0 * zsh + x * zsw + t;
-                const int64_t p1 = n * zsn + y1 * zsh + x * zsw + t;
-                float* dst = V + ((kh * w + x) * KW + kw) * 64;
-                for (int v = 0; v < 4; ++v) {
-                  const int m = kn - 16 * v;
-                  sf_v16 e = {0};
-                  if (m > 0) {
-                    const int c = m < 16 ? m : 16;
-                    e = ly0 * sf_load_any(Z, bf16, p0 + 16 * v, c) +
-                        ly * sf_load_any(Z, bf16, p1 + 16 * v, c);
-                  }
-                  *(sf_v16*)(dst + 16 * v) = e;
+        if (!U) continue;
+        const int64_t n = r / H, oh = r % H;
+        int first = 1;
+        for (int64_t kh = 0; kh < KH; ++kh) { /* vertical blends, summed over kh */
+          const int64_t iy = oh - ph + kh * dh;
+          if (iy < 0 || iy >= H) continue;
+          const int64_t y0 = rows[2 * iy], y1 = rows[2 * iy + 1];
+          const float ly = rl[iy], ly0 = 1.f - ly;
+          for (int64_t x = 0; x < w; ++x) {
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const int64_t t = (kh * KW + kw) * K;
+              const int64_t p0 = n * zsn + y0 * zsh + x * zsw + t;
+              const int64_t p1 = n * zsn + y1 * zsh + x * zsw + t;
+              float* dst = U + (x * KW + kw) * Kp;
+              int64_t k = 0;
+              for (; k + 16 <= K; k += 16) {
+                const sf_v16 e = ly0 * sf_load_any(Z, bf16, p0 + k, 16) +
+                                 ly * sf_load_any(Z, bf16, p1 + k, 16);
+                *(sf_v16*)(dst + k) = first ? e : *(const sf_v16*)(dst + k) + e;
+              }
+              for (; k < Kp; k += 16) { /* the last K mod 16 channels, then zeros */
+                const int64_t m = K - k;
+                sf_v16 e = {0};
+                if (m > 0) {
+                  const int c = (int)m;
+                  e = ly0 * sf_load_any(Z, bf16, p0 + k, c) + ly * sf_load_any(Z, bf16, p1 + k, c);
                 }
+                *(sf_v16*)(dst + k) = first ? e : *(const sf_v16*)(dst + k) + e;
               }
             }
           }
+          first = 0;
+        }
+        if (first) /* no depthwise row inside the map */
+          for (int64_t i = 0; i < zero_block; ++i) U[i] = 0.f;
+        for (int64_t cb = 0; cb < ncb; ++cb) {
+          const int64_t k0 = cb * 64;
+          const int kn = (int)((K - k0) < 64 ? (K - k0) : 64);
           sf_v16 bz[4] = {{0}, {0}, {0}, {0}};
           for (int v = 0; v < 4 && bias; ++v) {
             const int m = kn - 16 * v;
             if (m > 0) bz[v] = sf_load(bias + k0 + 16 * v, m < 16 ? m : 16);
           }
-          for (int64_t ow = 0; ow < W; ow += 2) { /* horizontal blends, summed over taps */
+          const float* Uk = U + k0;
+          for (int64_t ow = 0; ow < W; ow += 2) { /* horizontal blends, summed over kw */
             const int two = ow + 1 < W;
             const int64_t ow1 = two ? ow + 1 : ow;
-            sf_v16 a[2][4];
-            for (int v = 0; v < 4; ++v) a[0][v] = a[1][v] = bz[v];
-            for (int i = 0; i < nkh; ++i) {
-              const float* Vk = V + khs[i] * w * KW * 64;
-              for (int64_t kw = 0; kw < KW; ++kw) {
-                const int64_t e0 = 2 * (ow * KW + kw), e1 = 2 * (ow1 * KW + kw);
-                const float* q00 = hoff[e0] == zero_block ? V + zero_block : Vk + hoff[e0];
-                const float* q01 = hoff[e0 + 1] == zero_block ? V + zero_block : Vk + hoff[e0 + 1];
-                const float* q10 = hoff[e1] == zero_block ? V + zero_block : Vk + hoff[e1];
-                const float* q11 = hoff[e1 + 1] == zero_block ? V + zero_block : Vk + hoff[e1 + 1];
-                const float w00 = hw[e0], w01 = hw[e0 + 1], w10 = hw[e1], w11 = hw[e1 + 1];
-                for (int v = 0; v < 4; ++v) {
-                  a[0][v] += w00 * *(const sf_v16*)(q00 + 16 * v) + w01 * *(const sf_v16*)(q01 + 16 * v);
-                  a[1][v] += w10 * *(const sf_v16*)(q10 + 16 * v) + w11 * *(const sf_v16*)(q11 + 16 * v);
-                }
+            sf_v16 a0[4], a1[4];
+            for (int v = 0; v < 4; ++v) a0[v] = a1[v] = bz[v];
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const int64_t e0 = 2 * (ow * KW + kw), e1 = 2 * (ow1 * KW + kw);
+              const float* q00 = hoff[e0] == zero_block ? U + zero_block : Uk + hoff[e0];
+              const float* q01 = hoff[e0 + 1] == zero_block ? U + zero_block : Uk + hoff[e0 + 1];
+              const float* q10 = hoff[e1] == zero_block ? U + zero_block : Uk + hoff[e1];
+              const float* q11 = hoff[e1 + 1] == zero_block ? U + zero_block : Uk + hoff[e1 + 1];
+              const float w00 = hw[e0], w01 = hw[e0 + 1], w10 = hw[e1], w11 = hw[e1 + 1];
+              for (int v = 0; v < 4; ++v) {
+                a0[v] += w00 * *(const sf_v16*)(q00 + 16 * v) + w01 * *(const sf_v16*)(q01 + 16 * v);
+                a1[v] += w10 * *(const sf_v16*)(q10 + 16 * v) + w11 * *(const sf_v16*)(q11 + 16 * v);
               }
             }
-            for (int p = 0; p < 1 + two; ++p) {
-              const int64_t dst = n * ysn + oh * ysh + (ow + p) * ysw + k0;
+            const int64_t dst = n * ysn + oh * ysh + ow * ysw + k0;
+            if (kn == 64 && two) { /* whole block: no data-dependent control flow, so the
+                                    * accumulators stay in registers */
               for (int v = 0; v < 4; ++v) {
-                const int m = kn - 16 * v;
-                if (m <= 0) break;
-                sf_store_any(y, bf16, dst + 16 * v, sf_act_v(a[p][v], act, act_param),
-                             m < 16 ? m : 16);
+                const sf_v16 o0 = sf_act_v(a0[v], act, act_param);
+                const sf_v16 o1 = sf_act_v(a1[v], act, act_param);
+                if (bf16) {
+                  sf_bf16_store16((uint16_t*)y + dst + 16 * v, o0);
+                  sf_bf16_store16((uint16_t*)y + dst + ysw + 16 * v, o1);
+                } else {
+                  *(sf_v16*)((float*)y + dst + 16 * v) = o0;
+                  *(sf_v16*)((float*)y + dst + ysw + 16 * v) = o1;
+                }
               }
+              continue;
+            }
+            for (int v = 0; v < 4; ++v) {
+              const int m = kn - 16 * v;
+              if (m <= 0) break;
+              sf_store_any(y, bf16, dst + 16 * v, sf_act_v(a0[v], act, act_param),
+                           m < 16 ? m : 16);
+              if (two)
+                sf_store_any(y, bf16, dst + ysw + 16 * v, sf_act_v(a1[v], act, act_param),
+                             m < 16 ? m : 16);
             }
           }
         }

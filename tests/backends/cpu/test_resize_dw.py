@@ -77,22 +77,25 @@ def test_rejects_what_it_cannot_run():
 @pytest.mark.parametrize("with_b", [False, True])
 @pytest.mark.parametrize("dw_bias", [False, True])
 @pytest.mark.parametrize(("k", "a_first"), [(70, True), (16, False)])
-def test_upsample_separable_mixes_at_the_source(with_b, dw_bias, k, a_first):
+@pytest.mark.parametrize(
+    ("size", "ks", "pad", "dil"), [((20, 24), 3, 1, 1), ((21, 25), 3, 1, 1), ((19, 23), 5, 4, 2)]
+)
+def test_upsample_separable_mixes_at_the_source(with_b, dw_bias, k, a_first, size, ks, pad, dil):
     """act(pw(cat([dw(up(a)), b])) + bias) with the pointwise mixing done per tap
     at the source resolution, against the plain chain in float64."""
     c, cb = 24, 10
     a = torch.randn(2, c, 5, 6).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(2, cb, 20, 24).contiguous(memory_format=torch.channels_last) if with_b else None
-    wd = torch.randn(c, 1, 3, 3) / 3
+    b = torch.randn(2, cb, *size).contiguous(memory_format=torch.channels_last) if with_b else None
+    wd = torch.randn(c, 1, ks, ks) / ks
     bd = torch.randn(c) if dw_bias else None
     cin = c + (cb if with_b else 0)
     wp, bp = torch.randn(k, cin, 1, 1) / cin**0.5, torch.randn(k)
     cols = slice(0, c) if a_first or not with_b else slice(cb, cb + c)
-    conv = resize_dw.UpsampleSeparableConv2d(lib, wd, bd, [1, 1], [1, 1], wp, bp, cols, "relu",
-                                             0.0, False, (None, None))  # fmt: skip
-    y = conv(a, (20, 24), b)
-    up = ops.resize_like_aten(a.double(), (20, 24), "bilinear", False, None, None)
-    d = F.conv2d(up, wd.double(), None if bd is None else bd.double(), 1, 1, 1, c)
+    conv = resize_dw.UpsampleSeparableConv2d(lib, wd, bd, [pad, pad], [dil, dil], wp, bp, cols,
+                                             "relu", 0.0, False, (None, None))  # fmt: skip
+    y = conv(a, size, b)
+    up = ops.resize_like_aten(a.double(), size, "bilinear", False, None, None)
+    d = F.conv2d(up, wd.double(), None if bd is None else bd.double(), 1, pad, dil, c)
     if with_b:
         d = torch.cat([d, b.double()] if a_first else [b.double(), d], 1)
     ref = F.conv2d(d, wp.double(), bp.double()).relu()
