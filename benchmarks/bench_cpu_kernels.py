@@ -165,3 +165,20 @@ def test_inverted_residual(benchmark, case, impl):
     pe, pd = packed(e, (1, c_in, h, w)), packed(d, (1, ce, h, w))
     pp = packed(p, (1, ce, ho, wo))
     _measure(benchmark, lambda: pp(pd(pe(x)), r), flops=flops)
+
+
+@pytest.mark.parametrize("impl", ["segfast", "onednn"])
+@pytest.mark.parametrize("classes", [19, 21])
+def test_class_head(benchmark, classes, impl):
+    """DeepLab v3+'s head: 3×3, 256 → 19 (Cityscapes) or 21 (VOC) classes at 128×128
+    (oneDNN computes 32 output channels; the kernel 24). FLOPs: the real layer's."""
+    from segfast.backends.cpu.narrow import NarrowConv2d
+
+    x = _nhwc(1, 256, 128, 128)
+    w, b = torch.randn(classes, 256, 3, 3) / 48, torch.randn(classes)
+    if impl == "segfast":
+        conv = NarrowConv2d(LIB, w, b, [1, 1], [1, 1], "none", 0.0)
+        _measure(benchmark, lambda: conv(x), flops=2 * 128 * 128 * 256 * 9 * classes)
+        return
+    packed = _packed(w, b, x, 1, act="none")
+    _measure(benchmark, lambda: packed(x), flops=2 * 128 * 128 * 256 * 9 * classes)

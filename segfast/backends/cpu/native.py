@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 8
+ABI_VERSION = 9
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -163,6 +163,11 @@ class Native:
             + [_PTR, _PTR] + [_I64] * 8 + [_INT, _FLOAT]
             + [_PTR, _PTR] + [_I64] * 2 + [_INT, _FLOAT]
             + [_PTR] + [_I64] * 5 + [_PTR] + [_I64] * 3 + [_INT]
+        )  # fmt: skip
+        self.conv_narrow = lib.sf_conv_narrow
+        self.conv_narrow.restype = _INT
+        self.conv_narrow.argtypes = (
+            [_PTR] + [_I64] * 7 + [_PTR, _PTR] + [_I64] * 6 + [_INT, _FLOAT, _PTR] + [_I64] * 6
         )  # fmt: skip
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT

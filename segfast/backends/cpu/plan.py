@@ -8,7 +8,8 @@ Lowering walks the fused ``GraphModule`` once, in order:
   input's size (other sizes run too: oneDNN reorders when its choice differs);
 - with segfast's CPU kernels loaded (:mod:`.native`), fp32 only: 3×3 stride-1
   dense convolutions with enough channels run by Winograd F(4×4, 3×3)
-  (:mod:`.winograd`), MobileNetV2's ``[1×1 expand →] depthwise → 1×1 project
+  (:mod:`.winograd`), heavy convolutions with 17–24 output channels (a class
+  head) compute 24 lanes instead of oneDNN's 32 (:mod:`.narrow`), MobileNetV2's ``[1×1 expand →] depthwise → 1×1 project
   (+ residual)`` blocks with a large, narrow expanded tensor run as one kernel
   that never writes it (:mod:`.invres`), depthwise convolutions with atrous paddings oneDNN
   handles slowly run on :mod:`.depthwise`, and a depthwise convolution whose
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import invres, winograd
+from segfast.backends.cpu import invres, narrow, winograd
 from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_depthwise
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
@@ -178,6 +179,16 @@ def _conv2d_step(
                                          act_param, residual_after_act)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
         c_in = int(weight.shape[1])
+        if (
+            x2 is None
+            and residual is None
+            and act in ACT_CODES
+            and narrow.applies(weight, stride, groups)
+            and narrow.worthwhile(c_in, int(weight.shape[2]), int(weight.shape[3]),
+                                  *(d if isinstance(d, int) else None for d in xv.shape[2:]))
+        ):  # fmt: skip
+            conv = narrow.NarrowConv2d(native, weight, bias, padding, dilation, act, act_param)
+            return conv, (x,), "conv2d with 17–24 output channels (segfast kernel)"
         h, w_ = (d if isinstance(d, int) else 1 << 30 for d in xv.shape[2:])
         if (
             use_winograd

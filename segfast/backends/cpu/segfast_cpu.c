@@ -40,7 +40,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 8; }
+int sf_abi_version(void) { return 9; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1145,6 +1145,115 @@ int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t 
         /* project: the output row, with the residual */
         sf_gemm_rows(dwrow, Wo, Cp, Ce, wp, Cop, bp, Co, y + n * ysn + oh * ysh, ysw,
                      res ? res + n * rsn + oh * rsh : 0, rsw, res_after_act, act_p, ap_p);
+      }
+    }
+  }
+  return failed ? -1 : 0;
+}
+
+/* ---- Convolution with 17–24 output channels (a segmentation head: 19 or 21 classes) ----
+ * oneDNN and MLAS pad the output channels to 32 (two 16-lane vectors); here they take
+ * one 16-lane and one 8-lane vector, so 24 lanes of arithmetic per pixel instead of 32.
+ * Stride 1, any KH×KW, padding and dilation. Each thread walks a run of output rows
+ * keeping the R = (KH-1)·dh + 1 input rows its taps reach in a ring, zero-padded by pw
+ * columns each side; a tile is 12 output pixels × 24 channels in registers, summed over
+ * every (kh, kw, c). w: [KH][KW][C][24] (zero-padded), bias: [24].
+ * Reference: segfast/backends/cpu/narrow.py. Returns 0, or -1 when a thread's scratch
+ * could not be allocated. */
+typedef float sf_v8 __attribute__((vector_size(32), aligned(4)));
+
+#define SF_NARROW_TILE(MR)                                                                   \
+  static void sf_narrow_tile_##MR(const float* const* rp, const int64_t* kidx, int64_t nk,   \
+                                  int64_t KW, int64_t dw, int64_t C, const float* restrict wt, \
+                                  const float* restrict bias, int64_t K, float* restrict out,  \
+                                  int64_t os, int act, float ap) {                            \
+    sf_v16 az[MR];                                                                           \
+    sf_v8 ay[MR];                                                                            \
+    const sf_v16 bz = *(const sf_v16*)bias;                                                  \
+    const sf_v8 by = *(const sf_v8*)(bias + 16);                                             \
+    for (int m = 0; m < MR; ++m) {                                                           \
+      az[m] = bz;                                                                            \
+      ay[m] = by;                                                                            \
+    }                                                                                        \
+    for (int64_t i = 0; i < nk; ++i) {                                                       \
+      for (int64_t kw = 0; kw < KW; ++kw) {                                                  \
+        const float* a = rp[i] + kw * dw * C;                                                \
+        const float* b = wt + (kidx[i] * KW + kw) * C * 24;                                  \
+        for (int64_t c = 0; c < C; ++c, b += 24) {                                           \
+          const sf_v16 wz = *(const sf_v16*)b;                                               \
+          const sf_v8 wy = *(const sf_v8*)(b + 16);                                          \
+          for (int m = 0; m < MR; ++m) {                                                     \
+            const float am = a[m * C + c];                                                   \
+            az[m] += am * wz;                                                                \
+            ay[m] += am * wy;                                                                \
+          }                                                                                  \
+        }                                                                                    \
+      }                                                                                      \
+    }                                                                                        \
+    for (int m = 0; m < MR; ++m) {                                                           \
+      const sf_v16 o = sf_act_v(az[m], act, ap);                                             \
+      *(sf_v16*)(out + m * os) = o;                                                          \
+      for (int64_t k = 16; k < K; ++k) out[m * os + k] = sf_act(ay[m][k - 16], act, ap);     \
+    }                                                                                        \
+  }
+SF_NARROW_TILE(12)
+SF_NARROW_TILE(1)
+#undef SF_NARROW_TILE
+
+int sf_conv_narrow(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t C,
+                   int64_t xsn, int64_t xsh, int64_t xsw,
+                   const float* restrict wt, const float* restrict bias, int64_t KH, int64_t KW,
+                   int64_t ph, int64_t pw, int64_t dh, int64_t dw, int act, float ap,
+                   float* restrict y, int64_t K, int64_t Ho, int64_t Wo,
+                   int64_t ysn, int64_t ysh, int64_t ysw) {
+  if (KH > MAX_KH || K <= 16 || K > 24) return -2;
+  const int64_t R = (KH - 1) * dh + 1;
+  const int64_t Wp = W + 2 * pw; /* a ring row: pw zero columns, the row, pw zero columns */
+  const int64_t row_len = Wp * C;
+  const int64_t rows = N * Ho;
+  int failed = 0;
+#pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (rows + nt - 1) / nt;
+    const int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float* ring = (float*)sf_scratch(SF_SLOT_RING, (size_t)(R * row_len) * sizeof(float));
+    int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_TAGS, (size_t)R * sizeof(int64_t));
+    if (!ring || !tag) {
+#pragma omp atomic write
+      failed = 1;
+    } else if (r0 < r1) {
+      for (int64_t i = 0; i < R; ++i) tag[i] = -1;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, oh = r % Ho;
+        const float* rp[MAX_KH];
+        int64_t kidx[MAX_KH];
+        int64_t nk = 0;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t ih = oh - ph + kh * dh;
+          if (ih < 0 || ih >= H) continue;
+          float* dst = ring + (ih % R) * row_len;
+          if (tag[ih % R] != n * H + ih) { /* copy the row in, zero-padded */
+            tag[ih % R] = n * H + ih;
+            for (int64_t i = 0; i < pw * C; ++i) dst[i] = dst[(pw + W) * C + i] = 0.f;
+            const float* src = x + n * xsn + ih * xsh;
+            for (int64_t iw = 0; iw < W; ++iw)
+              for (int64_t c = 0; c < C; ++c) dst[(pw + iw) * C + c] = src[iw * xsw + c];
+          }
+          rp[nk] = dst;
+          kidx[nk++] = kh;
+        }
+        float* yrow = y + n * ysn + oh * ysh;
+        int64_t ow = 0;
+        const float* rq[MAX_KH];
+        for (; ow + 12 <= Wo; ow += 12) {
+          for (int64_t i = 0; i < nk; ++i) rq[i] = rp[i] + ow * C;
+          sf_narrow_tile_12(rq, kidx, nk, KW, dw, C, wt, bias, K, yrow + ow * ysw, ysw, act, ap);
+        }
+        for (; ow < Wo; ++ow) {
+          for (int64_t i = 0; i < nk; ++i) rq[i] = rp[i] + ow * C;
+          sf_narrow_tile_1(rq, kidx, nk, KW, dw, C, wt, bias, K, yrow + ow * ysw, ysw, act, ap);
+        }
       }
     }
   }
