@@ -43,6 +43,7 @@ class TorchBackend(Backend):
         )
         if cpu_plan:
             from segfast.backends.cpu import native as cpu_native
+            from segfast.backends.cpu.memory import DYNAMIC_LIMIT, keep_large_allocations
             from segfast.backends.cpu.plan import lower
 
             kernels = None
@@ -51,6 +52,9 @@ class TorchBackend(Backend):
                 ok, why = cpu_native.status()
                 notes.append("segfast CPU kernels: " + ("loaded" if ok else f"not used ({why})"))
             plan = lower(gm, native=kernels, use_winograd=bool(req.options.get("winograd", True)))
+            if req.options.get("keep_memory", True) and _largest_activation(gm) > DYNAMIC_LIMIT:
+                _, why = keep_large_allocations()
+                notes.append("large activations: " + why)
             details["lowered"] = dict(plan.lowered)
             notes.append(
                 "CPU plan: " + ", ".join(f"{k} ×{n}" for k, n in sorted(plan.lowered.items()))
@@ -84,3 +88,13 @@ class TorchBackend(Backend):
                 + ("on" if ops._mkldnn_ok() else "unavailable, plain PyTorch convolutions")
             )
         return Runner(run_graph, notes=notes, details=details)
+
+
+def _largest_activation(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the graph's largest tensor value (0 where sizes are symbolic)."""
+    largest = 0
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape):
+            largest = max(largest, v.numel() * v.element_size())
+    return largest
