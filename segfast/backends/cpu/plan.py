@@ -325,6 +325,8 @@ def _separable_after_upsample(
         d = dw.args
         if len(dw.users) != 1 or d[7] != "none" or list(d[3]) != [1, 1]:
             continue
+        if get_tensor(gm, d[1]).dtype != w.dtype:  # one dtype throughout
+            continue
         up = fused[dw]
         src, dst = val(resample_of(up).input), val(up)
         taps = int(val(d[1]).shape[2]) * int(val(d[1]).shape[3])
@@ -358,27 +360,34 @@ def _inverted_residuals(
 ) -> dict[fx.Node, tuple[fx.Node | None, fx.Node]]:
     """MobileNetV2 blocks ``[1×1 expand →] depthwise → 1×1 project (+ residual)``
     worth one :class:`~.invres.NativeInvertedResidual` call:
-    {project: (expand or None, depthwise)}. ``taken``: depthwise convs other
-    fusions claimed."""
+    {project: (expand or None, depthwise)}. ``taken``: nodes other fusions
+    claimed (their depthwise and pointwise convs). In a chain ``dw → pw → dw → pw``
+    (MobileNetV1, stacked separable convs) the first pointwise conv ends the
+    first block and is not also the second block's expansion (graph order: a
+    project is decided before a later block looks at it as an expand)."""
     out: dict[fx.Node, tuple[fx.Node | None, fx.Node]] = {}
     for node in gm.graph.nodes:
-        if not _pointwise_conv(gm, node):
+        if node in taken or not _pointwise_conv(gm, node):
             continue
         dw = node.args[0]
         if not isinstance(dw, fx.Node) or dw in taken or len(dw.users) != 1:
             continue
         if not _plain_depthwise(gm, dw) or list(dw.args[5]) != [dw.args[5][0]] * 2:
             continue
+        kh = int(val(dw.args[1]).shape[2])
+        if kh > invres.MAX_KERNEL_ROWS:
+            continue
         expand = dw.args[0]
         if not (
             isinstance(expand, fx.Node)
+            and expand not in out
+            and expand not in taken
             and len(expand.users) == 1
             and _pointwise_conv(gm, expand)
             and expand.args[9] is None
         ):
             expand = None
         src = val(dw.args[0])
-        kh = int(val(dw.args[1]).shape[2])
         h, w_ = (d if isinstance(d, int) else None for d in src.shape[2:])
         ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
         if invres.worthwhile(int(src.shape[1]), h, w_, ring_rows):
@@ -494,7 +503,8 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     for dw in [d for d in fused if val(d).dtype != torch.float32]:
         del fused[dw], into[dw]  # bf16 upsample → depthwise alone stays on oneDNN
     absorbed = {n for nodes in into.values() for n in nodes}
-    blocks = _inverted_residuals(gm, set(into)) if native is not None else {}
+    claimed = set(into) | set(separable)
+    blocks = _inverted_residuals(gm, claimed) if native is not None else {}
     for expand, dw in blocks.values():
         absorbed.add(dw)
         if expand is not None:

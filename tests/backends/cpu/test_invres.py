@@ -55,13 +55,16 @@ def _block(c_in, c_exp, c_out, k=3, stride=1, pad=1, dil=1, acts=("relu6", "relu
         (12, 72, 12, (11, 13), 3, 1, 0, 1),  # no padding
         (64, 384, 64, (6, 6), 3, 1, 1, 1),  # wide, several 4-vector chunks
         (5, 100, 7, (10, 19), 3, 3, 1, 1),  # stride 3: rows skipped in the ring
+        (5, 40, 7, (13, 50), 3, 3, 1, 1),  # stride 3 with 8-pixel interior blocks
+        (8, 48, 16, (21, 40), 5, 1, 2, 1),  # 5×5 with interior blocks
+        (8, 48, 16, (22, 41), 5, 2, 2, 1),  # 5×5 stride 2 with interior blocks
     ],
 )
 def test_matches_pytorch(c_in, c_exp, c_out, hw, k, stride, pad, dil):
     torch.manual_seed(c_in * 100 + c_exp)
     e, d, p = _block(c_in, c_exp, c_out, k, stride, pad, dil)
-    x = torch.randn(2, c_in, *hw).contiguous(memory_format=torch.channels_last)
-    block = NativeInvertedResidual(lib, e, d, p, False)
+    x = torch.randn(3, c_in, *hw).contiguous(memory_format=torch.channels_last)  # 3: a
+    block = NativeInvertedResidual(lib, e, d, p, False)  # thread's rows cross images
     _close(block(x), reference(x, e, d, p))
 
 
@@ -173,6 +176,46 @@ def test_plan_fuses_blocks_and_matches_eager(monkeypatch):
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1 << 40)  # and not when not worth it
     eng = segfast.compile(model, x, backend="torch")
     assert "inverted residual block (segfast kernel)" not in eng._runner.details["lowered"]
+
+
+class SeparableChain(nn.Module):
+    """MobileNetV1 / stacked separable convs: dw → pw → dw → pw, where the first
+    pointwise conv both ends a block and could start the next (it must do one);
+    and the same after a bilinear upsample (the decoder fusion claims the first)."""
+
+    def __init__(self, upsample: bool) -> None:
+        super().__init__()
+
+        def sep(c, o):
+            return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                                 nn.Conv2d(c, o, 1), nn.ReLU())  # fmt: skip
+
+        self.upsample = upsample
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.a, self.b, self.c = sep(16, 32), sep(32, 32), sep(32, 8)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if self.upsample:
+            y = nn.functional.interpolate(y, scale_factor=4.0, mode="bilinear")
+        return self.c(self.b(self.a(y)))
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_plan_chains_of_separable_convs(monkeypatch, upsample):
+    from segfast.backends.cpu import plan
+
+    monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
+    monkeypatch.setattr(plan, "MIN_BYTES", 1)
+    torch.manual_seed(8)
+    model = SeparableChain(upsample).eval()
+    x = torch.randn(1, 3, 26, 34)
+    eng = segfast.compile(model, x, backend="torch")
+    lowered = eng._runner.details["lowered"]
+    assert lowered["inverted residual block (segfast kernel)"] == (2 if upsample else 3)
+    report = segfast.check(eng, model, [x, torch.randn(1, 3, 26, 34)])
+    assert report.passed, report
+    assert max(a.rel_l2 for a in report.accuracy) <= 1e-5
 
 
 def test_plan_fuses_blocks_with_dynamic_shapes():

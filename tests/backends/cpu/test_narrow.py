@@ -44,6 +44,14 @@ def test_matches_pytorch(k, c, hw, ks, pad, dil):
     _close(conv(x), F.conv2d(x, w, b, 1, pad, dil))
 
 
+def test_asymmetric_padding_and_dilation_three_images():
+    torch.manual_seed(2)
+    x = torch.randn(3, 20, 11, 31).contiguous(memory_format=torch.channels_last)  # 3: rows
+    w, b = torch.randn(18, 20, 3, 5) / 17, torch.randn(18)  # of a thread cross images
+    conv = NarrowConv2d(lib, w, b, [1, 3], [2, 1], "none", 0.0)
+    _close(conv(x), F.conv2d(x, w, b, 1, (1, 3), (2, 1)))
+
+
 @pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu"])
 def test_activations_and_no_bias(act):
     torch.manual_seed(1)

@@ -110,3 +110,29 @@ def test_upsample_separable_refuses_other_inputs():
     )  # fmt: skip
     with pytest.raises(ValueError, match="not built for"):
         conv(torch.randn(1, 8, 3, 3), (6, 6), torch.randn(1, 2, 6, 6))
+
+
+def test_upsample_separable_bf16_against_float64():
+    """bf16 in and out (W_t·a rounded to bf16, the tap sums in fp32), K = 70: whole
+    64-channel blocks and a partial one."""
+    torch.manual_seed(3)
+    c, cb, k, size = 24, 10, 70, (21, 25)
+    a = torch.randn(1, c, 6, 7).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(1, cb, *size).contiguous(memory_format=torch.channels_last)
+    wd, wp, bp = torch.randn(c, 1, 3, 3) / 3, torch.randn(k, c + cb, 1, 1) / 6, torch.randn(k)
+    conv = resize_dw.UpsampleSeparableConv2d(
+        lib, wd.bfloat16(), None, [1, 1], [1, 1], wp.bfloat16(), bp.bfloat16(), slice(0, c),
+        "relu6", 0.0, False, (None, None),
+    )  # fmt: skip
+    y = conv(a.bfloat16(), size, b.bfloat16())
+    assert y.dtype == torch.bfloat16
+    up = ops.resize_like_aten(a.double(), size, "bilinear", False, None, None)
+    d = torch.cat([F.conv2d(up, wd.double(), None, 1, 1, 1, c), b.double()], 1)
+    ref = F.conv2d(d, wp.double(), bp.double()).clamp(0, 6)
+    # against PyTorch's own bf16 chain (upsample, depthwise, pointwise in bf16)
+    ub = F.interpolate(a.bfloat16(), size=size, mode="bilinear", align_corners=False)
+    db = torch.cat([F.conv2d(ub, wd.bfloat16(), None, 1, 1, 1, c), b.bfloat16()], 1)
+    yb = F.conv2d(db, wp.bfloat16(), bp.bfloat16()).clamp(0, 6)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    err_torch = ((yb.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1.5 * err_torch, (err, err_torch)
