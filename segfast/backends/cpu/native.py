@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 9
+ABI_VERSION = 10
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -154,7 +154,7 @@ class Native:
         self.up_taps.restype = _INT
         self.up_taps.argtypes = (
             [_PTR] + [_I64] * 15 + [_FLOAT, _FLOAT, _INT, _PTR, _INT, _FLOAT, _PTR] + [_I64] * 3
-            + [_INT]
+            + [_PTR] + [_I64] * 4 + [_PTR, _INT]
         )  # fmt: skip
         self.invres = lib.sf_invres
         self.invres.restype = _INT

@@ -190,9 +190,17 @@ class UpsampleSeparableConv2d:
         self.b_channels = int(rest.sum())
         self.unary, self.scalars = post_op(act, act_param)
         self.packed_b = None
+        self.wb_t = None
         if self.b_channels:
             wb = wp[:, rest].reshape(k, self.b_channels, 1, 1).contiguous()
-            self.packed_b = _PACK(wb, [0, 0], [1, 1], [1, 1], 1, None)
+            if self.dtype == torch.float32:
+                # fp32: the kernel mixes b into its accumulators ([Cb][K rounded to 64])
+                kp = -(-k // BLOCK) * BLOCK
+                wb_t = torch.zeros(self.b_channels, kp)
+                wb_t[:, :k] = wb.reshape(k, self.b_channels).t()
+                self.wb_t = wb_t.contiguous()
+            else:  # bf16: oneDNN's bf16 1×1 conv adds b into the output
+                self.packed_b = _PACK(wb, [0, 0], [1, 1], [1, 1], 1, None)
 
     def __call__(self, a: Tensor, size: Sequence[int], b: Tensor | None = None) -> Tensor:
         if (b is None) != (self.b_channels == 0) or a.dtype != self.dtype:
@@ -203,14 +211,23 @@ class UpsampleSeparableConv2d:
         z = self.zconv(a)  # [N, T·K, h_in, w_in] channels_last
         n, _, hz, wz = z.shape
         y = torch.empty((n, self.k, h, w), dtype=self.dtype, memory_format=torch.channels_last)
-        last = b is None
+        fold = b is not None and self.wb_t is not None  # b mixed inside the kernel
+        if fold:
+            b = ops.to_nhwc(b)
+            if tuple(b.shape) != (n, self.b_channels, h, w):
+                raise ValueError(f"the second source must be {(n, self.b_channels, h, w)}, "
+                                 f"got {tuple(b.shape)}")  # fmt: skip
+        last = b is None or fold
         failed = self.native.up_taps(
             z.data_ptr(), n, hz, wz, *nhwc_strides(z), self.k, self.kh, self.kw,
             self.padding[0], self.padding[1], self.dilation[0], self.dilation[1], h, w,
             source_scale(hz, h, self.align, self.scales[0]),
             source_scale(wz, w, self.align, self.scales[1]), int(self.align),
             self.bias.data_ptr() if last else 0, ACT_CODES[self.act] if last else 0,
-            self.act_param, y.data_ptr(), *nhwc_strides(y), int(self.dtype == torch.bfloat16),
+            self.act_param, y.data_ptr(), *nhwc_strides(y),
+            b.data_ptr() if fold else 0, self.b_channels if fold else 0,
+            *(nhwc_strides(b) if fold else (0, 0, 0)),
+            self.wb_t.data_ptr() if fold else 0, int(self.dtype == torch.bfloat16),
         )  # fmt: skip
         if failed:
             raise MemoryError("segfast CPU kernel: could not allocate index tables")

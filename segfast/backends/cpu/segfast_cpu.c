@@ -40,7 +40,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 9; }
+int sf_abi_version(void) { return 10; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -728,7 +728,8 @@ static inline __attribute__((always_inline)) int sf_up_taps_t(
     int64_t zsw, int64_t K, int64_t KH, int64_t KW, int64_t ph, int64_t pw, int64_t dh,
     int64_t dw, int64_t H, int64_t W, float scale_h, float scale_w, int align,
     const float* restrict bias, int act, float act_param, void* restrict y, int64_t ysn,
-    int64_t ysh, int64_t ysw, const int bf16) {
+    int64_t ysh, int64_t ysw, const float* restrict B, int64_t Cb, int64_t bsn, int64_t bsh,
+    int64_t bsw, const float* restrict Wb, const int bf16) {
   /* Separable, with the depthwise rows summed before the horizontal blend: the
    * horizontal taps and weights depend on (ow, kw) only, so per output row
    *   U[x][kw][k] = Σ_kh  (1-ly)·Z[y0][x][(kh,kw), k] + ly·Z[y1][x][(kh,kw), k]
@@ -840,6 +841,19 @@ static inline __attribute__((always_inline)) int sf_up_taps_t(
                 a1[v] += w10 * *(const sf_v16*)(q10 + 16 * v) + w11 * *(const sf_v16*)(q11 + 16 * v);
               }
             }
+            if (B) { /* the pointwise conv's other source, at the output resolution */
+              const float* b0 = B + n * bsn + oh * bsh + ow * bsw;
+              const float* b1 = B + n * bsn + oh * bsh + ow1 * bsw;
+              const float* wq = Wb + k0;
+              for (int64_t c = 0; c < Cb; ++c, wq += Kp) {
+                const float x0 = b0[c], x1 = b1[c];
+                for (int v = 0; v < 4; ++v) {
+                  const sf_v16 wv = *(const sf_v16*)(wq + 16 * v);
+                  a0[v] += x0 * wv;
+                  a1[v] += x1 * wv;
+                }
+              }
+            }
             const int64_t dst = n * ysn + oh * ysh + ow * ysw + k0;
             if (kn == 64 && two) { /* whole block: no data-dependent control flow, so the
                                     * accumulators stay in registers */
@@ -873,17 +887,26 @@ static inline __attribute__((always_inline)) int sf_up_taps_t(
   return failed;
 }
 
-/* Z and y fp32, or bf16 when bf16 is set (blends and sums in fp32; bias fp32). */
+/* Z and y fp32, or bf16 when bf16 is set (blends and sums in fp32; bias fp32).
+ * B (fp32 only, NULL for none): the pointwise conv's other source [N][H][W][Cb] at the
+ * output resolution, mixed by Wb [Cb][Kp] (Kp = K rounded up to 64, zero-padded) into
+ * the same accumulators, before the activation. */
 int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
                int64_t zsh, int64_t zsw, int64_t K, int64_t KH, int64_t KW, int64_t ph,
                int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W, float scale_h,
                float scale_w, int align, const float* restrict bias, int act, float act_param,
-               void* restrict y, int64_t ysn, int64_t ysh, int64_t ysw, int bf16) {
-  if (bf16)
+               void* restrict y, int64_t ysn, int64_t ysh, int64_t ysw,
+               const float* restrict B, int64_t Cb, int64_t bsn, int64_t bsh, int64_t bsw,
+               const float* restrict Wb, int bf16) {
+  if (bf16) {
+    if (B) return -2; /* the other source is fp32 only */
     return sf_up_taps_t(Z, N, h, w, zsn, zsh, zsw, K, KH, KW, ph, pw, dh, dw, H, W, scale_h,
-                        scale_w, align, bias, act, act_param, y, ysn, ysh, ysw, 1);
+                        scale_w, align, bias, act, act_param, y, ysn, ysh, ysw, 0, 0, 0, 0, 0,
+                        0, 1);
+  }
   return sf_up_taps_t(Z, N, h, w, zsn, zsh, zsw, K, KH, KW, ph, pw, dh, dw, H, W, scale_h,
-                      scale_w, align, bias, act, act_param, y, ysn, ysh, ysw, 0);
+                      scale_w, align, bias, act, act_param, y, ysn, ysh, ysw, B, Cb, bsn, bsh,
+                      bsw, Wb, 0);
 }
 
 /* ---- Inverted residual block: [1×1 expand →] depthwise KH×KW → 1×1 project (+ residual) ----
