@@ -373,13 +373,17 @@ def test_sigint_to_a_running_process_finalises_the_file(clip, tmp_path):
         from segfast.runtime import postprocess, video
         net = models.create("unet", tiny=True, in_channels=3, num_classes=3).eval()
         eng = segfast.compile(net, input_shape=(1, 3, 32, 32), backend="eager", output="mask")
+        told = []
         class Slow:
             info, device = eng.info, eng.device
             def __call__(self, x):
-                time.sleep(0.05)
+                # after "running", slow enough that the signal lands mid-run on a
+                # loaded machine (it interrupts the sleep: the test waits no longer)
+                time.sleep(0.5 if told else 0.05)
                 return eng(x)
         def tell(r):
             if r.index == 3:
+                told.append(True)
                 print("running", flush=True)
         try:
             video.run_video(Slow(), {str(clip)!r}, {str(out)!r}, on_result=tell)
