@@ -368,7 +368,10 @@ def test_sigint_to_a_running_process_finalises_the_file(clip, tmp_path):
     out = tmp_path / "sigint.mp4"
     script = textwrap.dedent(
         f"""
-        import sys, time, torch, segfast
+        import signal, sys, time, torch, segfast
+        # a terminal's process: Python's Ctrl-C handler, even where the test runner
+        # started us with SIGINT ignored (an ignored signal stays ignored across exec)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from segfast import models
         from segfast.runtime import postprocess, video
         net = models.create("unet", tiny=True, in_channels=3, num_classes=3).eval()
