@@ -40,6 +40,16 @@ def assert_close(
         raise AssertionError(mismatch_report(out, ref, atol, rtol))
 
 
+def assert_nhwc_close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """``out`` is channels_last, of ``ref``'s shape, and its largest absolute error is
+    at most ``tol`` × max(1, max |ref|) (a CPU kernel against its reference)."""
+    assert out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item() + 1e-12
+    assert err <= tol * max(1.0, scale), (err, scale)
+
+
 def assert_rel_l2(out: torch.Tensor, ref: torch.Tensor, max_rel: float) -> None:
     """‖out − ref‖ / ‖ref‖ ≤ ``max_rel`` and no NaN/Inf in ``out``."""
     acc = compare(out.float() if out.is_floating_point() else out, ref, class_dim=None)

@@ -18,6 +18,7 @@ import torch
 
 from segfast.backends.base import Backend, BuildRequest, Runner
 from segfast.compiler import ops
+from segfast.compiler.graph import nbytes
 from segfast.errors import BackendUnavailable
 
 
@@ -91,10 +92,10 @@ class TorchBackend(Backend):
 
 
 def _largest_activation(gm: torch.fx.GraphModule) -> int:
-    """Bytes of the graph's largest tensor value (0 where sizes are symbolic)."""
-    largest = 0
-    for node in gm.graph.nodes:
-        v = node.meta.get("val")
-        if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape):
-            largest = max(largest, v.numel() * v.element_size())
-    return largest
+    """Bytes of the graph's largest tensor value (values with symbolic sizes skipped)."""
+    vals = (n.meta.get("val") for n in gm.graph.nodes)
+    return max(
+        (nbytes(v) for v in vals
+         if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)),
+        default=0,
+    )  # fmt: skip

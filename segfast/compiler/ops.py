@@ -25,6 +25,7 @@ implementations keep the memory format of their main input.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -284,6 +285,27 @@ def conv2d_impl(
         if residual is not None and residual_after_act:
             y = y + residual
     return y.contiguous(memory_format=layout)
+
+
+def conv2d_one_source(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    act: str = "none",
+    act_param: float = 0.0,
+    residual: Tensor | None = None,
+    residual_after_act: bool = False,
+) -> Tensor:
+    """:func:`conv2d_impl` without a second source: the composite path the CPU
+    kernels fall back to and are tested against."""
+    return conv2d_impl(
+        x, weight, bias, list(stride), list(padding), list(dilation), groups, act, act_param,
+        residual, residual_after_act, None, "none", False, None, None, False,
+    )  # fmt: skip
 
 
 # The op is the composite implementation itself, registered (the function object

@@ -77,10 +77,9 @@ class NativeDepthwiseConv2d:
         )
 
     def _composite(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        return ops.conv2d_impl(
+        return ops.conv2d_one_source(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.c,
-            self.act, self.act_param, residual, self.residual_after_act, None, "none", False,
-            None, None, False,
+            self.act, self.act_param, residual, self.residual_after_act,
         )  # fmt: skip
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:

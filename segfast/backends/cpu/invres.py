@@ -185,10 +185,8 @@ class NativeInvertedResidual:
 
 
 def _conv(x: Tensor, c: Conv, residual: Tensor | None = None, after: bool = False) -> Tensor:
-    return ops.conv2d_impl(
-        x, c.weight, c.bias, list(c.stride), list(c.padding), list(c.dilation), c.groups,
-        c.act, c.act_param, residual, after, None, "none", False, None, None, False,
-    )  # fmt: skip
+    return ops.conv2d_one_source(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups,
+                                 c.act, c.act_param, residual, after)  # fmt: skip
 
 
 def reference(

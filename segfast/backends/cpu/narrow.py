@@ -130,7 +130,4 @@ def reference(
     act_param: float = 0.0,
 ) -> Tensor:
     """What :class:`NarrowConv2d` computes, as the composite convolution."""
-    return ops.conv2d_impl(
-        x, weight, bias, [1, 1], list(padding), list(dilation), 1, act, act_param, None, False,
-        None, "none", False, None, None, False,
-    )  # fmt: skip
+    return ops.conv2d_one_source(x, weight, bias, [1, 1], padding, dilation, 1, act, act_param)

@@ -225,7 +225,7 @@ def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, t
     return conv, (x, residual)
 
 
-def _const_fp32(
+def _const(
     gm: fx.GraphModule, node: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 ) -> torch.Tensor | None:
     """A CPU constant in one of ``dtypes`` (fp32 unless told), else None."""
@@ -243,10 +243,10 @@ def _plain_depthwise(
     if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
         return False
     a = node.args
-    w = _const_fp32(gm, a[1], dtypes)
+    w = _const(gm, a[1], dtypes)
     if w is None or not is_depthwise(w, a[6]) or a[9] is not None or a[11] is not None:
         return False
-    return (a[2] is None or _const_fp32(gm, a[2], dtypes) is not None) and a[7] in ACT_CODES
+    return (a[2] is None or _const(gm, a[2], dtypes) is not None) and a[7] in ACT_CODES
 
 
 def _bilinear_behind_layout_fix(node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -303,16 +303,10 @@ def _separable_after_upsample(
     {pointwise: (depthwise, upsample, its weight columns, other source or None)}."""
     out: dict[fx.Node, tuple[fx.Node, fx.Node, slice, fx.Node | None]] = {}
     for node in gm.graph.nodes:
-        if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
+        if not _pointwise_conv(gm, node, DTYPES) or node.args[9] is not None:
             continue
         a = node.args
-        w = _const_fp32(gm, a[1], DTYPES)
-        if w is None or tuple(w.shape[2:]) != (1, 1) or a[6] != 1 or a[9] is not None:
-            continue
-        if list(a[3]) != [1, 1] or list(a[4]) != [0, 0] or a[7] not in ACT_CODES:
-            continue
-        if a[2] is not None and _const_fp32(gm, a[2], DTYPES) is None:
-            continue
+        w = get_tensor(gm, a[1])
         x, x2, x2_resize, x2_first = a[0], a[11], a[12], a[16]
         cx = int(val(x).shape[1])
         c2 = 0 if x2 is None else int(val(x2).shape[1])
@@ -340,19 +334,22 @@ def _separable_after_upsample(
     return out
 
 
-def _pointwise_conv(gm: fx.GraphModule, node: Any) -> bool:
-    """An fp32 1×1 ``segfast.conv2d`` (stride 1, no padding, groups 1, one
-    source) whose activation segfast_cpu.c applies."""
+def _pointwise_conv(
+    gm: fx.GraphModule, node: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> bool:
+    """A 1×1 ``segfast.conv2d`` with constant weights in ``dtypes`` (stride 1, no
+    padding, groups 1) whose activation segfast_cpu.c applies; callers check its
+    residual and second source."""
     if not isinstance(node, fx.Node) or not is_call(node, segfast_ops.conv2d.default,
                                                      ops.conv2d_impl):  # fmt: skip
         return False
     a = node.args
-    w = _const_fp32(gm, a[1])
-    if w is None or w.dim() != 4 or tuple(w.shape[2:]) != (1, 1) or a[6] != 1 or a[11] is not None:
+    w = _const(gm, a[1], dtypes)
+    if w is None or w.dim() != 4 or tuple(w.shape[2:]) != (1, 1) or a[6] != 1:
         return False
     if list(a[3]) != [1, 1] or list(a[4]) != [0, 0] or a[7] not in ACT_CODES:
         return False
-    return a[2] is None or _const_fp32(gm, a[2]) is not None
+    return a[2] is None or _const(gm, a[2], dtypes) is not None
 
 
 def _inverted_residuals(
@@ -367,7 +364,7 @@ def _inverted_residuals(
     project is decided before a later block looks at it as an expand)."""
     out: dict[fx.Node, tuple[fx.Node | None, fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node in taken or not _pointwise_conv(gm, node):
+        if node in taken or not _pointwise_conv(gm, node) or node.args[11] is not None:
             continue
         dw = node.args[0]
         if not isinstance(dw, fx.Node) or dw in taken or len(dw.users) != 1:
@@ -385,6 +382,7 @@ def _inverted_residuals(
             and len(expand.users) == 1
             and _pointwise_conv(gm, expand)
             and expand.args[9] is None
+            and expand.args[11] is None
         ):
             expand = None
         src = val(dw.args[0])

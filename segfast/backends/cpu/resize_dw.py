@@ -87,9 +87,9 @@ class ResizeDepthwiseConv2d:
 
     def _unfused(self, x: Tensor, size: Sequence[int]) -> Tensor:
         e = ops.resize_like_aten(x, size, "bilinear", self.align, *self.scales)
-        return ops.conv2d_impl(
+        return ops.conv2d_one_source(
             e, self.weight, self.bias, self.stride, self.padding, self.dilation, self.c,
-            self.act, self.act_param, None, False, None, "none", False, None, None, False,
+            self.act, self.act_param,
         )  # fmt: skip
 
     def __call__(self, x: Tensor, size: Sequence[int]) -> Tensor:

@@ -1032,6 +1032,15 @@ static void sf_gemm_rows(const float* restrict a, int64_t P, int64_t as, int64_t
 
 #define MAX_KH 64
 
+/* This OpenMP thread's contiguous run [r0, r1) of rows: kernels that keep a ring of
+ * input rows walk consecutive output rows, so a thread's rows are one block. */
+static inline void sf_thread_rows(int64_t rows, int64_t* r0, int64_t* r1) {
+  const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t per = (rows + nt - 1) / nt;
+  *r0 = t * per < rows ? t * per : rows;
+  *r1 = *r0 + per < rows ? *r0 + per : rows;
+}
+
 /* Eight output pixels × 16 channels of one depthwise row, every tap inside the map. */
 static inline __attribute__((always_inline)) void sf_ir_dw_px8(
     const float* const* rp, const int64_t* kidx, int64_t nk, const float* restrict wd, int64_t KW,
@@ -1122,9 +1131,8 @@ int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t 
   int failed = 0;
 #pragma omp parallel
   {
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (rows + nt - 1) / nt;
-    const int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
+    int64_t r0, r1;
+    sf_thread_rows(rows, &r0, &r1);
     float* ring = (float*)sf_scratch(SF_SLOT_RING, (size_t)(direct ? 16 : R * row_len) * sizeof(float));
     float* dwrow = (float*)sf_scratch(SF_SLOT_DWROW, (size_t)(Wo * Cp) * sizeof(float));
     int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_TAGS, (size_t)R * sizeof(int64_t));
@@ -1135,16 +1143,20 @@ int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t 
       for (int64_t i = 0; i < R; ++i) tag[i] = -1;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / Ho, oh = r % Ho;
-        /* the expanded rows this output row reads, each computed once per run */
+        /* the rows this output row's taps read: x's own (direct), or expanded rows,
+         * each computed once per run into the ring */
+        const float* rp[MAX_KH];
+        int64_t kidx[MAX_KH];
+        int64_t nk = 0;
         for (int64_t kh = 0; kh < KH; ++kh) {
           const int64_t ih = oh * sh - ph + kh * dh;
           if (ih < 0 || ih >= H) continue;
-          const int64_t slot = ih % R;
-          if (tag[slot] == n * H + ih) continue;
-          tag[slot] = n * H + ih;
-          float* dst = ring + slot * row_len;
           const float* src = x + n * xsn + ih * xsh;
-          if (direct) continue; /* the depthwise conv reads x's rows in place */
+          float* dst = ring + (ih % R) * row_len;
+          kidx[nk] = kh;
+          rp[nk++] = direct ? src : dst;
+          if (direct || tag[ih % R] == n * H + ih) continue;
+          tag[ih % R] = n * H + ih;
           if (we) {
             sf_gemm_rows(src, W, xsw, Cin, we, Cp, be, Cp, dst, Cp, 0, 0, 0, act_e, ap_e);
           } else {
@@ -1155,15 +1167,6 @@ int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t 
           }
         }
         /* depthwise: one output row, all Cp channels */
-        const float* rp[MAX_KH];
-        int64_t kidx[MAX_KH];
-        int64_t nk = 0;
-        for (int64_t kh = 0; kh < KH; ++kh) {
-          const int64_t ih = oh * sh - ph + kh * dh;
-          if (ih < 0 || ih >= H) continue;
-          rp[nk] = direct ? x + n * xsn + ih * xsh : ring + (ih % R) * row_len;
-          kidx[nk++] = kh;
-        }
         sf_ir_dw_row(rp, kidx, nk, W, Cp, wd, bd, KW, sw, pw, dw, act_d, ap_d, dwrow, Wo);
         /* project: the output row, with the residual */
         sf_gemm_rows(dwrow, Wo, Cp, Ce, wp, Cop, bp, Co, y + n * ysn + oh * ysh, ysw,
@@ -1237,9 +1240,8 @@ int sf_conv_narrow(const float* restrict x, int64_t N, int64_t H, int64_t W, int
   int failed = 0;
 #pragma omp parallel
   {
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (rows + nt - 1) / nt;
-    const int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
+    int64_t r0, r1;
+    sf_thread_rows(rows, &r0, &r1);
     float* ring = (float*)sf_scratch(SF_SLOT_RING, (size_t)(R * row_len) * sizeof(float));
     int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_TAGS, (size_t)R * sizeof(int64_t));
     if (!ring || !tag) {

@@ -12,17 +12,14 @@ from torch import nn
 import segfast
 from segfast.backends.cpu import invres, native
 from segfast.backends.cpu.invres import NativeInvertedResidual, conv_spec, reference
+from segfast.testing import assert_nhwc_close
 
 lib = native.load()
 pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels: {native.status()[1]}")
 
 
 def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
-    assert y.shape == ref.shape
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    err = (y.double() - ref.double()).abs().max().item()
-    scale = ref.double().abs().max().item() + 1e-12
-    assert err <= 5e-6 * max(1.0, scale), (err, scale)
+    assert_nhwc_close(y, ref, 5e-6)
 
 
 def _block(c_in, c_exp, c_out, k=3, stride=1, pad=1, dil=1, acts=("relu6", "relu6", "none"),
