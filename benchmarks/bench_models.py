@@ -23,7 +23,7 @@ import torch
 import segfast
 from segfast import models
 from segfast.backends import available
-from segfast.bench.metrics import compare
+from segfast.metrics import compare
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

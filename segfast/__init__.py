@@ -14,8 +14,7 @@ every other name says why it is missing.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from segfast._version import __version__
 from segfast.errors import (
     BackendUnavailable,
     EngineFileError,
@@ -32,10 +31,9 @@ except ImportError as _exc:
 else:
     _TORCH_MISSING = None
     from segfast import models
+    from segfast.api import compile, load
     from segfast.check import CheckReport, check
-    from segfast.compiler.api import compile
     from segfast.runtime.engine import Engine
-    from segfast.runtime.engine_file import load
     from segfast.runtime.video import run_video, stream
     from segfast.weights import load_state_dict, load_weights, save_weights
 

@@ -16,14 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from segfast.bench.metrics import Accuracy, compare
-from segfast.compiler.postprocess import WithHead
 from segfast.errors import InputError
-
-FP32_MAX_REL = 1e-4
-LOWP_MAX_REL = 1e-2
-LOWP_FACTOR = 2.0
-MIN_MASK_AGREEMENT = 0.995
+from segfast.metrics import (
+    FP32_MAX_REL,
+    LOWP_FACTOR,
+    LOWP_MAX_REL,
+    MIN_MASK_AGREEMENT,
+    Accuracy,
+    compare,
+)
+from segfast.outputs import WithHead
 
 
 @dataclass

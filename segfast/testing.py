@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from segfast.bench.metrics import compare, mismatch_report
+from segfast.metrics import compare, mismatch_report
 
 # fp32 kernels are held to rel ≤ 1e-4 (per element: atol/rtol below);
 # fp16/bf16 are judged against PyTorch's own error in that dtype instead.

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from segfast.backends.base import Backend, BuildRequest, Runner
-from segfast.compiler.postprocess import WithHead
 from segfast.errors import BackendUnavailable, InputError
+from segfast.outputs import WithHead
 
 
 class OnnxRuntimeBackend(Backend):
@@ -180,7 +180,7 @@ def _domain_checker(
     axes: tuple[str, ...], ranges: dict[str, tuple[int, int]], guards: tuple[str, ...] | None
 ) -> Any:
     """A check that inputs lie where export proved the graph: its ranges and its guards."""
-    from segfast.export.guards import Guards, in_domain
+    from segfast.compiler.guards import Guards, in_domain
 
     compiled = Guards(guards) if guards else None
 

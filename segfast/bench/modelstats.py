@@ -126,12 +126,3 @@ def _meta_copy(model: nn.Module) -> nn.Module:
             else nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
         )
     return copy.deepcopy(model, memo)
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable bytes: 1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

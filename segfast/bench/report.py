@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from segfast._io import atomic_path
-from segfast.bench.modelstats import format_bytes
 from segfast.bench.runner import BenchResult, Row
+from segfast.stats import format_bytes
 
 SCHEMA = "segfast-bench/1"
 # Keys every row of the JSON carries (tests check the schema against this).

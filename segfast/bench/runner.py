@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 import segfast
-from segfast.bench.metrics import compare
-from segfast.bench.stats import summarize, throughput
-from segfast.bench.timing import measure, median
-from segfast.runtime.engine import DTYPES
+from segfast.metrics import compare
+from segfast.precision import DTYPES
+from segfast.stats import summarize, throughput
+from segfast.timing import measure, median
 
 # Backends segfast measures itself against; "ratio to the fastest peer" uses these.
 PEERS = ("eager", "eager_cl", "inductor", "onnxruntime", "tensorrt")
@@ -263,7 +263,7 @@ def run_benchmark(
     module docstring); ``pause_s`` is the CPU pause before each block.
     """
     from segfast.bench.modelstats import model_stats
-    from segfast.compiler.postprocess import WithHead
+    from segfast.outputs import WithHead
 
     dev = torch.device(device)
     model = model.eval().to(dev)
@@ -457,7 +457,7 @@ def _accuracy(
     precision: str,
 ) -> None:
     """Worst accuracy over the input sets, judged by segfast.check's contract."""
-    from segfast.check import FP32_MAX_REL, LOWP_FACTOR, LOWP_MAX_REL, MIN_MASK_AGREEMENT
+    from segfast.metrics import FP32_MAX_REL, LOWP_FACTOR, LOWP_MAX_REL, MIN_MASK_AGREEMENT
 
     accs = [compare(o, r) for o, r in zip(outs, refs, strict=True)]
     row.rel_l2 = max(a.rel_l2 for a in accs)

@@ -30,7 +30,7 @@ def _type_name(value: Any) -> str:
 
 
 def _size(n: int) -> str:
-    from segfast.bench.modelstats import format_bytes
+    from segfast.stats import format_bytes
 
     return format_bytes(n)
 

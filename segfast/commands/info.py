@@ -32,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"CPU kernels (torch backend on the CPU): {'loaded' if ok else 'not used'}: {why}")
         return 0
 
-    from segfast.bench.modelstats import format_bytes, model_stats
+    from segfast.bench.modelstats import model_stats
     from segfast.models import get_spec
+    from segfast.stats import format_bytes
 
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")

@@ -7,7 +7,7 @@ friends. The result is the unlifted ``GraphModule`` the passes rewrite.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
-from segfast.errors import UnsupportedModelError
+from segfast.errors import InputError, UnsupportedModelError
 
 aten = torch.ops.aten
 
@@ -63,6 +63,35 @@ def dynamic_axes(dynamic: bool | str | Iterable[str]) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"dynamic axes must be among {DYNAMIC_AXES}, got {bad}")
     return axes
+
+
+def example_tensors(
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...] | None:
+    """The example inputs to trace with, from whichever form was given (on ``device``);
+    None when neither was (the caller knows the model's default, if any)."""
+    if example_input is not None and input_shape is not None:
+        raise ValueError("give example_input or input_shape, not both")
+    if example_input is not None:
+        inputs = (
+            (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+        )
+        if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise InputError("example_input must be a tensor or a sequence of tensors")
+        return tuple(t.to(device) for t in inputs)
+    if input_shape is not None:
+        shapes = (
+            [tuple(input_shape)]
+            if all(isinstance(d, int) for d in input_shape)
+            else [tuple(s) for s in input_shape]  # type: ignore[union-attr]
+        )
+        for s in shapes:
+            if not s or any(not isinstance(d, int) or d < 1 for d in s):
+                raise InputError(f"input_shape must be positive integers, got {s}")
+        return tuple(torch.randn(s, device=device) for s in shapes)
+    return None
 
 
 def _dynamic_shapes(

@@ -1,5 +1,5 @@
 """ONNX → TensorRT plan, with an engine cache, a timing cache and a verified sidecar; and
-execution of a plan on torch CUDA tensors.
+loading a plan for execution on torch CUDA tensors.
 
     build_engine(model | model.onnx, "m.plan", precision="fp16", profiles=…)
         → m.plan + m.plan.json (segfast.edge.sidecar), cached under cache_dir by
@@ -7,6 +7,13 @@ execution of a plan on torch CUDA tensors.
     load_engine("m.plan")  → TensorRTRunner: sidecar checked before deserialising
     TensorRTRunner(*cuda_tensors) → outputs, enqueued with execute_async_v3 on
         torch.cuda.current_stream()
+
+This module builds (the ONNX source — exported here or an existing file —, the engine
+cache, the TensorRT build proper) and loads plans (the checks before deserialising, and
+the machine probes both use). The ONNX file's inputs and the optimisation profiles are
+:mod:`segfast.export.tensorrt_profiles`; running a loaded plan,
+:class:`~segfast.export.tensorrt_runner.TensorRTRunner`, is
+:mod:`segfast.export.tensorrt_runner`. Their public names are importable from here too.
 
 TensorRT 10 and 11. Networks are always created strongly typed
 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): TensorRT 11 builds nothing else, and on
@@ -47,6 +54,7 @@ import torch
 from torch import nn
 
 from segfast._io import atomic_path, sha256_file
+from segfast._version import __version__
 from segfast.edge.sidecar import (
     PRECISIONS,
     PlanMeta,
@@ -62,18 +70,17 @@ from segfast.edge.sidecar import (
 )
 from segfast.edge.trt import TrtSession, dtype_name, import_tensorrt, tensorrt_major
 from segfast.errors import BackendUnavailable, EngineFileError, InputError, UnsupportedModelError
+from segfast.export.tensorrt_profiles import (
+    OnnxInput,
+    _load_onnx,
+    check_precision,
+    onnx_inputs,
+    resolve_profiles,
+)
+from segfast.export.tensorrt_runner import TensorRTRunner
+from segfast.outputs import WithHead
 
 DEFAULT_WORKSPACE = 1 << 30  # bytes of scratch memory TensorRT's tactics may use
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,156 +122,6 @@ def _driver_version() -> int | None:
         return None
     v = ctypes.c_int(0)
     return int(v.value) if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 else None
-
-
-# ---------------------------------------------------------------------------------------
-# ONNX inputs and optimisation profiles
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OnnxInput:
-    """A graph input of an ONNX file: name, dims (None where dynamic/symbolic), dtype."""
-
-    name: str
-    dims: tuple[int | None, ...]
-    dtype: str
-
-
-def _load_onnx(path: str | os.PathLike[str]) -> Any:
-    """An ONNX file's graph and metadata, without its external weights."""
-    try:
-        import onnx
-    except ImportError:
-        raise BackendUnavailable(
-            "reading ONNX files needs the onnx package: pip install 'segfast[onnx]'"
-        ) from None
-    return onnx.load(str(path), load_external_data=False)
-
-
-def onnx_inputs(path: str | os.PathLike[str]) -> list[OnnxInput]:
-    """The real inputs (not initializers) of an ONNX file, with numpy dtype names."""
-    import onnx
-
-    model = _load_onnx(path)
-    init = {t.name for t in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        t = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-        out.append(OnnxInput(vi.name, dims, dtype))
-    return out
-
-
-def _as_profile(name: str, value: Profile | Sequence[Sequence[int]]) -> Profile:
-    if isinstance(value, Profile):
-        return value
-    try:
-        lo, opt, hi = value
-        return Profile(*(tuple(int(d) for d in s) for s in (lo, opt, hi)))
-    except (TypeError, ValueError) as exc:
-        raise InputError(
-            f"profile for input {name!r} must be a Profile or (min, opt, max) shapes: {exc}"
-        ) from None
-
-
-_AXES = {0: "batch", 2: "height", 3: "width"}  # dim → the exporter's axis name (4-D inputs)
-
-
-def _axis(rank: int, dim: int) -> str | None:
-    if dim == 0:
-        return "batch"
-    return _AXES.get(dim) if rank == 4 else None
-
-
-def resolve_profiles(
-    inputs: Sequence[OnnxInput],
-    opt_shapes: Mapping[str, Sequence[int]] | None = None,
-    profiles: Mapping[str, Profile | Sequence[Sequence[int]]] | None = None,
-    *,
-    min_size: Sequence[int] | None = None,
-    max_size: Sequence[int] | None = None,
-    max_batch: int | None = None,
-    ranges: Mapping[str, Sequence[int]] | None = None,
-) -> dict[str, Profile]:
-    """One :class:`Profile` per ONNX input.
-
-    Static dims are fixed. An input named in ``profiles`` takes that (min, opt, max),
-    which must keep the static dims. Otherwise a dynamic dim takes its opt from
-    ``opt_shapes`` (the example input) and its range from: batch (dim 0) → 1 …
-    ``max_batch`` (default: opt); height/width of a 4-D input (dims 2, 3) →
-    ``min_size`` … ``max_size`` (default: half … twice the opt size); any other dim →
-    fixed at opt. ``ranges`` ({"batch" / "height" / "width": (lo, hi)}, what the ONNX
-    exporter proved the graph supports) bound the defaults, and a range reaching outside
-    them is refused.
-    """
-    profiles = dict(profiles or {})
-    ranges = {k: (int(v[0]), int(v[1])) for k, v in (ranges or {}).items()}
-    unknown = set(profiles) - {i.name for i in inputs}
-    if unknown:
-        raise InputError(
-            f"profiles name unknown inputs {sorted(unknown)}; inputs: {[i.name for i in inputs]}"
-        )
-    out = {}
-    for inp in inputs:
-        shown = ["?" if d is None else d for d in inp.dims]
-        if inp.name in profiles:
-            prof = _as_profile(inp.name, profiles[inp.name])
-            if len(prof.min) != len(inp.dims) or any(
-                d is not None and not lo == d == hi
-                for d, lo, hi in zip(inp.dims, prof.min, prof.max, strict=True)
-            ):
-                raise InputError(
-                    f"profile {prof.as_dict()} for input {inp.name!r} does not fit its ONNX "
-                    f"shape {shown}"
-                )
-        elif all(d is not None for d in inp.dims):
-            prof = Profile.fixed(inp.dims)  # type: ignore[arg-type]
-        else:
-            if opt_shapes is None or inp.name not in opt_shapes:
-                raise InputError(
-                    f"input {inp.name!r} has dynamic dims {shown}: give an example input (its "
-                    "shape is the profile's opt) or a profile"
-                )
-            opt = tuple(int(d) for d in opt_shapes[inp.name])
-            if len(opt) != len(inp.dims) or any(
-                d is not None and d != o for d, o in zip(inp.dims, opt, strict=True)
-            ):
-                raise InputError(
-                    f"example shape {list(opt)} of input {inp.name!r} does not fit its ONNX "
-                    f"shape {shown}"
-                )
-            lo, hi = list(opt), list(opt)
-            for i, d in enumerate(inp.dims):
-                if d is not None:
-                    continue
-                axis = _axis(len(opt), i)
-                r_lo, r_hi = ranges.get(axis, (1, 2**31 - 1)) if axis else (opt[i], opt[i])
-                if axis == "batch":
-                    lo[i], hi[i] = max(1, r_lo), max(opt[i], max_batch or opt[i])
-                elif axis is not None:
-                    j = i - 2
-                    lo[i] = int(min_size[j]) if min_size is not None else max(r_lo, opt[i] // 2)
-                    hi[i] = int(max_size[j]) if max_size is not None else min(r_hi, 2 * opt[i])
-            try:
-                prof = Profile(tuple(lo), opt, tuple(hi))
-            except ValueError as exc:
-                raise InputError(f"input {inp.name!r}: {exc}") from None
-        for i, d in enumerate(inp.dims):
-            axis = _axis(len(inp.dims), i)
-            if d is None and axis in ranges:
-                r_lo, r_hi = ranges[axis]
-                if prof.min[i] < r_lo or prof.max[i] > r_hi:
-                    raise InputError(
-                        f"input {inp.name!r}: the profile's {axis} range {prof.min[i]}…"
-                        f"{prof.max[i]} reaches outside {r_lo}…{r_hi}, the range the ONNX "
-                        "export supports"
-                    )
-        out[inp.name] = prof
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,7 +399,7 @@ def build_engine(
         threshold=src.threshold,
         num_classes=src.num_classes,
         preprocess=pre,
-        segfast_version=_segfast_version(),
+        segfast_version=__version__,
         cuda={"runtime": torch.version.cuda, "driver": _driver_version()},
         builder={
             "workspace": int(workspace),
@@ -564,32 +421,12 @@ def build_engine(
     )
 
 
-def check_precision(inputs: Sequence[OnnxInput], precision: str, where: str) -> None:
-    """A strongly typed build runs in the graph's types: fp16 needs fp16 float inputs."""
-    want = "float16" if precision == "fp16" else "float32"
-    for i in inputs:
-        if i.dtype in ("float16", "float32", "bfloat16") and i.dtype != want:
-            raise InputError(
-                f"{where}: input {i.name!r} is {i.dtype}, but precision={precision!r} needs a "
-                f"{want} graph (TensorRT builds it strongly typed): export with "
-                f"precision={precision!r}"
-            )
-
-
 def _unwrap_head(model: nn.Module, output: str, threshold: float) -> tuple[nn.Module, str, float]:
     """A ``WithHead`` wrapper (what backends receive) → its model, output and threshold, so
     the exporter writes the head itself."""
-    from segfast.compiler.postprocess import WithHead
-
     if isinstance(model, WithHead):
         return model.model, model.output, model.threshold
     return model, output, threshold
-
-
-def _segfast_version() -> str:
-    import segfast
-
-    return str(segfast.__version__)
 
 
 def _preprocess_meta(preprocess: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -712,7 +549,7 @@ def _build_plan(
 
 
 # ---------------------------------------------------------------------------------------
-# Loading and running
+# Loading (running a loaded plan: segfast.export.tensorrt_runner)
 # ---------------------------------------------------------------------------------------
 
 
@@ -745,64 +582,3 @@ def load_engine(
         where=str(plan_path),
     )
     return TensorRTRunner(_deserialize(data, meta, dev), dev, reuse_outputs=reuse_outputs)
-
-
-class TensorRTRunner:
-    """Runs a deserialised plan on torch CUDA tensors, on the caller's current stream.
-
-    ``runner(*inputs)`` checks each input's dtype, device and shape (against the profile),
-    binds it, binds output buffers and enqueues ``execute_async_v3`` on
-    ``torch.cuda.current_stream()`` — asynchronous like any CUDA op. With
-    ``reuse_outputs`` (default) output buffers are kept per shape and returned again, so a
-    result is valid until the next call with the same shapes; otherwise every call
-    allocates fresh outputs (from PyTorch's caching allocator).
-    """
-
-    def __init__(
-        self, session: TrtSession, device: torch.device, *, reuse_outputs: bool = True
-    ) -> None:
-        self.session = session
-        self.device = device
-        self.meta = session.meta
-        self.reuse_outputs = reuse_outputs
-        self._outputs: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-
-    def _stream_handle(self) -> int:
-        """The raw handle of PyTorch's current stream on the engine's device."""
-        return int(torch.cuda.current_stream(self.device).cuda_stream)
-
-    @property
-    def input_dtypes(self) -> list[torch.dtype]:
-        return [_TORCH_DTYPES[t.dtype] for t in self.meta.inputs]
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        specs = self.meta.inputs
-        if len(inputs) != len(specs):
-            raise InputError(f"the engine takes {len(specs)} input(s), got {len(inputs)}")
-        keep = []
-        for spec, x in zip(specs, inputs, strict=True):
-            if not isinstance(x, torch.Tensor):
-                raise InputError(
-                    f"input {spec.name!r} must be a torch.Tensor, got {type(x).__name__}"
-                )
-            want = _TORCH_DTYPES[spec.dtype]
-            if x.dtype != want:
-                raise InputError(f"input {spec.name!r} must be {want}, got {x.dtype}")
-            if x.device != self.device:
-                raise InputError(f"input {spec.name!r} must be on {self.device}, got {x.device}")
-            x = x.contiguous()
-            keep.append(x)
-            self.session.set_input(spec.name, tuple(x.shape), x.data_ptr())
-        outs = []
-        for spec in self.meta.outputs:
-            shape = self.session.output_shape(spec.name)
-            buf = self._outputs.get((spec.name, shape)) if self.reuse_outputs else None
-            if buf is None:
-                buf = torch.empty(shape, dtype=_TORCH_DTYPES[spec.dtype], device=self.device)
-                if self.reuse_outputs:
-                    self._outputs[(spec.name, shape)] = buf
-            self.session.set_output(spec.name, buf.data_ptr())
-            outs.append(buf)
-        self.session.execute(self._stream_handle())
-        del keep  # freed after enqueueing: PyTorch's allocator is stream-ordered
-        return outs[0] if len(outs) == 1 else tuple(outs)

@@ -3,12 +3,19 @@
 An engine has one backend, one precision, one output kind ("logits", "probs"
 or "mask") and one device. Inputs are checked before they reach the backend:
 count, type, dtype, rank, channels, device, and the shape of a static engine.
+
+The runtime runs engines and builds none: an ``Engine`` is a backend's
+:class:`~segfast.backends.base.Runner` plus the :class:`EngineInfo` the builder
+(:func:`segfast.compile`) wrote down, and the :class:`EngineSource` that
+``save`` writes. Loading a file rebuilds the engine, which is a build: that is
+:func:`segfast.load`, beside ``compile``.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +23,9 @@ from typing import Any
 import torch
 
 from segfast.backends.base import Runner
-from segfast.errors import InputError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+from segfast.errors import EngineFileError, InputError
+from segfast.precision import DTYPES
+from segfast.stats import format_bytes
 
 
 @dataclass
@@ -46,6 +52,8 @@ class EngineInfo:
     build_seconds: float = 0.0
     passes: list[str] = field(default_factory=list)
     fusions: dict[str, int] = field(default_factory=dict)
+    # fusion name -> "pattern  →  what replaced it", from the compiler's pattern table
+    fusion_patterns: dict[str, str] = field(default_factory=dict)
     ops_before: int | None = None
     ops_after: int | None = None
     bytes_before: int | None = None
@@ -57,14 +65,32 @@ class EngineInfo:
         return asdict(self)
 
 
-class Engine:
-    """A compiled, checked model. Build with :func:`segfast.compile`."""
+@dataclass
+class EngineSource:
+    """What ``Engine.save`` writes besides the info, so that ``segfast.load`` can rebuild.
 
-    def __init__(self, runner: Runner, info: EngineInfo, source: Any = None) -> None:
+    ``program`` returns the ``torch.export`` program the engine was built from. The
+    builder hands it over: graph backends captured it already; for the others the
+    builder's own capture runs on the first save (and only then), so the runtime
+    writes a file without knowing how to build one.
+    """
+
+    program: Callable[[], torch.export.ExportedProgram]
+    dynamic: tuple[str, ...] = ()  # the dynamic axes compile was asked for
+    options: dict[str, Any] = field(default_factory=dict)  # the backend options
+    model_spec: dict[str, Any] | None = None  # a zoo model's ``segfast_spec`` (name, options)
+
+
+class Engine:
+    """A compiled, checked model. Build with :func:`segfast.compile`, load with
+    :func:`segfast.load`."""
+
+    def __init__(
+        self, runner: Runner, info: EngineInfo, source: EngineSource | None = None
+    ) -> None:
         self._runner = runner
         self.info = info
-        # What save() needs to rebuild the engine: the captured program, model spec, options.
-        self._source = source
+        self.source = source  # what save() writes; None: the engine cannot be saved
 
     # -- properties -----------------------------------------------------------------
     @property
@@ -153,9 +179,6 @@ class Engine:
 
     # -- reporting --------------------------------------------------------------------
     def summary(self) -> str:
-        from segfast.bench.modelstats import format_bytes
-        from segfast.compiler.patterns import FUSIONS
-
         i = self.info
         lines = [
             f"segfast engine: backend {i.backend}, precision {i.precision}, output {i.output}, "
@@ -175,8 +198,7 @@ class Engine:
         if i.fusions:
             lines.append("fusions fired:")
             for name, n in sorted(i.fusions.items()):
-                f = FUSIONS[name]
-                lines.append(f"  {name:20s} {n:4d}  {f.pattern}  →  {f.into}")
+                lines.append(f"  {name:20s} {n:4d}  {i.fusion_patterns.get(name, '')}".rstrip())
         elif i.passes:
             lines.append("fusions fired: none")
         if i.ops_before is not None:
@@ -199,24 +221,17 @@ class Engine:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Save to one safetensors file (weights + JSON header; no pickle), atomically.
 
-        See :mod:`segfast.runtime.engine_file` for the format and what loading checks.
+        See :mod:`segfast.runtime.engine_file` for the format; :func:`segfast.load`
+        reads it back and says what loading checks.
         """
         from segfast.runtime import engine_file
 
+        if self.source is None:
+            raise EngineFileError(
+                "this engine cannot be saved: it was not built by segfast.compile "
+                "(it has no captured program to write)"
+            )
         return engine_file.save(self, path)
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        device: str | torch.device | None = None,
-        input_shape: Any = None,
-    ) -> Engine:
-        """Load and rebuild an engine file (same as :func:`segfast.load`)."""
-        from segfast.runtime import engine_file
-
-        return engine_file.load(path, device=device, input_shape=input_shape)
 
     def fusion_counts(self) -> Counter[str]:
         return Counter(self.info.fusions)

@@ -12,12 +12,15 @@ Layout of ``engine.segfast``:
   and two sha256 digests — of the weights (names, dtypes, shapes, bytes) and of
   the program JSON.
 
-Loading checks, before building anything: the file parses (a truncated file
-does not), both digests match (a modified file does not), the versions and the
-device fit this machine, and — if the caller names one — the input shape fits.
-The engine is then rebuilt by compiling the stored program with the stored
-settings. The digests detect corruption and accidental edits; they are not a
-signature (anyone can recompute them), so load engine files you trust.
+This module writes files (``Engine.save``) and reads and verifies them
+(:func:`read`, :func:`check_compatible`); it builds nothing. Loading —
+:func:`segfast.load` in :mod:`segfast.api` — checks, before building anything:
+the file parses (a truncated file does not), both digests match (a modified
+file does not), the versions and the device fit this machine, and — if the
+caller names one — the input shape fits. The engine is then rebuilt by
+compiling the stored program with the stored settings. The digests detect
+corruption and accidental edits; they are not a signature (anyone can
+recompute them), so load engine files you trust.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from typing import Any
 
 import torch
 
-import segfast
 from segfast._io import atomic_path
+from segfast._version import __version__
 from segfast.errors import EngineFileError
 
 FORMAT = "segfast-engine"
@@ -75,22 +78,13 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _program_of(engine: Any) -> torch.export.ExportedProgram:
-    src = engine._source
-    captured = src.get("captured")
-    if captured is not None:
-        return captured.program
-    from segfast.compiler.capture import capture
-
-    return capture(src["model"], src["inputs"], dynamic=src["dynamic"]).program
-
-
 def save(engine: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``engine`` to ``path`` atomically (see the module docstring)."""
     from safetensors.torch import save_file
     from torch._export.serde.serialize import serialize
 
-    program = _program_of(engine)
+    src = engine.source
+    program = src.program()
     artifact = serialize(program)
     program_json = artifact.exported_program.decode("utf-8")
     tensors: dict[str, torch.Tensor] = {}
@@ -105,19 +99,18 @@ def save(engine: Any, path: str | os.PathLike[str]) -> Path:
                 f"({type(t).__name__})"
             )
     info = engine.info
-    src = engine._source
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "segfast_version": segfast.__version__,
+        "segfast_version": __version__,
         "torch_version": torch.__version__,
         "triton_version": _triton_version(),
         "backend": info.backend,
         "precision": info.precision,
         "output": info.output,
         "threshold": info.threshold,
-        "dynamic": list(src.get("dynamic", ())),
-        "options": src.get("options", {}),
+        "dynamic": list(src.dynamic),
+        "options": src.options,
         "device": _device_info(engine.device),
         "inputs": [
             {
@@ -129,7 +122,7 @@ def save(engine: Any, path: str | os.PathLike[str]) -> Path:
         ],
         "passes": info.passes,
         "fusions": info.fusions,
-        "model": getattr(src.get("model"), "segfast_spec", None),
+        "model": src.model_spec,
         "parameters": list(program.graph_signature.parameters),
         "program": program_json,
         "program_sha256": hashlib.sha256(program_json.encode()).hexdigest(),
@@ -183,10 +176,12 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
     return meta, tensors
 
 
-def _check_compatible(
+def check_compatible(
     meta: dict[str, Any], path: Path, device: torch.device, input_shape: Any
 ) -> None:
-    here = {"segfast": segfast.__version__, "torch": torch.__version__}
+    """Raise :class:`EngineFileError` unless the file at ``path`` (metadata ``meta``) was built
+    with this segfast and torch, for a device this machine has, and takes ``input_shape``."""
+    here = {"segfast": __version__, "torch": torch.__version__}
     for what, key in (("segfast", "segfast_version"), ("torch", "torch_version")):
         if _minor(str(meta[key])) != _minor(here[what]):
             raise EngineFileError(
@@ -218,58 +213,3 @@ def _check_compatible(
                 + (f" (dynamic {dyn})" if dyn else " (static)")
                 + f"; asked for {got}"
             )
-
-
-def load(
-    path: str | os.PathLike[str],
-    *,
-    device: str | torch.device | None = None,
-    input_shape: Any = None,
-) -> Any:
-    """Load an engine saved by ``Engine.save``; see the module docstring for the checks."""
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
-    from segfast.compiler.api import compile as sf_compile
-
-    p = Path(path)
-    meta, tensors = read(p)
-    dev = torch.device(device) if device is not None else torch.device(meta["device"]["type"])
-    _check_compatible(meta, p, dev, input_shape)
-    params = set(meta.get("parameters", ()))
-    state = {
-        k[2:]: torch.nn.Parameter(v, requires_grad=False) if k[2:] in params else v
-        for k, v in tensors.items()
-        if k.startswith("w.")
-    }
-    consts = {k[2:]: v for k, v in tensors.items() if k.startswith("c.")}
-    shapes = [tuple(s["shape"]) for s in meta["inputs"]]
-    dtypes = [getattr(torch, s["dtype"]) for s in meta["inputs"]]
-    examples = tuple(
-        torch.zeros(s, dtype=d) if not d.is_floating_point else torch.randn(s, dtype=d)
-        for s, d in zip(shapes, dtypes, strict=True)
-    )
-    try:
-        program = deserialize(
-            SerializedArtifact(meta["program"].encode(), state, consts, (examples, {}))
-        )
-    except Exception as exc:  # the serde raises many types on a malformed program
-        raise EngineFileError(f"{p}: the stored program cannot be deserialised: {exc}") from exc
-    if dev.type != "cpu":
-        # The weights were read onto the CPU; the program (its weights and any device
-        # its ops name) moves to the engine's device before it is compiled there.
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, dev)
-    engine = sf_compile(
-        program,
-        tuple(t.to(dev) for t in examples),
-        backend=meta["backend"],
-        precision=meta["precision"],
-        output=meta["output"],
-        dynamic=tuple(meta["dynamic"]),
-        device=dev,
-        threshold=meta["threshold"],
-        options=meta["options"],
-    )
-    engine.info.notes.append(f"loaded from {p}")
-    return engine

@@ -3,7 +3,7 @@
 An :class:`EngineIO` holds an engine's input geometry (channels, a static or
 dynamic height/width, its batch) and output kind, and converts what the engine
 returns into class probabilities or a class mask with the engine's own
-semantics (:mod:`segfast.compiler.postprocess`): softmax / argmax over the
+semantics (:mod:`segfast.outputs`): softmax / argmax over the
 class dimension, or, for one-class models, sigmoid / ``sigmoid > threshold``.
 
 Any object with the :class:`~segfast.runtime.engine.Engine` attributes used
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from segfast.compiler.postprocess import OUTPUTS
 from segfast.errors import InputError
+from segfast.outputs import OUTPUTS
 
 
 @dataclass(frozen=True)

@@ -40,19 +40,21 @@ Three worker threads joined by bounded queues (``queue_size`` items each)::
   postprocess, overlay, encode) and end-to-end latency (frame decoded → written), with
   p50/p90/p99 and frames per second (:class:`StreamStats`); live on a progress bar with
   ``progress=True``. On CUDA each stage is synchronised so its time is its own.
+
+The pieces: :mod:`segfast.runtime.sources` (decoding), :mod:`segfast.runtime.frames`
+(frame → engine input, mask → frame size, overlay), :mod:`segfast.runtime.channel` (the
+queues), :mod:`segfast.runtime.results` (:class:`FrameResult`, :class:`StreamStats`) and
+:mod:`segfast.runtime.writers` (encoding); this module runs them as threads.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -61,11 +63,20 @@ import torch
 
 from segfast.errors import InputError
 from segfast.runtime._progress import Progress
+from segfast.runtime.channel import END, Channel, PipelineItem, Stopped
 from segfast.runtime.engine_io import EngineIO
+from segfast.runtime.frames import (
+    MaskResizer,
+    Overlayer,
+    Preprocessor,
+    check_mask,
+    palette_array,
+    sync,
+)
+from segfast.runtime.results import FrameResult, StreamStats
 from segfast.runtime.sources import (
     DEFAULT_FPS,
     Audio,
-    Frame,
     Lost,
     SourceInfo,
     open_source,
@@ -91,300 +102,10 @@ __all__ = [
 
 OUTPUTS = ("overlay", "mask")
 CHANNEL_ORDERS = ("bgr", "rgb")
-STAGES = ("decode", "queue", "preprocess", "infer", "postprocess", "overlay", "encode")
 
 
 class SourceEndedWarning(UserWarning):
     """A source failed or disconnected before its end; the stream ended with what it had."""
-
-
-# -- results and statistics ---------------------------------------------------------------
-
-
-@dataclass
-class FrameResult:
-    """One processed frame."""
-
-    index: int  # position in the source, counting every frame it delivered or lost
-    pts: int | None  # presentation timestamp, in time_base units (the source's own)
-    time_base: Fraction | None
-    time: float | None  # pts · time_base, seconds
-    name: str | None  # file name, for image sources
-    image: np.ndarray  # the input frame, H×W×3 uint8, channel_order
-    mask: np.ndarray  # H×W class ids at the frame's size, uint8 (int32 above 256 classes)
-    overlay: np.ndarray | None  # H×W×3 uint8 frame with the mask blended in (output="overlay")
-    timings: dict[str, float] = field(default_factory=dict)  # stage → milliseconds
-
-
-@dataclass
-class StreamStats:
-    """Counters and latency samples of one stream (see the module docstring)."""
-
-    source: str = ""
-    frames_in: int = 0
-    frames_out: int = 0
-    dropped: int = 0
-    skipped: int = 0
-    unfinished: int = 0
-    wall_s: float = 0.0
-    stages: dict[str, list[float]] = field(default_factory=dict)  # stage → seconds per frame
-    latency: list[float] = field(default_factory=list)  # end to end, seconds per frame
-    end_reason: str | None = None  # why the source ended early, if it did
-    skip_reasons: list[str] = field(default_factory=list)  # the first few
-    notes: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **counts: int) -> None:
-        """Add to counters thread-safely: ``stats.add(dropped=1)``."""
-        with self._lock:
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
-
-    def sample(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.stages.setdefault(stage, []).append(seconds)
-
-    def skip(self, n: int, reason: str) -> None:
-        with self._lock:
-            self.skipped += n
-            if len(self.skip_reasons) < 10:
-                self.skip_reasons.append(reason)
-
-    @property
-    def fps(self) -> float:
-        """Frames out per second of wall time."""
-        return self.frames_out / self.wall_s if self.wall_s > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        """{stage: Summary} for every stage with samples, plus "end-to-end"."""
-        from segfast.bench.stats import summarize
-
-        out = {s: summarize(v) for s, v in self.stages.items() if v}
-        if self.latency:
-            out["end-to-end"] = summarize(self.latency)
-        return out
-
-    def as_dict(self) -> dict[str, Any]:
-        """Counters, notes, FPS and the latency summaries in ms (JSON-ready)."""
-        skip = ("stages", "latency", "_lock")
-        with self._lock:
-            d = {
-                f.name: copy.copy(getattr(self, f.name))
-                for f in dataclasses.fields(self)
-                if f.name not in skip
-            }
-        d["fps"] = self.fps
-        d["latency_ms"] = {k: s.as_dict() for k, s in self.summary().items()}
-        return d
-
-    def report(self) -> str:
-        """A plain-text table: counters, FPS, per-stage and end-to-end percentiles."""
-        lines = [f"source: {self.source}"] if self.source else []
-        lines.append(
-            f"frames: in {self.frames_in}, out {self.frames_out}, dropped {self.dropped}, "
-            f"skipped {self.skipped}"
-            + (f", unfinished {self.unfinished}" if self.unfinished else "")
-        )
-        lines.append(f"wall {self.wall_s:.2f} s, {self.fps:.1f} frames/s out")
-        summ = self.summary()
-        if summ:
-            lines.append(f"{'stage':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'n':>6s}")
-            for name in (*STAGES, "end-to-end"):
-                if name in summ:
-                    s = summ[name]
-                    lines.append(
-                        f"{name:12s} {s.p50_ms:8.2f} {s.p90_ms:8.2f} {s.p99_ms:8.2f} {s.n:6d}"
-                    )
-        for r in self.skip_reasons:
-            lines.append(f"skipped: {r}")
-        if self.end_reason:
-            lines.append(f"source ended early: {self.end_reason}")
-        lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-
-# -- the pipeline helpers ---------------------------------------------------------------
-
-
-def _palette_array(palette: Any, k: int, order: str) -> torch.Tensor:
-    from segfast.kernels.overlay import default_palette
-
-    if palette is None:
-        return default_palette(max(k, 2), order=order)
-    p = torch.as_tensor(np.asarray(palette, dtype=np.uint8))
-    if p.dim() != 2 or p.shape[1] != 3 or p.shape[0] < 1:
-        raise InputError(f"palette must be K×3 uint8 colours, got shape {tuple(p.shape)}")
-    return p
-
-
-# -- the pipeline -------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-    """A frame on its way through the pipeline."""
-
-    frame: Frame
-    arrival: float = 0.0  # perf_counter when it entered the pipeline
-    timings: dict[str, float] = field(default_factory=dict)  # stage → ms
-    mask: Any = None  # the engine-resolution mask (or foreground probability)
-    device_frame: Any = None  # the frame on the engine's device
-
-
-class _Stopped(Exception):
-    """A channel was aborted: the stream is shutting down."""
-
-
-_END = object()
-
-
-class _Channel:
-    """A bounded FIFO between two threads; ``put(drop_oldest=True)`` evicts instead of
-    waiting. ``close()`` ends it for the consumer once drained; ``abort()`` wakes
-    everyone with :class:`_Stopped` and returns what was left in it."""
-
-    def __init__(self, size: int) -> None:
-        self._items: deque[Any] = deque()
-        self._size = size
-        self._cond = threading.Condition()
-        self._closed = False
-        self._aborted = False
-
-    def put(self, item: Any, *, drop_oldest: bool = False) -> Any:
-        """Append ``item``; return the evicted oldest item (drop_oldest), else None."""
-        with self._cond:
-            while len(self._items) >= self._size and not self._aborted:
-                if drop_oldest:
-                    old = self._items.popleft()
-                    self._items.append(item)
-                    self._cond.notify_all()
-                    return old
-                self._cond.wait(0.1)
-            if self._aborted:
-                raise _Stopped
-            self._items.append(item)
-            self._cond.notify_all()
-            return None
-
-    def get(self) -> Any:
-        """The next item, or ``_END`` once closed and drained."""
-        with self._cond:
-            while not self._items and not self._closed and not self._aborted:
-                self._cond.wait(0.1)  # a timed wait keeps Ctrl-C responsive
-            if self._aborted:
-                raise _Stopped
-            if self._items:
-                item = self._items.popleft()
-                self._cond.notify_all()
-                return item
-            return _END
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def abort(self) -> list[Any]:
-        with self._cond:
-            self._aborted = True
-            left = list(self._items)
-            self._items.clear()
-            self._cond.notify_all()
-            return left
-
-
-def _luma(frames: torch.Tensor, order: str) -> torch.Tensor:
-    """uint8 [..., 3] → uint8 [...] ITU-R BT.601 luma, for one-channel engines."""
-    w = (0.299, 0.587, 0.114) if order == "rgb" else (0.114, 0.587, 0.299)
-    wt = torch.tensor(w, dtype=torch.float32, device=frames.device)
-    return (frames.float() @ wt).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _nearest_index(src: int, dst: int, device: torch.device) -> torch.Tensor:
-    """Source indices of nearest-neighbour resampling by pixel centres, src → dst."""
-    i = (torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst)
-    return i.floor().long().clamp_(max=src - 1).to(device)
-
-
-class _Preprocessor:
-    """uint8 H×W×3 frame → engine input [1, C, h, w], on the engine's device."""
-
-    def __init__(
-        self,
-        io: EngineIO,
-        size: tuple[int, int] | None,
-        mean: tuple[float, ...] | None,
-        std: tuple[float, ...] | None,
-        order: str,
-        custom: Callable[[torch.Tensor], torch.Tensor] | None,
-    ) -> None:
-        from segfast.kernels.preprocess import preprocess, preprocess_reference
-
-        if io.batch is not None and io.batch != 1:
-            raise InputError(
-                f"video runs one frame per call; this engine's batch is fixed at {io.batch} "
-                f"(compile with batch 1 or a dynamic batch)"
-            )
-        if custom is None and io.channels not in (1, 3):
-            raise InputError(
-                f"frames have 3 colour channels (or 1 as luma); this engine takes "
-                f"{io.channels}: pass preprocess= to build its input yourself"
-            )
-        if io.static_hw is not None and size is not None and tuple(size) != io.static_hw:
-            raise InputError(
-                f"size {size[0]}×{size[1]} differs from this static engine's input "
-                f"{io.static_hw[0]}×{io.static_hw[1]}"
-            )
-        self.io = io
-        self.size = io.static_hw or (tuple(size) if size is not None else None)
-        c = io.channels
-        self.mean = tuple(mean) if mean is not None else (0.0,) * c
-        self.std = tuple(std) if std is not None else (1.0,) * c
-        # One value for every channel, as --mean 0.5 says.
-        self.mean = self.mean * c if len(self.mean) == 1 else self.mean
-        self.std = self.std * c if len(self.std) == 1 else self.std
-        if custom is None and (len(self.mean) != c or len(self.std) != c):
-            raise InputError(
-                f"mean and std need {c} value(s) for this engine, got {self.mean}, {self.std}"
-            )
-        self.order = order
-        self.custom = custom
-        self.fn = preprocess if io.device.type == "cuda" else preprocess_reference
-        self.checked: tuple[int, int] | None = None
-
-    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
-        # frame: [H, W, 3] uint8 on the engine's device
-        h, w = int(frame.shape[0]), int(frame.shape[1])
-        target = self.size or (h, w)
-        if self.custom is None and self.checked != (h, w):
-            self.io.check_hw(target, "the inference size")
-            self.checked = (h, w)
-        if self.custom is not None:
-            x = self.custom(frame[None])
-            if (
-                not isinstance(x, torch.Tensor)
-                or x.dim() != 4
-                or tuple(x.shape[:2]) != (1, self.io.channels)
-            ):
-                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise InputError(
-                    f"preprocess returned {got}; the engine needs [1, {self.io.channels}, h, w]"
-                )
-            return x.to(self.io.input_dtype)
-        src = _luma(frame, self.order) if self.io.channels == 1 else frame
-        return self.fn(
-            src,
-            size=None if target == (h, w) else target,
-            mean=self.mean,
-            std=self.std,
-            input_order=self.order,
-            dtype=self.io.input_dtype,
-        )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Stream:
@@ -447,14 +168,15 @@ class Stream:
                     f"'logits'; this one has {self.io.num_classes} class(es), output "
                     f"{self.io.output!r}"
                 )
-        self.pre = _Preprocessor(self.io, size, mean, std, channel_order, preprocess)
+        self.pre = Preprocessor(self.io, size, mean, std, channel_order, preprocess)
         self.realtime = realtime
         self.output = output
         self.postprocess = postprocess
         self.alpha = alpha
         self.order = channel_order
-        self.palette = _palette_array(palette, self.io.num_classes or 2, channel_order)
-        self._palette_dev: torch.Tensor | None = None
+        self.palette = palette_array(palette, self.io.num_classes or 2, channel_order)
+        self._overlay = Overlayer(self.palette, alpha, self.io.device)
+        self._resize_mask = MaskResizer()
         if isinstance(writer, str | os.PathLike):
             writer = make_writer(writer, copy_audio=copy_audio)
         self.writer = writer
@@ -463,9 +185,9 @@ class Stream:
         self.stats.source = self.source.info.describe()
         self._progress_wanted = progress
         self._progress: Progress | None = None
-        self._q_in = _Channel(queue_size)
-        self._q_mid = _Channel(queue_size)
-        self._q_out = _Channel(queue_size)
+        self._q_in = Channel(queue_size)
+        self._q_mid = Channel(queue_size)
+        self._q_out = Channel(queue_size)
         self._audio: deque[Any] = deque()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -474,9 +196,6 @@ class Stream:
         self._started = False
         self._closed = False
         self._t0 = 0.0
-        self._index_of_nearest: dict[
-            tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]
-        ] = {}
         if self.writer is not None:
             try:
                 self.writer.begin(self.source.info, output, self.palette, channel_order)
@@ -510,12 +229,12 @@ class Stream:
         self._start()
         try:
             item = self._q_out.get()
-        except _Stopped:
-            item = _END
+        except Stopped:
+            item = END
         except BaseException:
             self.close()
             raise
-        if item is _END:
+        if item is END:
             self.close()  # re-raises a worker's exception
             raise StopIteration
         if self._progress is not None:
@@ -603,12 +322,12 @@ class Stream:
                     delay = start + (t - first_time) - time.perf_counter()
                     if delay > 0 and self._stop.wait(delay):
                         break
-                item = _Item(got, arrival=time.perf_counter())
+                item = PipelineItem(got, arrival=time.perf_counter())
                 self._timing(item, "decode", got.decode_s)
                 s.add(frames_in=1)
                 if self._q_in.put(item, drop_oldest=self.realtime) is not None:
                     s.add(dropped=1)
-        except _Stopped:
+        except Stopped:
             pass
         except BaseException as exc:
             self._fail(exc)
@@ -621,12 +340,12 @@ class Stream:
         dev = self.io.device
         try:
             with torch.inference_mode():
-                while (item := self._q_in.get()) is not _END:
+                while (item := self._q_in.get()) is not END:
                     t0 = time.perf_counter()
                     self._timing(item, "queue", t0 - item.arrival)
                     frame = torch.from_numpy(item.frame.image).to(dev)  # [H, W, 3] uint8
                     x = self.pre(frame)  # [1, C, h, w]
-                    _sync(dev)
+                    sync(dev)
                     t1 = time.perf_counter()
                     self._timing(item, "preprocess", t1 - t0)
                     y = self.engine(x)
@@ -634,11 +353,11 @@ class Stream:
                         item.mask = self.io.to_probs(y)[0, -1]
                     else:
                         item.mask = self.io.to_mask(y)[0]  # [h, w] on the device
-                    _sync(dev)
+                    sync(dev)
                     self._timing(item, "infer", time.perf_counter() - t1)
                     item.device_frame = frame
                     self._q_mid.put(item)
-        except _Stopped:
+        except Stopped:
             pass
         except BaseException as exc:
             self._fail(exc)
@@ -650,7 +369,7 @@ class Stream:
         w = self.writer
         try:
             with torch.inference_mode():
-                while (item := self._q_mid.get()) is not _END:
+                while (item := self._q_mid.get()) is not END:
                     result = self._finish(item)
                     if w is not None:
                         t0 = time.perf_counter()
@@ -664,7 +383,7 @@ class Stream:
                         self.stats.latency.append(latency)
                     self.stats.add(frames_out=1)
                     self._q_out.put(result)
-        except _Stopped:
+        except Stopped:
             pass
         except BaseException as exc:
             self._fail(exc)
@@ -678,44 +397,21 @@ class Stream:
                 self._fail(exc)
             self._q_out.close()
 
-    def _finish(self, item: _Item) -> FrameResult:
+    def _finish(self, item: PipelineItem) -> FrameResult:
         dev = self.io.device
         t0 = time.perf_counter()
         f = item.frame
         H, W = f.image.shape[:2]
-        m = item.mask  # [h, w]
-        h, w = int(m.shape[0]), int(m.shape[1])
-        if (h, w) != (H, W):
-            key = (h, w, H, W)
-            if key not in self._index_of_nearest:
-                self._index_of_nearest[key] = (
-                    _nearest_index(h, H, m.device),
-                    _nearest_index(w, W, m.device),
-                )
-            iy, ix = self._index_of_nearest[key]
-            m = m[iy][:, ix]  # [H, W]
+        m = self._resize_mask(item.mask, (H, W))  # [h, w] → [H, W]
         mask = m.cpu().numpy()  # the mask, or the foreground probability
         if self.postprocess is not None:
-            mask = _check_mask(self.postprocess(mask), (H, W))
+            mask = check_mask(self.postprocess(mask), (H, W))
             m = torch.from_numpy(mask).to(dev)
         self._timing(item, "postprocess", time.perf_counter() - t0)
         over = None
         if self.output == "overlay":
             t1 = time.perf_counter()
-            if dev.type == "cuda":
-                from segfast.kernels.overlay import overlay
-
-                if self._palette_dev is None:
-                    self._palette_dev = self.palette.to(dev)
-                ov = overlay(item.device_frame, m, self._palette_dev, alpha=self.alpha)
-            else:
-                from segfast.kernels.overlay import overlay_reference
-
-                ov = overlay_reference(
-                    torch.from_numpy(f.image), torch.from_numpy(mask), self.palette,
-                    alpha=self.alpha,
-                )  # fmt: skip
-            over = ov.cpu().numpy()
+            over = self._overlay(f.image, mask, item.device_frame, m)
             self._timing(item, "overlay", time.perf_counter() - t1)
         return FrameResult(
             index=f.index,
@@ -729,22 +425,9 @@ class Stream:
             timings=item.timings,
         )
 
-    def _timing(self, item: _Item, stage: str, seconds: float) -> None:
+    def _timing(self, item: PipelineItem, stage: str, seconds: float) -> None:
         item.timings[stage] = 1e3 * seconds
         self.stats.sample(stage, seconds)
-
-
-def _check_mask(mask: Any, hw: tuple[int, int]) -> np.ndarray:
-    if not isinstance(mask, np.ndarray) or tuple(mask.shape) != hw:
-        got = tuple(mask.shape) if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise InputError(f"postprocess must return an H×W {hw} numpy mask, got {got}")
-    if mask.dtype == np.bool_:
-        return mask.astype(np.uint8)
-    if mask.dtype in (np.uint8, np.int32, np.int64):
-        return np.ascontiguousarray(mask)
-    if np.issubdtype(mask.dtype, np.integer):
-        return mask.astype(np.int64)
-    raise InputError(f"postprocess must return an integer or bool mask, got {mask.dtype}")
 
 
 def stream(

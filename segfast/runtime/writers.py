@@ -22,7 +22,7 @@ from segfast.errors import InputError
 from segfast.runtime.sources import DEFAULT_FPS, SourceInfo, require_av
 
 if TYPE_CHECKING:
-    from segfast.runtime.video import FrameResult
+    from segfast.runtime.results import FrameResult
 
 # Video containers segfast writes, with the video codec it uses for each (first found).
 VIDEO_CODECS: dict[str, tuple[str, ...]] = {

@@ -15,8 +15,8 @@ import segfast
 from segfast import models
 from segfast.bench import report
 from segfast.bench.runner import parse_backends, run_benchmark
-from segfast.bench.stats import percentile, percentiles, summarize, throughput
 from segfast.cli import main
+from segfast.stats import percentile, percentiles, summarize, throughput
 
 
 def test_percentiles_on_known_samples():

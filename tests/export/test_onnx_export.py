@@ -15,11 +15,11 @@ from torch import nn
 
 from segfast import models
 from segfast._io import sha256_file
-from segfast.bench.metrics import compare
-from segfast.compiler.postprocess import WithHead
 from segfast.errors import UnsupportedModelError
 from segfast.export import export_onnx, run_onnx
 from segfast.export import rewrites as rewrites_module
+from segfast.metrics import compare
+from segfast.outputs import WithHead
 from segfast.testing import assert_low_precision_close, assert_rel_l2
 
 
@@ -196,8 +196,19 @@ def test_bad_arguments_are_refused_before_exporting(unet, kwargs, error, match, 
 
 def test_mask_needs_image_logits(tmp_path):
     model = models.create("dcgan_discriminator", tiny=True)
+    x = models.get_spec("dcgan_discriminator").make_inputs(model)
     with pytest.raises(UnsupportedModelError, match=r"output='mask' needs N×K×H×W logits"):
-        export_onnx(model, tmp_path / "d.onnx", output="mask")
+        export_onnx(model, tmp_path / "d.onnx", example_input=x, output="mask")
+
+
+def test_export_needs_an_example_or_a_shape(tmp_path):
+    """The exporter takes a module and what to trace it with; a zoo model's standard
+    size is the api's and the CLI's convenience, not the export layer's."""
+    with pytest.raises(ValueError, match="needs example_input or input_shape"):
+        export_onnx(models.create("unet", tiny=True), tmp_path / "u.onnx")
+    with pytest.raises(TypeError, match=r"must be an nn\.Module, got str"):
+        export_onnx("unet", tmp_path / "u.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pinned_dynamic_axis_is_refused(tmp_path):
@@ -211,8 +222,8 @@ def test_pinned_dynamic_axis_is_refused(tmp_path):
 
 def test_dynamic_export_records_the_export_guards(tmp_path):
     """FCN-8s is traced assuming its 1/32 map is not 1×1: a guard the ranges do not show."""
+    from segfast.compiler.guards import Guards
     from segfast.export import in_domain
-    from segfast.export.guards import Guards
 
     model = models.create("fcn8s", tiny=True).eval()
     exp = export_onnx(model, tmp_path / "f.onnx", input_shape=(1, 3, 48, 64), dynamic=True)

@@ -223,7 +223,7 @@ def test_inexact_resizes_are_refused_with_the_reason(fn, dynamic, match, tmp_pat
 def test_align_corners_model_option_is_kept(tmp_path):
     """DeepLab v3+ with align_corners=True (smp's choice) exports with its semantics."""
     from segfast import models
-    from segfast.compiler.postprocess import WithHead
+    from segfast.outputs import WithHead
     from segfast.testing import assert_rel_l2
 
     model = models.create("deeplabv3plus_resnet50", tiny=True, align_corners=True).eval()

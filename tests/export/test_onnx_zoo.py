@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from segfast import models
-from segfast.bench.metrics import compare
-from segfast.compiler.postprocess import WithHead
 from segfast.export import export_onnx, run_onnx
+from segfast.metrics import compare
+from segfast.outputs import WithHead
 from segfast.testing import assert_rel_l2
 
 SEGMENTATION = models.names("segmentation")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,34 @@ def test_failed_save_leaves_nothing(engine, tmp_path, monkeypatch):
         engine.save(target)
     assert target.read_bytes() == b"previous content"
     assert [p.name for p in tmp_path.iterdir()] == ["e.segfast"]
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+V1_ENGINE = DATA / "engine_v1_torch_mask.segfast"
+WRITTEN_WITH_THIS_TORCH = torch.__version__.startswith("2.13.")
+
+
+@pytest.mark.skipif(not WRITTEN_WITH_THIS_TORCH, reason="the file was written with torch 2.13")
+def test_an_engine_file_written_by_an_earlier_segfast_loads():
+    """tests/data/engine_v1_torch_mask.segfast was written by segfast 0.1.0 before the
+    layering change (compile in compiler/api.py, load in runtime/engine_file.py) with
+    torch 2.13: a small conv/BN/pool/upsample/concat net, ``backend="torch"``,
+    ``output="mask"``, dynamic batch. It loads and gives the masks it gave then."""
+    from safetensors.torch import load_file
+
+    io = load_file(str(DATA / "engine_v1_io.safetensors"))
+    eng = segfast.load(V1_ENGINE)
+    assert (eng.backend, eng.output, eng.info.inputs[0].dynamic["batch"][0]) == ("torch", "mask", 1)
+    assert torch.equal(eng(io["x"]), io["mask"])
+    assert torch.equal(eng(io["x1"]), io["mask1"])
+    assert torch.equal(io["mask"], io["logits"].argmax(1).to(torch.uint8))
+    assert eng.info.fusions["skip_concat_resize"] == 1
+    assert "two-source prologue" in eng.summary()
+
+
+@pytest.mark.skipif(WRITTEN_WITH_THIS_TORCH, reason="the file loads under torch 2.13 (above)")
+def test_an_engine_file_from_another_torch_is_refused_by_version():
+    with pytest.raises(EngineFileError, match=r"built with torch 2\.13\.0.*Rebuild"):
+        segfast.load(V1_ENGINE)

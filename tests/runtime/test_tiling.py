@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import segfast
 from segfast import InputError, models
-from segfast.compiler.postprocess import reduce_reference
+from segfast.outputs import reduce_reference
 from segfast.runtime import tiling
 from segfast.runtime.engine_io import EngineIO
 from segfast.runtime.tiling import segment_large

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from segfast.export.guards import Guards, size_name
+from segfast.compiler.guards import Guards, size_name
 
 
 def test_names_and_python_semantics():

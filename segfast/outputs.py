@@ -1,5 +1,10 @@
 """What an engine returns: the model's primary output, then the head reduction.
 
+A leaf every layer shares: the compiler appends this reduction to the graph
+(``segfast.head``), the exporters write it into ONNX, the runtimes read an
+engine's output by it, and ``segfast.check`` judges engines against
+:class:`WithHead` — one meaning of ``output=`` everywhere.
+
 ``primary_output`` picks one tensor from whatever a model returns (a tensor; a
 dict — its ``"out"`` entry, as torchvision's segmentation models name it, else
 its first value; a tuple or list — its first element). ``head_mode`` maps the

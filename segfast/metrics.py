@@ -1,7 +1,7 @@
-"""Accuracy metrics: one output against its fp32 reference.
+"""Accuracy metrics: one output against its fp32 reference, and the contract's bounds.
 
-Used by ``segfast.check``, by ``segfast bench`` and by the test-suite, so every
-number in every report is computed the same way.
+Used by ``segfast.check``, the ONNX export's verification, ``segfast bench`` and
+the test-suite, so every number in every report is computed, and judged, the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +10,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+# The accuracy contract (DESIGN.md), against the fp32 eager model on the same inputs:
+FP32_MAX_REL = 1e-4  # fp32 engines: rel-L2 at most this
+LOWP_MAX_REL = 1e-2  # fp16/bf16 engines: rel-L2 at most this ...
+LOWP_FACTOR = 2.0  # ... and at most this × PyTorch's own error in that precision
+MIN_MASK_AGREEMENT = 0.995  # argmax masks agree on at least this fraction of pixels
 
 
 @dataclass(frozen=True)

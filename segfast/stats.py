@@ -1,4 +1,4 @@
-"""Statistics of latency samples: percentiles, summaries, throughput.
+"""Statistics of latency samples (percentiles, summaries, throughput) and byte counts for reports.
 
 Percentiles use linear interpolation between closest ranks (numpy's default,
 "type 7"): p50 of [1, 2, 3, 4] is 2.5, p90 of 1..10 is 9.1.
@@ -64,3 +64,12 @@ def throughput(batch: int, median_s: float) -> float:
     if median_s <= 0:
         raise ValueError(f"latency must be positive, got {median_s}")
     return batch / median_s
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable bytes: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

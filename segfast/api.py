@@ -1,0 +1,589 @@
+"""The orchestration users call: ``compile``, ``auto``, ``load`` (``check`` is beside it).
+
+``compile`` reads top to bottom as the path data takes through segfast::
+
+    resolve  model / zoo name / ExportedProgram, inputs, device, precision  (this module)
+    capture  torch.export → ATen graph, primary output, head   (compiler/capture, heads)
+    passes   the fusion passes from one ordered list             (compiler/pipeline)
+    build    fused graph or model → Runner                      (backends/)
+    guard    inputs checked against what export proved           (compiler/guards)
+    engine   Runner + EngineInfo + EngineSource                  (runtime/engine)
+
+Each stage is one function below, called once, in that order. Everything a
+user names by convenience — a zoo model by name, a zoo model's standard input
+size, a minimum size — is resolved here, so the layers below take plain
+modules and tensors. ``load`` lives here too: reading an engine file is the
+runtime's (:mod:`segfast.runtime.engine_file`), but rebuilding the engine from
+it is a build.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from segfast.backends import available, get_backend
+from segfast.backends import names as backend_names
+from segfast.backends.base import Backend, BuildRequest, Runner
+from segfast.check import check
+from segfast.compiler.capture import Captured, capture, dynamic_axes, example_tensors
+from segfast.compiler.context import PassContext
+from segfast.compiler.graph import activation_bytes, call_nodes, val
+from segfast.compiler.guards import Guards, in_domain, program_guards, refuse_pinned
+from segfast.compiler.heads import append_head, require_logits, select_primary_output
+from segfast.compiler.patterns import FUSIONS
+from segfast.compiler.pipeline import run_passes
+from segfast.errors import BackendUnavailable, EngineFileError, InputError, UnsupportedModelError
+from segfast.outputs import OUTPUTS, WithHead
+from segfast.precision import DTYPE_NAMES, resolve_precision
+from segfast.runtime import engine_file
+from segfast.runtime.engine import Engine, EngineInfo, EngineSource, InputSpec
+from segfast.timing import measure, median
+
+_UNBOUNDED = 2**31 - 1
+
+
+# -- resolve ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    """What ``compile`` was asked for, resolved: the model on its device, in eval mode,
+    and the inputs to trace with. Every later stage reads from here."""
+
+    model: nn.Module
+    program: torch.export.ExportedProgram | None  # when compile was given one
+    inputs: tuple[torch.Tensor, ...]  # example inputs, on ``device``
+    device: torch.device
+    dtype: torch.dtype
+    output: str
+    axes: tuple[str, ...]  # dynamic axes
+    threshold: float
+    options: dict[str, Any]
+    min_size: int  # the smallest H/W the model takes (zoo models know theirs), else 1
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
+
+
+def _zoo_spec(model: nn.Module) -> Any:
+    """The zoo's ``ModelSpec`` of a model built by ``segfast.models.create``, else None."""
+    spec_info = getattr(model, "segfast_spec", None)
+    if spec_info and "name" in spec_info:
+        from segfast.models import get_spec
+
+        return get_spec(spec_info["name"])
+    return None
+
+
+def example_inputs(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """The example inputs to trace with: as given, or a zoo model's standard input."""
+    inputs = example_tensors(example_input, input_shape, device)
+    if inputs is not None:
+        return inputs
+    spec = _zoo_spec(model)
+    if spec is not None:
+        return tuple(t.to(device) for t in spec.make_inputs(model, spec.standard_batch))
+    raise ValueError("compile needs example_input or input_shape for this model")
+
+
+def _resolve(
+    model: nn.Module | str | torch.export.ExportedProgram,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None,
+    *,
+    precision: str | torch.dtype,
+    output: str,
+    dynamic: bool | str | Sequence[str],
+    device: str | torch.device | None,
+    threshold: float,
+    options: dict[str, Any] | None,
+) -> _Request:
+    if isinstance(model, str):
+        from segfast.models import build_from_reference
+
+        model = build_from_reference(model)
+    program = None
+    if isinstance(model, torch.export.ExportedProgram):
+        program, model = model, model.module()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be an nn.Module, an ExportedProgram or a zoo name, "
+            f"got {type(model).__name__}"
+        )
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    dtype = resolve_precision(precision)
+    axes = dynamic_axes(dynamic)
+    model_dev = _model_device(model)
+    dev = torch.device(device) if device is not None else model_dev or torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {dev} was asked for, but no CUDA GPU is available here")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if model_dev is not None and model_dev != dev:
+        if program is not None:
+            raise ValueError(
+                f"an exported program on {model_dev} cannot be compiled for {dev}; "
+                "export the model on the target device"
+            )
+        model = copy.deepcopy(model).to(dev)
+    if program is None:
+        model.eval()
+    inputs = example_inputs(model, example_input, input_shape, dev)
+    spec = _zoo_spec(model)
+    return _Request(
+        model=model,
+        program=program,
+        inputs=inputs,
+        device=dev,
+        dtype=dtype,
+        output=output,
+        axes=axes,
+        threshold=float(threshold),
+        options=dict(options or {}),
+        min_size=spec.min_size if spec is not None else 1,
+    )
+
+
+def _input_specs(req: _Request, ranges: dict[str, tuple[int, int]]) -> list[InputSpec]:
+    """Input specs; dynamic ranges from export where it proved them, else the model's minimum."""
+    specs = []
+    for i, t in enumerate(req.inputs):
+        dyn: dict[str, tuple[int, int]] = {}
+        if "batch" in req.axes and t.dim() >= 1:
+            dyn["batch"] = ranges.get("batch", (1, _UNBOUNDED))
+        if i == 0 and t.dim() == 4:
+            for a in ("height", "width"):
+                if a in req.axes:
+                    dyn[a] = ranges.get(a, (req.min_size, _UNBOUNDED))
+        specs.append(InputSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), dyn))
+    return specs
+
+
+def _num_classes(model: nn.Module, out: torch.Tensor | None) -> int | None:
+    if out is not None and out.dim() == 4:
+        return int(out.shape[1])
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _backend(name: str, device: torch.device) -> Backend:
+    be = get_backend(name)
+    ok, why = be.availability(device)
+    if not ok:
+        raise BackendUnavailable(f"backend {be.name!r} cannot run here: {why}")
+    return be
+
+
+@dataclass
+class _Domain:
+    """Where a dynamic graph engine is proven: export's ranges and guards. ``ranges`` is
+    read per call (batch 1 may be admitted after the build, see :func:`_admit_batch_one`)."""
+
+    axes: tuple[str, ...]
+    ranges: dict[str, tuple[int, int]]
+    guards: Guards | None
+
+
+# -- capture ------------------------------------------------------------------------------
+
+
+def _capture(req: _Request, info: EngineInfo) -> tuple[Captured, _Domain | None]:
+    """``torch.export`` the model, keep its primary output, append the ``output=`` head.
+
+    Returns the capture and, for dynamic shapes, the domain export proved it for
+    (refusing an axis the model pins, before anything is built)."""
+    captured = capture(req.model, req.inputs, dynamic=req.axes, program=req.program)
+    info.inputs = _input_specs(req, captured.ranges)
+    domain = None
+    if req.axes:
+        domain = _Domain(req.axes, dict(captured.ranges), _shape_guards(captured, req, info.notes))
+    primary = select_primary_output(captured.graph)
+    info.num_classes = _num_classes(req.model, val(primary))
+    append_head(captured.graph, req.output, req.threshold)
+    return captured, domain
+
+
+def _probe(req: _Request, info: EngineInfo) -> None:
+    """For backends that run the model itself: see once what it returns."""
+    with torch.no_grad():
+        logits = WithHead(req.model, "logits")(*req.inputs)
+    require_logits(logits, req.output)
+    info.num_classes = _num_classes(req.model, logits)
+
+
+# -- passes -------------------------------------------------------------------------------
+
+
+def _passes(gm: fx.GraphModule, req: _Request, be: Backend, info: EngineInfo) -> fx.GraphModule:
+    """The fusion passes, in place; what they did goes into ``info``."""
+    info.ops_before = len(call_nodes(gm))
+    info.bytes_before = activation_bytes(gm)
+    ctx = PassContext(gm, output=req.output, dtype=req.dtype, slice_outputs=be.slice_outputs)
+    run_passes(ctx)
+    info.passes = list(ctx.passes_run)
+    info.fusions = dict(ctx.fired)
+    info.fusion_patterns = {
+        name: f"{FUSIONS[name].pattern}  →  {FUSIONS[name].into}" for name in ctx.fired
+    }
+    info.ops_after = len(call_nodes(gm))
+    info.bytes_after = activation_bytes(gm)
+    info.notes += ctx.notes
+    return gm
+
+
+# -- build --------------------------------------------------------------------------------
+
+
+def _build(be: Backend, req: _Request, graph: fx.GraphModule | None, info: EngineInfo) -> Runner:
+    runner = be.build(
+        BuildRequest(
+            model=WithHead(req.model, req.output, req.threshold),
+            inputs=req.inputs,
+            device=req.device,
+            dtype=req.dtype,
+            output=req.output,
+            dynamic=req.axes,
+            graph=graph,
+            options=dict(req.options),
+        )
+    )
+    if runner.details.get("dynamic_ranges"):  # e.g. onnxruntime: what its export proved
+        info.inputs = _input_specs(req, runner.details["dynamic_ranges"])
+    if info.num_classes is None:
+        with torch.no_grad():
+            info.num_classes = _num_classes(req.model, WithHead(req.model, "logits")(*req.inputs))
+    info.notes += runner.notes
+    return runner
+
+
+# -- guard --------------------------------------------------------------------------------
+
+
+def _shape_guards(captured: Captured, req: _Request, notes: list[str]) -> Guards | None:
+    """The shape guards ``torch.export`` proved a dynamic graph under, or None.
+
+    Refuses a dynamic axis the guards pin to its example size (the graph would
+    claim a range it cannot run), as the ONNX export does. Guards segfast cannot
+    read are left to the graph, which asserts them itself.
+    """
+    text = program_guards(captured.program)
+    try:
+        guards = Guards(text) if text else None
+    except (ValueError, SyntaxError) as exc:
+        notes.append(f"shape guards not checked by segfast ({exc}): the graph asserts them")
+        return None
+    refuse_pinned(req.inputs, req.axes, captured.ranges, guards)
+    return guards
+
+
+def _guard(runner: Runner, domain: _Domain) -> Runner:
+    """``runner`` that first checks the inputs lie where export proved the graph.
+
+    The captured graph asserts its guards too, but as an ``AssertionError``
+    naming ``x.size()[3]``; this names the shapes and raises :class:`InputError`.
+    """
+    inner = runner.fn
+
+    def fn(*inputs: torch.Tensor) -> torch.Tensor:
+        why = in_domain([tuple(t.shape) for t in inputs], domain.axes, domain.ranges, domain.guards)
+        if why is not None:
+            shapes = ", ".join("×".join(str(d) for d in t.shape) for t in inputs)
+            raise InputError(
+                f"input {shapes} is outside the shapes this engine is proven for: {why}"
+            )
+        return inner(*inputs)
+
+    return dataclasses.replace(runner, fn=fn)
+
+
+# -- engine -------------------------------------------------------------------------------
+
+
+def _source(req: _Request, captured: Captured | None) -> EngineSource:
+    """What ``Engine.save`` writes: the captured program (captured on the first save
+    for backends that did not need one), the dynamic axes, options and zoo spec."""
+    known = captured.program if captured is not None else req.program
+    if known is not None:
+        program = known
+
+        def get_program() -> torch.export.ExportedProgram:
+            return program
+
+    else:
+        model, inputs, axes = req.model, req.inputs, req.axes
+
+        @functools.cache
+        def get_program() -> torch.export.ExportedProgram:
+            return capture(model, inputs, dynamic=axes).program
+
+    return EngineSource(
+        program=get_program,
+        dynamic=req.axes,
+        options=dict(req.options),
+        model_spec=getattr(req.model, "segfast_spec", None),
+    )
+
+
+def _admit_batch_one(engine: Engine, req: _Request, domain: _Domain) -> None:
+    """Extend a dynamic batch proven from 2 down to 1 when the engine is right there.
+
+    ``torch.export`` specialises size 1, so it proves a dynamic batch from 2; the
+    graph runs batch 1 all the same, unless the model branched on the batch size
+    while traced. Batch 1 is run and judged by :func:`segfast.check` (as the ONNX
+    export does): kept in the range when it passes, noted when it does not.
+    """
+    ranges = domain.ranges
+    lo, hi = ranges["batch"]
+    one = tuple(t[:1] if t.dim() >= 1 else t for t in req.inputs)
+    if lo != 2 or (
+        domain.guards is not None and domain.guards.first_violated([t.shape for t in one])
+    ):
+        return
+    specs = [s for s in engine.info.inputs if "batch" in s.dynamic]
+    ranges["batch"] = (1, hi)
+    for s in specs:
+        s.dynamic["batch"] = (1, hi)
+    report = check(engine, req.model, [one])
+    if not report.passed:
+        ranges["batch"] = (lo, hi)
+        for s in specs:
+            s.dynamic["batch"] = (lo, hi)
+        engine.info.notes.append(
+            f"batch 1 (below the proven minimum 2) does not match the model: {report.reason}; "
+            "the batch range stays from 2"
+        )
+
+
+# -- compile ------------------------------------------------------------------------------
+
+
+def _compile_one(req: _Request, backend: str, t0: float) -> Engine:
+    """resolve → capture → passes → build → guard → engine, for one named backend."""
+    be = _backend(backend, req.device)
+    info = EngineInfo(
+        backend=be.name,
+        precision=DTYPE_NAMES[req.dtype],
+        output=req.output,
+        device=str(req.device),
+        inputs=_input_specs(req, {}),
+        threshold=req.threshold,
+    )
+    captured, domain, graph = None, None, None
+    if be.uses_graph:
+        captured, domain = _capture(req, info)
+        graph = _passes(captured.graph, req, be, info)
+    else:
+        _probe(req, info)
+    runner = _build(be, req, graph, info)
+    if domain is not None:
+        runner = _guard(runner, domain)
+    engine = Engine(runner, info, _source(req, captured))
+    if domain is not None and "batch" in domain.ranges:
+        _admit_batch_one(engine, req, domain)
+    info.build_seconds = time.perf_counter() - t0
+    return engine
+
+
+def compile(
+    model: nn.Module | str | torch.export.ExportedProgram,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    backend: str = "auto",
+    precision: str | torch.dtype = "fp32",
+    output: str = "logits",
+    dynamic: bool | str | Sequence[str] = False,
+    device: str | torch.device | None = None,
+    threshold: float = 0.5,
+    options: dict[str, Any] | None = None,
+) -> Engine:
+    """Compile ``model`` into an :class:`~segfast.runtime.engine.Engine`.
+
+    Args:
+        model: an ``nn.Module`` (any: zoo, torchvision, smp, your own), a zoo name,
+            or an ``ExportedProgram`` (exported in eval mode).
+        example_input / input_shape: what to trace with (one of them; zoo models
+            default to their standard size).
+        backend: "auto" (fastest correct here, measured), "eager", "torch",
+            "triton", "inductor", "onnxruntime", "tensorrt".
+        precision: "fp32", "fp16" or "bf16".
+        output: "logits", "probs" (softmax; sigmoid for one class) or "mask"
+            (argmax as uint8; a 0.5 sigmoid threshold for one class).
+        dynamic: False (static shapes), True (height and width), or axis names
+            among "batch", "height", "width".
+        device: where the engine runs (default: the model's device). The model is
+            copied, not moved, when it lives elsewhere.
+        options: backend-specific options (e.g. ``{"candidates": [...]}`` for auto).
+
+    The model is put in eval mode. The engine returns the model's primary
+    output (a dict's ``"out"``, a tuple's first item), reduced per ``output``.
+    """
+    t0 = time.perf_counter()
+    req = _resolve(
+        model,
+        example_input,
+        input_shape,
+        precision=precision,
+        output=output,
+        dynamic=dynamic,
+        device=device,
+        threshold=threshold,
+        options=options,
+    )
+    if backend == "auto":
+        return _auto(req, t0)
+    return _compile_one(req, backend, t0)
+
+
+# -- auto ---------------------------------------------------------------------------------
+
+
+def auto_candidates(device: torch.device) -> list[str]:
+    """Backends ``auto`` measures, fastest-first guesses first."""
+    if device.type == "cuda":
+        return ["triton", "tensorrt", "torch", "onnxruntime"]
+    return ["torch", "onnxruntime"]
+
+
+def _auto(req: _Request, t0: float) -> Engine:
+    """Build every available candidate, time it briefly, keep the fastest correct one.
+
+    Correct means within the accuracy contract against the fp32 eager model on
+    the example input (see :func:`segfast.check`). ``options["candidates"]``
+    overrides the list; ``options["iters"]`` the timed runs per candidate (5).
+    """
+    opts = dict(req.options)
+    if "candidates" in opts:
+        names = list(opts.pop("candidates"))
+        unknown = [n for n in names if n not in backend_names()]
+        if unknown:
+            raise ValueError(f"unknown auto candidate(s) {unknown}; backends: {backend_names()}")
+    else:
+        names = [n for n in auto_candidates(req.device) if n in backend_names()]
+    iters = int(opts.pop("iters", 5))
+    each = dataclasses.replace(req, options=opts)
+    choice: list[dict[str, Any]] = []
+    best: tuple[float, Engine] | None = None
+    for name in names:
+        ok, why = available(name, req.device)
+        if not ok:
+            choice.append({"backend": name, "ms": None, "reason": why})
+            continue
+        try:
+            eng = _compile_one(each, name, time.perf_counter())
+        except (BackendUnavailable, UnsupportedModelError) as exc:
+            choice.append({"backend": name, "ms": None, "reason": str(exc).splitlines()[0]})
+            continue
+        report = check(eng, req.model, [req.inputs])
+        if not report.passed:
+            choice.append(
+                {
+                    "backend": name,
+                    "ms": None,
+                    "reason": f"failed the accuracy check: {report.reason}",
+                }
+            )
+            continue
+        ms = 1e3 * median(
+            measure(
+                eng.run_unchecked, [req.inputs], warmup=2, iters=iters, device=req.device
+            ).host_s
+        )
+        choice.append({"backend": name, "ms": ms})
+        if best is None or ms < best[0]:
+            best = (ms, eng)
+    if best is None:
+        reasons = "; ".join(f"{c['backend']}: {c.get('reason')}" for c in choice)
+        raise BackendUnavailable(f"auto found no backend that runs correctly here ({reasons})")
+    engine = best[1]
+    for c in choice:
+        c["chosen"] = c["backend"] == engine.backend
+    engine.info.choice = choice
+    engine.info.notes.append(
+        f"auto chose {engine.backend} ({best[0]:.2f} ms) among {', '.join(names)}"
+    )
+    engine.info.build_seconds = time.perf_counter() - t0
+    return engine
+
+
+# -- load ---------------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    input_shape: Any = None,
+) -> Engine:
+    """Load an engine saved by ``Engine.save`` and rebuild it here.
+
+    Before anything is built, the file is read and verified
+    (:func:`segfast.runtime.engine_file.read`: it parses, its digests match) and
+    checked against this machine (:func:`~segfast.runtime.engine_file.check_compatible`:
+    segfast and torch versions, device, and ``input_shape`` when given). Then the
+    stored program is compiled with the stored settings.
+    """
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    p = Path(path)
+    meta, tensors = engine_file.read(p)
+    dev = torch.device(device) if device is not None else torch.device(meta["device"]["type"])
+    engine_file.check_compatible(meta, p, dev, input_shape)
+    params = set(meta.get("parameters", ()))
+    state = {
+        k[2:]: torch.nn.Parameter(v, requires_grad=False) if k[2:] in params else v
+        for k, v in tensors.items()
+        if k.startswith("w.")
+    }
+    consts = {k[2:]: v for k, v in tensors.items() if k.startswith("c.")}
+    shapes = [tuple(s["shape"]) for s in meta["inputs"]]
+    dtypes = [getattr(torch, s["dtype"]) for s in meta["inputs"]]
+    examples = tuple(
+        torch.zeros(s, dtype=d) if not d.is_floating_point else torch.randn(s, dtype=d)
+        for s, d in zip(shapes, dtypes, strict=True)
+    )
+    try:
+        program = deserialize(
+            SerializedArtifact(meta["program"].encode(), state, consts, (examples, {}))
+        )
+    except Exception as exc:  # the serde raises many types on a malformed program
+        raise EngineFileError(f"{p}: the stored program cannot be deserialised: {exc}") from exc
+    if dev.type != "cpu":
+        # The weights were read onto the CPU; the program (its weights and any device
+        # its ops name) moves to the engine's device before it is compiled there.
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, dev)
+    engine = compile(
+        program,
+        tuple(t.to(dev) for t in examples),
+        backend=meta["backend"],
+        precision=meta["precision"],
+        output=meta["output"],
+        dynamic=tuple(meta["dynamic"]),
+        device=dev,
+        threshold=meta["threshold"],
+        options=meta["options"],
+    )
+    engine.info.notes.append(f"loaded from {p}")
+    return engine

@@ -1,0 +1,87 @@
+"""The bounded queue between the pipeline's worker threads: :class:`Channel`, the
+:data:`END` marker it returns once closed and drained, the :class:`Stopped` exception
+it raises once aborted, and :class:`PipelineItem`, the frame that travels through it."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from segfast.runtime.sources import Frame
+
+__all__ = ["END", "Channel", "PipelineItem", "Stopped"]
+
+
+@dataclass
+class PipelineItem:
+    """A frame on its way through the pipeline."""
+
+    frame: Frame
+    arrival: float = 0.0  # perf_counter when it entered the pipeline
+    timings: dict[str, float] = field(default_factory=dict)  # stage → ms
+    mask: Any = None  # the engine-resolution mask (or foreground probability)
+    device_frame: Any = None  # the frame on the engine's device
+
+
+class Stopped(Exception):
+    """A channel was aborted: the stream is shutting down."""
+
+
+END = object()  # what Channel.get returns once the channel is closed and drained
+
+
+class Channel:
+    """A bounded FIFO between two threads; ``put(drop_oldest=True)`` evicts instead of
+    waiting. ``close()`` ends it for the consumer once drained; ``abort()`` wakes
+    everyone with :class:`Stopped` and returns what was left in it."""
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[Any] = deque()
+        self._size = size
+        self._cond = threading.Condition()
+        self._closed = False
+        self._aborted = False
+
+    def put(self, item: Any, *, drop_oldest: bool = False) -> Any:
+        """Append ``item``; return the evicted oldest item (drop_oldest), else None."""
+        with self._cond:
+            while len(self._items) >= self._size and not self._aborted:
+                if drop_oldest:
+                    old = self._items.popleft()
+                    self._items.append(item)
+                    self._cond.notify_all()
+                    return old
+                self._cond.wait(0.1)
+            if self._aborted:
+                raise Stopped
+            self._items.append(item)
+            self._cond.notify_all()
+            return None
+
+    def get(self) -> Any:
+        """The next item, or ``END`` once closed and drained."""
+        with self._cond:
+            while not self._items and not self._closed and not self._aborted:
+                self._cond.wait(0.1)  # a timed wait keeps Ctrl-C responsive
+            if self._aborted:
+                raise Stopped
+            if self._items:
+                item = self._items.popleft()
+                self._cond.notify_all()
+                return item
+            return END
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abort(self) -> list[Any]:
+        with self._cond:
+            self._aborted = True
+            left = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return left
