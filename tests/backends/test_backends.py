@@ -45,6 +45,45 @@ def test_inductor_backend():
     assert report.passed, str(report)
 
 
+@pytest.mark.slow
+def test_every_inductor_engine_gets_a_compile_of_its_own():
+    """Dynamo keeps its graphs per code object, up to ``recompile_limit``: with every
+    engine wrapped in the same ``WithHead.forward``, the ninth model compiled in one
+    process ran eagerly (rel-L2 exactly 0.0) and was timed as inductor. The limit is
+    lowered to 1 here, so that the second model already showed it."""
+    import torch._dynamo.config
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(1, 3, 12, 12)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for width in (4, 5, 6):
+            model = nn.Sequential(
+                nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2, 1)
+            )
+            before = counters["stats"]["unique_graphs"]
+            eng = segfast.compile(model.eval(), x, backend="inductor")
+            assert counters["stats"]["unique_graphs"] > before, f"width {width}: nothing compiled"
+            assert segfast.check(eng, model, [x]).passed
+
+
+@pytest.mark.slow
+def test_inductor_refuses_to_pass_eager_off_as_compiled():
+    """A model TorchDynamo skips entirely compiles no graph: the build says so instead of
+    handing back an engine that is eager under the inductor name."""
+
+    class Skipped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        @torch._dynamo.disable
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    with pytest.raises(BackendUnavailable, match="compiled no graph"):
+        segfast.compile(Skipped().eval(), torch.randn(1, 3, 8, 8), backend="inductor")
+
+
 def test_auto_measures_and_reports_its_choice():
     model = models.create("unet", tiny=True).eval()
     x = torch.randn(1, 1, 32, 32)
