@@ -316,6 +316,38 @@ def _guard(runner: Runner, domain: _Domain) -> Runner:
     return dataclasses.replace(runner, fn=fn)
 
 
+def _finite_or_reference(runner: Runner, req: _Request) -> Runner:
+    """``runner`` for finite inputs; the eager model (fp32, with the head) for inputs
+    holding NaN or ±Inf, for backends whose kernels would turn them into numbers
+    (see :attr:`~segfast.backends.base.Backend.propagates_nonfinite`).
+
+    One reduction per floating-point input decides (its fp32 sum is non-finite when
+    any element is; a sum that overflows on huge finite values takes the reference
+    too, which is slower but still right). On CUDA reading that decision waits for
+    the input to be ready.
+    """
+    inner = runner.fn
+    reference = WithHead(req.model, req.output, req.threshold)
+    dtype = req.dtype
+
+    def fn(*inputs: torch.Tensor) -> torch.Tensor:
+        for t in inputs:
+            if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+                with torch.inference_mode():
+                    out = reference(*(x.float() if x.is_floating_point() else x for x in inputs))
+                return out.to(dtype) if out.is_floating_point() else out
+        return inner(*inputs)
+
+    return dataclasses.replace(
+        runner,
+        fn=fn,
+        notes=[
+            *runner.notes,
+            "inputs holding NaN/Inf run the eager model (kernels here would drop NaN)",
+        ],
+    )
+
+
 # -- engine -------------------------------------------------------------------------------
 
 
@@ -397,6 +429,9 @@ def _compile_one(req: _Request, backend: str, t0: float) -> Engine:
     runner = _build(be, req, graph, info)
     if domain is not None:
         runner = _guard(runner, domain)
+    if not be.propagates_nonfinite:
+        runner = _finite_or_reference(runner, req)
+        info.notes.append(runner.notes[-1])
     engine = Engine(runner, info, _source(req, captured))
     if domain is not None and "batch" in domain.ranges:
         _admit_batch_one(engine, req, domain)
@@ -453,6 +488,40 @@ def compile(
     if backend == "auto":
         return _auto(req, t0)
     return _compile_one(req, backend, t0)
+
+
+def plan(
+    model: nn.Module | str | torch.export.ExportedProgram,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    backend: str = "triton",
+    precision: str | torch.dtype = "fp32",
+    output: str = "logits",
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(the captured graph, the fused plan) ``compile`` would hand ``backend``, unbuilt.
+
+    resolve → capture → passes, static shapes, nothing built: the backend need not be
+    available here, only its pass settings are read (e.g. ``triton``'s channel-slice
+    outputs, on a machine without a GPU). The captured graph is a copy taken before
+    the passes (its head appended, sharing the weights); both carry fake values.
+    """
+    req = _resolve(
+        model, example_input, input_shape, precision=precision, output=output, dynamic=False,
+        device=None, threshold=0.5, options=None,
+    )  # fmt: skip
+    be = get_backend(backend)
+    if not be.uses_graph:
+        raise ValueError(f"backend {be.name!r} runs the model itself: it has no fused plan")
+    info = EngineInfo(
+        backend=be.name, precision=DTYPE_NAMES[req.dtype], output=req.output,
+        device=str(req.device), inputs=_input_specs(req, {}), threshold=req.threshold,
+    )  # fmt: skip
+    captured, _ = _capture(req, info)
+    gm = captured.graph
+    shared: dict[int, Any] = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    unfused = copy.deepcopy(gm, shared)
+    return unfused, _passes(gm, req, be, info)
 
 
 # -- auto ---------------------------------------------------------------------------------

@@ -44,6 +44,13 @@ class Backend(ABC):
     name: str = ""
     uses_graph: bool = False  # needs capture + fusion passes
     slice_outputs: bool = False  # kernels write through arbitrary output strides
+    # NaN and ±Inf in the inputs reach the output where the eager model puts them. False
+    # for backends whose kernels compute max/min/clip by instructions that turn NaN into
+    # a number (oneDNN's fused relu/clip post-ops, segfast's C kernels, ONNX Runtime's
+    # and TensorRT's pooling): their engines run non-finite inputs through the eager
+    # model instead (segfast.api's guard stage), so a corrupt frame never becomes a
+    # confident mask.
+    propagates_nonfinite: bool = False
     description: str = ""
 
     @abstractmethod

@@ -48,6 +48,7 @@ def _own_code(model: torch.nn.Module, tag: str) -> Callable[..., Any]:
 
 class InductorBackend(Backend):
     name = "inductor"
+    propagates_nonfinite = True  # see Backend
     description = "torch.compile of the model (the peer to beat)"
 
     def availability(self, device: torch.device | None = None) -> tuple[bool, str]:

@@ -299,6 +299,8 @@ def _lower_concats(gm: fx.GraphModule, lowered: Counter[str]) -> None:
 
 class TritonBackend(Backend):
     name = "triton"
+    # see Backend: the kernels use where(), not min/max, and NaN-aware argmax and max-pool
+    propagates_nonfinite = True
     uses_graph = True
     slice_outputs = True
     description = "fused graph on segfast's Triton kernels, CUDA-graph replay on GPU"
