@@ -17,11 +17,11 @@ ROW_KEYS = (
     "backend", "precision", "status", "reason", "build_s", "latency_ms", "device_ms", "fps",
     "gflops_per_s", "gbytes_per_s", "activation_bytes", "peak_memory_bytes", "rel_l2", "max_abs",
     "mask_agreement", "torch_lowp_rel_l2", "accuracy_ok", "accuracy_reason", "vs_eager",
-    "vs_best_peer", "cuda_graph", "samples_s", "device_samples_s", "notes",
+    "vs_best_peer", "floor_pct", "cuda_graph", "samples_s", "device_samples_s", "notes",
 )  # fmt: skip
 COLUMNS = (
     "backend", "prec", "build s", "p50 ms", "p90 ms", "p99 ms", "mean ms", "fps", "GFLOP/s",
-    "GB/s", "peak mem", "rel-L2", "max-abs", "mask %", "acc", "×eager", "×best peer",
+    "GB/s", "% of floor", "peak mem", "rel-L2", "max-abs", "mask %", "acc", "×eager", "×best peer",
 )  # fmt: skip
 
 
@@ -29,7 +29,8 @@ def _f(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def row_cells(r: Row) -> list[str]:
+def row_cells(r: Row, estimated: bool = False) -> list[str]:
+    """One row's cells; ``estimated`` marks the % of floor "~" (the CPU's estimated peaks)."""
     if r.status != "ok":
         return [r.backend, r.precision] + ["-"] * (len(COLUMNS) - 2)
     lat = r.device_ms or r.latency_ms
@@ -45,6 +46,7 @@ def row_cells(r: Row) -> list[str]:
         _f(r.fps, ".1f"),
         _f(r.gflops_per_s, ".1f"),
         _f(r.gbytes_per_s, ".2f"),
+        "-" if r.floor_pct is None else ("~" if estimated else "") + format(r.floor_pct, ".1f"),
         format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
         _f(r.rel_l2, ".1e"),
         _f(r.max_abs, ".1e"),
@@ -68,7 +70,7 @@ def header(res: BenchResult) -> str:
 
 def format_table(res: BenchResult) -> str:
     """A plain-text table (what `segfast bench` prints when rich is absent)."""
-    rows = [list(COLUMNS)] + [row_cells(r) for r in res.rows]
+    rows = [list(COLUMNS)] + [row_cells(r, res.floor_estimated) for r in res.rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = [header(res)]
     for k, r in enumerate(rows):
@@ -93,6 +95,13 @@ def footnotes(res: BenchResult) -> list[str]:
         "p50 ratios (>1 = faster); peers: eager, eager_cl (channels_last), inductor, onnxruntime, "
         "tensorrt; accuracy vs fp32 eager on the same inputs"
     )
+    if res.floor_ms is not None:
+        out.append(
+            f"% of floor: the fused plan's roofline floor, {res.floor_ms:.3f} ms on "
+            f"{res.floor_device} in {res.precision} (segfast.bench.roofline), over the p50"
+            + ("; ~: the CPU's peak is estimated (DRAM bandwidth unknown)"
+               if res.floor_estimated else "")
+        )  # fmt: skip
     return out
 
 
@@ -107,7 +116,7 @@ def print_table(res: BenchResult) -> None:
     for i, c in enumerate(COLUMNS):
         table.add_column(c, justify="left" if i < 2 else "right", no_wrap=True)
     for r in res.rows:
-        cells = row_cells(r)
+        cells = row_cells(r, res.floor_estimated)
         style = None if r.status == "ok" and r.accuracy_ok else "red" if r.status == "ok" else "dim"
         table.add_row(*cells, style=style)
     console = Console(width=max(160, Console().width))

@@ -76,6 +76,7 @@ class Row:
     accuracy_reason: str = ""
     vs_eager: float | None = None  # eager p50 / this p50 (higher is faster)
     vs_best_peer: float | None = None  # fastest peer's p50 / this p50
+    floor_pct: float | None = None  # the fused plan's roofline floor / this p50, × 100
     cuda_graph: bool = False
     samples_s: list[float] = field(default_factory=list)  # host latency, every timed call
     device_samples_s: list[float] = field(default_factory=list)
@@ -95,6 +96,11 @@ class BenchResult:
     flops: int
     environment: dict[str, Any]
     rows: list[Row]
+    # The fused plan's roofline floor on this device (segfast.bench.roofline), when the
+    # device is in its table; estimated for the CPU. None: unknown device, or no plan.
+    floor_ms: float | None = None
+    floor_device: str | None = None
+    floor_estimated: bool = False
 
     def row(self, backend: str) -> Row:
         return next(r for r in self.rows if r.backend == backend)
@@ -271,6 +277,7 @@ def run_benchmark(
     if not sets:
         raise ValueError("run_benchmark needs at least one input set")
     flops = model_stats(model, sets[0]).flops
+    floor = _floor(model, sets[0], precision=precision, output=output, device=dev)
     reference = WithHead(model, output)
     with torch.inference_mode():
         refs = [reference(*(t.float() if t.is_floating_point() else t for t in s)) for s in sets]
@@ -306,6 +313,8 @@ def run_benchmark(
             _finish(row, engine, flops=flops, batch=batch)
     del built
     _ratios(rows)
+    if floor is not None:
+        _floor_pct(rows, floor[0])
     return BenchResult(
         model=name,
         input_shape=tuple(sets[0][0].shape),
@@ -318,7 +327,36 @@ def run_benchmark(
         flops=flops,
         environment=environment(dev),
         rows=rows,
+        floor_ms=None if floor is None else 1e3 * floor[0],
+        floor_device=None if floor is None else floor[1].title,
+        floor_estimated=floor is not None and floor[1].estimated,
     )
+
+
+def _floor(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], *, precision: str, output: str,
+    device: torch.device,
+) -> tuple[float, Any] | None:  # fmt: skip
+    """(seconds, the table's device): the roofline floor of the model's fused plan here,
+    or None when the table does not know this device or the model has no plan."""
+    from segfast.bench import roofline
+
+    known = roofline.device_for(device)
+    if known is None:
+        return None
+    try:
+        roof = roofline.analyse(model, inputs, precision=precision, output=output,
+                                backend=roofline.plan_backend(known))  # fmt: skip
+    except Exception:  # a model export cannot capture still runs on the other backends
+        return None
+    return roof.floor_s(known), known
+
+
+def _floor_pct(rows: list[Row], floor_s: float) -> None:
+    for r in rows:
+        if r.status == "ok" and r.latency_ms:
+            p50 = r.device_ms.get("p50_ms") or r.latency_ms["p50_ms"]
+            r.floor_pct = 100 * 1e3 * floor_s / p50
 
 
 def _prepare(

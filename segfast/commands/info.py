@@ -1,5 +1,6 @@
 """``segfast info [MODEL]``: versions and backends; a model's parameters, GFLOPs
-and activation memory for one input size."""
+and activation memory for one input size; with ``--gpu NAME``, the roofline of its
+fused plan on that device (per op: FLOPs, DRAM bytes, time floor; fused vs unfused)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"CPU kernels (torch backend on the CPU): {'loaded' if ok else 'not used'}: {why}")
         return 0
 
+    from segfast.bench import roofline
     from segfast.bench.modelstats import model_stats
     from segfast.models import get_spec
     from segfast.stats import format_bytes
 
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    device = None
+    if args.gpu is not None:  # an unknown name fails before anything is built
+        device = roofline.get_device(args.gpu)
     model = build_model(args)
     try:
         spec = get_spec(args.model)
@@ -59,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
         f"activations: {format_bytes(st.activation_bytes_written)} written, "
         f"{format_bytes(st.activation_bytes_peak)} peak live (fp32, analysed on {st.device})"
     )
+    if device is not None:
+        roof = roofline.analyse(
+            model, inputs, precision=args.precision, output=args.output,
+            backend=roofline.plan_backend(device),
+        )  # fmt: skip
+        print()
+        print(roofline.format_table(roof, device))
     return 0
 
 
@@ -67,4 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p, optional=True)
     p.add_argument("--size", type=parse_size, default=None, help="input size HxW")
     p.add_argument("--batch", type=int, default=None, help="batch size")
+    p.add_argument(
+        "--gpu", default=None, metavar="NAME",
+        help="print the roofline of the fused plan on NAME: h100, h200, a100, l4, agx-orin, "
+        "orin-nano, orin-nano-super, or cpu (this machine, estimated)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=("fp32", "tf32", "fp16", "bf16", "int8"), default="fp16",
+        help="the roofline's precision (default fp16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", choices=("logits", "probs", "mask"), default="logits",
+        help="the engine output the fused plan ends in (default logits)",
+    )  # fmt: skip
     p.set_defaults(func=run)
