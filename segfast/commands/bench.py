@@ -27,13 +27,10 @@ def make_input_sets(
     model: nn.Module, ref: str, batch: int, size: tuple[int, int] | None, n: int, seed: int = 0
 ) -> list[tuple[torch.Tensor, ...]]:
     """``n`` different random input sets (rotated while timing)."""
-    from segfast.models import get_spec
+    from segfast.models import find_spec
 
     g = torch.manual_seed(seed)
-    try:
-        spec = get_spec(ref)
-    except KeyError:
-        spec = None
+    spec = find_spec(ref)
     sets = []
     for _ in range(n):
         if spec is not None:

@@ -43,17 +43,14 @@ def run(args: argparse.Namespace) -> int:
         raise BackendUnavailable(f"segfast build --backend tensorrt: {why}")
 
     from segfast.export.tensorrt import build_engine
-    from segfast.models import get_spec
+    from segfast.models import find_spec
 
     model = build_model(args)
     if args.weights:
         from segfast.weights import load_weights
 
         load_weights(model, args.weights)
-    try:
-        spec = get_spec(args.model)
-    except KeyError:
-        spec = None
+    spec = find_spec(args.model)
     size = args.size or (spec.standard_size if spec else (512, 512))
     batch = args.batch or 1
     if spec is not None:

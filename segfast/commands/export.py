@@ -40,17 +40,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from segfast.export import export_onnx
-    from segfast.models import get_spec
+    from segfast.models import find_spec
 
     if args.format not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {args.format!r}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     model = build_model(args)
-    try:
-        spec = get_spec(args.model)
-    except KeyError:
-        spec = None
+    spec = find_spec(args.model)
     size = args.size or (spec.standard_size if spec else (512, 512))
     if spec is not None:
         inputs = spec.make_inputs(model, args.batch, size)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from segfast.bench import roofline
     from segfast.bench.modelstats import model_stats
-    from segfast.models import get_spec
+    from segfast.models import find_spec
     from segfast.stats import format_bytes
 
     if args.batch is not None and args.batch < 1:
@@ -44,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu is not None:  # an unknown name fails before anything is built
         device = roofline.get_device(args.gpu)
     model = build_model(args)
-    try:
-        spec = get_spec(args.model)
-    except KeyError:
-        spec = None
+    spec = find_spec(args.model)
     size = args.size or (spec.standard_size if spec else (512, 512))
     batch = args.batch or (spec.standard_batch if spec else 1)
     if spec is not None:

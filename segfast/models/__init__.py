@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from . import cgan, dcgan, deeplabv3plus, fcn, pspnet, segnet, unet
 from ._build import build_from_reference
-from ._registry import ModelSpec, Reference, count_parameters, create, get_spec, names
+from ._registry import (
+    ModelSpec,
+    Reference,
+    count_parameters,
+    create,
+    find_spec,
+    get_spec,
+    names,
+)
 from .cgan import CGANGenerator
 from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .deeplabv3plus import DeepLabV3Plus
@@ -40,6 +48,7 @@ __all__ = [
     "dcgan",
     "deeplabv3plus",
     "fcn",
+    "find_spec",
     "get_spec",
     "names",
     "pspnet",

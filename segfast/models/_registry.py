@@ -8,6 +8,7 @@ is checked against.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from segfast.errors import InputError
 
 Task = Literal["segmentation", "generation", "discrimination"]
 
@@ -84,18 +87,34 @@ def register(spec: ModelSpec, aliases: tuple[str, ...] = ()) -> ModelSpec:
     return spec
 
 
-def canonical_name(name: str) -> str:
+def _key(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    return _ALIASES.get(key, key)
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of ``name`` (an alias or another spelling); :class:`InputError`
+    naming the close matches and the known models for anything else."""
+    if not isinstance(name, str):
+        raise InputError(f"a model name must be a string, got {type(name).__name__}")
+    key = _key(name)
     if key not in _REGISTRY:
+        near = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=5, cutoff=0.6)
+        close = list(dict.fromkeys(_ALIASES.get(c, c) for c in near))[:3]
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown model {name!r}; known models: {known}")
+        raise InputError(f"unknown model {name!r}; {hint}known models: {known}")
     return key
 
 
 def get_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` registered under ``name`` (aliases accepted)."""
     return _REGISTRY[canonical_name(name)]
+
+
+def find_spec(name: str) -> ModelSpec | None:
+    """The spec of a zoo name, None for anything else (e.g. a ``module:factory`` reference)."""
+    return _REGISTRY.get(_key(name)) if isinstance(name, str) else None
 
 
 def names(task: Task | None = None) -> list[str]:

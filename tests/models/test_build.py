@@ -44,5 +44,28 @@ def test_bad_references(reference, kwargs, message):
 
 
 def test_unknown_zoo_name():
-    with pytest.raises(KeyError, match="known models"):
+    with pytest.raises(InputError, match="known models"):
         build_from_reference("unet3d")
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("unett", "did you mean 'unet'"),
+        ("deeplabv3plus_mobilenet", "did you mean 'deeplabv3plus_mobilenetv2'"),
+        ("segent", "did you mean 'segnet'"),
+    ],
+)
+def test_a_misspelt_zoo_name_is_a_bad_argument_with_close_matches(name, hint):
+    """``create("unett")`` raised a bare KeyError; it is an InputError (a ValueError, like
+    every bad argument to segfast) naming what is close."""
+    from segfast import models
+
+    with pytest.raises(InputError, match=hint) as info:
+        models.create(name)
+    assert isinstance(info.value, ValueError)
+    assert "known models: " in str(info.value)
+    with pytest.raises(InputError, match="unknown model 'zzz'; known models"):
+        models.get_spec("zzz")
+    assert models.find_spec(name) is None
+    assert models.find_spec("UNet").name == "unet"
