@@ -198,6 +198,24 @@ def test_peak_memory_counts_what_the_backend_added():
     assert res.row("torch").peak_memory_bytes >= weight_bytes
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read on Linux")
+def test_peak_memory_does_not_depend_on_the_order_backends_run_in():
+    """An engine measured after another used to reuse the pages the first one freed:
+    eager showed 0.5 KiB after the torch engine (and ~12 MiB alone). Each backend's
+    peak now counts the pages it touches itself: eager's 48 MiB activation whichever
+    backend ran before it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 2, 1)).eval()
+    x = [(torch.randn(1, 3, 512, 512),)]
+    activation = 48 * 512 * 512 * 4  # one 48-channel fp32 map, 48 MiB
+    peaks = {}
+    for order in (["eager", "torch"], ["torch", "eager"]):
+        res = run_benchmark(model, x, name="m", backends=order, warmup=1, iters=1, rounds=1)
+        peaks[order[0]] = res.row("eager").peak_memory_bytes
+    assert min(peaks.values()) >= activation, peaks
+    assert max(peaks.values()) <= 2 * min(peaks.values()), peaks
+
+
 def test_rounds_interleave_backends(monkeypatch):
     """Timed blocks alternate between backends, the order rotating per round."""
     from segfast.bench import runner
