@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from segfast._warnings import quiet_torch_internals
 from segfast.backends import available, get_backend
 from segfast.backends import names as backend_names
 from segfast.backends.base import Backend, BuildRequest, Runner
@@ -520,7 +521,8 @@ def plan(
     captured, _ = _capture(req, info)
     gm = captured.graph
     shared: dict[int, Any] = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-    unfused = copy.deepcopy(gm, shared)
+    with quiet_torch_internals():
+        unfused = copy.deepcopy(gm, shared)
     return unfused, _passes(gm, req, be, info)
 
 
@@ -632,9 +634,10 @@ def load(
         for s, d in zip(shapes, dtypes, strict=True)
     )
     try:
-        program = deserialize(
-            SerializedArtifact(meta["program"].encode(), state, consts, (examples, {}))
-        )
+        with quiet_torch_internals():
+            program = deserialize(
+                SerializedArtifact(meta["program"].encode(), state, consts, (examples, {}))
+            )
     except Exception as exc:  # the serde raises many types on a malformed program
         raise EngineFileError(f"{p}: the stored program cannot be deserialised: {exc}") from exc
     if dev.type != "cpu":
@@ -642,7 +645,8 @@ def load(
         # its ops name) moves to the engine's device before it is compiled there.
         from torch.export.passes import move_to_device_pass
 
-        program = move_to_device_pass(program, dev)
+        with quiet_torch_internals():
+            program = move_to_device_pass(program, dev)
     engine = compile(
         program,
         tuple(t.to(dev) for t in examples),

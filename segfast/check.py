@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from segfast._warnings import quiet_torch_internals
 from segfast.errors import InputError
 from segfast.metrics import (
     FP32_MAX_REL,
@@ -107,7 +108,8 @@ def check(
     ref_model = WithHead(_eval_mode(reference_model), output, engine.info.threshold)
     lowp_model = None
     if precision != "fp32":
-        lowp_model = copy.deepcopy(ref_model).to(engine.dtype)
+        with quiet_torch_internals():
+            lowp_model = copy.deepcopy(ref_model).to(engine.dtype)
     report = CheckReport(precision, output)
     reasons: list[str] = []
     for s in sets:

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "segfast.errors",
             "segfast._io",
             "segfast._version",
+            "segfast._warnings",
             "segfast.stats",
             "segfast.metrics",
             "segfast.timing",

@@ -22,6 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from segfast._warnings import quiet_torch_internals
+
 
 @dataclass(frozen=True)
 class ModelStats:
@@ -125,4 +127,5 @@ def _meta_copy(model: nn.Module) -> nn.Module:
             if not isinstance(t, nn.Parameter)
             else nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
         )
-    return copy.deepcopy(model, memo)
+    with quiet_torch_internals():
+        return copy.deepcopy(model, memo)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import segfast
+from segfast._warnings import quiet_torch_internals
 from segfast.metrics import compare
 from segfast.precision import DTYPES
 from segfast.stats import summarize, throughput
@@ -311,7 +312,8 @@ def run_benchmark(
         import copy
 
         dtype = DTYPES[precision]
-        lowp_model = copy.deepcopy(reference).to(dtype)
+        with quiet_torch_internals():
+            lowp_model = copy.deepcopy(reference).to(dtype)
         with torch.inference_mode():
             lowp_ref = [
                 lowp_model(*(t.to(dtype) if t.is_floating_point() else t for t in s)) for s in sets

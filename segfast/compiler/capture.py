@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
+from segfast._warnings import quiet_torch_internals
 from segfast.errors import InputError, UnsupportedModelError
 
 aten = torch.ops.aten
@@ -188,11 +189,12 @@ def capture(
     axes = dynamic_axes(dynamic)
     if program is not None:
         ranges = dynamic_ranges(program, axes)
-        decomposed = program.run_decompositions(decomposition_table())
+        with quiet_torch_internals():
+            decomposed = program.run_decompositions(decomposition_table())
         return Captured(program, decomposed.module(), ranges)
     model = model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch_internals():
             traced = trace_inputs(inputs, axes)
             program = torch.export.export(
                 model,
@@ -207,5 +209,6 @@ def capture(
             f"{' with dynamic ' + ', '.join(axes) if axes else ''}: {first}"
         ) from exc
     ranges = dynamic_ranges(program, axes)
-    decomposed = program.run_decompositions(decomposition_table())
+    with quiet_torch_internals():
+        decomposed = program.run_decompositions(decomposition_table())
     return Captured(program, decomposed.module(), ranges)

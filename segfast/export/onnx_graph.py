@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 from torch.export import Dim
 
 from segfast._version import __version__
+from segfast._warnings import quiet_torch_internals
 from segfast.compiler.guards import AXIS_DIM
 from segfast.errors import UnsupportedModelError
 from segfast.export.rewrites import ExportRewrites
@@ -91,13 +91,7 @@ def _quiet_exporter() -> Iterator[None]:
     try:
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            # torch 2.13's own pytree use inside torch.export (nothing segfast can change).
-            warnings.filterwarnings(
-                "ignore",
-                message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                category=FutureWarning,
-            )
+        with quiet_torch_internals():
             yield
     finally:
         for name, level in saved.items():

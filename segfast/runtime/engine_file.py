@@ -35,6 +35,7 @@ import torch
 
 from segfast._io import atomic_path
 from segfast._version import __version__
+from segfast._warnings import quiet_torch_internals
 from segfast.errors import EngineFileError
 
 FORMAT = "segfast-engine"
@@ -85,7 +86,8 @@ def save(engine: Any, path: str | os.PathLike[str]) -> Path:
 
     src = engine.source
     program = src.program()
-    artifact = serialize(program)
+    with quiet_torch_internals():
+        artifact = serialize(program)
     program_json = artifact.exported_program.decode("utf-8")
     tensors: dict[str, torch.Tensor] = {}
     for name, t in program.state_dict.items():
