@@ -9,7 +9,11 @@
     guard    inputs checked against what export proved           (compiler/guards)
     engine   Runner + EngineInfo + EngineSource                  (runtime/engine)
 
-Each stage is one function below, called once, in that order. Everything a
+Each stage is a function below (``_resolve``, ``_capture`` — which also reads the
+shape guards the guard stage enforces —, ``_passes``, ``_build``, ``_guard`` and
+``_finite_or_reference``, ``_source``), called in that order by ``_compile_one``;
+backends that run the model themselves skip capture and passes (``_probe`` looks
+at the model's output instead). Everything a
 user names by convenience — a zoo model by name, a zoo model's standard input
 size, a minimum size — is resolved here, so the layers below take plain
 modules and tensors. ``load`` lives here too: reading an engine file is the
@@ -90,17 +94,17 @@ def _zoo_spec(model: nn.Module) -> Any:
     return None
 
 
-def example_inputs(
+def _example_inputs(
     model: nn.Module,
+    spec: Any,
     example_input: torch.Tensor | Sequence[torch.Tensor] | None,
     input_shape: Sequence[int] | Sequence[Sequence[int]] | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, ...]:
-    """The example inputs to trace with: as given, or a zoo model's standard input."""
+    """The example inputs to trace with: as given, or the zoo ``spec``'s standard input."""
     inputs = example_tensors(example_input, input_shape, device)
     if inputs is not None:
         return inputs
-    spec = _zoo_spec(model)
     if spec is not None:
         return tuple(t.to(device) for t in spec.make_inputs(model, spec.standard_batch))
     raise ValueError("compile needs example_input or input_shape for this model")
@@ -149,8 +153,8 @@ def _resolve(
         model = copy.deepcopy(model).to(dev)
     if program is None:
         model.eval()
-    inputs = example_inputs(model, example_input, input_shape, dev)
     spec = _zoo_spec(model)
+    inputs = _example_inputs(model, spec, example_input, input_shape, dev)
     return _Request(
         model=model,
         program=program,
@@ -333,7 +337,11 @@ def _finite_or_reference(runner: Runner, req: _Request) -> Runner:
 
     def fn(*inputs: torch.Tensor) -> torch.Tensor:
         for t in inputs:
-            if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+            if (
+                t.is_floating_point()
+                and not t.is_meta  # shapes only, no values
+                and not bool(torch.isfinite(t.sum(dtype=torch.float32)))
+            ):
                 with torch.inference_mode():
                     out = reference(*(x.float() if x.is_floating_point() else x for x in inputs))
                 return out.to(dtype) if out.is_floating_point() else out

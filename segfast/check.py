@@ -1,6 +1,6 @@
 """``segfast.check``: an engine against its fp32 eager reference, by the contract.
 
-The contract (DESIGN.md): fp32 engines rel-L2 ≤ 1e-4; fp16/bf16 rel-L2 ≤ 1e-2
+The contract (README, "Accuracy contract"): fp32 engines rel-L2 ≤ 1e-4; fp16/bf16 rel-L2 ≤ 1e-2
 and no worse than 2× PyTorch's own error in that precision; masks agree on
 ≥ 99.5 % of pixels; NaN/Inf never pass. Masks are compared by agreement,
 probabilities and logits by rel-L2 (and their argmax agreement is reported).

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-# The accuracy contract (DESIGN.md), against the fp32 eager model on the same inputs:
+# The accuracy contract (README, "Accuracy contract"), against the fp32 eager model on the same inputs:
 FP32_MAX_REL = 1e-4  # fp32 engines: rel-L2 at most this
 LOWP_MAX_REL = 1e-2  # fp16/bf16 engines: rel-L2 at most this ...
 LOWP_FACTOR = 2.0  # ... and at most this × PyTorch's own error in that precision

@@ -21,7 +21,8 @@ class Samples:
     device_s: list[float] = field(default_factory=list)  # CUDA event time, seconds (GPU only)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (no-op elsewhere), so a timed span is its own."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -41,7 +42,7 @@ def measure(
         raise ValueError("measure needs at least one input set")
     for i in range(warmup):
         fn(*input_sets[i % len(input_sets)])
-    _sync(device)
+    sync(device)
     samples = Samples()
     for i in range(iters):
         inputs = input_sets[i % len(input_sets)]

@@ -1,4 +1,4 @@
-"""segfast's imports run one way: down the layers of DESIGN.md / the README's layout.
+"""segfast's imports run one way: down the layers of the README's layout.
 
 Every ``import`` in ``segfast/`` and ``kernels/`` counts — at module level, inside a
 function, or under ``TYPE_CHECKING``: a lazy import is still an arrow, and a circle

@@ -95,7 +95,7 @@ def example_tensors(
     return None
 
 
-def _dynamic_shapes(
+def dynamic_shapes(
     inputs: tuple[torch.Tensor, ...], axes: tuple[str, ...]
 ) -> tuple[dict[int, Any] | None, ...] | None:
     """Dim.AUTO on the requested axes: export infers each range from the model's
@@ -199,7 +199,7 @@ def capture(
             program = torch.export.export(
                 model,
                 traced,
-                dynamic_shapes=_dynamic_shapes(traced, axes),
+                dynamic_shapes=dynamic_shapes(traced, axes),
                 strict=False,
             )
     except Exception as exc:  # export raises many types; name the stage and keep the cause

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.export import Dim
 
 from segfast._version import __version__
 from segfast._warnings import quiet_torch_internals
+from segfast.compiler.capture import dynamic_shapes, trace_inputs
 from segfast.compiler.guards import AXIS_DIM
 from segfast.errors import UnsupportedModelError
 from segfast.export.rewrites import ExportRewrites
@@ -41,44 +41,16 @@ _QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir._conve
 def _trace_inputs(
     inputs: tuple[torch.Tensor, ...], axes: tuple[str, ...], dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """The inputs to trace with: cast to ``dtype``; a dynamic axis of size 1 doubled to 2.
-
-    ``torch.export`` specialises dimensions of size 1 (they broadcast), so a
-    dynamic batch or side of 1 must be traced at 2 to stay symbolic. The tensors
-    are new objects (``detach()``): export marks the ones it traces as dynamic
-    and leaves the mark when it fails, which would make a later static export of
-    the caller's tensors symbolic.
-    """
-    out = []
-    for i, t in enumerate(inputs):
-        t = t.detach()
-        if t.is_floating_point():
-            t = t.to(dtype)
-        for axis in axes:
-            d = AXIS_DIM[axis]
-            applies = d == 0 or (i == 0 and t.dim() == 4)
-            if applies and d < t.dim() and t.shape[d] == 1:
-                t = torch.cat([t, t], dim=d)
-        out.append(t)
-    return tuple(out)
+    """The inputs to trace with (:func:`segfast.compiler.capture.trace_inputs`: new
+    tensor objects, a dynamic axis of size 1 doubled to 2), cast to ``dtype``."""
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in trace_inputs(inputs, axes))
 
 
 def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], axes: tuple[str, ...]) -> Any:
-    """``dynamic_shapes`` for ``WithHead.forward(*inputs)``: one entry, the varargs tuple.
-
-    ``Dim.AUTO`` lets export infer each range from the model's own guards.
-    """
-    if not axes:
-        return None
-    per_input = []
-    for i, t in enumerate(inputs):
-        dims: dict[int, Any] = {}
-        if "batch" in axes and t.dim() >= 1:
-            dims[0] = Dim.AUTO
-        if i == 0 and t.dim() == 4:
-            dims.update({AXIS_DIM[a]: Dim.AUTO for a in ("height", "width") if a in axes})
-        per_input.append(dims or None)
-    return (tuple(per_input),)
+    """``dynamic_shapes`` for ``WithHead.forward(*inputs)``: one entry, the varargs tuple
+    of :func:`segfast.compiler.capture.dynamic_shapes`."""
+    per_input = dynamic_shapes(inputs, axes)
+    return None if per_input is None else (per_input,)
 
 
 # -- torch.export, then torch.onnx ----------------------------------------------------

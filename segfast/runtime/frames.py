@@ -23,14 +23,7 @@ __all__ = [
     "luma",
     "nearest_index",
     "palette_array",
-    "sync",
 ]
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the work queued on a CUDA device, so that a stage's time is its own."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def luma(frames: torch.Tensor, order: str) -> torch.Tensor:

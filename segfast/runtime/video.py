@@ -71,7 +71,6 @@ from segfast.runtime.frames import (
     Preprocessor,
     check_mask,
     palette_array,
-    sync,
 )
 from segfast.runtime.results import FrameResult, StreamStats
 from segfast.runtime.sources import (
@@ -83,6 +82,7 @@ from segfast.runtime.sources import (
     probe_size,
 )
 from segfast.runtime.writers import ImageWriter, VideoWriter, encode_png, make_writer
+from segfast.timing import sync
 
 __all__ = [
     "FrameResult",

@@ -151,3 +151,18 @@ def test_info_lists_backends(capsys):
     out = capsys.readouterr().out
     assert "backends:" in out
     assert "torch" in out
+
+
+def test_an_exported_program_compiles_on_one_backend_and_on_auto():
+    """``compile`` takes an ``ExportedProgram``; ``auto`` builds its candidates from the
+    program itself (it used to call ``eval()`` on ``program.module()``, which refuses)."""
+    model = models.create("unet", tiny=True).eval()
+    x = torch.randn(1, 1, 32, 32)
+    program = torch.export.export(model, (x,))
+    eng = segfast.compile(program, x, backend="torch", output="mask")
+    assert segfast.check(eng, model, [x]).passed
+    auto = segfast.compile(
+        program, x, backend="auto", options={"candidates": ["eager", "torch"], "iters": 1}
+    )
+    assert auto.backend in ("eager", "torch")
+    assert segfast.check(auto, model, [x]).passed
