@@ -31,18 +31,21 @@ except ImportError as _exc:
 else:
     _TORCH_MISSING = None
     from segfast import models
-    from segfast.api import compile, load
+    from segfast.api import compile, load, quantize
     from segfast.check import CheckReport, check
+    from segfast.int8 import Calibration, QuantizedModel
     from segfast.runtime.engine import Engine
     from segfast.runtime.video import run_video, stream
     from segfast.weights import load_state_dict, load_weights, save_weights
 
 __all__ = [
     "BackendUnavailable",
+    "Calibration",
     "CheckReport",
     "Engine",
     "EngineFileError",
     "InputError",
+    "QuantizedModel",
     "SegfastError",
     "UnsupportedModelError",
     "WeightsError",
@@ -53,6 +56,7 @@ __all__ = [
     "load_state_dict",
     "load_weights",
     "models",
+    "quantize",
     "run_video",
     "save_weights",
     "stream",

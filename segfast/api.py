@@ -36,11 +36,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from segfast import int8
 from segfast._warnings import quiet_torch_internals
 from segfast.backends import available, get_backend
 from segfast.backends import names as backend_names
 from segfast.backends.base import Backend, BuildRequest, Runner
-from segfast.check import check
+from segfast.check import CheckReport, check
 from segfast.compiler.capture import Captured, capture, dynamic_axes, example_tensors
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import activation_bytes, call_nodes, val
@@ -48,6 +49,7 @@ from segfast.compiler.guards import Guards, in_domain, program_guards, refuse_pi
 from segfast.compiler.heads import append_head, require_logits, select_primary_output
 from segfast.compiler.patterns import FUSIONS
 from segfast.compiler.pipeline import run_passes
+from segfast.compiler.quant import QuantizedLayer, quantizable, quantize_graph
 from segfast.errors import BackendUnavailable, EngineFileError, InputError, UnsupportedModelError
 from segfast.outputs import OUTPUTS, WithHead
 from segfast.precision import DTYPE_NAMES, resolve_precision
@@ -76,6 +78,9 @@ class _Request:
     threshold: float
     options: dict[str, Any]
     min_size: int  # the smallest H/W the model takes (zoo models know theirs), else 1
+    int8: bool = False  # precision="int8": convs on int8, the rest in ``dtype`` (fp32)
+    calibration: Any = None  # what int8 calibrates on (see segfast.int8.Calibration)
+    int8_layers: dict[str, float | None] | None = None  # int8 for model backends (Q/DQ)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -121,6 +126,7 @@ def _resolve(
     device: str | torch.device | None,
     threshold: float,
     options: dict[str, Any] | None,
+    calibration: Any = None,
 ) -> _Request:
     if isinstance(model, str):
         from segfast.models import build_from_reference
@@ -136,7 +142,10 @@ def _resolve(
         )
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    dtype = resolve_precision(precision)
+    int8 = isinstance(precision, str) and precision.lower() == "int8"
+    dtype = torch.float32 if int8 else resolve_precision(precision)
+    if calibration is not None and not int8:
+        raise ValueError(f"calibration= is for precision='int8', not {precision!r}")
     axes = dynamic_axes(dynamic)
     model_dev = _model_device(model)
     dev = torch.device(device) if device is not None else model_dev or torch.device("cpu")
@@ -166,6 +175,8 @@ def _resolve(
         threshold=float(threshold),
         options=dict(options or {}),
         min_size=spec.min_size if spec is not None else 1,
+        int8=int8,
+        calibration=calibration,
     )
 
 
@@ -270,6 +281,7 @@ def _build(be: Backend, req: _Request, graph: fx.GraphModule | None, info: Engin
             dynamic=req.axes,
             graph=graph,
             options=dict(req.options),
+            int8_layers=req.int8_layers,
         )
     )
     if runner.details.get("dynamic_ranges"):  # e.g. onnxruntime: what its export proved
@@ -277,7 +289,23 @@ def _build(be: Backend, req: _Request, graph: fx.GraphModule | None, info: Engin
     if info.num_classes is None:
         with torch.no_grad():
             info.num_classes = _num_classes(req.model, WithHead(req.model, "logits")(*req.inputs))
-    info.notes += runner.notes
+    return runner
+
+
+def _runner(
+    be: Backend,
+    req: _Request,
+    graph: fx.GraphModule | None,
+    domain: _Domain | None,
+    info: EngineInfo,
+) -> Runner:
+    """build → guard: the backend's runner, checking shapes against what export proved
+    and running non-finite inputs through the model where the kernels would drop NaN."""
+    runner = _build(be, req, graph, info)
+    if domain is not None:
+        runner = _guard(runner, domain)
+    if not be.propagates_nonfinite:
+        runner = _finite_or_reference(runner, req)
     return runner
 
 
@@ -415,6 +443,96 @@ def _admit_batch_one(engine: Engine, req: _Request, domain: _Domain) -> None:
         )
 
 
+# -- int8 ---------------------------------------------------------------------------------
+
+
+def _int8(
+    be: Backend,
+    req: _Request,
+    graph: fx.GraphModule | None,
+    domain: _Domain | None,
+    info: EngineInfo,
+) -> Runner:
+    """The int8 stage (:mod:`segfast.int8`): calibrate the fused graph, quantize it, build,
+    judge on held-out inputs, fall back the most sensitive layers until the contract
+    holds. An engine file's stored ranges (``options["int8"]``) rebuild without
+    calibrating again."""
+    if graph is None and be.name not in INT8_EXPORT_BACKENDS:
+        raise UnsupportedModelError(
+            f"backend {be.name!r} has no int8 path: int8 engines run on torch (oneDNN's int8 "
+            f"convolutions on the CPU), triton, and {', '.join(INT8_EXPORT_BACKENDS)} (a Q/DQ "
+            "ONNX file)"
+        )
+    runs_graph = graph is not None
+    if graph is None:
+        graph = _fused_graph(req, get_backend("torch"))
+
+    def runner_for(g: fx.GraphModule, layers: list[QuantizedLayer]) -> Runner:
+        if runs_graph:
+            return _runner(be, req, g, domain, info)
+        model_req = dataclasses.replace(req, int8_layers=int8.module_ranges(layers, req.model))
+        return _runner(be, model_req, None, None, info)
+
+    names = [n.name for n in graph.graph.nodes if quantizable(n)]
+    stored = req.options.get("int8")
+    if stored is not None and req.calibration is None:
+        if len(stored["amax"]) != len(names):
+            raise EngineFileError(
+                f"the stored int8 ranges cover {len(stored['amax'])} layers; the rebuilt graph "
+                f"has {len(names)}: the file does not belong to this segfast"
+            )
+        keep = {names[int(i)]: why for i, why in stored.get("keep", {}).items()}
+        with quiet_torch_internals():
+            quantized = copy.deepcopy(graph)
+        layers = quantize_graph(quantized, dict(zip(names, stored["amax"], strict=True)), keep)
+        info.notes.append("int8: ranges and fallback read from the engine file")
+        _record_int8(info, layers)
+        return runner_for(quantized, layers)
+    cal = int8.as_calibration(req.calibration)
+    cal_sets, held, labels = int8.split_holdout(cal, req.inputs, req.axes, req.device)
+
+    def judge(g: fx.GraphModule, layers: list[QuantizedLayer]) -> tuple[CheckReport, Runner]:
+        runner = runner_for(g, layers)
+        trial = Engine(runner, dataclasses.replace(info, notes=[]))
+        report = check(
+            trial, req.model, held, labels=labels, min_agreement=cal.min_agreement,
+            max_metric_drop=cal.max_metric_drop,
+        )  # fmt: skip
+        return report, runner
+
+    built = int8.quantize_with_guard(graph, cal, cal_sets, held, judge, req.output, req.threshold)
+    info.notes += built.notes
+    info.notes.append(f"int8 contract on held-out inputs: {built.report}")
+    _record_int8(info, built.layers)
+    # stored by layer order (node names may differ when an engine file is rebuilt)
+    req.options["int8"] = {
+        "amax": [built.amax[n] for n in names],
+        "keep": {str(names.index(x.name)): x.reason for x in built.layers if not x.int8},
+    }
+    return built.artefact
+
+
+INT8_EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run the model's Q/DQ ONNX file
+
+
+def _fused_graph(req: _Request, settings: Backend) -> fx.GraphModule:
+    """The fused graph the passes make for ``settings``' kernels (for int8 decisions of
+    backends that run the model itself)."""
+    scratch = EngineInfo("", "", req.output, str(req.device), _input_specs(req, {}))
+    captured, _ = _capture(req, scratch)
+    return _passes(captured.graph, req, settings, scratch)
+
+
+def _record_int8(info: EngineInfo, layers: list[QuantizedLayer]) -> None:
+    info.int8_layers = [dataclasses.asdict(x) for x in layers]
+    n = sum(x.int8 for x in layers)
+    if n:
+        info.fusions["int8_conv"] = n
+        info.fusion_patterns["int8_conv"] = (
+            f"{FUSIONS['int8_conv'].pattern}  →  {FUSIONS['int8_conv'].into}"
+        )
+
+
 # -- compile ------------------------------------------------------------------------------
 
 
@@ -423,7 +541,7 @@ def _compile_one(req: _Request, backend: str, t0: float) -> Engine:
     be = _backend(backend, req.device)
     info = EngineInfo(
         backend=be.name,
-        precision=DTYPE_NAMES[req.dtype],
+        precision="int8" if req.int8 else DTYPE_NAMES[req.dtype],
         output=req.output,
         device=str(req.device),
         inputs=_input_specs(req, {}),
@@ -435,12 +553,11 @@ def _compile_one(req: _Request, backend: str, t0: float) -> Engine:
         graph = _passes(captured.graph, req, be, info)
     else:
         _probe(req, info)
-    runner = _build(be, req, graph, info)
-    if domain is not None:
-        runner = _guard(runner, domain)
-    if not be.propagates_nonfinite:
-        runner = _finite_or_reference(runner, req)
-        info.notes.append(runner.notes[-1])
+    if req.int8:
+        runner = _int8(be, req, graph, domain, info)
+    else:
+        runner = _runner(be, req, graph, domain, info)
+    info.notes += runner.notes
     engine = Engine(runner, info, _source(req, captured))
     if domain is not None and "batch" in domain.ranges:
         _admit_batch_one(engine, req, domain)
@@ -460,6 +577,7 @@ def compile(
     device: str | torch.device | None = None,
     threshold: float = 0.5,
     options: dict[str, Any] | None = None,
+    calibration: Any = None,
 ) -> Engine:
     """Compile ``model`` into an :class:`~segfast.runtime.engine.Engine`.
 
@@ -470,7 +588,8 @@ def compile(
             default to their standard size).
         backend: "auto" (fastest correct here, measured), "eager", "torch",
             "triton", "inductor", "onnxruntime", "tensorrt".
-        precision: "fp32", "fp16" or "bf16".
+        precision: "fp32", "fp16", "bf16" or "int8" (convolutions on int8; needs
+            ``calibration``).
         output: "logits", "probs" (softmax; sigmoid for one class) or "mask"
             (argmax as uint8; a 0.5 sigmoid threshold for one class).
         dynamic: False (static shapes), True (height and width), or axis names
@@ -478,6 +597,11 @@ def compile(
         device: where the engine runs (default: the model's device). The model is
             copied, not moved, when it lives elsewhere.
         options: backend-specific options (e.g. ``{"candidates": [...]}`` for auto).
+        calibration: int8 only: example inputs from the data the engine will see (a list
+            of tensors), or a :class:`segfast.Calibration` (method, held-out inputs,
+            labels, the contract's bounds). The engine is judged on held-out inputs
+            and its most sensitive layers kept in floating point until it meets the
+            int8 contract (see :mod:`segfast.int8`).
 
     The model is put in eval mode. The engine returns the model's primary
     output (a dict's ``"out"``, a tuple's first item), reduced per ``output``.
@@ -493,6 +617,7 @@ def compile(
         device=device,
         threshold=threshold,
         options=options,
+        calibration=calibration,
     )
     if backend == "auto":
         return _auto(req, t0)
@@ -532,6 +657,51 @@ def plan(
     with quiet_torch_internals():
         unfused = copy.deepcopy(gm, shared)
     return unfused, _passes(gm, req, be, info)
+
+
+def quantize(
+    model: nn.Module | str | torch.export.ExportedProgram,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    calibration: Any,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    output: str = "logits",
+    threshold: float = 0.5,
+    device: str | torch.device | None = None,
+) -> int8.QuantizedModel:
+    """Calibrate and quantize ``model`` to int8 on its own, without building an engine.
+
+    resolve → capture → passes → the int8 stage of :mod:`segfast.int8` (calibrate,
+    quantize, judge on held-out inputs, fall back the most sensitive layers), judged
+    on the quantized graph's composite implementation. Returns a
+    :class:`~segfast.int8.QuantizedModel` (call it, read its ``summary()``,
+    ``export_onnx()`` the Q/DQ file).
+    """
+    req = _resolve(
+        model, example_input, input_shape, precision="int8", output=output, dynamic=False,
+        device=device, threshold=threshold, options=None, calibration=calibration,
+    )  # fmt: skip
+    fp_graph = _fused_graph(req, get_backend("torch"))
+    cal = int8.as_calibration(req.calibration)
+    cal_sets, held, labels = int8.split_holdout(cal, req.inputs, req.axes, req.device)
+    with torch.no_grad():
+        num_classes = _num_classes(req.model, WithHead(req.model, "logits")(*req.inputs))
+
+    def judge(g: fx.GraphModule, layers: list[QuantizedLayer]) -> tuple[CheckReport, None]:
+        sim = int8.GraphEngine(g, req.output, req.threshold, num_classes)
+        report = check(
+            sim, req.model, held, labels=labels, min_agreement=cal.min_agreement,
+            max_metric_drop=cal.max_metric_drop,
+        )  # fmt: skip
+        return report, None
+
+    built = int8.quantize_with_guard(
+        fp_graph, cal, cal_sets, held, judge, req.output, req.threshold
+    )
+    return int8.QuantizedModel(
+        req.model, req.inputs, built.graph, built.layers, built.report, req.output,
+        req.threshold, built.notes,
+    )  # fmt: skip
 
 
 # -- auto ---------------------------------------------------------------------------------

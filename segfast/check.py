@@ -20,11 +20,16 @@ from segfast._warnings import quiet_torch_internals
 from segfast.errors import InputError
 from segfast.metrics import (
     FP32_MAX_REL,
+    INT8_MAX_METRIC_DROP,
+    INT8_MAX_REL,
+    INT8_MIN_AGREEMENT,
     LOWP_FACTOR,
     LOWP_MAX_REL,
     MIN_MASK_AGREEMENT,
     Accuracy,
+    class_masks,
     compare,
+    segmentation_score,
 )
 from segfast.outputs import WithHead
 
@@ -37,6 +42,9 @@ class CheckReport:
     torch_lowp: list[Accuracy] = field(default_factory=list)  # PyTorch's own fp16/bf16 error
     passed: bool = True
     reason: str = ""
+    # int8: class-mask agreement per input set, and with labels (model score, engine score)
+    agreement: list[float] = field(default_factory=list)
+    metric: tuple[float, float] | None = None
 
     @property
     def worst(self) -> Accuracy:
@@ -50,15 +58,20 @@ class CheckReport:
             "reason": self.reason,
             "accuracy": [a.as_dict() for a in self.accuracy],
             "torch_lowp": [a.as_dict() for a in self.torch_lowp],
+            "agreement": list(self.agreement),
+            "metric": list(self.metric) if self.metric is not None else None,
         }
 
     def __str__(self) -> str:
         w = self.worst
-        agree = (
-            f", mask agreement {100 * w.mask_agreement:.3f}%"
-            if w.mask_agreement is not None
-            else ""
-        )
+        if self.agreement:
+            agree = f", mask agreement {100 * min(self.agreement):.3f}%"
+        elif w.mask_agreement is not None:
+            agree = f", mask agreement {100 * w.mask_agreement:.3f}%"
+        else:
+            agree = ""
+        if self.metric is not None:
+            agree += f", task metric {self.metric[1]:.4f} (model {self.metric[0]:.4f})"
         return (
             f"{'PASS' if self.passed else 'FAIL'} ({self.precision}, {self.output}): "
             f"rel-L2 {w.rel_l2:.3g}, max-abs {w.max_abs:.3g}{agree}, non-finite {w.nonfinite}"
@@ -97,12 +110,23 @@ def check(
     engine: Any,
     reference_model: nn.Module,
     inputs: torch.Tensor | Iterable[torch.Tensor | Sequence[torch.Tensor]],
+    *,
+    labels: Iterable[torch.Tensor] | None = None,
+    min_agreement: float = INT8_MIN_AGREEMENT,
+    max_metric_drop: float = INT8_MAX_METRIC_DROP,
 ) -> CheckReport:
     """Run ``engine`` and the fp32 eager ``reference_model`` on ``inputs``; judge by the contract.
 
     ``inputs`` is one tensor, or an iterable of input sets (tensors or tuples).
+    int8 engines are judged by the int8 contract: class masks agree on at least
+    ``min_agreement`` of the pixels (outputs that are not class maps: rel-L2 at most
+    5 %), and with ``labels`` (one label mask per input set, N×H×W class ids) the
+    task metric — Dice for binary, mIoU otherwise — drops by at most ``max_metric_drop``.
+    Use inputs the engine was not calibrated on.
     """
     sets = _as_sets(inputs)
+    if engine.precision == "int8":
+        return _check_int8(engine, reference_model, sets, labels, min_agreement, max_metric_drop)
     output = engine.output
     precision = engine.precision
     ref_model = WithHead(_eval_mode(reference_model), output, engine.info.threshold)
@@ -158,6 +182,64 @@ def check(
             and acc.mask_agreement < MIN_MASK_AGREEMENT
         ):
             reasons.append(f"argmax agreement {100 * acc.mask_agreement:.3f}% too low")
+    report.passed = not reasons
+    report.reason = "; ".join(dict.fromkeys(reasons))
+    return report
+
+
+def _check_int8(
+    engine: Any,
+    reference_model: nn.Module,
+    sets: list[tuple[torch.Tensor, ...]],
+    labels: Iterable[torch.Tensor] | None,
+    min_agreement: float,
+    max_metric_drop: float,
+) -> CheckReport:
+    output, threshold = engine.output, engine.info.threshold
+    ref_model = WithHead(_eval_mode(reference_model), output, threshold)
+    label_list = list(labels) if labels is not None else None
+    if label_list is not None and len(label_list) != len(sets):
+        raise InputError(f"{len(label_list)} label masks for {len(sets)} input sets")
+    report = CheckReport("int8", output)
+    reasons: list[str] = []
+    ref_masks, out_masks = [], []
+    for s in sets:
+        with torch.inference_mode():
+            ref = ref_model(*(t.float() if t.is_floating_point() else t for t in s))
+            out = engine(*s)
+        acc = compare(out, ref)
+        report.accuracy.append(acc)
+        if not acc.finite:
+            reasons.append(f"{acc.nonfinite} non-finite values")
+            continue
+        mo, mr = class_masks(out, output, threshold), class_masks(ref, output, threshold)
+        if mo is None or mr is None:
+            if acc.rel_l2 > INT8_MAX_REL:
+                reasons.append(f"rel-L2 {acc.rel_l2:.3g} > {INT8_MAX_REL:g}")
+            continue
+        agree = float((mo == mr).double().mean()) if mo.numel() else 1.0
+        report.agreement.append(agree)
+        if agree < min_agreement:
+            reasons.append(f"mask agreement {100 * agree:.3f}% < {100 * min_agreement:g}%")
+        ref_masks.append(mr)
+        out_masks.append(mo)
+    if label_list is not None and ref_masks and len(ref_masks) == len(sets):
+        k = engine.info.num_classes or 2
+        y = torch.cat(
+            [
+                torch.as_tensor(t).reshape(m.shape)
+                for t, m in zip(label_list, ref_masks, strict=True)
+            ]
+        )
+        ref_score = segmentation_score(torch.cat(ref_masks), y, k)
+        out_score = segmentation_score(torch.cat(out_masks), y, k)
+        report.metric = (ref_score, out_score)
+        if ref_score - out_score > max_metric_drop:
+            name = "Dice" if k <= 2 else "mIoU"
+            reasons.append(
+                f"{name} {out_score:.4f} is {ref_score - out_score:.4f} below the model's "
+                f"{ref_score:.4f} (at most {max_metric_drop:g})"
+            )
     report.passed = not reasons
     report.reason = "; ".join(dict.fromkeys(reasons))
     return report

@@ -6,6 +6,7 @@ the test-suite, so every number in every report is computed, and judged, the sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +17,10 @@ FP32_MAX_REL = 1e-4  # fp32 engines: rel-L2 at most this
 LOWP_MAX_REL = 1e-2  # fp16/bf16 engines: rel-L2 at most this ...
 LOWP_FACTOR = 2.0  # ... and at most this × PyTorch's own error in that precision
 MIN_MASK_AGREEMENT = 0.995  # argmax masks agree on at least this fraction of pixels
+# int8 engines, on held-out inputs (not the calibration set):
+INT8_MIN_AGREEMENT = 0.99  # class masks (argmax / threshold) agree on this share of pixels
+INT8_MAX_REL = 0.05  # outputs that are not class maps (generators): rel-L2 at most this
+INT8_MAX_METRIC_DROP = 0.01  # with labels: Dice (binary) / mIoU drops by at most this
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,38 @@ def mismatch_report(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: flo
         acc = compare(out, ref, class_dim=None)
         lines.append(f"  rel-L2 {acc.rel_l2:.3g}, max-abs {acc.max_abs:.3g}")
     return "\n".join(lines)
+
+
+def class_masks(out: torch.Tensor, kind: str, threshold: float = 0.5) -> torch.Tensor | None:
+    """The class mask an output stands for: a mask itself; argmax over dim 1 of N×K×H×W
+    logits/probabilities (K ≥ 2); ``> threshold`` of one-class probabilities / ``> logit``
+    of one-class logits; None for outputs that are not class maps."""
+    if not out.is_floating_point():
+        return out.long()
+    if out.dim() != 4:
+        return None
+    if out.shape[1] >= 2:
+        return out.argmax(dim=1)
+    if kind == "probs":
+        return (out[:, 0] > threshold).long()
+    t = min(max(threshold, 1e-12), 1 - 1e-12)
+    return (out[:, 0] > math.log(t / (1 - t))).long()
+
+
+def segmentation_score(masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Dice of class 1 for binary problems (``num_classes`` ≤ 2), else mean IoU over the
+    classes present in the labels or the masks — the task metrics of the int8 contract."""
+    m, y = masks.long().reshape(-1).cpu(), labels.long().reshape(-1).cpu()
+    if m.shape != y.shape:
+        raise ValueError(f"masks {tuple(masks.shape)} and labels {tuple(labels.shape)} differ")
+    if num_classes <= 2:
+        a, b = m == 1, y == 1
+        denom = int(a.sum() + b.sum())
+        return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+    ious = []
+    for c in range(num_classes):
+        a, b = m == c, y == c
+        union = int((a | b).sum())
+        if union:
+            ious.append(int((a & b).sum()) / union)
+    return sum(ious) / len(ious) if ious else 1.0

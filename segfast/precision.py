@@ -6,6 +6,13 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# int8 engines: convolutions on int8, everything else (and fallback layers) in fp32
+PRECISIONS = (*DTYPES, "int8")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The floating-point dtype an engine of ``precision`` computes in (fp32 for int8)."""
+    return torch.float32 if precision == "int8" else DTYPES[precision]
 
 
 def resolve_precision(precision: str | torch.dtype) -> torch.dtype:

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("segfast.export",)),
     ("backends", ("segfast.backends",)),
     ("runtime", ("segfast.runtime",)),
-    ("api", ("segfast.api", "segfast.check")),
+    ("api", ("segfast.api", "segfast.check", "segfast.int8")),
     ("face", ("segfast.cli", "segfast.commands", "segfast.bench", "segfast.demo", "segfast")),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -26,6 +26,9 @@ class BuildRequest:
     output: str  # "logits" | "probs" | "mask"
     dynamic: tuple[str, ...]  # dynamic axes
     graph: fx.GraphModule | None = None  # the fused graph (graph backends only)
+    # int8 for backends that run the model (onnxruntime, tensorrt): conv module name →
+    # the amax its input is quantized at (None: kept in floating point)
+    int8_layers: dict[str, float | None] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific
 
 

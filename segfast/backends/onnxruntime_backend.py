@@ -91,6 +91,8 @@ class OnnxRuntimeBackend(Backend):
 
         ort = _ort.import_onnxruntime()
         precision = "fp16" if req.dtype == torch.float16 else "fp32"
+        if req.int8_layers is not None:
+            precision = "int8"  # an fp32 graph with Q/DQ pairs (QDQ format)
         opset = int(req.options.get("opset", 18))
         threads = int(req.options.get("intra_op_num_threads") or _ort.usable_cores())
         with tempfile.TemporaryDirectory(prefix="segfast-onnx-") as tmp:
@@ -104,6 +106,7 @@ class OnnxRuntimeBackend(Backend):
                 opset=opset,
                 threshold=req.model.threshold,
                 check=True,
+                int8_layers=req.int8_layers,
             )
             data = exp.path.read_bytes()
         so = _ort.session_options(threads)

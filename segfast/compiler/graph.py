@@ -59,20 +59,43 @@ def set_constant(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
         setattr(owner, leaf, tensor)
 
 
-def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx.Node) -> fx.Node:
-    """Register ``tensor`` as a buffer of ``gm`` and return a ``get_attr`` node for it."""
+def add_constant(
+    gm: fx.GraphModule,
+    tensor: torch.Tensor,
+    hint: str,
+    before: fx.Node,
+    source: Any = None,
+) -> fx.Node:
+    """Register ``tensor`` as a buffer of ``gm`` and return a ``get_attr`` node for it.
+
+    ``source``: the constant (its ``get_attr`` node or target) this one was derived from
+    — a folded or sliced weight remembers the model parameter it came from
+    (:func:`constant_source`)."""
     base = "_sf_" + "".join(c if c.isalnum() else "_" for c in hint)
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
     gm.register_buffer(name, tensor.detach().contiguous(), persistent=True)
+    if source is not None:
+        src = str(source.target) if isinstance(source, fx.Node) else str(source)
+        sources = gm.meta.setdefault("sf_sources", {})
+        sources[name] = sources.get(src, src)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     mode = fake_mode_of(gm)
     if mode is not None:
         node.meta["val"] = mode.from_tensor(getattr(gm, name), static_shapes=True)
     return node
+
+
+def constant_source(gm: fx.GraphModule, node: Any) -> str | None:
+    """The model parameter a ``get_attr`` constant derives from (its own target for an
+    original one), or None for something that is not a constant."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    target = str(node.target)
+    return gm.meta.get("sf_sources", {}).get(target, target)
 
 
 def fake_mode_of(gm: fx.GraphModule) -> Any:

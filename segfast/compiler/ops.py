@@ -482,3 +482,156 @@ def _(
     if mode in ("argmax", "threshold"):
         return x.new_empty((x.shape[0], h, w), dtype=MASK_DTYPES[mask_dtype])
     return x.new_empty((x.shape[0], k, h, w))
+
+
+# -- int8: segfast::qconv2d, segfast::qconv_transpose2d ---------------------------------
+#
+# The quantized convolutions of an int8 engine (segfast.compiler.quant): the same
+# arguments as their float ops, the weight as int8 with one scale per output channel
+# (``w_scale``), and the input quantized per tensor, symmetrically, at ``x_scale``:
+#     conv(q(x), q(w)),   q(x) = x_scale · clamp(round(x / x_scale), −128, 127)
+# (scale = amax / 127, zero point 0, the int8 range of ONNX's QuantizeLinear,
+# TensorRT's and oneDNN's: −128 is reached only below the calibrated range)
+# The composite implementations compute exactly that in floating point ("fake
+# quantization", the semantics of a Q/DQ graph); the CPU plan runs them on oneDNN's
+# int8 convolutions and the Triton backend on its int8 kernel.
+
+INT8_MAX = 127
+INT8_MIN = -128
+
+
+def fake_quant(x: Tensor, scale: float) -> Tensor:
+    """``x`` quantized to int8 at ``scale`` (zero point 0, round half to even) and back."""
+    return torch.clamp(torch.round(x / scale), INT8_MIN, INT8_MAX) * scale
+
+
+def dequantize_weight(weight: Tensor, w_scale: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+    """int8 ``weight`` × its per-channel ``w_scale`` along ``axis``, as ``dtype``."""
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return (weight.to(torch.float32) * w_scale.to(torch.float32).view(shape)).to(dtype)
+
+
+def qconv2d_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: Tensor | None,
+    residual_after_act: bool,
+    x2: Tensor | None,
+    x2_resize: str,
+    x2_align_corners: bool,
+    x2_scale_h: float | None,
+    x2_scale_w: float | None,
+    x2_first: bool,
+    x_scale: float,
+    w_scale: Tensor,
+) -> Tensor:
+    """``segfast::conv2d`` on int8: the (joined) input quantized at ``x_scale``, the int8
+    weight dequantized by ``w_scale``; bias, activation and residual in floating point."""
+    inp = join_sources(x, x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first)
+    inp = fake_quant(inp, x_scale)
+    w = dequantize_weight(weight, w_scale, 0, inp.dtype)
+    return conv2d_impl(
+        inp, w, bias, stride, padding, dilation, groups, act, act_param, residual,
+        residual_after_act, None, "none", False, None, None, False,
+    )  # fmt: skip
+
+
+qconv2d = torch.library.custom_op("segfast::qconv2d", mutates_args=())(qconv2d_impl)
+
+
+@qconv2d.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    act,
+    act_param,
+    residual,
+    residual_after_act,
+    x2,
+    x2_resize,
+    x2_align_corners,
+    x2_scale_h,
+    x2_scale_w,
+    x2_first,
+    x_scale,
+    w_scale,
+):
+    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return out.contiguous(memory_format=_layout(x))
+
+
+def qconv_transpose2d_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: Tensor | None,
+    residual_after_act: bool,
+    x_scale: float,
+    w_scale: Tensor,
+) -> Tensor:
+    """``segfast::conv_transpose2d`` on int8 (groups 1: output channels on the weight's
+    axis 1); see :func:`qconv2d_impl`."""
+    xq = fake_quant(x, x_scale)
+    w = dequantize_weight(weight, w_scale, 1, xq.dtype)
+    return conv_transpose2d_impl(
+        xq, w, bias, stride, padding, output_padding, dilation, groups, act, act_param,
+        residual, residual_after_act,
+    )  # fmt: skip
+
+
+qconv_transpose2d = torch.library.custom_op("segfast::qconv_transpose2d", mutates_args=())(
+    qconv_transpose2d_impl
+)
+
+
+@qconv_transpose2d.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    stride,
+    padding,
+    output_padding,
+    dilation,
+    groups,
+    act,
+    act_param,
+    residual,
+    residual_after_act,
+    x_scale,
+    w_scale,
+):
+    def size(i: int) -> int:
+        k = weight.shape[2 + i]
+        return (
+            (x.shape[2 + i] - 1) * stride[i]
+            - 2 * padding[i]
+            + dilation[i] * (k - 1)
+            + output_padding[i]
+            + 1
+        )
+
+    out = x.new_empty((x.shape[0], weight.shape[1] * groups, size(0), size(1)))
+    return out.contiguous(memory_format=_layout(x))

@@ -27,6 +27,12 @@ FUSIONS: dict[str, Fusion] = {
     f.name: f
     for f in (
         Fusion("bn_fold", "convolution → batch_norm", "conv weight × scale, bias", "fold_bn"),
+        Fusion(
+            "int8_conv",
+            "conv (after every fusion)",
+            "segfast.qconv2d: int8 input (per tensor) × int8 weights (per channel)",
+            "quant",
+        ),
         Fusion("conv", "convolution", "segfast.conv2d", "conv_epilogue"),
         Fusion(
             "conv_transpose", "transposed convolution", "segfast.conv_transpose2d", "conv_epilogue"

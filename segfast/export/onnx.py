@@ -61,7 +61,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ from segfast.export.onnx_graph import (
 )
 from segfast.export.onnx_verify import FP32_MIN_MASK_AGREEMENT as FP32_MIN_MASK_AGREEMENT
 from segfast.export.onnx_verify import ShapeCheck, _verify
+from segfast.export.qdq import qdq_model
 from segfast.export.rewrites import ExportRewrites, audit
 from segfast.outputs import OUTPUTS, WithHead
 from segfast.precision import resolve_precision
@@ -131,6 +132,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     threshold: float = 0.5,
     check: bool = True,
+    int8_layers: Mapping[str, float | None] | None = None,
 ) -> OnnxExport:
     """Export ``model`` with its head reduction to an ONNX file at ``path``.
 
@@ -140,14 +142,20 @@ def export_onnx(
             ``segfast.compile``.
         output: "logits", "probs" (softmax; sigmoid for one class) or "mask"
             (``ArgMax`` to uint8; a sigmoid threshold for one class).
-        precision: "fp32" or "fp16" (a strongly-typed fp16 graph).
+        precision: "fp32", "fp16" (a strongly-typed fp16 graph) or "int8": an fp32 graph
+            with QuantizeLinear / DequantizeLinear pairs (QDQ) in front of the conv
+            modules ``int8_layers`` names (see :mod:`segfast.export.qdq`).
         dynamic: False, True (height and width) or axis names among "batch",
             "height", "width".
         opset: ONNX opset, 17 or newer (18 is the exporter's own; 17 is converted).
         threshold: the one-class mask threshold.
         check: run the file in ONNX Runtime (CPU) on the example and, when
             dynamic, two other sizes (and batch 1), compare with the eager model
-            in fp32, and refuse to write a graph that disagrees.
+            in fp32, and refuse to write a graph that disagrees (an int8 file: with
+            the Q/DQ model in fp32, within the low-precision bounds).
+        int8_layers: precision="int8": conv module name → the calibrated amax of its
+            input (None: keep the module in floating point) — what ``segfast.compile``
+            and ``segfast.quantize`` decided.
 
     The file is checked with ``onnx.checker.check_model(full_check=True)`` and
     written atomically: on any error nothing is left at ``path``.
@@ -168,6 +176,8 @@ def export_onnx(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     prec = _precision_name(precision)
+    if (prec == "int8") != (int8_layers is not None):
+        raise ValueError("precision='int8' and int8_layers= go together")
     axes = dynamic_axes(dynamic)
     max_opset = int(onnx.defs.onnx_opset_version())
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
@@ -177,6 +187,8 @@ def export_onnx(
     ort = _ort.import_onnxruntime() if check else None
 
     _to_eval_mode(model)
+    if int8_layers is not None:
+        model = qdq_model(model, int8_layers)
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     inputs = example_tensors(example_input, input_shape, device)
     if inputs is None:
@@ -306,6 +318,8 @@ def _import_onnx() -> Any:
 
 
 def _precision_name(precision: str | torch.dtype) -> str:
+    if precision == "int8":
+        return "int8"
     dtype = resolve_precision(precision)
     if dtype == torch.bfloat16:
         raise ValueError(

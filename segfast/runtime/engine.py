@@ -24,7 +24,7 @@ import torch
 
 from segfast.backends.base import Runner
 from segfast.errors import EngineFileError, InputError
-from segfast.precision import DTYPES
+from segfast.precision import compute_dtype
 from segfast.stats import format_bytes
 
 
@@ -60,6 +60,8 @@ class EngineInfo:
     bytes_after: int | None = None
     notes: list[str] = field(default_factory=list)
     choice: list[dict[str, Any]] = field(default_factory=list)  # auto: what was measured
+    # int8 engines: every quantizable layer (name, kind, amax, int8, reason, sensitivity)
+    int8_layers: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,7 +113,7 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.info.precision]
+        return compute_dtype(self.info.precision)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -208,6 +210,14 @@ class Engine:
                 f"activation bytes read+written per run (estimated): "
                 f"{format_bytes(i.bytes_before)} → {format_bytes(i.bytes_after or 0)}"
             )
+        if i.int8_layers:
+            floats = [x for x in i.int8_layers if not x["int8"]]
+            lines.append(
+                f"int8: {len(i.int8_layers) - len(floats)} of {len(i.int8_layers)} convolutions "
+                "on int8" + (", kept in floating point:" if floats else "")
+            )
+            for x in floats:
+                lines.append(f"  {x['name']:28s} {x['kind']:32s} {x['reason']}")
         lines.append(f"build: {i.build_seconds:.2f} s")
         for c in i.choice:
             status = f"{c['ms']:.2f} ms" if c.get("ms") is not None else c.get("reason", "")

@@ -183,7 +183,8 @@ def test_torch_export_failure_names_the_stage(tmp_path):
     [
         ({"output": "argmax"}, ValueError, "output must be one of"),
         ({"precision": "bf16"}, ValueError, "bf16.*fp16"),
-        ({"precision": "int8"}, ValueError, "precision must be"),
+        ({"precision": "int4"}, ValueError, "precision must be"),
+        ({"precision": "int8"}, ValueError, "int8_layers= go together"),
         ({"opset": 16}, ValueError, "opset must be an integer from 17"),
         ({"dynamic": ["depth"]}, ValueError, "dynamic axes must be among"),
     ],

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import invres, narrow, winograd
+from segfast.backends.cpu import int8, invres, narrow, winograd
 from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_depthwise
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
@@ -221,6 +221,28 @@ def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, t
     conv = PackedConvTranspose2d(
         weight, bias, stride, padding, output_padding, dilation, groups, act, act_param,
         residual_after_act, input_size=tuple(val(x).shape),
+    )  # fmt: skip
+    return conv, (x, residual)
+
+
+def _qconv2d_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
+    (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
+     x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first, x_scale, w_scale) = node.args  # fmt: skip
+    conv = int8.PackedQConv2d(
+        get_tensor(gm, w), get_tensor(gm, w_scale), None if b is None else get_tensor(gm, b),
+        stride, padding, dilation, groups, act, act_param, residual_after_act,
+        (x2_resize, x2_align, x2_sh, x2_sw, x2_first), x_scale, input_size=tuple(val(x).shape),
+    )  # fmt: skip
+    return conv, (x, residual, x2)
+
+
+def _qconv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
+    (x, w, b, stride, padding, output_padding, dilation, groups, act, act_param, residual,
+     residual_after_act, x_scale, w_scale) = node.args  # fmt: skip
+    conv = int8.QConvTranspose2d(
+        get_tensor(gm, w), get_tensor(gm, w_scale), None if b is None else get_tensor(gm, b),
+        stride, padding, output_padding, dilation, groups, act, act_param, residual_after_act,
+        x_scale, input_size=tuple(val(x).shape),
     )  # fmt: skip
     return conv, (x, residual)
 
@@ -570,6 +592,12 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
                 lowered[kind] += 1
             else:
                 fn = ops.conv2d_impl
+        elif t is segfast_ops.qconv2d.default and int8.available():
+            fn, args = _qconv2d_step(gm, node)
+            lowered["int8 conv2d (oneDNN)"] += 1
+        elif t is segfast_ops.qconv_transpose2d.default:
+            fn, args = _qconv_transpose_step(gm, node)
+            lowered["int8-input conv_transpose2d (oneDNN fp32, dequantized weight)"] += 1
         elif t is segfast_ops.conv_transpose2d.default or t is ops.conv_transpose2d_impl:
             step = _conv_transpose_step(gm, node)
             if step is not None:

@@ -19,12 +19,16 @@
  *   sf_wino_out   Winograd F(4×4, 3×3) output transform: M[36][T][K] → NHWC,
  *                 with bias, residual and activation;
  *   sf_resize_dw  depthwise convolution of a bilinear upsample, the upsample
- *                 computed per band of rows and never written whole.
+ *                 computed per band of rows and never written whole;
+ *   sf_quantize_u8  fp32 → int8 at one scale (round half to even, saturating at
+ *                 −128/127, as ONNX's QuantizeLinear), stored as uint8 + 128 for
+ *                 oneDNN's int8 convolutions.
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,7 +44,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 10; }
+int sf_abi_version(void) { return 11; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1284,3 +1288,16 @@ int sf_conv_narrow(const float* restrict x, int64_t N, int64_t H, int64_t W, int
   }
   return failed ? -1 : 0;
 }
+
+/* fp32 x[n] → u8 out[n]: clamp(round_half_even(x / scale), -128, 127) + 128. The
+ * division (not a multiply by 1/scale) keeps it bit-identical to the reference
+ * (segfast.compiler.ops.fake_quant). Contiguous buffers: NHWC is one run. */
+void sf_quantize_u8(const float* restrict x, int64_t n, float scale, uint8_t* restrict out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i++) {
+    float v = nearbyintf(x[i] / scale);
+    v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+    out[i] = (uint8_t)(int32_t)(v + 128.f);
+  }
+}
+

@@ -84,9 +84,15 @@ def run(ctx: PassContext) -> None:
             weight = get_tensor(gm, conv.args[1])
             k = int(weight.shape[0])
             w_const = torch.cat([weight[:, :c0], weight[:, c0 + widths[ci] :]], 1)
-            w_rest = add_constant(gm, w_const, f"{conv.args[1].target}_rest", conv)
+            w_rest = add_constant(
+                gm, w_const, f"{conv.args[1].target}_rest", conv, source=conv.args[1]
+            )
             w_p = add_constant(
-                gm, weight[:, c0 : c0 + widths[ci]], f"{conv.args[1].target}_bcast", conv
+                gm,
+                weight[:, c0 : c0 + widths[ci]],
+                f"{conv.args[1].target}_bcast",
+                conv,
+                source=conv.args[1],
             )
             with gm.graph.inserting_before(conv):
                 vec = gm.graph.call_function(

@@ -60,10 +60,14 @@ def run(ctx: PassContext) -> None:
             bias = None if dw.args[2] is None else get_tensor(gm, dw.args[2])
             pieces, c0 = [], 0
             for part, c in zip(parts, widths, strict=True):
-                w_node = add_constant(gm, weight[c0 : c0 + c], f"{dw.args[1].target}_c{c0}", dw)
+                w_node = add_constant(
+                    gm, weight[c0 : c0 + c], f"{dw.args[1].target}_c{c0}", dw, source=dw.args[1]
+                )
                 b_node = None
                 if bias is not None:
-                    b_node = add_constant(gm, bias[c0 : c0 + c], f"{dw.args[2].target}_c{c0}", dw)
+                    b_node = add_constant(
+                        gm, bias[c0 : c0 + c], f"{dw.args[2].target}_c{c0}", dw, source=dw.args[2]
+                    )
                 args = list(dw.args)
                 args[0], args[1], args[2], args[6] = part, w_node, b_node, c
                 with gm.graph.inserting_before(dw):

@@ -74,7 +74,7 @@ def run(ctx: PassContext) -> None:
             bool(transposed),
             int(groups),
         )
-        w_new = add_constant(gm, new_w, f"{w_node.target}_bnfold", conv)
+        w_new = add_constant(gm, new_w, f"{w_node.target}_bnfold", conv, source=w_node)
         b_new = add_constant(gm, new_b, f"{w_node.target}_bnfold_bias", conv)
         conv.args = (x, w_new, b_new, stride, padding, dilation, transposed, out_pad, groups)
         for o in outs:

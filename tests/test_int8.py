@@ -1,0 +1,423 @@
+"""int8: observers, the quantized ops and their CPU kernels, calibration, the accuracy
+guard's fallback, Q/DQ ONNX, and the errors for bad calibration data."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segfast
+from segfast import Calibration, InputError, UnsupportedModelError, models
+from segfast.backends.cpu import int8 as cpu_int8
+from segfast.compiler import ops
+from segfast.compiler.quant.apply import quantize_weight
+from segfast.compiler.quant.observers import (
+    EntropyObserver,
+    MaxObserver,
+    PercentileObserver,
+    make_observer,
+)
+
+
+def smooth(n: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Images with structure (low-frequency fields plus a little noise), not white noise:
+    what a segmentation network sees, and what calibrates it."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, c, max(2, h // 8), max(2, w // 8), generator=g)
+    field = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return field + 0.1 * torch.randn(n, c, h, w, generator=g)
+
+
+def sets(n: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    return [smooth(*shape, seed=seed + i) for i in range(n)]
+
+
+# -- observers ------------------------------------------------------------------------
+
+
+def test_max_observer_is_the_largest_magnitude():
+    o = MaxObserver()
+    o.update(torch.tensor([0.5, -3.0, 2.0]))
+    o.update(torch.tensor([1.0, 2.5]))
+    assert o.amax() == 3.0
+
+
+def test_percentile_ignores_a_few_outliers():
+    torch.manual_seed(0)
+    x = torch.randn(200_000)
+    x[:3] = 1000.0
+    p = PercentileObserver(99.99)
+    for chunk in x.split(50_000):
+        p.update(chunk)
+    # 99.99 % of |N(0, 1)| lie below ~3.9; the histogram's resolution is range/2048
+    assert 3.5 < p.amax() < 3.9 + 1000.0 / 2048 * 2
+
+
+def test_histogram_observers_grow_their_range():
+    """A later batch with larger values re-bins what came before: the result matches
+    seeing everything at once (up to the bin width)."""
+    torch.manual_seed(1)
+    a, b = torch.randn(50_000), 4 * torch.randn(50_000)
+    grown, once = PercentileObserver(99.0), PercentileObserver(99.0)
+    grown.update(a)
+    grown.update(b)
+    once.update(torch.cat([a, b]))
+    assert abs(grown.amax() - once.amax()) <= 2 * grown.width
+
+
+def test_entropy_clips_a_long_tail_but_not_the_body():
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(100_000), torch.tensor([60.0])])
+    e = EntropyObserver()
+    e.update(x)
+    assert 2.5 < e.amax() < 60.0
+    uniform = EntropyObserver()
+    uniform.update(torch.rand(100_000) * 2 - 1)  # nothing to clip: the full range
+    assert uniform.amax() == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy"])
+def test_observers_refuse_non_finite_activations(method):
+    o = make_observer(method)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        o.update(torch.tensor([1.0, float("nan")]))
+
+
+def test_unknown_method():
+    with pytest.raises(InputError, match="calibration method"):
+        Calibration([torch.zeros(1)], method="mse")
+
+
+# -- quantized ops ----------------------------------------------------------------------
+
+
+def test_weights_are_quantized_per_output_channel():
+    w = torch.randn(5, 3, 3, 3)
+    w[2] *= 100
+    w[4] = 0
+    q, s = quantize_weight(w, 0)
+    assert q.dtype == torch.int8
+    assert s.shape == (5,)
+    assert int(q.abs().amax()) == 127
+    assert int(q[4].abs().max()) == 0
+    assert s[4] == 1
+    back = q.float() * s[:, None, None, None]
+    assert ((back - w).abs() <= s[:, None, None, None] / 2 + 1e-6).all()
+    _, st = quantize_weight(torch.randn(4, 6, 2, 2), 1)  # transposed conv: axis 1
+    assert st.shape == (6,)
+
+
+def test_fake_quant_is_onnx_quantize_linear():
+    """Round half to even, saturate at −128 and 127 (ONNX QuantizeLinear's int8)."""
+    s = 0.5
+    x = torch.tensor([0.25, 0.75, -0.25, 100.0, -100.0, 63.5])
+    assert ops.fake_quant(x, s).tolist() == [0.0, 1.0, -0.0, 63.5, -64.0, 63.5]
+
+
+@pytest.mark.skipif(not cpu_int8.available(), reason="PyTorch has no oneDNN int8 conv here")
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(c=8, k=16, hw=(13, 17), act="relu"),
+        dict(c=3, k=5, hw=(9, 11), act="relu6", stride=[2, 2]),
+        dict(c=16, k=16, hw=(10, 7), act="none", groups=16),  # depthwise
+        dict(
+            c=8, k=12, hw=(12, 12), act="leaky_relu", act_param=0.1, dilation=[2, 2], padding=[2, 2]
+        ),
+        dict(c=8, k=8, hw=(11, 9), act="silu", residual="before"),
+        dict(c=8, k=8, hw=(11, 9), act="relu", residual="after"),
+        dict(c=4, k=6, hw=(8, 10), act="sigmoid", padding=[0, 0], kernel=1),
+        dict(c=6, k=7, hw=(14, 10), act="relu", x2=5),  # two-source, bilinear resize
+    ],
+)
+def test_onednn_int8_conv_matches_the_composite(case):
+    torch.manual_seed(0)
+    c, k = case["c"], case["k"]
+    groups = case.get("groups", 1)
+    kernel = case.get("kernel", 3)
+    x = smooth(2, c, *case["hw"]).contiguous(memory_format=torch.channels_last)
+    x2 = smooth(2, case["x2"], case["hw"][0] // 2, case["hw"][1] // 2) if "x2" in case else None
+    cin = c + (case.get("x2") or 0)
+    w = torch.randn(k, cin // groups, kernel, kernel) * 0.2
+    bias = torch.randn(k)
+    wq, ws = quantize_weight(w, 0)
+    stride, pad = case.get("stride", [1, 1]), case.get("padding", [kernel // 2] * 2)
+    dil = case.get("dilation", [1, 1])
+    ho = (case["hw"][0] + 2 * pad[0] - dil[0] * (kernel - 1) - 1) // stride[0] + 1
+    wo = (case["hw"][1] + 2 * pad[1] - dil[1] * (kernel - 1) - 1) // stride[1] + 1
+    res = torch.randn(2, k, ho, wo).contiguous(memory_format=torch.channels_last)
+    residual = res if "residual" in case else None
+    after = case.get("residual") == "after"
+    amax = float(
+        torch.cat([x.flatten(), (x2.flatten() if x2 is not None else x.flatten())]).abs().max()
+    )
+    x_scale = amax / 127
+    resize = "bilinear" if x2 is not None else "none"
+    act, ap = case["act"], case.get("act_param", 0.0)
+    ref = ops.qconv2d_impl(
+        x, wq, bias, stride, pad, dil, groups, act, ap, residual, after, x2, resize, False,
+        None, None, False, x_scale, ws,
+    )  # fmt: skip
+    conv = cpu_int8.PackedQConv2d(
+        wq, ws, bias, stride, pad, dil, groups, act, ap, after,
+        (resize, False, None, None, False), x_scale, input_size=tuple(x.shape),
+    )  # fmt: skip
+    out = conv(x, residual, x2)
+    # int32 accumulation vs the composite's fp32 sum of the same products: rounding only
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# -- compile / quantize -----------------------------------------------------------------
+
+
+def test_int8_needs_calibration():
+    m = models.create("unet", tiny=True).eval()
+    with pytest.raises(InputError, match="needs calibration="):
+        segfast.compile(m, torch.randn(1, 1, 32, 32), backend="torch", precision="int8")
+    with pytest.raises(ValueError, match="calibration= is for precision='int8'"):
+        segfast.compile(m, torch.randn(1, 1, 32, 32), backend="torch", calibration=[1])
+
+
+@pytest.mark.parametrize(
+    ("calibration", "match"),
+    [
+        ([], "is empty"),
+        ([torch.randn(1, 3, 32, 32)] * 4, r"has shape \(1, 3, 32, 32\); the engine takes"),
+        ([torch.randn(1, 1, 32)] * 4, "has shape"),
+        ([torch.zeros(1, 1, 32, 32, dtype=torch.uint8)] * 4, "uint8 frames: preprocess"),
+        ([torch.full((1, 1, 32, 32), float("nan"))] * 4, "NaN or Inf"),
+        ([torch.randn(1, 1, 32, 32)] * 3, "at least 4"),
+        (["x"] * 4, "tensors or numpy arrays"),
+        (5, "iterable of input tensors"),
+    ],
+)
+def test_bad_calibration_data_is_refused_with_the_reason(calibration, match, tmp_path):
+    m = models.create("unet", tiny=True).eval()
+    with pytest.raises(InputError, match=match):
+        segfast.compile(
+            m, torch.randn(1, 1, 32, 32), backend="torch", precision="int8",
+            calibration=calibration,
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_static_batch_takes_calibration_in_multiples_of_it(tmp_path):
+    m = models.create("unet", tiny=True).eval()
+    with pytest.raises(InputError, match="batches of 2"):
+        segfast.compile(
+            m, torch.randn(2, 1, 32, 32), backend="torch", precision="int8",
+            calibration=[torch.randn(3, 1, 32, 32)] * 4,
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_calibration_and_explicit_holdout():
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    cal = [smooth(1, 1, 32, 32, seed=i).numpy() for i in range(3)]
+    held = sets(2, (1, 1, 32, 32), seed=50)
+    c = Calibration(cal, holdout=held, max_float_layers=1.0)
+    eng = segfast.compile(m, held[0], backend="torch", precision="int8", calibration=c)
+    assert eng.precision == "int8"
+    assert "calibrated on 3 input set(s)" in eng.summary()
+    assert "judged on 2 held-out set(s)" in eng.summary()
+
+
+# Tiny SegNet with random weights is chaotic: a 1e-3 input perturbation moves 1 % of its
+# mask (max-unpooling indices of near-equal values), PyTorch's own bf16 agrees on 83 %.
+# No int8 layer can meet the 99 % contract there, and the guard keeps them all float.
+CHAOTIC = {"segnet"}
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_zoo_model_meets_the_int8_contract(name):
+    """Tiny configs with random weights are a hard case (logits near ties): layers fall
+    back to float until the contract holds."""
+    torch.manual_seed(0)
+    m = models.create(name, tiny=True).eval()
+    spec = models.get_spec(name)
+    size = (max(32, spec.min_size), max(40, spec.min_size))
+    x = spec.make_inputs(m, 1, size)
+    if spec.task == "generation":  # latent vectors (and labels) as the spec makes them
+        data = [spec.make_inputs(m, 1, size) for _ in range(8)]
+    else:
+        data = [(smooth(1, x[0].shape[1], *size, seed=i), *x[1:]) for i in range(8)]
+    segmentation = spec.task == "segmentation"
+    output = "mask" if segmentation else "logits"
+    cal = Calibration(data, max_float_layers=1.0)
+    eng = segfast.compile(m, x, backend="torch", precision="int8", calibration=cal, output=output)
+    held = data[3::4]
+    report = segfast.check(eng, m, held)
+    assert report.passed, str(report)
+    layers = eng.info.int8_layers
+    if name in CHAOTIC:
+        assert not any(x["int8"] for x in layers)
+        assert "fallback" in eng.summary()
+        return
+    assert layers
+    assert any(x["int8"] for x in layers)
+    assert all(x["int8"] or x["reason"] for x in layers)
+
+
+class Offset(nn.Module):
+    """A net one of whose convs reads one huge pixel beside a small signal: int8 over that
+    range rounds the signal away — keeping that conv in floating point meets the
+    contract, nothing else does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.e = nn.Conv2d(8, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 3, 1)
+        spike = torch.zeros(1, 8, 24, 24)
+        spike[..., 0, 0] = 1e4
+        self.register_buffer("spike", spike)
+        with torch.no_grad():  # near-identity convs: the classes follow the input's channels
+            for conv in (self.a, self.b, self.c, self.e, self.d):
+                conv.weight.mul_(0.05)
+                conv.bias.zero_()
+                k = conv.weight.shape[-1] // 2
+                for o in range(conv.out_channels):
+                    for i in range(conv.in_channels):
+                        if o % 3 == i % 3:
+                            conv.weight[o, i, k, k] += 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.spike  # linear: the classes follow the input
+        y = torch.clamp(self.b(y), -4.0, 4.0)  # the spike stops here
+        return self.d(self.e(self.c(y)))
+
+
+def regions(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """3-channel images of regions, each with one clearly brightest channel: the class
+    margins are wide, so only a layer int8 really damages moves them."""
+    out = []
+    for i in range(n):
+        field = smooth(1, 3, 24, 24, seed=seed + i)
+        onehot = F.one_hot(field.argmax(1), 3).permute(0, 3, 1, 2).float()
+        out.append(3.0 * onehot + 0.1 * field)
+    return out
+
+
+def _offset_model() -> nn.Module:
+    torch.manual_seed(0)
+    return Offset().eval()
+
+
+def test_fallback_fires_and_the_summary_says_why():
+    m = _offset_model()
+    data = regions(8)
+    eng = segfast.compile(
+        m, data[0], backend="torch", precision="int8", calibration=data, output="mask"
+    )
+    floats = [x for x in eng.info.int8_layers if not x["int8"]]
+    assert [x["source"] for x in floats] == ["b.weight"], eng.summary()
+    assert all(x["reason"].startswith("fallback") for x in floats)
+    assert any(x["int8"] for x in eng.info.int8_layers)
+    text = eng.summary()
+    assert "kept in floating point" in text
+    assert "alone on int8" in text
+    assert segfast.check(eng, m, data[3::4]).passed
+
+
+def test_a_contract_that_cannot_be_met_fails_with_the_figures():
+    m = _offset_model()
+    data = regions(8)
+    with pytest.raises(UnsupportedModelError) as info:
+        segfast.compile(
+            m, data[0], backend="torch", precision="int8", output="mask",
+            calibration=Calibration(data, max_float_layers=0.0),
+        )  # fmt: skip
+    msg = str(info.value)
+    assert "misses its contract" in msg
+    assert "mask agreement" in msg
+    assert "Most sensitive layers" in msg
+
+
+def test_int8_engine_file_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    data = sets(8, (1, 1, 32, 32))
+    eng = segfast.compile(
+        m, data[0], backend="torch", precision="int8", calibration=Calibration(data, max_float_layers=1.0),
+    )  # fmt: skip
+    loaded = segfast.load(eng.save(tmp_path / "q.segfast"))
+    assert loaded.precision == "int8"
+
+    def decisions(e):
+        return [(x["name"], x["kind"], x["int8"], x["reason"]) for x in e.info.int8_layers]
+
+    assert decisions(loaded) == decisions(eng)
+    for x in data[:2]:
+        assert torch.equal(loaded(x), eng(x))
+
+
+def test_quantize_on_its_own_and_qdq_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    data = sets(8, (1, 1, 32, 32))
+    q = segfast.quantize(m, data[0], calibration=Calibration(data, max_float_layers=1.0),
+                         output="mask")  # fmt: skip
+    assert "int8:" in q.summary()
+    exp = q.export_onnx(tmp_path / "q.onnx")
+    proto = onnx.load(str(exp.path))
+    onnx.checker.check_model(proto, full_check=True)
+    kinds = [n.op_type for n in proto.graph.node]
+    n_int8 = sum(x.int8 for x in q.layers)
+    assert kinds.count("QuantizeLinear") >= n_int8
+    assert "DequantizeLinear" in kinds
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["segfast.precision"] == "int8"
+    from segfast.export import run_onnx
+
+    for x in data[:3]:
+        ort_mask = run_onnx(exp.path, x)
+        assert float((ort_mask == q(x)).float().mean()) >= 0.995
+
+
+def test_onnxruntime_int8_engine_matches_the_torch_one():
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    data = sets(8, (1, 1, 32, 32))
+    cal = Calibration(data, max_float_layers=1.0)
+    t = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                        output="mask")  # fmt: skip
+    o = segfast.compile(m, data[0], backend="onnxruntime", precision="int8", calibration=cal,
+                        output="mask")  # fmt: skip
+    assert "int8 graph" in o.summary()
+    agree = np.mean([float((t(x) == o(x)).float().mean()) for x in data])
+    assert agree >= 0.995
+
+
+def test_backends_without_int8_say_so():
+    m = models.create("unet", tiny=True).eval()
+    with pytest.raises(UnsupportedModelError, match="has no int8 path"):
+        segfast.compile(m, torch.randn(1, 1, 32, 32), backend="eager", precision="int8",
+                        calibration=sets(4, (1, 1, 32, 32)))  # fmt: skip
+
+
+def test_labels_bound_the_task_metric():
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    data = sets(6, (1, 1, 32, 32))
+    held = sets(3, (1, 1, 32, 32), seed=100)
+    with torch.no_grad():
+        labels = [m(x).argmax(1) for x in held]  # the model's own masks: its Dice is 1
+    cal = Calibration(data, holdout=held, labels=labels, max_float_layers=1.0)
+    eng = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                          output="mask")  # fmt: skip
+    report = segfast.check(eng, copy.deepcopy(m), held, labels=labels)
+    assert report.metric is not None
+    assert report.metric[0] == pytest.approx(1.0)
+    assert report.metric[0] - report.metric[1] <= 0.01
+    with pytest.raises(InputError, match="labels belong to held-out inputs"):
+        Calibration(data, labels=labels)
