@@ -421,3 +421,52 @@ def test_labels_bound_the_task_metric():
     assert report.metric[0] - report.metric[1] <= 0.01
     with pytest.raises(InputError, match="labels belong to held-out inputs"):
         Calibration(data, labels=labels)
+
+
+def test_export_command_writes_a_qdq_file(tmp_path):
+    pytest.importorskip("onnx")
+    from segfast.cli import main
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i in range(8):
+        np.save(cal / f"{i}.npy", smooth(1, 1, 32, 32, seed=i)[0].numpy())
+    out = tmp_path / "u8.onnx"
+    rc = main(["export", "unet", "--tiny", "--size", "32x32", "-o", str(out), "--precision",
+               "int8", "--calibration", str(cal), "--output", "mask", "--max-float-layers", "1"])  # fmt: skip
+    assert rc == 0
+    assert out.is_file()
+    import onnx
+
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+@pytest.mark.parametrize(
+    ("setup", "match"),
+    [
+        (None, "needs --calibration"),
+        ("missing", "does not exist"),
+        ("empty", "holds no .npy files"),
+        ("png", "not a .npy file"),
+        ("ints", "must be float"),
+    ],
+)
+def test_export_command_refuses_bad_calibration(tmp_path, capsys, setup, match):
+    from segfast.cli import main
+
+    args = ["export", "unet", "--tiny", "--size", "32x32", "-o", str(tmp_path / "x.onnx"),
+            "--precision", "int8"]  # fmt: skip
+    if setup == "missing":
+        args += ["--calibration", str(tmp_path / "nope")]
+    elif setup == "empty":
+        (tmp_path / "e").mkdir()
+        args += ["--calibration", str(tmp_path / "e")]
+    elif setup == "png":
+        (tmp_path / "a.png").write_bytes(b"\x89PNG")
+        args += ["--calibration", str(tmp_path / "a.png")]
+    elif setup == "ints":
+        np.save(tmp_path / "i.npy", np.zeros((4, 1, 32, 32), np.uint8))
+        args += ["--calibration", str(tmp_path / "i.npy")]
+    assert main(args) != 0
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

@@ -98,7 +98,7 @@ def footnotes(res: BenchResult) -> list[str]:
     if res.floor_ms is not None:
         out.append(
             f"% of floor: the fused plan's roofline floor, {res.floor_ms:.3f} ms on "
-            f"{res.floor_device} in {res.precision} (segfast.bench.roofline), over the p50"
+            f"{res.floor_device} in {res.precision.split(',')[0]} rows (segfast.bench.roofline), over the p50"
             + ("; ~: the CPU's peak is estimated (DRAM bandwidth unknown)"
                if res.floor_estimated else "")
         )  # fmt: skip
@@ -183,7 +183,7 @@ def markdown_table(results: list[BenchResult]) -> str:
             shape = "×".join(map(str, res.input_shape))
             if r.status != "ok":
                 lines.append(
-                    f"| {res.model} | {shape} | {res.precision} | {r.backend} | - | - | - | - | "
+                    f"| {res.model} | {shape} | {r.precision} | {r.backend} | - | - | - | - | "
                     f"{r.status}: {r.reason} | {env.get('device_name')} | {env.get('date', '')[:10]} |"
                 )
                 continue
@@ -194,7 +194,7 @@ def markdown_table(results: list[BenchResult]) -> str:
                 ) + ("" if r.accuracy_ok else " FAIL")
             )  # fmt: skip
             lines.append(
-                f"| {res.model} | {shape} | {res.precision} | {r.backend} | {lat['p50_ms']:.2f} | "
+                f"| {res.model} | {shape} | {r.precision} | {r.backend} | {lat['p50_ms']:.2f} | "
                 f"{r.fps:.1f} | {_f(r.vs_eager, '.2f')} | {_f(r.vs_best_peer, '.2f')} | {acc} | "
                 f"{env.get('device_name')} | {env.get('date', '')[:10]} |"
             )

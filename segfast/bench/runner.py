@@ -47,12 +47,13 @@ from torch import nn
 import segfast
 from segfast._warnings import quiet_torch_internals
 from segfast.metrics import compare
-from segfast.precision import DTYPES
+from segfast.precision import DTYPES, PRECISIONS
 from segfast.stats import summarize, throughput
 from segfast.timing import measure, median
 
 # Backends segfast measures itself against; "ratio to the fastest peer" uses these.
 PEERS = ("eager", "eager_cl", "inductor", "onnxruntime", "tensorrt")
+INT8_BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
 ALL_BACKENDS = ("eager", "eager_cl", "torch", "triton", "inductor", "onnxruntime", "tensorrt")
 # Benchmark rows that are a backend with options: eager with channels_last memory.
 VARIANTS = {"eager_cl": ("eager", {"channels_last": True})}
@@ -273,7 +274,7 @@ def run_benchmark(
     *,
     name: str,
     backends: Sequence[str] = ALL_BACKENDS,
-    precision: str = "fp32",
+    precision: str | Sequence[str] = "fp32",
     output: str = "logits",
     warmup: int = 5,
     iters: int = 30,
@@ -283,6 +284,7 @@ def run_benchmark(
     on_progress: Callable[[str, int, int], None] | None = None,
     rounds: int = 5,
     pause_s: float = 0.05,
+    calibration: Any = None,
 ) -> BenchResult:
     """Benchmark ``model`` on every backend in ``backends``.
 
@@ -293,6 +295,11 @@ def run_benchmark(
     done, total)`` is called after every timed iteration. The ``iters`` timed
     calls per backend are split over ``rounds`` interleaved rounds (see the
     module docstring); ``pause_s`` is the CPU pause before each block.
+
+    ``precision`` may list several ("fp32,bf16,int8"): one row per backend and
+    precision, all timed in the same interleaved rounds. int8 rows need
+    ``calibration`` (``segfast.compile``'s); ×eager is against the fp32 eager row
+    where there is one, ×best peer against the fastest correct fp32 peer.
     """
     from segfast.bench.modelstats import model_stats
     from segfast.outputs import WithHead
@@ -302,37 +309,35 @@ def run_benchmark(
     sets = [tuple(t.to(dev) for t in s) for s in inputs]
     if not sets:
         raise ValueError("run_benchmark needs at least one input set")
+    precisions = [precision] if isinstance(precision, str) else list(precision)
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ValueError(f"precisions must be among {', '.join(PRECISIONS)}, got {precisions}")
     flops = model_stats(model, sets[0]).flops
-    floor = _floor(model, sets[0], precision=precision, output=output, device=dev)
+    floor = _floor(model, sets[0], precision=precisions[0], output=output, device=dev)
     reference = WithHead(model, output)
     with torch.inference_mode():
         refs = [reference(*(t.float() if t.is_floating_point() else t for t in s)) for s in sets]
-    lowp_ref = None
-    if precision != "fp32":  # PyTorch's own result in that precision, for the contract
-        import copy
-
-        dtype = DTYPES[precision]
-        with quiet_torch_internals():
-            lowp_model = copy.deepcopy(reference).to(dtype)
-        with torch.inference_mode():
-            lowp_ref = [
-                lowp_model(*(t.to(dtype) if t.is_floating_point() else t for t in s)) for s in sets
-            ]
-        del lowp_model
     batch = int(sets[0][0].shape[0]) if sets[0][0].dim() else 1
     rows: list[Row] = []
     built: list[tuple[Row, Any]] = []
-    for be in backends:
-        row, engine = _prepare(
-            be, model, sets, refs, lowp_ref, precision=precision, output=output, warmup=warmup,
-            device=dev, options=(options or {}).get(be, {}), engine=(engines or {}).get(be),
-        )  # fmt: skip
-        rows.append(row)
-        if engine is not None:
-            built.append((row, engine))
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    for prec in precisions:
+        lowp_ref = _lowp_reference(reference, sets, prec)
+        for be in backends:
+            engine = (engines or {}).get(be)
+            if engine is not None and engine.precision != prec:
+                engine = None
+            row, engine = _prepare(
+                be, model, sets, refs, lowp_ref, precision=prec, output=output, warmup=warmup,
+                device=dev, options=(options or {}).get(be, {}), engine=engine,
+                calibration=calibration,
+            )  # fmt: skip
+            rows.append(row)
+            if engine is not None:
+                built.append((row, engine))
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     _time_interleaved(built, sets, iters=iters, rounds=rounds, pause_s=pause_s, device=dev,
                       on_progress=on_progress)  # fmt: skip
     for row, engine in built:
@@ -341,12 +346,12 @@ def run_benchmark(
     del built
     _ratios(rows)
     if floor is not None:
-        _floor_pct(rows, floor[0])
+        _floor_pct([r for r in rows if r.precision == precisions[0]], floor[0])
     return BenchResult(
         model=name,
         input_shape=tuple(sets[0][0].shape),
         batch=batch,
-        precision=precision,
+        precision=",".join(precisions),
         output=output,
         device=str(dev),
         warmup=warmup,
@@ -358,6 +363,21 @@ def run_benchmark(
         floor_device=None if floor is None else floor[1].title,
         floor_estimated=floor is not None and floor[1].estimated,
     )
+
+
+def _lowp_reference(
+    reference: nn.Module, sets: list[tuple[torch.Tensor, ...]], precision: str
+) -> list[torch.Tensor] | None:
+    """PyTorch's own fp16/bf16 result, for the contract's bound (None for fp32 and int8)."""
+    if precision not in ("fp16", "bf16"):
+        return None
+    import copy
+
+    dtype = DTYPES[precision]
+    with quiet_torch_internals():
+        lowp_model = copy.deepcopy(reference).to(dtype)
+    with torch.inference_mode():
+        return [lowp_model(*(t.to(dtype) if t.is_floating_point() else t for t in s)) for s in sets]
 
 
 def _floor(
@@ -399,6 +419,7 @@ def _prepare(
     device: torch.device,
     options: dict[str, Any],
     engine: Any,
+    calibration: Any = None,
 ) -> tuple[Row, Any]:
     """Build (or take), warm up and check one backend: (its row, the engine or None)."""
     from segfast.backends import available
@@ -414,6 +435,12 @@ def _prepare(
         if not ok:
             row.status, row.reason = "unavailable", why
             return row, None
+        if precision == "int8" and backend not in INT8_BACKENDS:
+            row.status, row.reason = "unavailable", f"{backend} has no int8 path"
+            return row, None
+        if precision == "int8" and calibration is None:
+            row.status, row.reason = "unavailable", "int8 needs calibration inputs"
+            return row, None
     peak = _peak_memory(device)
     try:
         with peak if peak is not None else _Null():
@@ -422,6 +449,7 @@ def _prepare(
                 engine = segfast.compile(
                     model, sets[0], backend=backend, precision=precision, output=output,
                     device=device, options=options,
+                    calibration=calibration if precision == "int8" else None,
                 )  # fmt: skip
                 row.build_s = time.perf_counter() - t0
             else:
@@ -439,7 +467,7 @@ def _prepare(
         return row, None
     if peak is not None:
         row.peak_memory_bytes = int(peak.peak)
-    _accuracy(row, outs, refs, lowp_ref, precision)
+    _accuracy(row, outs, refs, lowp_ref, precision, output)
     return row, engine
 
 
@@ -463,6 +491,7 @@ def _time_interleaved(
     rounds = max(1, min(rounds, iters)) if iters > 0 else 0
     per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
     done: dict[int, int] = {id(row): 0 for row, _ in built}
+    several = len({row.precision for row, _ in built}) > 1
     for r in range(rounds):
         k = r % len(built) if built else 0
         for row, engine in built[k:] + built[:k]:
@@ -473,7 +502,8 @@ def _time_interleaved(
 
             def tick(i: int, row: Row = row, base: int = done[id(row)]) -> None:
                 if on_progress is not None:
-                    on_progress(row.backend, base + i + 1, iters)
+                    label = f"{row.backend} {row.precision}" if several else row.backend
+                    on_progress(label, base + i + 1, iters)
 
             try:
                 samples = measure(engine.run_unchecked, sets, warmup=1, iters=per_round[r],
@@ -520,9 +550,20 @@ def _accuracy(
     refs: list[torch.Tensor],
     lowp_ref: list[torch.Tensor] | None,
     precision: str,
+    output: str = "logits",
 ) -> None:
-    """Worst accuracy over the input sets, judged by segfast.check's contract."""
-    from segfast.metrics import FP32_MAX_REL, LOWP_FACTOR, LOWP_MAX_REL, MIN_MASK_AGREEMENT
+    """Worst accuracy over the input sets, judged by segfast.check's contract (int8: on
+    the benchmark's inputs, which are not held out from its calibration unless the
+    caller's calibration is other data)."""
+    from segfast.metrics import (
+        FP32_MAX_REL,
+        INT8_MAX_REL,
+        INT8_MIN_AGREEMENT,
+        LOWP_FACTOR,
+        LOWP_MAX_REL,
+        MIN_MASK_AGREEMENT,
+        class_masks,
+    )
 
     accs = [compare(o, r) for o, r in zip(outs, refs, strict=True)]
     row.rel_l2 = max(a.rel_l2 for a in accs)
@@ -533,7 +574,18 @@ def _accuracy(
     if any(a.nonfinite for a in accs):
         reasons.append(f"{sum(a.nonfinite for a in accs)} non-finite values")
     integer = not outs[0].is_floating_point()
-    if integer:
+    if precision == "int8":
+        masks = [
+            (class_masks(o, output), class_masks(r, output))
+            for o, r in zip(outs, refs, strict=True)
+        ]
+        if all(mo is not None and mr is not None for mo, mr in masks):
+            row.mask_agreement = min(float((mo == mr).double().mean()) for mo, mr in masks)
+            if row.mask_agreement < INT8_MIN_AGREEMENT:
+                reasons.append(f"mask agreement {100 * row.mask_agreement:.2f}%")
+        elif row.rel_l2 > INT8_MAX_REL:
+            reasons.append(f"rel-L2 {row.rel_l2:.2e} > {INT8_MAX_REL:g}")
+    elif integer:
         if row.mask_agreement is not None and row.mask_agreement < MIN_MASK_AGREEMENT:
             reasons.append(f"mask agreement {100 * row.mask_agreement:.2f}%")
     elif precision == "fp32":
@@ -549,15 +601,20 @@ def _accuracy(
 
 
 def _ratios(rows: list[Row]) -> None:
-    ok = {r.backend: r for r in rows if r.status == "ok" and r.latency_ms}
+    """×eager against the eager row (fp32 where there is one); ×best peer against the
+    fastest correct peer (among fp32 rows, where there are any)."""
+    ok = [r for r in rows if r.status == "ok" and r.latency_ms]
 
     def p50(r: Row) -> float:
         return r.device_ms.get("p50_ms") or r.latency_ms["p50_ms"]
 
-    eager = ok.get("eager")
-    peers = [r for name, r in ok.items() if name in PEERS and r.accuracy_ok]
+    eagers = [r for r in ok if r.backend == "eager"]
+    eager = next((r for r in eagers if r.precision == "fp32"), eagers[0] if eagers else None)
+    peers = [r for r in ok if r.backend in PEERS and r.accuracy_ok]
+    if any(r.precision == "fp32" for r in peers):
+        peers = [r for r in peers if r.precision == "fp32"]
     best_peer = min((p50(r) for r in peers), default=None)
-    for r in ok.values():
+    for r in ok:
         if eager is not None:
             r.vs_eager = p50(eager) / p50(r)
         if best_peer is not None:

@@ -60,6 +60,19 @@ def run(args: argparse.Namespace) -> int:
     if args.weights:
         segfast.load_weights(model, args.weights)
     sets = make_input_sets(model, args.model, args.batch, args.size, args.input_sets)
+    precisions = [p.strip() for p in str(args.precision).split(",") if p.strip()]
+    calibration = None
+    if "int8" in precisions:
+        if args.calibration:
+            from segfast.commands._calibration import load_calibration
+
+            calibration = load_calibration(args.calibration)
+        else:
+            calibration = make_input_sets(model, args.model, args.batch, args.size, 8, seed=1)
+            print(
+                "note: int8 calibrates on 8 random input sets (timing only — give --calibration "
+                "with real inputs for meaningful int8 accuracy)"
+            )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     progress: Any = None
     tasks: dict[str, Any] = {}
@@ -82,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         progress.start()
     try:
         res = run_benchmark(
-            model, sets, name=args.model, backends=backends, precision=args.precision,
+            model, sets, name=args.model, backends=backends, precision=precisions,
             output=args.output, warmup=args.warmup, iters=args.iters, device=device,
-            on_progress=on_progress, rounds=args.rounds,
+            on_progress=on_progress, rounds=args.rounds, calibration=calibration,
         )  # fmt: skip
     finally:
         if progress is not None:
@@ -105,7 +118,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="safetensors / PyTorch state dict to load")
     p.add_argument("--size", type=parse_size, default=None, help="input H×W (default: standard)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument(
+        "--precision", "--precisions", dest="precision", default="fp32",
+        help="fp32, fp16, bf16, int8, or several comma-separated (e.g. fp32,bf16,int8): one "
+        "row per backend and precision, timed together",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration", default=None,
+        help="int8: a .npy file (N×C×H×W) or a folder of .npy inputs to calibrate on; without "
+        "it, int8 calibrates on extra random inputs (speed only: not a real calibration)",
+    )  # fmt: skip
     p.add_argument("--output", choices=("logits", "probs", "mask"), default="logits")
     p.add_argument(
         "--backends", default="all",

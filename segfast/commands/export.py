@@ -54,17 +54,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         inputs = (torch.randn(args.batch, int(getattr(model, "in_channels", 3)), *size),)
     axes = (["height", "width"] if args.dynamic else []) + (["batch"] if args.dynamic_batch else [])
-    exp = export_onnx(
-        model,
-        args.out_file,
-        example_input=inputs,
-        output=args.output,
-        precision=args.precision,
-        dynamic=axes,
-        opset=args.opset,
-        threshold=args.threshold,
-        check=True,
-    )
+    if args.precision == "int8":
+        exp = _export_int8(model, inputs, axes, args)
+    else:
+        if args.calibration:
+            raise ValueError("--calibration is for --precision int8")
+        exp = export_onnx(
+            model,
+            args.out_file,
+            example_input=inputs,
+            output=args.output,
+            precision=args.precision,
+            dynamic=axes,
+            opset=args.opset,
+            threshold=args.threshold,
+            check=True,
+        )
     graph = onnx.load(str(exp.path), load_external_data=False).graph
     print(f"wrote {exp.path} ({_size(exp.path.stat().st_size)}, sha256 {exp.sha256})")
     print(
@@ -95,12 +100,13 @@ def run(args: argparse.Namespace) -> int:
             print("  guards  unknown: this torch keeps no export guards to read")
     else:
         print("  dynamic none (static shapes)")
+    ref = "the Q/DQ model in PyTorch (fp32)" if exp.precision == "int8" else "PyTorch eager (fp32)"
     for c in exp.checks:
         shapes = ", ".join("×".join(str(d) for d in s) for s in c.shapes)
         a = c.accuracy
         verdict = "ok" if c.passed else f"FAILED: {c.reason}"
         if a is None:
-            print(f"  ONNX Runtime vs PyTorch eager (fp32) at {shapes}: {verdict}")
+            print(f"  ONNX Runtime vs {ref} at {shapes}: {verdict}")
             continue
         agree = (
             f", mask agreement {100 * a.mask_agreement:.3f}%"
@@ -108,10 +114,32 @@ def run(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"  ONNX Runtime vs PyTorch eager (fp32) at {shapes}: rel-L2 {a.rel_l2:.3g}, "
+            f"  ONNX Runtime vs {ref} at {shapes}: rel-L2 {a.rel_l2:.3g}, "
             f"max-abs {a.max_abs:.3g}{agree} — {verdict}"
         )
     return 0
+
+
+def _export_int8(model: Any, inputs: Any, axes: list[str], args: argparse.Namespace) -> Any:
+    """Calibrate, quantize with the accuracy guard (segfast.quantize), write the Q/DQ file."""
+    import segfast
+    from segfast.commands._calibration import load_calibration
+
+    if not args.calibration:
+        raise ValueError(
+            "--precision int8 needs --calibration FILE.npy or DIR (inputs from your data: "
+            "random inputs calibrate nothing useful)"
+        )
+    data = load_calibration(args.calibration)
+    q = segfast.quantize(
+        model, inputs,
+        calibration=segfast.Calibration(
+            data, method=args.calibration_method, max_float_layers=args.max_float_layers
+        ),
+        output=args.output, threshold=args.threshold,
+    )  # fmt: skip
+    print(q.summary())
+    return q.export_onnx(args.out_file, dynamic=axes, opset=args.opset)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -142,10 +170,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16"),
+        choices=("fp32", "fp16", "int8"),
         default="fp32",
-        help="fp16: a strongly-typed fp16 graph (bf16 cannot be exported to ONNX here)",
+        help="fp16: a strongly-typed fp16 graph (bf16 cannot be exported to ONNX here); int8: "
+        "Q/DQ pairs (QDQ format, for ONNX Runtime and TensorRT 11), needs --calibration",
     )
+    p.add_argument(
+        "--calibration", default=None,
+        help="int8: a .npy file (N×C×H×W inputs) or a folder of .npy inputs, preprocessed as "
+        "the model takes them; every fourth is held out to judge the result",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration-method", choices=("percentile", "max", "entropy"), default="percentile",
+        help="int8: how each activation's range is chosen",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-float-layers", type=float, default=0.5,
+        help="int8: the share of layers the accuracy guard may keep in floating point",
+    )  # fmt: skip
     p.add_argument("--dynamic", action="store_true", help="dynamic height and width")
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch size")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
