@@ -79,10 +79,12 @@ class TensorRTBackend(Backend):
         keep = opts.pop("plan", None)
         with tempfile.TemporaryDirectory(prefix="segfast-trt-") as tmp:
             plan = Path(tmp) / "model.plan"
+            precision = _PRECISIONS[req.dtype] if req.int8_layers is None else "int8"
             result = build_engine(
                 req.model,  # WithHead: the exporter writes the head into the graph
                 plan,
-                precision=_PRECISIONS[req.dtype],
+                precision=precision,
+                int8_layers=req.int8_layers,
                 example_input=req.inputs,
                 dynamic=list(req.dynamic) or False,
                 device=req.device,

@@ -52,7 +52,7 @@ from segfast.errors import EngineFileError, InputError
 FORMAT = "segfast-tensorrt-plan"
 FORMAT_VERSION = 1
 CACHE_KEY_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: a Q/DQ graph, fp32 inputs and outputs
 SIDECAR_SUFFIX = ".json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -189,6 +189,7 @@ def export_source(
     dynamic: bool | str | Sequence[str] = False,
     opset: int = 18,
     check: bool = True,
+    int8_layers: Mapping[str, float | None] | None = None,
 ) -> OnnxSource:
     """Export ``model`` (a ``WithHead`` wrapper is unwrapped so the exporter writes the
     head) with :func:`segfast.export.onnx.export_onnx` into ``directory/model.onnx``."""
@@ -206,6 +207,7 @@ def export_source(
         opset=opset,
         threshold=threshold,
         check=check,
+        int8_layers=int8_layers,
     )
     inputs = onnx_inputs(exported.path)
     # the caller's example shapes are the profile's opt (the exporter traces size-1 axes
@@ -292,13 +294,18 @@ def build_engine(
     preprocess: Mapping[str, Any] | None = None,
     device: int | str | torch.device | None = None,
     keep_onnx: bool = False,
+    int8_layers: Mapping[str, float | None] | None = None,
 ) -> BuildResult:
     """Build a TensorRT plan from ``model`` (an ``nn.Module``, exported here with
     :func:`segfast.export.onnx.export_onnx`; or an ``.onnx`` file) and write ``plan_path``
     and its sidecar ``<plan_path>.json``.
 
     Args:
-        precision: "fp32" or "fp16" — the exported graph's types (strongly typed build).
+        precision: "fp32", "fp16" — the exported graph's types (strongly typed build) — or
+            "int8": a Q/DQ graph (``int8_layers`` for a module, as
+            :func:`segfast.export.onnx.export_onnx` takes them; an ``.onnx`` file must carry
+            its Q/DQ nodes). TensorRT 11 has no INT8 builder flag and no calibrators: the
+            Q/DQ pairs are the only way int8 reaches it.
             For an ``.onnx`` file it must match the file's floating-point inputs.
         example_input / input_shape: for a module, what to export with; for both, the
             opt shapes of dynamic inputs.
@@ -342,6 +349,7 @@ def build_engine(
                 dynamic=dynamic,
                 opset=opset,
                 check=check_onnx,
+                int8_layers=int8_layers,
             )
         else:
             src = onnx_source(
@@ -352,6 +360,12 @@ def build_engine(
                 threshold=threshold,
             )
         check_precision(src.inputs, precision, src.path.name)
+        if precision == "int8" and not _has_qdq(src.path):
+            raise InputError(
+                f"{src.path.name} has no QuantizeLinear/DequantizeLinear nodes: TensorRT 11 builds "
+                "int8 only from a Q/DQ graph (export it with precision='int8' and int8_layers, or "
+                "`segfast export --precision int8`)"
+            )
         profs = resolve_profiles(
             src.inputs,
             src.opt_shapes,
@@ -427,6 +441,12 @@ def _unwrap_head(model: nn.Module, output: str, threshold: float) -> tuple[nn.Mo
     if isinstance(model, WithHead):
         return model.model, model.output, model.threshold
     return model, output, threshold
+
+
+def _has_qdq(path: Path) -> bool:
+    """Whether the ONNX file holds Q/DQ pairs (explicit quantization)."""
+    kinds = {n.op_type for n in _load_onnx(path).graph.node}
+    return {"QuantizeLinear", "DequantizeLinear"} <= kinds
 
 
 def _preprocess_meta(preprocess: Mapping[str, Any] | None) -> dict[str, Any]:

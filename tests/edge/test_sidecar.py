@@ -63,7 +63,7 @@ def test_cache_key_rejects_bad_arguments():
     with pytest.raises(ValueError, match="64 lowercase hex"):
         S.cache_key(**{**BASE, "onnx_sha256": "abc"})
     with pytest.raises(ValueError, match="precision"):
-        S.cache_key(**{**BASE, "precision": "int8"})
+        S.cache_key(**{**BASE, "precision": "int4"})
     with pytest.raises(ValueError, match="capability"):
         S.cache_key(**{**BASE, "capability": (9,)})
     with pytest.raises(ValueError, match="at least one"):
@@ -179,7 +179,7 @@ def test_malformed_sidecar_is_refused(plan, text, match):
         (lambda d: d["plan"].update(bytes=True), "'plan.bytes' must be int"),
         (lambda d: d.update(format_version=2), "format version 2"),
         (lambda d: d["gpu"].update(capability=[8]), r"\[major, minor\]"),
-        (lambda d: d.update(precision="int8"), "precision"),
+        (lambda d: d.update(precision="int4"), "precision"),
         (lambda d: d["head"].update(output="boxes"), "head.output"),
         (lambda d: d.update(inputs=[]), "lists no inputs"),
         (lambda d: d["inputs"][0].pop("profile"), "no field 'profile'"),

@@ -482,3 +482,21 @@ def test_bad_cache_entries_are_reported_and_rebuilt(tmp_path, spoil):
     assert got is None
     assert not (tmp_path / "m.plan").exists()
     assert notes[0].startswith("engine cache entry refused")
+
+
+def test_int8_builds_from_a_qdq_export(tmp_path):
+    """TensorRT 11 takes int8 only from Q/DQ nodes: the int8 source is the Q/DQ export,
+    an fp32 file is recognised as having none (the build refuses it before TensorRT)."""
+    pytest.importorskip("onnxscript", reason="the ONNX exporter (segfast[onnx])")
+    model = segfast.models.create("unet", tiny=True).eval()
+    x = torch.randn(1, 1, 32, 32)
+    layers = {n: 4.0 for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    src = T.export_source(
+        model, tmp_path / "q", precision="int8", example_input=x, output="mask",
+        int8_layers=layers, check=False,
+    )  # fmt: skip
+    assert T._has_qdq(src.path)
+    T.check_precision(src.inputs, "int8", src.path.name)  # fp32 inputs, as int8 plans take
+    plain = T.export_source(model, tmp_path / "f", precision="fp32", example_input=x, check=False)
+    assert not T._has_qdq(plain.path)
+    assert "int8" in S.PRECISIONS
