@@ -44,17 +44,36 @@ def available() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
-def quantize_u8(x: Tensor, scale: float) -> Tensor:
-    """fp32 ``x`` → uint8 ``clamp(round(x / scale), −128, 127) + 128``, channels_last:
-    one pass in segfast's CPU kernel (``sf_quantize_u8``), else in PyTorch ops."""
-    x = ops.to_nhwc(x.float())
+def _pixel_rows(t: Tensor) -> int | None:
+    """The stride between pixels of an NHWC (channels_last) 4-D tensor whose channels
+    are contiguous and whose pixels are evenly spaced — a whole tensor or a channel
+    slice of one — else None."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if sc != 1 or (h > 1 and sh != w * sw) or (n > 1 and sn != h * sh) or sw < c:
+        return None
+    return sw
+
+
+def quantize_into(x: Tensor, scale: float, out: Tensor) -> Tensor:
+    """fp32 ``x`` (N×C×H×W) → ``out`` (uint8, same shape): ``clamp(round(x / scale),
+    −128, 127) + 128``; one pass in segfast's CPU kernel (``sf_quantize_u8``) when both
+    are NHWC pixel rows (``out`` may be a channel slice of a joined input), else in
+    PyTorch ops."""
     native = cpu_native.load()
-    if native is not None and x.is_contiguous(memory_format=torch.channels_last):
-        out = torch.empty_like(x, dtype=torch.uint8)
-        native.quantize_u8(x.data_ptr(), x.numel(), float(scale), out.data_ptr())
+    xs, os_ = _pixel_rows(x), _pixel_rows(out)
+    if native is not None and x.dtype == torch.float32 and xs is not None and os_ is not None:
+        n, c, h, w = x.shape
+        native.quantize_u8(x.data_ptr(), n * h * w, c, xs, float(scale), out.data_ptr(), os_)
         return out
-    q = torch.clamp(torch.round(x / scale), ops.INT8_MIN, ops.INT8_MAX).add_(_ZP)
-    return q.to(torch.uint8)
+    q = torch.clamp(torch.round(x.float() / scale), ops.INT8_MIN, ops.INT8_MAX).add_(_ZP)
+    return out.copy_(q)
+
+
+def quantize_u8(x: Tensor, scale: float) -> Tensor:
+    """fp32 ``x`` → a new channels_last uint8 tensor (see :func:`quantize_into`)."""
+    x = ops.to_nhwc(x.float())
+    return quantize_into(x, scale, torch.empty_like(x, dtype=torch.uint8))
 
 
 class PackedQConv2d:
@@ -101,12 +120,27 @@ class PackedQConv2d:
             attr, scalars, "",
         )  # fmt: skip
 
+    def _quantized_input(self, x: Tensor, x2: Tensor | None) -> Tensor:
+        """The (joined) input as uint8: a two-source conv's sources are quantized
+        straight into their channel slices of one buffer (no float concat)."""
+        if x2 is None:
+            return quantize_u8(x, self.x_scale)
+        resize, align, sh, sw, first = self.x2_spec
+        if resize != "none":
+            x2 = ops.resize_like_aten(x2, x.shape[-2:], resize, align, sh, sw)
+        x2 = ops.to_nhwc(x2.float())
+        a, b = (x2, x) if first else (x, x2)
+        n, _, h, w = x.shape
+        u8 = torch.empty((n, a.shape[1] + b.shape[1], h, w), dtype=torch.uint8)
+        u8 = u8.contiguous(memory_format=torch.channels_last)
+        quantize_into(a.float(), self.x_scale, u8[:, : a.shape[1]])
+        quantize_into(b.float(), self.x_scale, u8[:, a.shape[1] :])
+        return u8
+
     def __call__(
         self, x: Tensor, residual: Tensor | None = None, x2: Tensor | None = None
     ) -> Tensor:
-        resize, align, sh, sw, first = self.x2_spec
-        inp = ops.join_sources(ops.to_nhwc(x), x2, resize, align, sh, sw, first)
-        u8 = quantize_u8(inp, self.x_scale)
+        u8 = self._quantized_input(ops.to_nhwc(x), x2)
         if residual is None or self.residual_after_act:
             if self.post is not None:
                 y = self._conv(u8, *self.post)

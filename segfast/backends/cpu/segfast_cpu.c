@@ -44,7 +44,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 11; }
+int sf_abi_version(void) { return 12; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1289,15 +1289,21 @@ int sf_conv_narrow(const float* restrict x, int64_t N, int64_t H, int64_t W, int
   return failed ? -1 : 0;
 }
 
-/* fp32 x[n] → u8 out[n]: clamp(round_half_even(x / scale), -128, 127) + 128. The
- * division (not a multiply by 1/scale) keeps it bit-identical to the reference
- * (segfast.compiler.ops.fake_quant). Contiguous buffers: NHWC is one run. */
-void sf_quantize_u8(const float* restrict x, int64_t n, float scale, uint8_t* restrict out) {
+/* fp32 → u8: out = clamp(round_half_even(x / scale), -128, 127) + 128, over `rows`
+ * rows of C values: x[r * xs + c] → out[r * os + c]. Pixel rows of NHWC tensors, so a
+ * channel slice of a larger buffer (one source of a two-source conv's joined input) is
+ * read or written in place. The division (not a multiply by 1/scale) keeps it
+ * bit-identical to the reference (segfast.compiler.ops.fake_quant). */
+void sf_quantize_u8(const float* restrict x, int64_t rows, int64_t C, int64_t xs, float scale,
+                    uint8_t* restrict out, int64_t os) {
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; i++) {
-    float v = nearbyintf(x[i] / scale);
-    v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
-    out[i] = (uint8_t)(int32_t)(v + 128.f);
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + r * xs;
+    uint8_t* orow = out + r * os;
+    for (int64_t c = 0; c < C; c++) {
+      float v = nearbyintf(xr[c] / scale);
+      v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+      orow[c] = (uint8_t)(int32_t)(v + 128.f);
+    }
   }
 }
-
