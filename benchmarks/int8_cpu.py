@@ -126,7 +126,9 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
     with torch.inference_mode():
         ref = [model(x).argmax(1).to(torch.uint8) for x in held]
     agreement = {
-        name: float(np.mean([(fn(x) == r).float().mean().item() for x, r in zip(held, ref, strict=True)]))
+        name: float(
+            np.mean([(fn(x) == r).float().mean().item() for x, r in zip(held, ref, strict=True)])
+        )
         for name, fn in built.items()
     }
     samples: dict[str, list[float]] = {name: [] for name in built}
@@ -137,17 +139,25 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
             fn = built[name]
             call = fn.run_unchecked if hasattr(fn, "run_unchecked") else fn
             samples[name] += measure(
-                call, [(held[0],)], warmup=1, iters=max(1, iters // rounds), device=torch.device("cpu")
+                call,
+                [(held[0],)],
+                warmup=1,
+                iters=max(1, iters // rounds),
+                device=torch.device("cpu"),
             ).host_s
     ms = {name: 1e3 * median(s) for name, s in samples.items()}
     base = ms["ORT fp32"]
-    print(f"\n{title} — {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(
+        f"\n{title} — {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"{'engine':28s} {'p50 ms':>8s} {'× ORT fp32':>10s} {'masks vs fp32':>14s}")
     for name in order:
         print(f"{name:28s} {ms[name]:8.1f} {base / ms[name]:10.2f} {100 * agreement[name]:13.2f}%")
     int8 = built["segfast int8"]
     floats = [x for x in int8.info.int8_layers if not x["int8"]]
-    print(f"segfast int8: {len(int8.info.int8_layers) - len(floats)} of {len(int8.info.int8_layers)} convs on int8")
+    print(
+        f"segfast int8: {len(int8.info.int8_layers) - len(floats)} of {len(int8.info.int8_layers)} convs on int8"
+    )
     return {
         "model": title,
         "p50_ms": ms,
