@@ -1,11 +1,16 @@
 """Helpers shared by the Triton kernel modules: activation codes, the launch
-device check, and the one factory every autotuned kernel takes its configs from.
+device check, the GPU a launch targets, and the one factory every autotuned kernel
+takes its configs from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -52,10 +57,64 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@dataclass(frozen=True)
+class GpuTarget:
+    """What the launchers and the autotune pruning need to know of the GPU a launch runs on."""
+
+    capability: tuple[int, int]  # (9, 0): H100/H200; (8, 7): Jetson Orin
+    sm_count: int
+    max_shared: int  # bytes of shared memory one block may use (the opt-in maximum)
+
+
+# Set only inside ``meta_launches``: the GPU that launches on ``meta`` tensors stand for.
+_META_TARGET: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar(
+    "segfast_meta_target", default=None
+)
+
+
+@contextlib.contextmanager
+def meta_launches(target: GpuTarget) -> Iterator[None]:
+    """Let the launchers take ``meta`` tensors, as if they ran on ``target``.
+
+    For the ahead-of-time compile check (``segfast.kernels.compile_check``), which drives
+    every launcher on meta tensors (no memory, no GPU) with Triton's launch intercepted,
+    to compile exactly what a real call would. Outside this context a meta tensor is
+    refused like any other non-CUDA tensor.
+    """
+    token = _META_TARGET.set(target)
+    try:
+        yield
+    finally:
+        _META_TARGET.reset(token)
+
+
+@functools.cache
+def _cuda_target(index: int) -> GpuTarget:
+    from triton.runtime import driver
+
+    props = driver.active.utils.get_device_properties(index)
+    return GpuTarget(
+        torch.cuda.get_device_capability(index),
+        int(props["multiprocessor_count"]),
+        int(props["max_shared_mem"]),
+    )
+
+
+def launch_target(device: torch.device) -> GpuTarget | None:
+    """The GPU a launch on ``device`` compiles for; None under the interpreter (CPU)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_target(index)
+    if device.type == "meta":
+        return _META_TARGET.get()
+    return None
+
+
 def check_device(*tensors: torch.Tensor | None) -> torch.device:
     """All tensors on one device that Triton can launch on; returns that device.
 
-    CUDA tensors run compiled kernels; CPU tensors only under the interpreter.
+    CUDA tensors run compiled kernels; CPU tensors only under the interpreter; meta
+    tensors only inside :func:`meta_launches` (the compile check).
     """
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
@@ -64,6 +123,8 @@ def check_device(*tensors: torch.Tensor | None) -> torch.device:
     if device.type == "cuda":
         return device
     if device.type == "cpu" and interpreting():
+        return device
+    if device.type == "meta" and _META_TARGET.get() is not None:
         return device
     raise RuntimeError(
         f"Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); "
@@ -82,12 +143,17 @@ def autotune_configs(
     num_warps: Iterable[int] = (4, 8),
     num_stages: Iterable[int] = (3, 4),
     interpreter_config: dict[str, int],
+    fits: Callable[[dict[str, int], int, int], bool] | None = None,
 ):  # -> list[triton.Config]
     """The one factory of autotune configs.
 
     On a GPU every block-size dict in ``space`` is crossed with ``num_warps`` and
-    ``num_stages``; under the interpreter, where tuning is meaningless and every
-    config costs seconds, only ``interpreter_config`` with one warp and stage.
+    ``num_stages``, keeping the combinations ``fits(blocks, warps, stages)`` accepts:
+    those that can never fit a GPU (registers spilled whatever the shape) are never
+    compiled. What depends on the shape, the dtype or the GPU is each kernel's
+    ``early_config_prune``. ``python benchmarks/compile_targets.py`` checks both.
+    Under the interpreter, where tuning is meaningless and every config costs seconds,
+    only ``interpreter_config`` with one warp and stage.
     """
     import triton
 
@@ -98,7 +164,35 @@ def autotune_configs(
         for blocks in space
         for w in num_warps
         for s in num_stages
+        if fits is None or fits(blocks, w, s)
     ]
+
+
+def dot_loop_shared_bytes(
+    m: int,
+    n: int,
+    k: int,
+    num_stages: int,
+    *,
+    elem_bytes: int,
+    wgmma: bool,
+    a_loads: int = 1,
+    staged_a: bool = False,
+) -> int:
+    """Shared memory Triton 3.9's software pipeliner gives a K loop of ``tl.dot`` over
+    [m, k] × [k, n] tiles loaded from global memory (matched to the compiled kernels).
+
+    num_stages − 1 buffered stages of every pipelined load — ``a_loads`` loads of the
+    [m, k] tile (e.g. the four bilinear neighbours it is blended from) and the [k, n]
+    tile; plus the A operand when it is computed in registers and staged for the dot
+    (``staged_a``); plus, for Hopper's wgmma (sm_90, fp16/bf16), the A and B operands
+    of the dot in flight.
+    """
+    a, b = m * k, k * n
+    elems = (num_stages - 1) * (a_loads * a + b)
+    elems += a if staged_a or wgmma else 0
+    elems += b if wgmma else 0
+    return elems * elem_bytes
 
 
 def next_power_of_2(n: int) -> int:

@@ -53,7 +53,6 @@ Traffic and work (elements; multiply by the element size for bytes):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,11 +62,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    GpuTarget,
     act_code,
     apply_activation_reference,
     autotune_configs,
     check_device,
     check_float_dtype,
+    dot_loop_shared_bytes,
+    launch_target,
     next_power_of_2,
 )
 from ._epilogue import activate
@@ -162,39 +164,120 @@ def _conv_configs():
     sizes (32 KiB of operands per stage, 3–4 stages fit in shared memory); 64-wide
     variants serve small feature maps where 128×128 tiles leave SMs idle; BLOCK_N=32
     serves narrow Cout (class heads); BLOCK_K=32/16 serves few input channels, where
-    a 64-deep channel block would be mostly padding. ``_prune_conv_configs`` drops
-    the tiles a given shape cannot use.
+    a 64-deep channel block would be mostly padding. At most 64 fp32 accumulators per
+    thread, whatever the dtype and GPU: 128×128 on 4 warps (128) spills 4–550 B with a
+    residual, a second source or mma.sync, and 48–56 B in plain fp16/bf16 convs on sm_90
+    with Triton 3.6; 128×256 (the wgmma favourite) would need 16 warps, so it is gone
+    (on 4 warps it spilled 2–19 KB). ``_prune_conv_configs`` drops the tiles a given
+    shape cannot use and those that do not fit the dtype and the GPU (``_gemm_fits``).
     """
     space = [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64},
-        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32},
         {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16},
     ]
     # Interpreter: one config; 64×32×16 keeps the program count (each program costs
     # interpreter time) and the padding of the odd test sizes both small.
-    return autotune_configs(space, interpreter_config={"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})
+    return autotune_configs(
+        space,
+        interpreter_config={"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16},
+        fits=lambda b, warps, stages: b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 32 * warps,
+    )
+
+
+def _gemm_fits(
+    config,
+    *,
+    ieee: bool,
+    bilinear: bool,
+    idx64: bool,
+    flat_k: bool,
+    elem_bytes: int,
+    target: GpuTarget,
+) -> bool:
+    """Whether an implicit-GEMM tile compiles for ``target`` without spilling registers or
+    overflowing shared memory (beyond the space's ≤ 64 accumulators per thread).
+
+    The budgets come from compiling every config for sm_90 and sm_87 with ptxas, Triton
+    3.9 and 3.6 (``python benchmarks/compile_targets.py``); per thread (T = 32·warps):
+
+    - fp32 (``ieee`` dots, no tensor cores): each thread also holds its K-slab of both
+      operands: BM·BN·BK/T ≤ 2048 and BK ≤ 32 (128×128×64 on 4 warps: 40–90 KB of
+      spills; 64×64×64: 4–40 B); on 8 warps at least 32 accumulators — smaller tiles
+      need just over 128 registers, and ptxas spills 4–24 B to keep two 256-thread
+      blocks per SM (128×32×32, the flat-K stem).
+    - int64 offsets (IDX64) outside wgmma: ≤ 32 accumulators (128×64×16 on 4 warps
+      spills 24–32 B on sm_87).
+    - the flat-K loop (per-element [BM, BK] tap coordinates) on tensor cores: 8 warps
+      (128×32×32 on 4 warps spills 4 B on sm_87).
+    - bilinear x2: the four neighbour tiles BM·BK (in the storage dtype, two fp16 per
+      register) are live with the accumulators until blended: accumulators + neighbours
+      ≤ 96 registers (128×128×64 fp16 on 4 warps: 300–1000 B of spills).
+
+    Shared memory (``dot_loop_shared_bytes``: a bilinear x2 pipelines each of its four
+    neighbour loads and stages the blended tile for the dot) must fit the block's
+    maximum (sm_90: 227 KB, sm_87: 163 KB): 128×128×64 bilinear at 4 stages needs
+    264–272 KB in fp16, 512 KB in fp32.
+    """
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    threads = 32 * config.num_warps
+    acc = bm * bn // threads
+    wgmma = target.capability[0] >= 9 and not ieee
+    regs_ok = acc <= (32 if idx64 and not wgmma else 64)
+    if ieee:
+        regs_ok = regs_ok and bm * bn * bk // threads <= 2048 and bk <= 32
+        regs_ok = regs_ok and (threads < 256 or acc >= 32)
+    elif flat_k:
+        regs_ok = regs_ok and threads >= 256
+    if bilinear:
+        regs_ok = regs_ok and acc + 4 * bm * bk * elem_bytes // 4 // threads <= 96
+    shared = dot_loop_shared_bytes(
+        bm, bn, bk, config.num_stages, elem_bytes=elem_bytes, wgmma=wgmma,
+        a_loads=4 if bilinear else 1, staged_a=bilinear,
+    )  # fmt: skip
+    return regs_ok and shared <= target.max_shared
 
 
 def _prune_conv_configs(configs, named_args, **kwargs):
     """Drop tiles wider than the shape: BLOCK_N beyond Cout, BLOCK_K beyond the channel
     count of either source (or beyond KH·KW·C1 for the flat-K loop), BLOCK_M beyond
-    the pixel count. Padding-only tiles cost the same time and add nothing."""
+    the pixel count — padding-only tiles cost the same time and add nothing — and the
+    32-wide column tile above 64 output channels, where wider tiles serve (and it spills
+    8 B on sm_87 in fp16, 4 B on sm_90 in fp32); then, on a GPU, the tiles that would
+    spill or overflow shared memory there (``_gemm_fits``)."""
     args = {**named_args, **kwargs}
     m = args["N"] * args["Ho"] * args["Wo"]
     k = args["KH"] * args["KW"] * args["C1"] if args["FLAT_K"] else max(args["C1"], args["C2"])
+    cout = next_power_of_2(args["Cout"])
     kept = [
         c
         for c in configs
-        if c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(args["Cout"]))
+        if c.kwargs["BLOCK_N"] <= max(32, cout)
+        and (c.kwargs["BLOCK_N"] > 32 or cout <= 64)
         and c.kwargs["BLOCK_K"] <= max(16, next_power_of_2(k))
         and c.kwargs["BLOCK_M"] <= max(64, next_power_of_2(m))
-    ]
-    return kept or configs
+    ] or configs
+    x = args["x_ptr"]
+    target = launch_target(x.device)
+    if target is None:  # the interpreter: one config, nothing to fit
+        return kept
+
+    def fits(c) -> bool:
+        return _gemm_fits(
+            c,
+            ieee=args["DOT_PRECISION"] == "ieee",
+            bilinear=args["RESIZE"] == 2,
+            idx64=args["IDX64"],
+            flat_k=args["FLAT_K"],
+            elem_bytes=x.element_size(),
+            target=target,
+        )
+
+    return [c for c in kept if fits(c)] or [c for c in configs if fits(c)] or kept
 
 
 @triton.autotune(
@@ -500,10 +583,13 @@ def _splitk_epilogue_kernel(
 def _dw_configs():
     """Autotune space of the depthwise kernel (one factory; see autotune_configs).
 
-    A direct kernel is memory bound: tiles of 2–8 K elements spread over 64–256
+    A direct kernel is memory bound: tiles of 4–8 K elements spread over 128–256
     threads, wide along channels (contiguous in channels_last: 128-byte lines at
     64 fp16 channels) for wide MobileNet layers, narrow for the 16/24/32-channel ones.
-    No tl.dot, so software pipelining gains little: stages 1–2.
+    No tl.dot, so software pipelining gains little: stages 1–2. At most 32 fp32
+    accumulators per thread: at 64 (a 4 K tile on 2 warps, 8 K on 4) a thread also
+    holds a tile of loads and its offsets — 240–255 registers, and 220–1170 B of
+    spills with the 8 K tile (sm_90 and sm_87, every dtype).
     """
     space = [
         {"BLOCK_P": 64, "BLOCK_C": 64},
@@ -514,9 +600,10 @@ def _dw_configs():
     ]
     return autotune_configs(
         space,
-        num_warps=(2, 4),
+        num_warps=(4, 8),
         num_stages=(1, 2),
         interpreter_config={"BLOCK_P": 64, "BLOCK_C": 16},
+        fits=lambda b, warps, stages: b["BLOCK_P"] * b["BLOCK_C"] <= 32 * 32 * warps,
     )
 
 
@@ -826,22 +913,17 @@ def _split_k_for(m: int, cout: int, k_iters: int, n_sm: int) -> int:
     return max(1, min(_SPLIT_MAX, n_sm // tiles, k_iters // _SPLIT_MIN_ITERS))
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split_k(p: _Conv, device: torch.device) -> int:
     """Split-K factor of a GEMM-path call (1 under the interpreter: no SMs to fill)."""
-    if device.type != "cuda":
+    target = launch_target(device)
+    if target is None:
         return 1
     if p.C1 <= _FLAT_K_MAX_CHANNELS:
         k_iters = triton.cdiv(p.KH * p.KW * p.C1, 64)
     else:
         k_iters = p.KH * p.KW * triton.cdiv(p.C1, 64)
     k_iters += p.KH * p.KW * triton.cdiv(p.C2, 64)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _split_k_for(p.N * p.Ho * p.Wo, p.Cout, k_iters, _sm_count(index))
+    return _split_k_for(p.N * p.Ho * p.Wo, p.Cout, k_iters, target.sm_count)
 
 
 def _span(t: torch.Tensor) -> int:

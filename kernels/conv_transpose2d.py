@@ -36,11 +36,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    GpuTarget,
     act_code,
     apply_activation_reference,
     autotune_configs,
     check_device,
     check_float_dtype,
+    dot_loop_shared_bytes,
+    launch_target,
     next_power_of_2,
 )
 from ._epilogue import activate
@@ -50,7 +53,9 @@ def _configs():
     # Tensor-core tiles; 128×128 for the big U-Net up-convolutions (K = Cin up to
     # 1024 per tap), 64-wide for small Cout (64) and DCGAN's 4×4 feature maps where
     # M per phase is small. BLOCK_K 32/64: Cin is a multiple of 32 in every real
-    # decoder; 64 halves the loop trips when it is large.
+    # decoder; 64 halves the loop trips when it is large. At most 64 fp32 accumulators
+    # per thread: 128×128 on 4 warps (128) spills 4–1600 B in every dtype, the
+    # residual and RGB-output cases most (sm_90 and sm_87).
     space = [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64},
@@ -59,23 +64,74 @@ def _configs():
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64},
     ]
-    return autotune_configs(space, interpreter_config={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+    return autotune_configs(
+        space,
+        interpreter_config={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32},
+        fits=lambda b, warps, stages: b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 32 * warps,
+    )
+
+
+def _fits(config, args: dict, target: GpuTarget) -> bool:
+    """Whether a tile compiles for ``target`` without spills or a shared-memory overflow
+    (beyond the space's ≤ 64 accumulators per thread).
+
+    Per thread (T = 32·warps threads), measured with ptxas for sm_90 and sm_87, Triton
+    3.9 and 3.6 (``python benchmarks/compile_targets.py``):
+
+    - fp32 (``ieee`` dots, no tensor cores) holds the K-slab of both operands:
+      BM·BN·BK/T ≤ 2048 and BK ≤ 32 (128×128×64 on 8 warps spills 12–28 B, 128×64×64
+      184–260 B on 4 warps, 8 B on 8); and not fewer than 32 accumulators on 8 warps,
+      where ptxas trades 4–8 B of spills at 80 registers for occupancy (64×64×64).
+    - with the residual added after the activation (its tile live across it), or an
+      output whose NHWC rows are not 16-aligned (RGB: Cout = 3; stored element by
+      element, a 64-bit address each): ≤ 32 accumulators (128×64 on 4 warps spills
+      12–36 B and 600–1900 B).
+    - shared memory as ``dot_loop_shared_bytes`` (fp32 128×128×64 at 4 stages: 192 KB,
+      over sm_87's 163 KB).
+    """
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    threads = 32 * config.num_warps
+    acc = bm * bn // threads
+    ieee = args["IEEE"]
+    aligned_out = all(args[s] % 16 == 0 for s in ("syn", "syh", "syw")) and args["syc"] == 1
+    if ieee and (bm * bn * bk // threads > 2048 or bk > 32):
+        return False
+    if ieee and threads >= 256 and acc < 32:
+        return False
+    if (args["RES_AFTER_ACT"] or not aligned_out) and acc > 32:
+        return False
+    shared = dot_loop_shared_bytes(
+        bm, bn, bk, config.num_stages,
+        elem_bytes=args["x_ptr"].element_size(),
+        wgmma=target.capability[0] >= 9 and not ieee,
+    )  # fmt: skip
+    return shared <= target.max_shared
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose N or K tile is more than twice the channel count (pure
-    padding work), keeping the smallest ones if that leaves nothing."""
-    cout = next_power_of_2(named_args["Cout"])
-    cin = next_power_of_2(named_args["Cin"])
+    padding work), keeping the smallest ones if that leaves nothing; then, on a GPU,
+    those that would spill or overflow shared memory there (``_fits``)."""
+    args = {**named_args, **kwargs}
+    cout = next_power_of_2(args["Cout"])
+    cin = next_power_of_2(args["Cin"])
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_N"] <= max(2 * cout, 64) and c.kwargs["BLOCK_K"] <= max(2 * cin, 32)
     ]
-    if kept:
+    if not kept:
+        smallest = min(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] for c in configs)
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == smallest]
+    x = args.get("x_ptr")  # absent when called with shapes alone
+    target = None if x is None else launch_target(x.device)
+    if target is None:  # the interpreter (one config) or no tensor: nothing to fit
         return kept
-    smallest = min(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] for c in configs)
-    return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == smallest]
+    return (
+        [c for c in kept if _fits(c, args, target)]
+        or [c for c in configs if _fits(c, args, target)]
+        or kept
+    )
 
 
 @triton.autotune(
@@ -96,6 +152,13 @@ def _prune_configs(configs, named_args, **kwargs):
         "PW",
         "DH",
         "DW",
+        # what fits depends on these too (_fits): the residual after the activation and
+        # whether the output rows are 16-aligned (a concat slice's strides)
+        "RES_AFTER_ACT",
+        "syn",
+        "syc",
+        "syh",
+        "syw",
     ],
     prune_configs_by={"early_config_prune": _prune_configs},
 )

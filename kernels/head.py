@@ -42,7 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, check_device, check_float_dtype, next_power_of_2
+from ._common import (
+    autotune_configs,
+    check_device,
+    check_float_dtype,
+    dot_loop_shared_bytes,
+    launch_target,
+    next_power_of_2,
+)
 
 MODES: dict[str, int] = {"argmax": 0, "softmax": 1, "sigmoid": 2, "threshold": 3, "logits": 4}
 _ARGMAX = tl.constexpr(0)
@@ -308,6 +315,48 @@ def _seg_head_kernel(
 
 _KEY = ["C", "K", "h_in", "w_in", "H", "W", "total", "MODE"]
 
+
+def _prune_conv_head(configs, named_args, **kwargs):
+    """Keep the tiles that fit in registers and, on a GPU, in its shared memory.
+
+    Measured with ptxas for sm_90 and sm_87 (``python benchmarks/compile_targets.py``),
+    per thread (T = 32·warps threads):
+
+    - at most 16 fp32 logits (BLOCK_P·BLOCK_K/T): at 64 (128 pixels × 64 classes on 4
+      warps) the argmax / softmax reductions beside them spill 48–840 B, at 32 on sm_87
+      8 B (Triton 3.6);
+    - fp32 dots (no tensor cores) also hold the C-slab of both operands: 64 pixels on
+      4 warps, 4 stages (128 pixels spill 4–28 B; on 8 warps, or at 3 stages, ptxas
+      squeezes a thread's logits into 80–128 registers and spills 8–56 B);
+    - 32-deep C chunks only when C ≤ 32: above, 64-deep chunks take half the trips, and
+      the 32-deep ones land on ptxas' occupancy steps on sm_87 (4–24 B of spills at 72,
+      80 or 128 registers).
+
+    Shared memory as ``dot_loop_shared_bytes`` (at most ~100 KB here).
+    """
+    args = {**named_args, **kwargs}
+    bk, fp32 = args["BLOCK_K"], args["DOT_FP32"]
+    x = args["src"]
+    target = launch_target(x.device)
+
+    def fits(c) -> bool:
+        bp, bc, threads = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], 32 * c.num_warps
+        if bp * bk // threads > 16 or (bc < 64 and args["C"] > bc):
+            return False
+        if fp32 and (bp > 64 or threads > 128 or c.num_stages < 4):
+            return False
+        if target is None:
+            return True
+        shared = dot_loop_shared_bytes(
+            bp, bk, bc, c.num_stages,
+            elem_bytes=4 if fp32 else x.element_size(),
+            wgmma=target.capability[0] >= 9 and not fp32,
+        )  # fmt: skip
+        return shared <= target.max_shared
+
+    return [c for c in configs if fits(c)] or configs[:1]
+
+
 # 1×1 conv launches: the pixel tile is tl.dot's M, classes its N (≥ 16), C its K dimension.
 # BLOCK_C 32/64 covers typical head widths (64–512) in few steps; more stages hide the
 # feature loads. Interpreter: 16-wide C chunks so small test C values still take 2 steps.
@@ -322,18 +371,42 @@ _conv_head = triton.autotune(
         interpreter_config={"BLOCK_P": 64, "BLOCK_C": 16},
     ),
     key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_conv_head},
 )(_seg_head_kernel)
 
+
+def _prune_gather(configs, named_args, **kwargs):
+    """Keep the pixel tiles whose neighbours fit in registers (same on sm_90 and sm_87).
+
+    Each thread holds BLOCK_P·BLOCK_K/T logits of each bilinear neighbour (T = 32·warps
+    threads), fp32 after the load, each with its own 64-bit address (a pixel's K logits
+    are not 16-byte aligned for most K, so the loads are scalar): at most 8 per neighbour
+    with the upsample — at 16 (BLOCK_P 64 on 4 warps, 32 classes) threads sit at 250–255
+    registers and softmax over 150 classes spills 290–320 B, at 32 (BLOCK_P 256 on
+    8 warps) every mode spills 0.8–1.3 KB — and at most 16 without it (one neighbour).
+    """
+    args = {**named_args, **kwargs}
+    limit = 8 if args["UPSAMPLE"] else 16
+
+    def per_thread(c) -> int:
+        return c.kwargs["BLOCK_P"] * args["BLOCK_K"] // (32 * c.num_warps)
+
+    return [c for c in configs if per_thread(c) <= limit] or [min(configs, key=per_thread)]
+
+
 # Gather launches: no dot and no C loop (BLOCK_C unused); each pixel holds 4·BLOCK_K fp32
-# neighbours in registers, so the pixel tile trades parallelism against register pressure.
-# Pipelining stages do not apply (no loop over memory), hence num_stages=(1,).
+# neighbours in registers, so the pixel tile trades parallelism against register pressure
+# (``_prune_gather``). Pipelining stages do not apply (no loop over memory): num_stages=(1,).
 _gather_head = triton.autotune(
     configs=autotune_configs(
         [{"BLOCK_P": bp, "BLOCK_C": 16} for bp in (32, 64, 128, 256)],
         num_stages=(1,),
         interpreter_config={"BLOCK_P": 128, "BLOCK_C": 16},
+        # 32 pixels over 8 warps: 4 logits a thread, and ptxas spills 4 B at 64 registers
+        fits=lambda blocks, warps, stages: blocks["BLOCK_P"] >= 8 * warps,
     ),
     key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_gather},
 )(_seg_head_kernel)
 
 
@@ -474,16 +547,21 @@ def seg_head(
     o_k = out.stride(1) if out.dim() == 4 else 0
     o_n, o_y, o_x = (out.stride(0), out.stride(-2), out.stride(-1))
     total = plan.N * plan.H * plan.W
-    # The 1×1 conv's class tile is tl.dot's N dimension: ≥ 16; 64 bounds the fp32
-    # accumulator (BLOCK_P × 64) — more classes loop over class blocks.
-    conv_bk = min(max(next_power_of_2(K), 16), 64)
+    w2 = plan.weight
+    dot_fp32 = w2 is not None and not (
+        x.dtype == w2.dtype and x.dtype in (torch.float16, torch.bfloat16)
+    )
+    # The 1×1 conv's class tile is tl.dot's N dimension: ≥ 16; it bounds the fp32
+    # accumulator (BLOCK_P × classes) — more classes loop over class blocks. 64 classes
+    # on tensor cores; 16 for fp32 dots, whose threads also hold the C-slab of both
+    # operands (with 64 classes every fp32 tile spills 20–1800 B on sm_90 or sm_87, with
+    # 32 the two-pass softmax still spills 80–120 B with Triton 3.6).
+    conv_bk = 16 if dot_fp32 else min(max(next_power_of_2(K), 16), 64)
     # Gather: 4 neighbours × BLOCK_K fp32 per pixel live in registers; 32 classes
     # (VOC's 21, Cityscapes' 19) in one block, larger K loops.
     gather_bk = min(next_power_of_2(K), 32)
 
-    w2 = plan.weight
     if w2 is not None:
-        dot_fp32 = not (x.dtype == w2.dtype and x.dtype in (torch.float16, torch.bfloat16))
         bias_arg = bias if bias is not None else w2
         if plan.upsample:
             # Low-resolution fp32 logits, channels_last: each pixel's K logits contiguous

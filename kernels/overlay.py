@@ -61,12 +61,15 @@ def _overlay_kernel(
 
 
 # Pure streaming kernel (no loop to pipeline: num_stages=(1,)); the pixel tile trades
-# occupancy against per-program overhead. Interpreter: large tiles, few programs.
+# occupancy against per-program overhead. At most 8 pixels per thread: at 16 (2048 on
+# 4 warps) threads sit at 240–255 registers, and an int32/int64 mask spills 4–170 B
+# with Triton 3.6 (sm_90 and sm_87). Interpreter: large tiles, few programs.
 _overlay = triton.autotune(
     configs=autotune_configs(
         [{"BLOCK_P": bp} for bp in (256, 512, 1024, 2048)],
         num_stages=(1,),
         interpreter_config={"BLOCK_P": 1024},
+        fits=lambda blocks, warps, stages: blocks["BLOCK_P"] <= 8 * 32 * warps,
     ),
     key=["H", "W", "total", "K", "C", "HAS_SKIP"],
     # out may be frames itself (in place): every timed config must start from the

@@ -35,13 +35,16 @@ from ._common import autotune_configs, check_device, check_float_dtype, next_pow
 def _configs(interpreter_tile: int, tiles: tuple[int, ...] = (1024, 2048, 4096)):
     # Memory-bound gathers/reductions: a tile of TILE elements =
     # (TILE // BLOCK_C) pixels (or window taps) × BLOCK_C channels, BLOCK_C chosen
-    # by the launcher from the layout. 1024-4096 elements keeps 8-32 values per
-    # thread in flight at 4-8 warps; no K loop to pipeline, so one stage.
+    # by the launcher from the layout. 1024-4096 elements keeps 4-16 values per
+    # thread in flight at 4-8 warps; no K loop to pipeline, so one stage. At most
+    # 16 per thread: at 32 (4096 on 4 warps) the max-pool with indices, holding an
+    # int64 offset, a value and an index per element, spills 76-680 B (sm_90/sm_87).
     return autotune_configs(
         [{"TILE": t} for t in tiles],
         num_warps=(4, 8),
         num_stages=(1,),
         interpreter_config={"TILE": interpreter_tile},
+        fits=lambda blocks, warps, stages: blocks["TILE"] <= 16 * 32 * warps,
     )
 
 
