@@ -68,7 +68,7 @@ Environment (seconds unless said):
   GPU_SUITE_WORKERS=8         pytest-xdist workers of the test steps (1: none)
   GPU_SUITE_TEST_TIMEOUT=120  per-test limit (pytest-timeout, where installed)
   GPU_SUITE_KERNEL_FILES      kernel suites in order (default conv2d,head,conv_transpose2d,
-                              pool,resize,preprocess,overlay)   GPU_SUITE_KERNEL_K  pytest -k
+                              pool,resize,preprocess,overlay,qconv2d)   GPU_SUITE_KERNEL_K  pytest -k
   GPU_SUITE_CASESET=standard  segfast.bench.suite --cases
   GPU_SUITE_CASES             its --only, in order (default: every 512-class case, then
                               the 1024x2048 ones; empty with a non-standard caseset)
@@ -129,7 +129,7 @@ for s in "${STEPS[@]}"; do
   BUDGET[$s]=$(env_uint "$var" "${DEFAULT_BUDGET[$s]}")
 done
 PY=${PYTHON:-python3}
-KERNEL_FILES=${GPU_SUITE_KERNEL_FILES:-conv2d,head,conv_transpose2d,pool,resize,preprocess,overlay}
+KERNEL_FILES=${GPU_SUITE_KERNEL_FILES:-conv2d,head,conv_transpose2d,pool,resize,preprocess,overlay,qconv2d}
 KERNEL_K=${GPU_SUITE_KERNEL_K:-}
 CASESET=${GPU_SUITE_CASESET:-standard}
 if [[ $CASESET == standard ]]; then

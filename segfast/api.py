@@ -304,7 +304,8 @@ def _runner(
     runner = _build(be, req, graph, info)
     if domain is not None:
         runner = _guard(runner, domain)
-    if not be.propagates_nonfinite:
+    propagates = runner.propagates_nonfinite
+    if not (be.propagates_nonfinite if propagates is None else propagates):
         runner = _finite_or_reference(runner, req)
     return runner
 

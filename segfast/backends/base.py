@@ -38,6 +38,10 @@ class Runner:
     notes: list[str] = field(default_factory=list)  # facts for the summary
     cuda_graph: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    # this runner's answer to Backend.propagates_nonfinite, where it differs from its
+    # backend's (an int8 engine of a backend whose float kernels propagate NaN: integers
+    # carry no NaN); None: the backend's
+    propagates_nonfinite: bool | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.fn(*inputs)

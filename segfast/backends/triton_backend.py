@@ -5,8 +5,14 @@ or depthwise), ``segfast.conv_transpose2d`` (groups 1), ``segfast.head``,
 bilinear/nearest resize, max-pool (with indices), max-unpool and adaptive /
 global average pooling runs a kernel from :mod:`segfast.kernels`; convolution
 weights are packed once, at build time, into the layout the kernels read
-fastest. Concatenations the ``concat_slices`` pass marked become one
-preallocated NHWC buffer that each producer writes its channel slice of. What
+fastest. In int8 engines (``precision="int8"``) every ``segfast.qconv2d``
+(groups 1 or depthwise) runs :mod:`segfast.kernels.qconv2d` (int8 × int8 → int32
+tensor-core GEMM, the input quantized on load) with its int8 weight packed K-major
+once; ``segfast.qconv_transpose2d`` stays on its composite (fake-quantized
+PyTorch: there is no int8 transposed-conv kernel yet), and so do grouped
+(non-depthwise) qconv2d. Integers carry no NaN and int8 saturates ±Inf, so an
+int8 engine runs inputs holding NaN/Inf through the eager model. Concatenations the
+``concat_slices`` pass marked become one preallocated NHWC buffer that each producer writes its channel slice of. What
 has no kernel stays on PyTorch (the summary counts it).
 
 On a GPU a static engine is captured once into a CUDA graph (after the
@@ -57,6 +63,23 @@ def _conv2d(
         groups=groups, act=act, act_param=act_param, residual=residual,
         residual_after_act=residual_after_act, x2=x2, x2_resize=x2_resize,
         x2_align_corners=x2_align_corners, x2_scales=scales, x2_first=x2_first, out=out,
+    )  # fmt: skip
+
+
+def _qconv2d(
+    x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
+    x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first, x_scale, w_scale,
+    out=None,
+):  # fmt: skip
+    from segfast.kernels.qconv2d import qconv2d
+
+    scales = None if x2_scale_h is None else (float(x2_scale_h), float(x2_scale_w))
+    return qconv2d(
+        x, w, b, x_scale=float(x_scale), w_scale=w_scale, stride=tuple(stride),
+        padding=tuple(padding), dilation=tuple(dilation), groups=groups, act=act,
+        act_param=act_param, residual=residual, residual_after_act=residual_after_act, x2=x2,
+        x2_resize=x2_resize, x2_align_corners=x2_align_corners, x2_scales=scales,
+        x2_first=x2_first, out=out,
     )  # fmt: skip
 
 
@@ -170,11 +193,22 @@ _RESIZE = {
 }
 
 
-_SLICE_WRITERS = (_conv2d, _conv_transpose2d)
+_SLICE_WRITERS = (_conv2d, _qconv2d, _conv_transpose2d)
+# x2 resizes the conv kernels' two-source prologues compute (nearest-exact is not one)
+_PROLOGUE_RESIZES = ("none", "nearest", "bilinear")
 
 
 def _is_depthwise(w: torch.Tensor, groups: int) -> bool:
     return groups > 1 and w.shape[1] == 1 and w.shape[0] == groups
+
+
+def _qconv_kind(node: fx.Node) -> str | None:
+    """What :mod:`segfast.kernels.qconv2d` runs a ``segfast.qconv2d`` node as ("qconv2d",
+    "depthwise_qconv2d"), or None when it stays on the composite."""
+    w, groups, x2 = val(node.args[1]), node.args[6], node.args[11]
+    if groups == 1:
+        return "qconv2d" if x2 is None or node.args[12] in _PROLOGUE_RESIZES else None
+    return "depthwise_qconv2d" if _is_depthwise(w, groups) and x2 is None else None
 
 
 def _global_mean(node: fx.Node) -> bool:
@@ -189,6 +223,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
     """Point the fused graph's ops at the Triton launchers; returns (gm, lowered, kept)."""
     from segfast.kernels.conv2d import pack_conv_weight
     from segfast.kernels.conv_transpose2d import pack_weight
+    from segfast.kernels.qconv2d import pack_qconv_weight
 
     lowered: Counter[str] = Counter()
     kept: Counter[str] = Counter()
@@ -214,6 +249,17 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
                 lowered["conv2d" if groups == 1 else "depthwise_conv2d"] += 1
             else:
                 kept["grouped conv2d"] += 1
+        elif t is segfast_ops.qconv2d.default:
+            kind = _qconv_kind(node)
+            if kind is not None:
+                node.target = _qconv2d
+                if node.args[1].op == "get_attr":  # the int8 weight; w_scale is used as is
+                    packed[str(node.args[1].target)] = pack_qconv_weight
+                lowered[kind] += 1
+            else:
+                kept["qconv2d (grouped or nearest-exact x2: composite)"] += 1
+        elif t is segfast_ops.qconv_transpose2d.default:
+            kept["qconv_transpose2d (composite)"] += 1
         elif t is segfast_ops.conv_transpose2d.default:
             if node.args[7] == 1:
                 node.target = _conv_transpose2d
@@ -345,13 +391,23 @@ class TritonBackend(Backend):
             with torch.inference_mode():
                 return gm(*inputs)
 
+        # integers carry no NaN and int8 saturates ±Inf: the api runs non-finite inputs
+        # of an int8 engine through the eager model (outside any CUDA graph)
+        finite = {"propagates_nonfinite": False} if _has_int8(gm) else {}
         details: dict[str, Any] = {"graph": gm, "lowered": dict(lowered), "kept": dict(kept)}
         static = not req.dynamic
         if req.device.type == "cuda" and static and not req.options.get("no_cuda_graph"):
             replay = _cuda_graph(run, req.inputs)
             notes.append("CUDA graph: captured after autotuning; replayed per call")
-            return Runner(replay, notes=notes, cuda_graph=True, details=details)
-        return Runner(run, notes=notes, details=details)
+            return Runner(replay, notes=notes, cuda_graph=True, details=details, **finite)
+        return Runner(run, notes=notes, details=details, **finite)
+
+
+_INT8_OPS = (_qconv2d, segfast_ops.qconv2d.default, segfast_ops.qconv_transpose2d.default)
+
+
+def _has_int8(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target in _INT8_OPS for n in gm.graph.nodes)
 
 
 def _cuda_graph(
@@ -389,6 +445,8 @@ def _register_cuda_kernels() -> None:
     torch.library.register_kernel("segfast::conv2d", "cuda", _conv2d)
     torch.library.register_kernel("segfast::conv_transpose2d", "cuda", _conv_transpose2d)
     torch.library.register_kernel("segfast::head", "cuda", _head)
+    # segfast::qconv2d keeps its composite on CUDA: the torch backend runs int8 graphs
+    # through the op (its direct-call table has no qconv2d), and must stay PyTorch.
 
 
 _register_cuda_kernels()

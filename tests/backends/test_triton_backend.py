@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import segfast
-from segfast import BackendUnavailable, models
+from segfast import BackendUnavailable, Calibration, models
 from segfast.kernels._common import interpreting
+from segfast.outputs import WithHead
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreting()),
@@ -94,3 +97,82 @@ def test_segfast_ops_dispatch_to_triton_on_cuda():
     with torch.backends.cudnn.flags(allow_tf32=False):
         torch.testing.assert_close(torch.ops.segfast.conv2d(*args), conv2d_impl(*args),
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+# -- int8 -------------------------------------------------------------------------------
+
+
+def _smooth(seed: int, c: int = 1, size: int = 32) -> torch.Tensor:
+    """An image with structure (a low-frequency field and a little noise): what a
+    segmentation network sees, and what calibrates it."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, c, size // 8, size // 8, generator=g)
+    field = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return (field + 0.1 * torch.randn(1, c, size, size, generator=g)).to(DEVICE)
+
+
+class _DepthwiseBlock(nn.Module):
+    """conv → BN → ReLU6 → depthwise 3×3 → ReLU6 → 1×1 projection (MobileNet-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+            nn.Conv2d(16, 4, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _int8_engines(model, channels: int, backends=("triton", "torch")):
+    """Int8 engines (logits) of ``backends`` from one calibration, and the data.
+
+    min_agreement 0.9 and no fallback: every conv is int8 in each (the contract itself
+    is test_int8.py's; here the backends must compute the same int8 engine)."""
+    data = [_smooth(i, channels) for i in range(6)]
+    cal = Calibration(data[:4], holdout=data[4:5], min_agreement=0.9, max_float_layers=0.0)
+    kw = {"precision": "int8", "calibration": cal, "output": "logits"}
+    return [segfast.compile(model, data[0], backend=b, **kw) for b in backends], data
+
+
+@pytest.mark.parametrize(
+    ("name", "lowered", "kept"),
+    [
+        ("unet", {"qconv2d": 15}, {"qconv_transpose2d (composite)": 3}),
+        ("depthwise_block", {"qconv2d": 2, "depthwise_qconv2d": 1}, {}),
+    ],
+)
+def test_int8_engine_runs_the_qconv_kernel(name, lowered, kept):
+    """precision="int8" lowers segfast.qconv2d to the int8 Triton kernel (dense,
+    two-source and depthwise), and the engine equals the torch backend's int8 engine:
+    the same integers, summed exactly by both (oneDNN's int8 convs on the CPU)."""
+    model = _model("unet") if name == "unet" else _DepthwiseBlock().eval().to(DEVICE)
+    torch.manual_seed(0)
+    (tri, ref), data = _int8_engines(model, 1 if name == "unet" else 3)
+    details = tri._runner.details
+    assert {k: details["lowered"].get(k) for k in lowered} == lowered, details["lowered"]
+    assert {k: v for k, v in details["kept"].items() if "qconv" in k} == kept
+    assert "qconv2d ×" in tri.summary()
+    assert all(x["int8"] for x in tri.info.int8_layers)
+    for x in [data[0], data[5]]:  # a calibration input and an unseen one
+        a, b = tri(x).float().cpu(), ref(x).float().cpu()
+        # identical integers: fp32 rounding of the dequantization only
+        assert float((a - b).norm() / b.norm()) <= 1e-5
+        assert float((a.argmax(1) == b.argmax(1)).double().mean()) >= 0.995
+
+
+def test_int8_engine_runs_nonfinite_inputs_through_the_model():
+    """int8 cannot carry NaN and saturates ±Inf: such inputs take the eager model."""
+    model = _DepthwiseBlock().eval().to(DEVICE)
+    (tri,), data = _int8_engines(model, 3, backends=("triton",))
+    assert "inputs holding NaN/Inf run the eager model" in tri.summary()
+    bad = data[0].clone()
+    bad[..., 3:9, 4:12] = float("nan")
+    bad[..., 0, 0] = float("inf")
+    with torch.no_grad():
+        expected = WithHead(model, "logits")(bad)
+    got = tri(bad)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
