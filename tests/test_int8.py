@@ -135,13 +135,21 @@ def test_fake_quant_is_onnx_quantize_linear():
         dict(c=6, k=7, hw=(14, 10), act="relu", x2=5),  # two-source, bilinear resize
     ],
 )
-def test_onednn_int8_conv_matches_the_composite(case):
+@pytest.mark.parametrize("mode", ["int8", "int8-nonneg", "fp32"])
+def test_onednn_int8_conv_matches_the_composite(case, mode):
+    """Every way the CPU plan runs an int8 conv computes the composite's numbers: zero
+    point 128 (where oneDNN's int8 sums are exact), zero point 0 on inputs >= 0, and
+    oneDNN fp32 on the quantized input."""
+    if mode == "int8" and not cpu_int8.exact_u8_range():
+        pytest.skip("this CPU's int8 pair sums saturate (no VNNI): the plan never picks it")
     torch.manual_seed(0)
     c, k = case["c"], case["k"]
     groups = case.get("groups", 1)
     kernel = case.get("kernel", 3)
     x = smooth(2, c, *case["hw"]).contiguous(memory_format=torch.channels_last)
     x2 = smooth(2, case["x2"], case["hw"][0] // 2, case["hw"][1] // 2) if "x2" in case else None
+    if mode == "int8-nonneg":  # what it is for: inputs the graph proves >= 0
+        x, x2 = x.relu(), None if x2 is None else x2.relu()
     cin = c + (case.get("x2") or 0)
     w = torch.randn(k, cin // groups, kernel, kernel) * 0.2
     bias = torch.randn(k)
@@ -165,11 +173,79 @@ def test_onednn_int8_conv_matches_the_composite(case):
     )  # fmt: skip
     conv = cpu_int8.PackedQConv2d(
         wq, ws, bias, stride, pad, dil, groups, act, ap, after,
-        (resize, False, None, None, False), x_scale, input_size=tuple(x.shape),
+        (resize, False, None, None, False), x_scale, input_size=tuple(x.shape), mode=mode,
     )  # fmt: skip
     out = conv(x, residual, x2)
     # int32 accumulation vs the composite's fp32 sum of the same products: rounding only
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not cpu_int8.available(), reason="PyTorch has no oneDNN int8 conv here")
+def test_the_saturation_probe_tells_the_truth():
+    """exact_u8_range() is oneDNN's own answer: where it says the sums saturate, a
+    full-range input (zero point 128) really comes out wrong, and zero point 0 on the
+    same input >= 0 comes out right; where it says exact, zero point 128 is right."""
+    torch.manual_seed(0)
+    w = torch.full((4, 32, 3, 3), 127, dtype=torch.int8)
+    ws = torch.full((4,), 0.01)
+    x = torch.full((1, 32, 6, 6), 1.27).contiguous(memory_format=torch.channels_last)
+    ref = ops.qconv2d_impl(
+        x, w, None, [1, 1], [1, 1], [1, 1], 1, "none", 0.0, None, False, None, "none",
+        False, None, None, False, 0.01, ws,
+    )  # fmt: skip
+    spec = ("none", False, None, None, False)
+
+    def run(mode: str) -> torch.Tensor:
+        conv = cpu_int8.PackedQConv2d(
+            w, ws, None, [1, 1], [1, 1], [1, 1], 1, "none", 0.0, False, spec, 0.01, mode=mode
+        )
+        return conv(x)
+
+    full = torch.allclose(run("int8"), ref, rtol=1e-5)
+    assert full == cpu_int8.exact_u8_range()
+    torch.testing.assert_close(run("int8-nonneg"), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(run("fp32"), ref, rtol=1e-5, atol=0)
+
+
+def test_nonnegative_is_proven_from_the_ops():
+    """Zero point 0 is only exact on inputs >= 0: the plan asks the graph, not the data."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.c, self.d = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.e = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.relu(self.a(x))  # >= 0
+            b = self.b(F.max_pool2d(a, 2))  # no activation: signed
+            up = F.interpolate(torch.relu(b), scale_factor=2.0, mode="bilinear")
+            c = torch.relu(self.c(torch.cat([a, up], 1)))  # both sources >= 0
+            d = self.d(c) + c  # residual after no activation: signed
+            return self.e(d)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 16, 16)
+    data = [smooth(1, 3, 16, 16, seed=i) for i in range(8)]
+    cal = Calibration(data, min_agreement=0.5, max_float_layers=0.0)  # every conv int8
+    eng = segfast.compile(net, x, backend="torch", precision="int8", calibration=cal,
+                          output="logits")  # fmt: skip
+    details = eng._runner.details
+    qconvs = [n for n in details["graph"].graph.nodes if n.target is ops.qconv2d._opoverload]
+    proven = [
+        cpu_int8.nonnegative(n.args[0]) and (n.args[11] is None or cpu_int8.nonnegative(n.args[11]))
+        for n in qconvs
+    ]
+    # a (the image), b (max-pooled relu), c (cat of relu and upsampled relu), d (relu), e
+    assert proven == [False, True, True, True, False]
+    lowered = details["lowered"]
+    if cpu_int8.exact_u8_range():
+        assert lowered["int8 conv2d (oneDNN)"] == 5
+    else:  # the ones proven >= 0 stay int8 with zero point 0; the others run fp32
+        assert sum(v for k, v in lowered.items() if "zero point 0" in k) == 3
+        assert sum(v for k, v in lowered.items() if "saturate" in k) == 2
 
 
 # -- compile / quantize -----------------------------------------------------------------

@@ -3,31 +3,48 @@ that have it), weights prepacked once.
 
 ``segfast.qconv2d`` (:func:`segfast.compiler.ops.qconv2d_impl` is its meaning) runs as
 
-    u8 = quantize(x, x_scale) + 128                           one pass (segfast's C kernel)
+    u8 = quantize(x, x_scale) + zp                            one pass (segfast's C kernel)
     y  = onednn.qconv2d_pointwise(u8, packed int8 weight)      int8 × int8 → int32 → fp32,
                                                                bias and relu/relu6/silu/
                                                                hardswish post-ops fused
 
-The input is quantized with zero point 128 into uint8 (oneDNN's activation type):
+The input is quantized into uint8 (oneDNN's activation type) with zero point 128:
 ``u8 − 128`` is exactly the symmetric int8 value ``clamp(round(x / s), −128, 127)``.
-Two-source convs join their sources first (the one shared scale covers both); a
-residual add and the activations oneDNN's quantized convolution does not fuse
-(leaky relu, sigmoid, tanh) run in place after it. ``segfast.qconv_transpose2d``
-has no oneDNN int8 kernel in PyTorch: it runs oneDNN's fp32 transposed convolution
-on the dequantized weight after quantizing its input — the same numbers, at fp32 speed.
+Two-source convs quantize each source straight into its channel slice of one buffer
+(the one shared scale covers both); a residual add and the activations oneDNN's
+quantized convolution does not fuse (leaky relu, sigmoid, tanh) run in place after it.
+
+**CPUs without VNNI** (AVX2 or AVX-512 without VNNI, e.g. AMD Zen 2/3): oneDNN's int8
+kernels there multiply u8 × s8 pairs with ``vpmaddubsw``, whose int16 pair sums
+saturate at 32767 — two products of 255 × 127 already do — so a full-range uint8 input
+gives wrong sums, silently (oneDNN documents it; PyTorch's x86 quantizer answers with
+7-bit activations, which would change the numbers). :func:`exact_u8_range` finds out by
+running one conv whose sums would saturate. Where they would, a conv whose input is
+provably ≥ 0 (it comes out of a ReLU/ReLU6/sigmoid, through pools, resizes and
+concats: :func:`nonnegative`) is quantized with zero point 0 instead — ``u8`` in
+[0, 127], and a pair sum is at most 2 × 127 × 127 = 32258, exact — and any other conv
+runs on oneDNN's fp32 convolution of the quantized input with the dequantized weight
+(the same numbers to fp32 rounding, at fp32 speed). ``PackedQConv2d.mode`` says which.
+
+``segfast.qconv_transpose2d`` has no oneDNN int8 kernel in PyTorch: it runs oneDNN's
+fp32 transposed convolution on the dequantized weight after quantizing its input — the
+same numbers, at fp32 speed.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from segfast.backends.cpu import native as cpu_native
-from segfast.backends.cpu.onednn import PackedConvTranspose2d, _static_size
+from segfast.backends.cpu.onednn import PackedConv2d, PackedConvTranspose2d, _static_size
 from segfast.compiler import ops
+from segfast.compiler.graph import is_call
 
 _ZP = 128  # uint8 zero point: u8 = q + 128
 # activations oneDNN's quantized convolution fuses, as (attr, scalars)
@@ -44,6 +61,92 @@ def available() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
+@functools.cache
+def exact_u8_range() -> bool:
+    """Whether oneDNN's int8 convolution sums full-range uint8 × int8 products exactly
+    on this CPU (VNNI, AMX), or saturates int16 pair sums (AVX2, AVX-512 without VNNI).
+
+    Asked of oneDNN itself, not of the CPU flags: a 1×1 conv over 64 channels of
+    u8 = 255 (q = 127) and weights 127 must give 64 · 127 · 127; a pair sum of
+    255 · 127 · 2 = 64770 saturating at 32767 gives far less.
+    """
+    c = 64
+    w = torch.full((1, c, 1, 1), 127, dtype=torch.int8)
+    one = torch.ones(1)
+    packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, _ZP, [1, 1], [0, 0], [1, 1], 1, None)
+    u8 = torch.full((1, c, 2, 2), 255, dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = torch.ops.onednn.qconv2d_pointwise(
+        u8, 1.0, _ZP, packed, one, torch.zeros(1, dtype=torch.int64), None, [1, 1], [0, 0],
+        [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    return bool(torch.all(y == float(c * 127 * 127)))
+
+
+# ops whose output is >= 0 whatever their input; and those that keep a >= 0 input >= 0
+_NONNEG_ACTS = ("relu", "relu6", "sigmoid")
+_KEEPS_SIGN = {
+    torch.ops.aten.max_pool2d.default,
+    torch.ops.aten.max_pool2d_with_indices.default,
+    torch.ops.aten.avg_pool2d.default,
+    torch.ops.aten._adaptive_avg_pool2d.default,
+    torch.ops.aten.adaptive_avg_pool2d.default,
+    torch.ops.aten.upsample_bilinear2d.vec,
+    torch.ops.aten.upsample_bilinear2d.default,
+    torch.ops.aten.upsample_nearest2d.vec,
+    torch.ops.aten.upsample_nearest2d.default,
+    torch.ops.aten.max_unpool2d.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.mean.dim,
+    torch.ops.aten.pad.default,
+    torch.ops.aten.constant_pad_nd.default,
+}
+
+
+_SF = torch.ops.segfast
+# segfast's fused convs: where (act, residual, residual_after_act) sit in their args
+_CONV_EPILOGUE = {
+    _SF.conv2d.default: (7, 9, 10),
+    _SF.qconv2d.default: (7, 9, 10),
+    _SF.conv_transpose2d.default: (8, 10, 11),
+    _SF.qconv_transpose2d.default: (8, 10, 11),
+}
+
+
+def nonnegative(node: Any, depth: int = 0) -> bool:
+    """Whether the value of graph ``node`` is ≥ 0 for every input (a proof from the ops,
+    not from calibration data; False when unsure)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or depth > 64:
+        return False
+    t = node.target
+    a = node.args
+    if is_call(node, torch.ops.aten.relu.default) or t in (
+        torch.ops.aten.sigmoid.default,
+        torch.ops.aten.relu6.default,
+    ):
+        return True
+    if t is torch.ops.aten.hardtanh.default:
+        return len(a) > 1 and float(a[1]) >= 0
+    if t in (torch.ops.aten.clamp.default, torch.ops.aten.clamp_min.default):
+        return len(a) > 1 and a[1] is not None and float(a[1]) >= 0
+    conv_args = _CONV_EPILOGUE.get(t)
+    if conv_args is not None:
+        act, residual, after = (a[i] for i in conv_args)
+        if act not in _NONNEG_ACTS:
+            return False
+        return residual is None or not after or nonnegative(residual, depth + 1)
+    if t is operator.getitem:  # max_pool2d_with_indices()[0]
+        return a[1] == 0 and nonnegative(a[0], depth + 1)
+    if t is torch.ops.aten.cat.default:
+        return all(nonnegative(x, depth + 1) for x in a[0])
+    if t in _KEEPS_SIGN:
+        return bool(a) and nonnegative(a[0], depth + 1)
+    return False
+
+
 def _pixel_rows(t: Tensor) -> int | None:
     """The stride between pixels of an NHWC (channels_last) 4-D tensor whose channels
     are contiguous and whose pixels are evenly spaced — a whole tensor or a channel
@@ -55,29 +158,41 @@ def _pixel_rows(t: Tensor) -> int | None:
     return sw
 
 
-def quantize_into(x: Tensor, scale: float, out: Tensor) -> Tensor:
+def quantize_into(x: Tensor, scale: float, out: Tensor, zp: int = _ZP) -> Tensor:
     """fp32 ``x`` (N×C×H×W) → ``out`` (uint8, same shape): ``clamp(round(x / scale),
-    −128, 127) + 128``; one pass in segfast's CPU kernel (``sf_quantize_u8``) when both
-    are NHWC pixel rows (``out`` may be a channel slice of a joined input), else in
-    PyTorch ops."""
+    −128, 127) + zp`` — zp 128, or 0 for an ``x`` ≥ 0 (negative values would clamp to
+    0); one pass in segfast's CPU kernel (``sf_quantize_u8``) when both are NHWC pixel
+    rows (``out`` may be a channel slice of a joined input), else in PyTorch ops."""
+    if zp not in (0, _ZP):
+        raise ValueError(f"zero point must be 0 or {_ZP}, got {zp}")
     native = cpu_native.load()
     xs, os_ = _pixel_rows(x), _pixel_rows(out)
     if native is not None and x.dtype == torch.float32 and xs is not None and os_ is not None:
         n, c, h, w = x.shape
-        native.quantize_u8(x.data_ptr(), n * h * w, c, xs, float(scale), out.data_ptr(), os_)
+        native.quantize_u8(
+            x.data_ptr(), n * h * w, c, xs, float(scale), int(zp), out.data_ptr(), os_
+        )
         return out
-    q = torch.clamp(torch.round(x.float() / scale), ops.INT8_MIN, ops.INT8_MAX).add_(_ZP)
+    lo = ops.INT8_MIN if zp else 0
+    q = torch.clamp(torch.round(x.float() / scale), lo, ops.INT8_MAX).add_(zp)
     return out.copy_(q)
 
 
-def quantize_u8(x: Tensor, scale: float) -> Tensor:
+def quantize_u8(x: Tensor, scale: float, zp: int = _ZP) -> Tensor:
     """fp32 ``x`` → a new channels_last uint8 tensor (see :func:`quantize_into`)."""
     x = ops.to_nhwc(x.float())
-    return quantize_into(x, scale, torch.empty_like(x, dtype=torch.uint8))
+    return quantize_into(x, scale, torch.empty_like(x, dtype=torch.uint8), zp)
 
 
 class PackedQConv2d:
-    """``segfast.qconv2d`` on oneDNN's int8 convolution; called as ``conv(x, residual, x2)``."""
+    """``segfast.qconv2d`` on oneDNN; called as ``conv(x, residual, x2)``.
+
+    ``mode``: ``"int8"`` (oneDNN's int8 convolution, zero point 128: exact on this CPU),
+    ``"int8-nonneg"`` (zero point 0 for an input the graph proves ≥ 0: exact on CPUs
+    whose int8 pair sums saturate), ``"fp32"`` (oneDNN's fp32 convolution of the
+    quantized input with the dequantized weight: where int8 would saturate). The plan
+    passes ``nonneg`` (:func:`nonnegative`); :func:`exact_u8_range` decides the rest.
+    """
 
     def __init__(
         self,
@@ -94,7 +209,16 @@ class PackedQConv2d:
         x2_spec: tuple[Any, ...],
         x_scale: float,
         input_size: Sequence[Any] | None = None,
+        *,
+        nonneg: bool = False,
+        mode: str | None = None,
     ) -> None:
+        if mode is None:
+            mode = "int8" if exact_u8_range() else ("int8-nonneg" if nonneg else "fp32")
+        if mode not in ("int8", "int8-nonneg", "fp32"):
+            raise ValueError(f"mode must be int8, int8-nonneg or fp32, got {mode!r}")
+        self.mode = mode
+        self.zp = 0 if mode == "int8-nonneg" else _ZP
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.groups = int(groups)
         self.act, self.act_param = act, float(act_param)
@@ -102,45 +226,64 @@ class PackedQConv2d:
         self.x2_spec = x2_spec
         self.x_scale = float(x_scale)
         self.w_scale = w_scale.float().contiguous()
-        self.w_zp = torch.zeros(int(weight.shape[0]), dtype=torch.int64)
         self.bias = None if bias is None else bias.float().contiguous()
         size = _static_size(input_size)
         if size is not None:  # the joined input's channels
             size = [size[0], int(weight.shape[1]) * self.groups, size[2], size[3]]
+        if mode == "fp32":
+            # the joined, quantized input is made here; the conv sees one source
+            self.fp32 = PackedConv2d(
+                ops.dequantize_weight(weight, self.w_scale, 0, torch.float32), self.bias,
+                stride, padding, dilation, groups, act, act_param, residual_after_act,
+                "none", False, None, None, False, input_size=size,
+            )  # fmt: skip
+            return
+        self.w_zp = torch.zeros(int(weight.shape[0]), dtype=torch.int64)
         self.packed = torch.ops.onednn.qconv_prepack(
-            weight, self.w_scale, self.x_scale, _ZP, self.stride, self.padding,
+            weight, self.w_scale, self.x_scale, self.zp, self.stride, self.padding,
             self.dilation, self.groups, size,
         )  # fmt: skip
         self.post = _POST_OPS.get(act)
 
     def _conv(self, u8: Tensor, attr: str, scalars: list[float]) -> Tensor:
         return torch.ops.onednn.qconv2d_pointwise(
-            u8, self.x_scale, _ZP, self.packed, self.w_scale, self.w_zp, self.bias,
+            u8, self.x_scale, self.zp, self.packed, self.w_scale, self.w_zp, self.bias,
             self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32,
             attr, scalars, "",
         )  # fmt: skip
 
-    def _quantized_input(self, x: Tensor, x2: Tensor | None) -> Tensor:
-        """The (joined) input as uint8: a two-source conv's sources are quantized
-        straight into their channel slices of one buffer (no float concat)."""
+    def _sources(self, x: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(first, second) of the joined input, NHWC fp32, x2 resized to x."""
         if x2 is None:
-            return quantize_u8(x, self.x_scale)
+            return x, None
         resize, align, sh, sw, first = self.x2_spec
         if resize != "none":
             x2 = ops.resize_like_aten(x2, x.shape[-2:], resize, align, sh, sw)
         x2 = ops.to_nhwc(x2.float())
-        a, b = (x2, x) if first else (x, x2)
-        n, _, h, w = x.shape
+        return (x2, x) if first else (x, x2)
+
+    def _quantized_input(self, x: Tensor, x2: Tensor | None) -> Tensor:
+        """The (joined) input as uint8: a two-source conv's sources are quantized
+        straight into their channel slices of one buffer (no float concat)."""
+        a, b = self._sources(x, x2)
+        if b is None:
+            return quantize_u8(a, self.x_scale, self.zp)
+        n, _, h, w = a.shape
         u8 = torch.empty((n, a.shape[1] + b.shape[1], h, w), dtype=torch.uint8)
         u8 = u8.contiguous(memory_format=torch.channels_last)
-        quantize_into(a.float(), self.x_scale, u8[:, : a.shape[1]])
-        quantize_into(b.float(), self.x_scale, u8[:, a.shape[1] :])
+        quantize_into(a.float(), self.x_scale, u8[:, : a.shape[1]], self.zp)
+        quantize_into(b.float(), self.x_scale, u8[:, a.shape[1] :], self.zp)
         return u8
 
     def __call__(
         self, x: Tensor, residual: Tensor | None = None, x2: Tensor | None = None
     ) -> Tensor:
-        u8 = self._quantized_input(ops.to_nhwc(x), x2)
+        x = ops.to_nhwc(x)
+        if self.mode == "fp32":
+            a, b = self._sources(x, x2)
+            joined = a.float() if b is None else torch.cat([a.float(), b], 1)
+            return self.fp32(ops.fake_quant(joined, self.x_scale), residual)
+        u8 = self._quantized_input(x, x2)
         if residual is None or self.residual_after_act:
             if self.post is not None:
                 y = self._conv(u8, *self.post)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 12
+ABI_VERSION = 13
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -171,7 +171,7 @@ class Native:
         )  # fmt: skip
         self.quantize_u8 = lib.sf_quantize_u8
         self.quantize_u8.restype = None
-        self.quantize_u8.argtypes = [_PTR, _I64, _I64, _I64, _FLOAT, _PTR, _I64]
+        self.quantize_u8.argtypes = [_PTR, _I64, _I64, _I64, _FLOAT, _INT, _PTR, _I64]
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT
         self.resize_dw.argtypes = (

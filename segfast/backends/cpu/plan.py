@@ -232,8 +232,16 @@ def _qconv2d_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
         get_tensor(gm, w), get_tensor(gm, w_scale), None if b is None else get_tensor(gm, b),
         stride, padding, dilation, groups, act, act_param, residual_after_act,
         (x2_resize, x2_align, x2_sh, x2_sw, x2_first), x_scale, input_size=tuple(val(x).shape),
+        nonneg=int8.nonnegative(x) and (x2 is None or int8.nonnegative(x2)),
     )  # fmt: skip
     return conv, (x, residual, x2)
+
+
+_QCONV_KINDS = {
+    "int8": "int8 conv2d (oneDNN)",
+    "int8-nonneg": "int8 conv2d (oneDNN, input >= 0: zero point 0)",
+    "fp32": "int8 conv2d on oneDNN fp32 (this CPU's int8 sums would saturate: no VNNI)",
+}
 
 
 def _qconv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
@@ -594,7 +602,7 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
                 fn = ops.conv2d_impl
         elif t is segfast_ops.qconv2d.default and int8.available():
             fn, args = _qconv2d_step(gm, node)
-            lowered["int8 conv2d (oneDNN)"] += 1
+            lowered[_QCONV_KINDS[fn.mode]] += 1
         elif t is segfast_ops.qconv_transpose2d.default:
             fn, args = _qconv_transpose_step(gm, node)
             lowered["int8-input conv_transpose2d (oneDNN fp32, dequantized weight)"] += 1

@@ -21,8 +21,9 @@
  *   sf_resize_dw  depthwise convolution of a bilinear upsample, the upsample
  *                 computed per band of rows and never written whole;
  *   sf_quantize_u8  fp32 → int8 at one scale (round half to even, saturating at
- *                 −128/127, as ONNX's QuantizeLinear), stored as uint8 + 128 for
- *                 oneDNN's int8 convolutions.
+ *                 −128/127, as ONNX's QuantizeLinear), stored as uint8 + zp for
+ *                 oneDNN's int8 convolutions (zp 128; zp 0 for inputs known to be
+ *                 ≥ 0, where negative values clamp to 0).
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
 #ifdef __AVX512F__
@@ -44,7 +45,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 12; }
+int sf_abi_version(void) { return 13; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1295,15 +1296,16 @@ int sf_conv_narrow(const float* restrict x, int64_t N, int64_t H, int64_t W, int
  * read or written in place. The division (not a multiply by 1/scale) keeps it
  * bit-identical to the reference (segfast.compiler.ops.fake_quant). */
 void sf_quantize_u8(const float* restrict x, int64_t rows, int64_t C, int64_t xs, float scale,
-                    uint8_t* restrict out, int64_t os) {
+                    int32_t zp, uint8_t* restrict out, int64_t os) {
+  const float lo = zp == 0 ? 0.f : -128.f, z = (float)zp;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; r++) {
     const float* xr = x + r * xs;
     uint8_t* orow = out + r * os;
     for (int64_t c = 0; c < C; c++) {
       float v = nearbyintf(xr[c] / scale);
-      v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
-      orow[c] = (uint8_t)(int32_t)(v + 128.f);
+      v = v < lo ? lo : (v > 127.f ? 127.f : v);
+      orow[c] = (uint8_t)(int32_t)(v + z);
     }
   }
 }
