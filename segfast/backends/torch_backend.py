@@ -39,7 +39,7 @@ class TorchBackend(Backend):
         cpu_plan = (
             req.device.type == "cpu"
             and req.dtype in (torch.float32, torch.bfloat16)
-            and ops._mkldnn_ok()
+            and ops._mkldnn_ok(req.dtype)
             and not req.options.get("no_cpu_plan")
         )
         if cpu_plan:
@@ -86,7 +86,11 @@ class TorchBackend(Backend):
         if req.device.type == "cpu":
             notes.append(
                 "oneDNN fused conv post-ops: "
-                + ("on" if ops._mkldnn_ok() else "unavailable, plain PyTorch convolutions")
+                + (
+                    "on"
+                    if ops._mkldnn_ok(req.dtype)
+                    else f"unavailable in {req.dtype} here, plain PyTorch convolutions"
+                )
             )
         return Runner(run_graph, notes=notes, details=details)
 

@@ -149,22 +149,25 @@ _MKLDNN_UNARY = {
 
 
 @functools.cache
-def _mkldnn_ok() -> bool:
-    """oneDNN's fused convolution op exists and computes what it should here."""
+def _mkldnn_ok(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's fused convolution op exists and computes what it should here, in
+    ``dtype`` (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on AVX2-only CPUs oneDNN
+    refuses it, and bf16 runs as plain PyTorch ops)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")):
         return False
     try:
         op = torch.ops.mkldnn._convolution_pointwise
-        x = torch.randn(1, 4, 5, 6)
-        w = torch.randn(3, 4, 3, 3)
-        b = torch.randn(3)
-        r = torch.randn(1, 3, 5, 6)
-        y = op.default(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        x = torch.randn(1, 4, 5, 6).to(dtype)
+        w = torch.randn(3, 4, 3, 3).to(dtype)
+        b = torch.randn(3).to(dtype)
+        r = torch.randn(1, 3, 5, 6).to(dtype)
+        y = op.default(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "").float()
         z = op.binary(x, r, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], "")
-        ref = F.conv2d(x, w, b, padding=1)
+        ref = F.conv2d(x.float(), w.float(), b.float(), padding=1)
+        tol = 1e-5 if dtype == torch.float32 else 0.1
         return bool(
-            torch.allclose(y, ref.relu(), atol=1e-5)
-            and torch.allclose(z, (ref + r).relu(), atol=1e-5)
+            torch.allclose(y, ref.relu(), atol=tol)
+            and torch.allclose(z.float(), (ref + r.float()).relu(), atol=tol)
         )
     except (RuntimeError, AttributeError):
         return False
@@ -195,7 +198,7 @@ def _conv_cpu_fused(
         padding = [0, 0]
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return None
-    if not _mkldnn_ok():
+    if not _mkldnn_ok(x.dtype):
         return None
     op = torch.ops.mkldnn._convolution_pointwise
     if act == "leaky_relu":
