@@ -1,6 +1,10 @@
 """``segfast run MODEL|ENGINE_FILE --input SRC --output DST``: segment a video, a live
 stream, an image directory or an image, and write overlays or masks.
 
+Several ``--input`` options run every source through the one engine, frames batched
+across the streams (``--max-batch``); DST is then a directory holding each source's
+output under its own name, and the report has each stream's table and the total.
+
 MODEL is a zoo name or ``module:factory`` / ``file.py:factory`` (compiled here, at
 ``--size`` or at the source's frame size); ENGINE_FILE is a ``.segfast`` file from
 ``engine.save`` (loaded with :func:`segfast.load`). The statistics table (frames
@@ -70,7 +74,7 @@ def load_engine(args: argparse.Namespace) -> Any:
     model = build_model(args)
     if args.weights:
         segfast.load_weights(model, args.weights)
-    size = args.size or video.probe_size(args.input)
+    size = args.size or video.probe_size(args.input[0])
     shape = (1, input_channels(model), *size)
     return segfast.compile(
         model,
@@ -79,6 +83,8 @@ def load_engine(args: argparse.Namespace) -> Any:
         precision=args.precision,
         output="probs" if args.otsu else "mask",
         device=device,
+        # several streams: one call per tick for all of them
+        dynamic=("batch",) if len(args.input) > 1 else False,
     )
 
 
@@ -94,41 +100,53 @@ def run(args: argparse.Namespace) -> int:
         def post(m: Any) -> Any:
             return postprocess.apply(m, ops, connectivity=connectivity)
 
-    stats = video.StreamStats()
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    multi = len(args.input) > 1
+    if not multi and args.max_batch is not None:
+        raise InputError("--max-batch batches several --input sources")
+    options: dict[str, Any] = dict(
+        realtime=args.realtime,
+        queue_size=args.queue_size,
+        output="mask" if args.mask else "overlay",
+        postprocess=post,
+        postprocess_input="foreground" if args.otsu else "mask",
+        alpha=args.alpha,
+        mean=args.mean,
+        std=args.std,
+        fps=args.fps,
+        progress=progress,
+    )
+    if multi:
+        s = video.stream(engine, list(args.input), writer=args.output, max_batch=args.max_batch,
+                         **options)  # fmt: skip
+    else:
+        s = video.stream(engine, args.input[0], writer=args.output, **options)
     interrupted = False
     with warnings.catch_warnings():
         # The report below says why a source ended early; don't say it twice.
         warnings.simplefilter("ignore", video.SourceEndedWarning)
         try:
-            video.run_video(
-                engine,
-                args.input,
-                args.output,
-                realtime=args.realtime,
-                queue_size=args.queue_size,
-                output="mask" if args.mask else "overlay",
-                postprocess=post,
-                postprocess_input="foreground" if args.otsu else "mask",
-                alpha=args.alpha,
-                mean=args.mean,
-                std=args.std,
-                fps=args.fps,
-                progress=progress,
-                stats=stats,
-            )
+            with s:
+                for _ in s:
+                    pass
         except KeyboardInterrupt:
             interrupted = True
     print(f"engine: {engine!r}")
-    print(stats.report())
+    print(s.report() if multi else s.stats.report())
     print(f"output: {args.output}")
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2, default=str))
+        if multi:
+            data: Any = {
+                "streams": [x.as_dict() for x in s.stats],
+                "total": s.total().as_dict(),
+                "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
+            }
+        else:
+            data = s.stats.as_dict()
+        Path(args.stats_json).write_text(json.dumps(data, indent=2, default=str))
     if interrupted:
-        print(
-            f"interrupted: {args.output} holds the {stats.frames_out} frame(s) written",
-            file=sys.stderr,
-        )
+        done = s.total().frames_out if multi else s.stats.frames_out
+        print(f"interrupted: {args.output} holds the {done} frame(s) written", file=sys.stderr)
         return 130
     return 0
 
@@ -144,12 +162,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p)
     p.add_argument(
-        "--input", required=True, help="video file, rtsp:// (or other) URL, image dir, image"
+        "--input",
+        required=True,
+        action="append",
+        help="video file, rtsp:// (or other) URL, image dir, image; repeat it to run "
+        "several streams through one engine, batched",
     )
     p.add_argument(
         "--output",
         required=True,
-        help="video file (.mp4 .mkv .mov .ts .avi .webm), a directory (PNGs) or a .png",
+        help="video file (.mp4 .mkv .mov .ts .avi .webm), a directory (PNGs) or a .png; "
+        "with several --input, a directory holding each one's output",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="several --input: frames per engine call (default: one per stream)",
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument(

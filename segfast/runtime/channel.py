@@ -37,12 +37,17 @@ class Channel:
     waiting. ``close()`` ends it for the consumer once drained; ``abort()`` wakes
     everyone with :class:`Stopped` and returns what was left in it."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, bell: threading.Event | None = None) -> None:
         self._items: deque[Any] = deque()
         self._size = size
         self._cond = threading.Condition()
         self._closed = False
         self._aborted = False
+        self._bell = bell  # set on every put and close: one consumer watching many channels
+
+    def _ring(self) -> None:
+        if self._bell is not None:
+            self._bell.set()
 
     def put(self, item: Any, *, drop_oldest: bool = False) -> Any:
         """Append ``item``; return the evicted oldest item (drop_oldest), else None."""
@@ -52,13 +57,27 @@ class Channel:
                     old = self._items.popleft()
                     self._items.append(item)
                     self._cond.notify_all()
+                    self._ring()
                     return old
                 self._cond.wait(0.1)
             if self._aborted:
                 raise Stopped
             self._items.append(item)
             self._cond.notify_all()
+            self._ring()
             return None
+
+    def poll(self) -> Any:
+        """The next item without waiting: None when empty, ``END`` once closed and
+        drained (items are never None)."""
+        with self._cond:
+            if self._aborted:
+                raise Stopped
+            if self._items:
+                item = self._items.popleft()
+                self._cond.notify_all()
+                return item
+            return END if self._closed else None
 
     def get(self) -> Any:
         """The next item, or ``END`` once closed and drained."""
@@ -77,6 +96,7 @@ class Channel:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._ring()
 
     def abort(self) -> list[Any]:
         with self._cond:
@@ -84,4 +104,5 @@ class Channel:
             left = list(self._items)
             self._items.clear()
             self._cond.notify_all()
+            self._ring()
             return left

@@ -44,10 +44,12 @@ class Preprocessor:
         std: tuple[float, ...] | None,
         order: str,
         custom: Callable[[torch.Tensor], torch.Tensor] | None,
+        *,
+        any_batch: bool = False,  # frames are batched by the caller (multi-stream)
     ) -> None:
         from segfast.kernels.preprocess import preprocess, preprocess_reference
 
-        if io.batch is not None and io.batch != 1:
+        if io.batch is not None and io.batch != 1 and not any_batch:
             raise InputError(
                 f"video runs one frame per call; this engine's batch is fixed at {io.batch} "
                 f"(compile with batch 1 or a dynamic batch)"

@@ -33,6 +33,7 @@ class FrameResult:
     mask: np.ndarray  # H×W class ids at the frame's size, uint8 (int32 above 256 classes)
     overlay: np.ndarray | None  # H×W×3 uint8 frame with the mask blended in (output="overlay")
     timings: dict[str, float] = field(default_factory=dict)  # stage → milliseconds
+    stream: int = 0  # which source, in a multi-stream run (the order they were given)
 
 
 @dataclass

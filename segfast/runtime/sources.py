@@ -321,6 +321,15 @@ def open_source(
     )
 
 
+def has_own_timestamps(source: Any) -> bool:
+    """Whether ``source`` is a video file or URL (its frames carry their own times: an
+    ``fps`` option does not apply to it)."""
+    if not isinstance(source, str | os.PathLike):
+        return False
+    path = Path(os.fspath(source))
+    return not path.is_dir() and path.suffix.lower() not in IMAGE_SUFFIXES
+
+
 def probe_size(source: str | os.PathLike[str]) -> tuple[int, int]:
     """(height, width) of a path's or URL's first frame (the first readable image of a
     directory), e.g. to compile a static engine at the source's size."""
