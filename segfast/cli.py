@@ -78,7 +78,7 @@ def build_model(args: argparse.Namespace) -> Any:
 
 
 # Subcommand modules under segfast/commands/, in --help order.
-COMMANDS = ("models", "info", "bench", "export", "build", "run")
+COMMANDS = ("models", "info", "bench", "export", "build", "run", "serve")
 
 
 def make_parser() -> argparse.ArgumentParser:

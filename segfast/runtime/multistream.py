@@ -15,12 +15,13 @@ inference. One batching thread serves all lanes::
   batch: the latency of a lone frame is not traded for throughput): one frame per lane
   in turn, the lane that goes first rotating every tick, then a second round, and so on
   up to ``max_batch``. A lane with frames waiting is served within one tick.
-* **Batching** by engine: a batch-dynamic engine runs each tick as one call (up to its
-  batch range; frames of different inference sizes — a dynamic engine without ``size``
-  — run as one call per size); a static batch-1 engine runs one call per frame; a static
-  batch-B engine runs full batches padded with copies of the last frame (the padding's
-  outputs are discarded). ``batch_sizes`` counts the calls made at each batch size and
-  the summary (``notes``) says which mode ran.
+* **Batching** by engine (:class:`~segfast.runtime.batching.BatchRunner`): a
+  batch-dynamic engine runs each tick as one call (up to its batch range; frames of
+  different inference sizes — a dynamic engine without ``size`` — run as one call per
+  size); a static batch-1 engine runs one call per frame; a static batch-B engine runs
+  full batches padded with copies of the last frame (the padding's outputs are
+  discarded). ``batch_sizes`` counts the calls made at each batch size and the summary
+  (``notes``) says which mode ran.
 * **Real-time mode**: each lane paces its own source and drops *its own* oldest waiting
   frame when it falls behind; fair ticks keep one fast or busy source from starving the
   others.
@@ -51,6 +52,7 @@ import torch
 
 from segfast.errors import InputError
 from segfast.runtime._progress import Progress
+from segfast.runtime.batching import BatchRunner
 from segfast.runtime.channel import END, Channel, PipelineItem, Stopped
 from segfast.runtime.engine_io import EngineIO
 from segfast.runtime.results import FrameResult, StreamStats
@@ -152,24 +154,8 @@ class MultiStream:
             raise InputError("several sources take writers= (one per source), not writer=/stats=")
         self.io = EngineIO.of(engine)
         self.engine = engine
-        lo, hi = self.io.batch_range
-        if max_batch is None:
-            max_batch = len(sources)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise InputError(f"max_batch must be an integer ≥ 1, got {max_batch!r}")
-        if self.io.batch is None:  # dynamic
-            self.max_batch = max(min(max_batch, hi), 1)
-            self.pad_to = lo
-            self.mode = f"batch-dynamic engine: one call per tick, up to {self.max_batch} frames"
-        elif self.io.batch == 1:
-            self.max_batch, self.pad_to = 1, 1
-            self.mode = "static batch 1: one engine call per frame (compile with a dynamic batch to batch streams)"
-        else:
-            self.max_batch = self.pad_to = self.io.batch
-            self.mode = (
-                f"static batch {self.io.batch}: each call padded to {self.io.batch} frames "
-                f"(the padding's outputs discarded)"
-            )
+        self.runner = BatchRunner(engine, self.io, len(sources) if max_batch is None else max_batch)
+        self.mode = self.runner.mode
         self.realtime = realtime
         self._bell = threading.Event()
         self._merged = Channel(queue_size * len(sources))
@@ -192,7 +178,6 @@ class MultiStream:
             raise
         for lane in self.lanes:
             lane.stats.notes.append(self.mode)
-        self.batch_sizes: Counter[int] = Counter()  # engine calls per batch size
         self._progress_wanted = progress
         self._progress: Progress | None = None
         self._thread: threading.Thread | None = None
@@ -202,6 +187,15 @@ class MultiStream:
         self._started = False
         self._closed = False
         self._t0 = 0.0
+
+    @property
+    def batch_sizes(self) -> Counter[int]:
+        """Engine calls made at each batch size."""
+        return self.runner.calls
+
+    @property
+    def max_batch(self) -> int:
+        return self.runner.max_batch
 
     @property
     def stats(self) -> list[StreamStats]:
@@ -385,32 +379,10 @@ class MultiStream:
             item.device_frame = frame
             sync(dev)
             lane._timing(item, "preprocess", time.perf_counter() - t0)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for k, x in enumerate(xs):
-            groups.setdefault((tuple(x.shape), x.dtype), []).append(k)
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                self._call(
-                    [members[j] for j in range(start, min(start + self.max_batch, len(members)))],
-                    xs,
-                    got,
-                )
-
-    def _call(
-        self, idx: list[int], xs: list[torch.Tensor], got: list[tuple[int, PipelineItem]]
-    ) -> None:
-        dev = self.io.device
-        batch = [xs[k] for k in idx]
-        while len(batch) < self.pad_to:  # a static batch (or a dynamic range's minimum)
-            batch.append(batch[-1])
-        t0 = time.perf_counter()
-        y = self.engine(torch.cat(batch) if len(batch) > 1 else batch[0])
-        foreground = self.lanes[got[idx[0]][0]].foreground
-        out = self.io.to_probs(y)[:, -1] if foreground else self.io.to_mask(y)
-        sync(dev)
-        seconds = time.perf_counter() - t0
-        self.batch_sizes[len(batch)] += 1
-        for j, k in enumerate(idx):
-            i, item = got[k]
-            item.mask = out[j]
+        if self.lanes[0].foreground:  # every lane has the same options
+            convert = lambda y: self.io.to_probs(y)[:, -1]  # noqa: E731
+        else:
+            convert = self.io.to_mask
+        for (i, item), (mask, seconds, _) in zip(got, self.runner.run(xs, convert), strict=True):
+            item.mask = mask
             self.lanes[i]._timing(item, "infer", seconds)

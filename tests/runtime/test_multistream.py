@@ -166,7 +166,7 @@ def test_static_engines_run_per_frame_or_padded(net, clips):
     with segfast.stream(one, clips[:2], output=None) as a:
         got_a = list(a)
     assert set(a.batch_sizes) == {1}
-    assert "one engine call per frame" in a.report()
+    assert "one engine call per input" in a.report()
     with segfast.stream(two, clips[:2], output=None) as b:
         got_b = list(b)
     assert set(b.batch_sizes) == {2}  # every call full: the odd frame padded
