@@ -10,6 +10,7 @@ model); the ``onnxruntime`` and ``tensorrt`` backends build on it.
     tensorrt           build_engine, load_engine: ONNX → TensorRT plan, engine cache, sidecar
     tensorrt_profiles  an ONNX file's inputs → TensorRT optimisation profiles
     tensorrt_runner    TensorRTRunner: a loaded plan run on torch CUDA tensors
+    triton_repo        write_triton_repo: ONNX file → a Triton Inference Server model repository
     _ort               ONNX Runtime sessions and feeds
 """
 
