@@ -30,6 +30,10 @@ from segfast.metrics import FP32_MAX_REL, MIN_MASK_AGREEMENT, compare
 from segfast.models import build_from_reference
 
 pytest.importorskip("tritonclient")
+# tritonclient.grpc (where Triton's ModelConfig schema ships) imports grpcio: tritonclient[grpc]
+pytest.importorskip(
+    "grpc", reason="tritonclient.grpc needs grpcio: pip install 'tritonclient[grpc]'"
+)
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
