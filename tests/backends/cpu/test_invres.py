@@ -12,7 +12,13 @@ from torch import nn
 import segfast
 from segfast.backends.cpu import invres, native
 from segfast.backends.cpu.invres import NativeInvertedResidual, conv_spec, reference
+from segfast.compiler import ops
 from segfast.testing import assert_nhwc_close
+
+needs_onednn_bf16 = pytest.mark.skipif(
+    not ops._mkldnn_ok(torch.bfloat16),
+    reason="oneDNN has no bf16 convolutions on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
+)
 
 lib = native.load()
 pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels: {native.status()[1]}")
@@ -227,6 +233,7 @@ def test_plan_fuses_blocks_with_dynamic_shapes():
         assert report.passed, (shape, report)
 
 
+@needs_onednn_bf16
 def test_plan_keeps_bf16_blocks_on_onednn(monkeypatch):
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
     model = TinyMobile().eval()

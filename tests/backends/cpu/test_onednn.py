@@ -8,6 +8,11 @@ import torch
 from segfast.backends.cpu.onednn import PackedConv2d, PackedConvTranspose2d
 from segfast.compiler import ops
 
+needs_onednn_bf16 = pytest.mark.skipif(
+    not ops._mkldnn_ok(torch.bfloat16),
+    reason="oneDNN has no bf16 convolutions on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
+)
+
 pytestmark = pytest.mark.skipif(not ops._mkldnn_ok(), reason="oneDNN is not usable here")
 
 
@@ -77,6 +82,7 @@ def test_two_sources_as_split_k(x2_first, resize):
     assert torch.allclose(y, ref, atol=1e-5)
 
 
+@needs_onednn_bf16
 def test_bf16():
     x = _nhwc(1, 16, 9, 9, dtype=torch.bfloat16)
     w, b = torch.randn(8, 16, 3, 3).bfloat16(), torch.randn(8).bfloat16()

@@ -15,6 +15,11 @@ from segfast import models
 from segfast.backends.cpu import native
 from segfast.compiler import ops
 
+needs_onednn_bf16 = pytest.mark.skipif(
+    not ops._mkldnn_ok(torch.bfloat16),
+    reason="oneDNN has no bf16 convolutions on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
+)
+
 pytestmark = pytest.mark.skipif(not ops._mkldnn_ok(), reason="oneDNN is not usable here")
 HAS_LIB = native.load() is not None
 
@@ -119,6 +124,7 @@ def test_every_intermediate_is_freed(mixed):
     assert produced - out_slots <= freed | set(plan.inputs)
 
 
+@needs_onednn_bf16
 def test_bf16_plan(mixed):
     x = torch.randn(1, 3, 24, 24)
     eng = segfast.compile(mixed, x, backend="torch", precision="bf16")
@@ -196,7 +202,7 @@ def test_upsample_into_depthwise_is_fused(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_onednn_bf16)])
 def test_logits_upsample_and_mask_head(precision):
     """A model ending in a bilinear upsample (FCN/DeepLab style): the logits come
     back NCHW from the resize kernel; output="mask" takes the argmax kernel."""
@@ -273,6 +279,7 @@ def test_decoder_separable_mixes_at_the_source(monkeypatch, act):
 
 
 @pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+@needs_onednn_bf16
 def test_bf16_decoder_separable_mixes_at_the_source(monkeypatch):
     """bf16: W_t·a and the output in bf16, the tap sums in fp32; a lone bf16
     upsample → depthwise conv stays on oneDNN."""
@@ -335,3 +342,29 @@ def test_any_activation_after_a_fused_residual(act, options, precision):
     eng = segfast.compile(model, x, backend="torch", options=options, precision=precision)
     report = segfast.check(eng, model, x)
     assert report.passed, report
+
+
+def test_bf16_without_onednn_bf16_runs_plain_pytorch(monkeypatch):
+    """On CPUs where oneDNN refuses bf16 convolutions (AVX2 without AVX-512 BW/VL/DQ),
+    a bf16 engine still builds and runs — on plain PyTorch ops, and says so."""
+    real = ops._mkldnn_ok
+
+    def no_bf16(dtype: torch.dtype = torch.float32) -> bool:
+        return dtype != torch.bfloat16 and real(dtype)
+
+    monkeypatch.setattr(ops, "_mkldnn_ok", no_bf16)
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    x = torch.randn(1, 1, 32, 32)
+    eng = segfast.compile(m, x, backend="torch", precision="bf16")
+    assert "unavailable in torch.bfloat16 here" in eng.summary()
+    assert "lowered" not in eng._runner.details  # no CPU plan
+    ref = m(x)
+    own = copy.deepcopy(m).to(torch.bfloat16)(x.to(torch.bfloat16)).float()  # PyTorch's bf16
+    got = eng(x).float()
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a - ref).norm() / ref.norm())
+
+    assert torch.isfinite(got).all()
+    assert rel(got) <= 2 * rel(own), (rel(got), rel(own))  # as good as PyTorch's own bf16

@@ -12,6 +12,11 @@ from segfast.backends.cpu.resize_dw import ResizeDepthwiseConv2d, source_scale
 from segfast.compiler import ops
 from segfast.testing import assert_low_precision_close
 
+needs_onednn_bf16 = pytest.mark.skipif(
+    not ops._mkldnn_ok(torch.bfloat16),
+    reason="oneDNN has no bf16 convolutions on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
+)
+
 lib = native.load()
 pytestmark = pytest.mark.skipif(lib is None, reason=f"CPU kernels: {native.status()[1]}")
 
@@ -113,6 +118,7 @@ def test_upsample_separable_refuses_other_inputs():
         conv(torch.randn(1, 8, 3, 3), (6, 6), torch.randn(1, 2, 6, 6))
 
 
+@needs_onednn_bf16
 def test_upsample_separable_bf16_against_float64():
     """bf16 in and out (W_t·a rounded to bf16, the tap sums in fp32), K = 70: whole
     64-channel blocks and a partial one."""
