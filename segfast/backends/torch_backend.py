@@ -51,7 +51,13 @@ class TorchBackend(Backend):
             if req.options.get("cpu_kernels", True):
                 kernels = cpu_native.load()
                 ok, why = cpu_native.status()
-                notes.append("segfast CPU kernels: " + ("loaded" if ok else f"not used ({why})"))
+                note = "loaded" if ok else f"not used ({why})"
+                if kernels is not None and not kernels.wide_vectors:
+                    note += (
+                        "; Winograd and heads only: no AVX-512 here, where oneDNN beats the "
+                        "direct kernels"
+                    )
+                notes.append("segfast CPU kernels: " + note)
             plan = lower(gm, native=kernels, use_winograd=bool(req.options.get("winograd", True)))
             if req.options.get("keep_memory", True) and _largest_activation(gm) > DYNAMIC_LIMIT:
                 _, why = keep_large_allocations()

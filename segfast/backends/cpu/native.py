@@ -128,6 +128,13 @@ class Native:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
+        # The direct kernels (inverted residual blocks, atrous depthwise, narrow convs, the
+        # fused upsample + depthwise/separable) hold 16-float vectors in registers: one
+        # AVX-512 register each. Without AVX-512 every vector is two AVX2 registers of
+        # 16, the kernels spill, and oneDNN is faster (DeepLab v3+ MobileNetV2 at 512² on
+        # an AVX2 EPYC: 738 ms with them, 175 ms without); Winograd and the heads win
+        # either way. The plan asks this before using the direct kernels.
+        self.wide_vectors = "avx512f" in _cpu_flags().split()
         self.dwconv2d = lib.sf_dwconv2d
         self.dwconv2d.restype = None
         self.dwconv2d.argtypes = (

@@ -174,13 +174,20 @@ def _conv2d_step(
     xv = val(x)
     x2_channels = None if x2 is None else int(val(x2).shape[1])
     if native is not None and weight.dtype == torch.float32:
-        if x2 is None and is_depthwise(weight, groups) and max(padding) > ops._DW_MAX_INLINE_PAD:
+        direct = native.wide_vectors  # see Native.wide_vectors
+        if (
+            direct
+            and x2 is None
+            and is_depthwise(weight, groups)
+            and max(padding) > ops._DW_MAX_INLINE_PAD
+        ):
             conv = NativeDepthwiseConv2d(native, weight, bias, stride, padding, dilation, act,
                                          act_param, residual_after_act)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
         c_in = int(weight.shape[1])
         if (
-            x2 is None
+            direct
+            and x2 is None
             and residual is None
             and act in ACT_CODES
             and narrow.applies(weight, stride, groups)
@@ -523,8 +530,10 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
     pending: list[tuple[fx.Node, Callable, tuple, dict]] = []
     output: Any = None
     # upsample → depthwise: fp32 (sf_resize_dw); → pointwise too: fp32 or bf16 (sf_up_taps)
-    fused, into = _fusions(gm, DTYPES) if native is not None else ({}, {})
-    separable = _separable_after_upsample(gm, fused) if native is not None else {}
+    # the direct kernels only where they beat oneDNN: 16-float vectors in one register
+    direct = native is not None and native.wide_vectors
+    fused, into = _fusions(gm, DTYPES) if direct else ({}, {})
+    separable = _separable_after_upsample(gm, fused) if direct else {}
     for dw, _, _, _ in separable.values():
         into[dw] = [*into[dw], dw]
         fused.pop(dw)
@@ -532,7 +541,7 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
         del fused[dw], into[dw]  # bf16 upsample → depthwise alone stays on oneDNN
     absorbed = {n for nodes in into.values() for n in nodes}
     claimed = set(into) | set(separable)
-    blocks = _inverted_residuals(gm, claimed) if native is not None else {}
+    blocks = _inverted_residuals(gm, claimed) if direct else {}
     for expand, dw in blocks.values():
         absorbed.add(dw)
         if expand is not None:

@@ -369,3 +369,24 @@ def test_bf16_without_onednn_bf16_runs_plain_pytorch(monkeypatch):
 
     assert torch.isfinite(got).all()
     assert rel(got) <= 2 * rel(own), (rel(got), rel(own))  # as good as PyTorch's own bf16
+
+
+@pytest.mark.narrow_vectors
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_without_avx512_the_direct_kernels_stay_off(monkeypatch):
+    """Where 16-float vectors take two registers (no AVX-512) the plan keeps Winograd and
+    the head but leaves inverted residual blocks, atrous depthwise and narrow convs to
+    oneDNN, and says so."""
+    monkeypatch.setattr(native.load(), "wide_vectors", False)
+    torch.manual_seed(0)
+    m = models.create("deeplabv3plus_mobilenetv2", tiny=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    eng = segfast.compile(m, x, backend="torch", output="logits")
+    lowered = eng._runner.details["lowered"]
+    assert not [k for k in lowered if "inverted residual" in k or "atrous" in k]
+    assert not [k for k in lowered if "17–24" in k or "separable" in k]
+    assert "no AVX-512 here" in eng.summary()
+    assert segfast.check(eng, m, [x]).passed
+    monkeypatch.setattr(native.load(), "wide_vectors", True)  # the same model with them
+    again = segfast.compile(m, x, backend="torch", output="logits")
+    assert [k for k in again._runner.details["lowered"] if "atrous" in k]
