@@ -5,7 +5,6 @@ each stream alone, fair real-time drops, a source that dies ending only its stre
 from __future__ import annotations
 
 import json
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -236,19 +235,3 @@ def test_run_command_with_several_inputs(net, clips, tmp_path, capsys):
     assert max(int(b) for b in data["batch_sizes"]) <= 3
     for c, (_, _, n) in zip(clips[:3], CLIPS[:3], strict=False):
         assert len(read_frames(out / c.name)) == n
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_threads():
-    before = set(threading.enumerate())
-    yield
-    deadline = time.time() + 5
-    while True:
-        left = [
-            t.name for t in set(threading.enumerate()) - before if t.name.startswith("segfast-")
-        ]
-        if not left:
-            return
-        if time.time() > deadline:
-            raise AssertionError(f"pipeline threads still running: {left}")
-        time.sleep(0.05)

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -571,20 +570,3 @@ def test_run_command_refuses_model_options_with_an_engine_file(engine_file, clip
         )  # fmt: skip
     with pytest.raises(InputError, match="does not exist"):
         _run_cli([str(tmp_path / "missing.segfast"), "--input", str(clip), "--output", "o"])
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_threads():
-    """Every test leaves no pipeline thread behind (close() joins them)."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.time() + 5
-    while True:
-        left = [
-            t.name for t in set(threading.enumerate()) - before if t.name.startswith("segfast-")
-        ]
-        if not left:
-            return
-        if time.time() > deadline:
-            raise AssertionError(f"pipeline threads still running: {left}")
-        time.sleep(0.05)
