@@ -198,8 +198,19 @@ def start(args: argparse.Namespace) -> str:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
+            # A local Ray on a busy machine: Serve's controller gives the HTTP proxy 5 s to
+            # say it is ready and kills it after that, which fails serve.start (seen on
+            # 2 loaded cores). Its processes inherit this environment.
+            os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
             ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port})
+            break
+        except (ray.exceptions.RayActorError, TimeoutError):
+            if attempt == 2:
+                raise
+            time.sleep(2.0)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{args.host}:{args.port}"
 
