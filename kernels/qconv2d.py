@@ -210,9 +210,10 @@ def _qgemm_fits(
 
     - registers: the int32 accumulators BM·BN/T plus the float A tile being quantized,
       BM·BK·elem_bytes/(4·T) (bilinear: its four neighbour tiles) ≤ 96; ≤ 64 with int64
-      offsets, with a residual tile, and for a bilinear x2 on mma.sync (sm_87: 64×64×64
-      fp16 on 4 warps and 64×128×64 fp32 on 8, both at 96, spilled 4–12 B). 255
-      registers without spilling occur (fp32 tiles at 96): occupancy, not correctness.
+      offsets, with a residual tile, and for a bilinear x2 (sm_87: 64×64×64 fp16 on 4
+      warps and 64×128×64 fp32 on 8, both at 96, spilled 4–12 B; sm_90: 64×64×64 fp16
+      on 4 warps at 4 stages spilled 4 B in the full sweep). 255 registers without
+      spilling occur (fp32 tiles at 96): occupancy, not correctness.
     - shared memory, as compiled (exact for every config measured): (stages − 1) buffered
       float A tiles (bilinear: four) and int8 B tiles, the quantized int8 A tile staged
       for the dot, and on sm_90 wgmma's B operand: ≤ the block maximum.
@@ -222,7 +223,7 @@ def _qgemm_fits(
     loads = 4 if bilinear else 1
     wgmma = target.capability[0] >= 9
     regs = bm * bn // threads + loads * bm * bk * elem_bytes // (4 * threads)
-    regs_ok = regs <= (64 if idx64 or residual or (bilinear and not wgmma) else 96)
+    regs_ok = regs <= (64 if idx64 or residual or bilinear else 96)
     shared = (config.num_stages - 1) * (loads * bm * bk * elem_bytes + bk * bn)
     shared += bm * bk + (bk * bn if wgmma else 0)
     return regs_ok and shared <= target.max_shared
