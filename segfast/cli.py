@@ -64,6 +64,27 @@ def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -
     p.add_argument("--tiny", action="store_true", help="use the model's tiny test configuration")
 
 
+def refuse_model_flags(
+    args: argparse.Namespace, settings: Sequence[tuple[str, Any]], purpose: str
+) -> None:
+    """Raise InputError when ``args.model`` is an engine file (built already) but model
+    flags or ``settings`` ((flag, given?) pairs) were given, or when it does not exist.
+    ``purpose``: what those flags apply to ("models compiled here")."""
+    from pathlib import Path
+
+    from segfast.errors import InputError
+
+    common = (("--tiny", args.tiny), ("--classes", args.classes),
+              ("--in-channels", args.in_channels), ("-o", args.option))  # fmt: skip
+    given = [flag for flag, v in (*common, *settings) if v]
+    if given:
+        raise InputError(
+            f"{args.model} is an engine file, built already: {', '.join(given)} apply to {purpose}"
+        )
+    if not Path(args.model).is_file():
+        raise InputError(f"engine file {args.model} does not exist")
+
+
 def build_model(args: argparse.Namespace) -> Any:
     """The model an argparse namespace from :func:`add_model_arguments` names."""
     from segfast.models import build_from_reference

@@ -28,7 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from segfast.cli import add_model_arguments, build_model, parse_option, parse_size
+from segfast.cli import (
+    add_model_arguments,
+    build_model,
+    parse_option,
+    parse_size,
+    refuse_model_flags,
+)
 from segfast.errors import InputError
 
 FORMATS = ("onnx", "triton")
@@ -187,27 +193,13 @@ def _export_engine(args: argparse.Namespace, path: Path) -> tuple[Any, Any]:
     from segfast.metrics import compare
     from segfast.runtime import engine_file
 
-    given = [
-        flag
-        for flag, v in (
-            ("--tiny", args.tiny),
-            ("--classes", args.classes),
-            ("--in-channels", args.in_channels),
-            ("--option", args.option),
-            ("--size", args.size),
-            ("--batch", args.batch != 1),
-            ("--calibration", args.calibration),
-            ("--threshold", args.threshold != 0.5),
-        )
-        if v
-    ]
-    if given:
-        raise InputError(
-            f"{args.model} is an engine file, built already: {', '.join(given)} apply to "
-            "models exported here"
-        )
-    if not Path(args.model).is_file():
-        raise InputError(f"engine file {args.model} does not exist")
+    settings = (
+        ("--size", args.size),
+        ("--batch", args.batch != 1),
+        ("--calibration", args.calibration),
+        ("--threshold", args.threshold != 0.5),
+    )
+    refuse_model_flags(args, settings, "models exported here")
     # The settings are read (and the file verified) before anything is built.
     meta, _ = engine_file.read(args.model)
     for flag, asked, built in (

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segfast.cli import add_model_arguments, build_model, parse_size
+from segfast.cli import add_model_arguments, build_model, parse_size, refuse_model_flags
 from segfast.errors import InputError
 
 
@@ -47,27 +47,13 @@ def load_engine(args: argparse.Namespace) -> Any:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if _is_engine_file(args.model):
-        given = [
-            flag
-            for flag, v in (
-                ("--tiny", args.tiny),
-                ("--classes", args.classes),
-                ("--in-channels", args.in_channels),
-                ("-o", args.option),
-                ("--weights", args.weights),
-                ("--backend", args.backend != "auto"),
-                ("--precision", args.precision != "fp32"),
-                ("--size", args.size),
-            )
-            if v
-        ]
-        if given:
-            raise InputError(
-                f"{args.model} is an engine file, built already: {', '.join(given)} "
-                f"apply to models compiled here"
-            )
-        if not Path(args.model).is_file():
-            raise InputError(f"engine file {args.model} does not exist")
+        settings = (
+            ("--weights", args.weights),
+            ("--backend", args.backend != "auto"),
+            ("--precision", args.precision != "fp32"),
+            ("--size", args.size),
+        )
+        refuse_model_flags(args, settings, "models compiled here")
         return segfast.load(args.model, device=args.device)
     from segfast.commands.bench import input_channels
 
