@@ -31,7 +31,7 @@ except ImportError as _exc:
 else:
     _TORCH_MISSING = None
     from segfast import models
-    from segfast.api import compile, load, quantize
+    from segfast.api import batch, compile, load, quantize
     from segfast.check import CheckReport, check
     from segfast.int8 import Calibration, QuantizedModel
     from segfast.runtime.engine import Engine
@@ -50,6 +50,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightsError",
     "__version__",
+    "batch",
     "check",
     "compile",
     "load",

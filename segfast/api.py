@@ -839,3 +839,150 @@ def load(
     )
     engine.info.notes.append(f"loaded from {p}")
     return engine
+
+
+# -- batch --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineLoader:
+    """Builds a batch actor's engine: loads the engine file on the actor's device
+    (``device``, or CUDA where the actor was given a GPU, else the CPU), then applies
+    ``wrap`` (a picklable callable engine → engine, e.g. to instrument it)."""
+
+    path: str
+    device: str | None = None
+    wrap: Any = None
+
+    def __call__(self) -> Engine:
+        dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = load(self.path, device=dev)
+        return self.wrap(engine) if self.wrap is not None else engine
+
+
+def batch(
+    engine: Engine | str | os.PathLike[str],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    device: str | None = None,
+    batch: int | None = None,
+    tile: int | tuple[int, int] | None = None,
+    overlap: int = 64,
+    blend: str = "crop",
+    band_rows: int | None = None,
+    video_output: str = "mkv",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    retries: int = 1,
+    max_task_retries: int = 3,
+    retry_failed: bool = False,
+    verify: str = "digest",
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = False,
+    wrap_engine: Any = None,
+    on_record: Any = None,
+) -> Any:
+    """Segment every input — images, videos, large TIFF/.npy images — on Ray Data, one
+    engine per actor, into ``output`` with a resumable manifest
+    (:mod:`segfast.runtime.batchrun`, :mod:`segfast.runtime.batchjob`).
+
+    Args:
+        engine: an :class:`Engine` (saved into ``output/.segfast-batch/`` for the
+            actors) or a ``.segfast`` file. Compile it with a dynamic batch
+            (``dynamic=("batch",)``) so that frames and tiles run batched.
+        inputs: folders, glob patterns, list files (.txt) or files (one or a list).
+        output: the output folder (created); ``manifest.jsonl`` lands there.
+        actors: actors (engines) to run; default: the Ray cluster's CPUs ÷
+            ``cpus_per_actor`` (and GPUs ÷ ``gpus_per_actor`` when that is > 0).
+        device: where actors run their engine; default CUDA when the actor has a GPU.
+        batch: frames / tiles / images per engine call (default 4, or the engine's
+            static batch).
+        tile, overlap, blend: large images' overlap-tile settings, as
+            :meth:`Engine.segment_large`; ``blend="crop"`` splits an image into bands
+            of ``band_rows`` tile rows across actors, ``"gaussian"`` runs each large
+            image in one actor.
+        video_output: "mkv" / "mp4" (a mask video) or "png" (a folder of class-id PNGs).
+        mean, std: normalisation (as ``segfast run``; large images: after ÷ 255 for
+            uint8, ÷ 65535 for uint16).
+        retries: extra attempts in the actor for an item that raises (bad input: none).
+        max_task_retries: re-runs of a unit whose actor died.
+        retry_failed: redo inputs that failed in a previous run (default: left alone
+            unless they changed).
+        verify: how a previous run's outputs are checked before being skipped:
+            "digest" (size and sha256) or "size".
+        address: a Ray cluster to join (``ray.init(address=...)``); default: a local Ray
+            instance with ``num_cpus`` CPUs (started and stopped here) unless Ray is
+            already initialised in this process.
+        progress: a progress bar over the units.
+        wrap_engine: a picklable callable applied to each actor's engine.
+        on_record: called with each manifest record as it is written.
+
+    Returns:
+        a :class:`~segfast.runtime.batchrun.BatchReport`.
+    """
+    from segfast._io import sha256_file
+    from segfast.runtime.batchjob import SCRATCH, WorkerOptions
+    from segfast.runtime.batchrun import run_batch
+    from segfast.runtime.tiling import tile_grid
+
+    out_dir = Path(output)
+    if isinstance(engine, Engine):
+        # Saved under its own digest: a rerun with the same engine finds the same file.
+        folder = out_dir / SCRATCH / "engines"
+        tmp = engine.save(folder / f"incoming-{os.getpid()}.segfast")
+        path = folder / f"engine-{sha256_file(tmp)[:16]}.segfast"
+        os.replace(tmp, path)
+    elif isinstance(engine, str | os.PathLike):
+        path = Path(engine)
+    else:
+        raise InputError(
+            f"engine must be a segfast.Engine or a .segfast file, got {type(engine).__name__} "
+            f"(compile a model first: segfast.compile(model, ..., dynamic=('batch',)))"
+        )
+    meta, _ = engine_file.read(path)  # parses and verifies it before any actor starts
+    io = engine_file.io_of(meta)
+    if blend == "gaussian" and io.output == "mask":
+        raise InputError(
+            "blend='gaussian' averages probabilities, but this engine outputs class masks: "
+            "compile it with output='logits' or 'probs', or use blend='crop'"
+        )
+    if tile is not None:
+        tile_grid(io, 1, 1, tile=tile, overlap=overlap)  # a bad tile fails here, not in actors
+    options = WorkerOptions(
+        batch=batch,
+        tile=None if tile is None else (tile, tile) if isinstance(tile, int) else tuple(tile),
+        overlap=int(overlap),
+        blend=blend,
+        mean=None if mean is None else tuple(float(v) for v in mean),
+        std=None if std is None else tuple(float(v) for v in std),
+        retries=int(retries),
+    )
+
+    def grid(h: int, w: int) -> Any:
+        return tile_grid(io, h, w, tile=options.tile, overlap=options.overlap)
+
+    return run_batch(
+        EngineLoader(str(path.resolve()), device, wrap_engine),
+        inputs,
+        out_dir,
+        engine_digest=sha256_file(path),
+        tile_grid=grid,
+        options=options,
+        video_output=video_output,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        band_rows=band_rows,
+        max_task_retries=max_task_retries,
+        retry_failed=retry_failed,
+        verify=verify,
+        address=address,
+        num_cpus=num_cpus,
+        progress=progress,
+        on_record=on_record,
+    )

@@ -99,7 +99,7 @@ def build_model(args: argparse.Namespace) -> Any:
 
 
 # Subcommand modules under segfast/commands/, in --help order.
-COMMANDS = ("models", "info", "bench", "export", "build", "run", "serve")
+COMMANDS = ("models", "info", "bench", "export", "build", "run", "serve", "batch")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -215,3 +215,26 @@ def check_compatible(
                 + (f" (dynamic {dyn})" if dyn else " (static)")
                 + f"; asked for {got}"
             )
+
+
+def io_of(meta: dict[str, Any]) -> Any:
+    """The :class:`~segfast.runtime.engine_io.EngineIO` (input geometry, output kind) an
+    engine file describes, without building it (e.g. to plan tiles for workers that
+    load the engine elsewhere). The device is the one it was built for."""
+    from types import SimpleNamespace
+
+    from segfast.runtime.engine_io import EngineIO
+
+    specs = [
+        SimpleNamespace(
+            shape=tuple(s["shape"]),
+            dynamic={k: tuple(v) for k, v in s["dynamic"].items()},
+            torch_dtype=getattr(torch, s["dtype"]),
+        )
+        for s in meta["inputs"]
+    ]
+    info = SimpleNamespace(
+        inputs=specs, output=meta["output"], num_classes=None,
+        device=meta["device"]["type"], threshold=meta.get("threshold", 0.5),
+    )  # fmt: skip
+    return EngineIO.of(SimpleNamespace(info=info))

@@ -201,12 +201,12 @@ class _Image:
                 self.data: Any = t.numpy()  # a view, no copy
             else:
                 self.data = t
-        elif isinstance(image, np.ndarray):
+        elif isinstance(image, np.ndarray) or is_region_reader(image):
             self.data = image
         else:
             raise InputError(
-                f"image must be a numpy array (memmaps included) or a torch tensor, "
-                f"got {type(image).__name__}"
+                f"image must be a numpy array (memmaps included), a torch tensor or a "
+                f"region reader (segfast.runtime.largeimage), got {type(image).__name__}"
             )
         shape = tuple(int(d) for d in self.data.shape)
         if len(shape) not in (2, 3):
@@ -235,8 +235,8 @@ class _Image:
         self.replicate = self.channels == 1 and engine_channels == 3
 
     def _numpy_dtype(self) -> np.dtype | None:
-        if isinstance(self.data, np.ndarray):
-            return self.data.dtype
+        if not isinstance(self.data, torch.Tensor):
+            return np.dtype(self.data.dtype)
         names = {
             torch.uint8: np.uint8,
             torch.float16: np.float16,
@@ -261,6 +261,13 @@ class _Image:
         """
         d = self.data
         sy, sx = _as_slice(ry), _as_slice(rx)
+        if is_region_reader(d):  # read the bounding box (mirrored rows lie inside it)
+            y0, y1 = int(ry.min()), int(ry.max()) + 1
+            x0, x1 = int(rx.min()), int(rx.max()) + 1
+            box = d.read(y0, y1, x0, x1)
+            if sy is not None and sx is not None:
+                return box
+            return box[np.ix_(ry - y0, rx - x0)]
         if isinstance(d, torch.Tensor):
             iy = sy if sy is not None else torch.as_tensor(ry, device=d.device)
             ix = sx if sx is not None else torch.as_tensor(rx, device=d.device)
@@ -272,6 +279,17 @@ class _Image:
         if sy is None and sx is None:
             return d[np.ix_(ry, rx)]
         return d[sy][:, rx] if sx is None else d[:, sx][ry]
+
+
+def is_region_reader(obj: Any) -> bool:
+    """Whether ``obj`` reads regions on demand: ``shape`` (H, W[, C]), ``dtype`` and
+    ``read(y0, y1, x0, x1) -> ndarray`` (e.g. :class:`~segfast.runtime.largeimage.TiffRegionReader`)."""
+    return (
+        not isinstance(obj, np.ndarray | torch.Tensor)
+        and callable(getattr(obj, "read", None))
+        and hasattr(obj, "shape")
+        and hasattr(obj, "dtype")
+    )
 
 
 def _as_slice(idx: np.ndarray) -> slice | None:
@@ -354,6 +372,7 @@ def segment_large(
     sigma: float = 0.125,
     out: np.ndarray | None = None,
     progress: bool = False,
+    tile_rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Segment an image of any size with the overlap-tile strategy (module docstring).
 
@@ -383,9 +402,15 @@ def segment_large(
         out: an array to write the result into (H×W uint8/int32 for masks, K×H×W
             float16/float32 for probabilities), e.g. an ``np.memmap``.
         progress: show a progress bar (rich) over the tiles.
+        tile_rows: ``(i0, i1)``: only tile rows i0..i1 of the grid (:func:`tile_grid`),
+            ``blend="crop"`` only. The result is then image rows ``i0·sy ..
+            min(i1·sy, H)`` — exactly those rows of the whole-image result, so bands of
+            tile rows run anywhere (other processes, other machines) and stacked give
+            the whole result. ``out`` takes the band's shape.
 
     Returns:
-        ``out`` or a new array: the mask (H×W) or the probabilities (K×H×W).
+        ``out`` or a new array: the mask (H×W) or the probabilities (K×H×W); with
+        ``tile_rows``, the band's rows of it.
     """
     io = EngineIO.of(engine)
     if threshold is not None:
@@ -405,16 +430,28 @@ def segment_large(
         raise InputError(f"sigma must be positive, got {sigma}")
     img = _Image(image, io.channels)
     grid = plan_tiles(img.height, img.width, _tile_size(io, tile), overlap)
+    rows = (0, grid.rows)
+    if tile_rows is not None:
+        if blend != "crop":
+            raise InputError("tile_rows (a band of tile rows) needs blend='crop'")
+        i0, i1 = (int(v) for v in tile_rows)
+        if not 0 <= i0 < i1 <= grid.rows:
+            raise InputError(
+                f"tile_rows must satisfy 0 ≤ i0 < i1 ≤ {grid.rows} (the grid's tile rows), "
+                f"got {tile_rows}"
+            )
+        rows = (i0, i1)
     nbatch = _batch_size(io, batch)
     if normalize is None:
         normalize = scale_normalize(_SCALES[img.dtype])
     runner = _TileRunner(engine, io, img, grid, nbatch, normalize)
-    result = _allocate(io, img, output, out)
-    bar = Progress(progress, "tiles", grid.rows * grid.cols)
+    y_lo, y_hi = rows[0] * grid.sy, min(rows[1] * grid.sy, grid.height)
+    result = _allocate(io, img, output, out, y_hi - y_lo)
+    bar = Progress(progress, "tiles", (rows[1] - rows[0]) * grid.cols)
     try:
         with torch.inference_mode():
             if blend == "crop":
-                _crop_blend(runner, grid, output, result, bar)
+                _crop_blend(runner, grid, output, result, bar, rows)
             else:
                 _gaussian_blend(runner, grid, output, result, sigma, bar)
     finally:
@@ -422,8 +459,24 @@ def segment_large(
     return result
 
 
-def _allocate(io: EngineIO, img: _Image, output: str, out: np.ndarray | None) -> np.ndarray:
-    h, w = img.height, img.width
+def tile_grid(
+    engine: Any,
+    height: int,
+    width: int,
+    *,
+    tile: int | tuple[int, int] | None = None,
+    overlap: int | tuple[int, int] = 64,
+) -> TileGrid:
+    """The grid :func:`segment_large` uses for an H×W image with this engine (or its
+    :class:`EngineIO`), to split the tile rows into bands (``tile_rows``)."""
+    io = engine if isinstance(engine, EngineIO) else EngineIO.of(engine)
+    return plan_tiles(int(height), int(width), _tile_size(io, tile), overlap)
+
+
+def _allocate(
+    io: EngineIO, img: _Image, output: str, out: np.ndarray | None, height: int
+) -> np.ndarray:
+    h, w = height, img.width
     if output == "mask":
         k = io.num_classes or 1
         dtype = np.dtype(np.uint8 if k <= 256 else np.int32)
@@ -510,12 +563,19 @@ def _write_mask(result: np.ndarray, rows: slice, cols: slice, mask: torch.Tensor
 
 
 def _crop_blend(
-    runner: _TileRunner, g: TileGrid, output: str, result: np.ndarray, bar: Progress
+    runner: _TileRunner,
+    g: TileGrid,
+    output: str,
+    result: np.ndarray,
+    bar: Progress,
+    rows: tuple[int, int],
 ) -> None:
-    """Each tile writes its centre (clipped to the image) straight into the result."""
+    """Each tile writes its centre (clipped to the image) straight into the result,
+    which holds image rows ``rows[0]·sy`` onwards (all of them for the whole grid)."""
     io = runner.io
-    for i in range(g.rows):
-        y0, y1 = i * g.sy, min((i + 1) * g.sy, g.height)
+    base = rows[0] * g.sy
+    for i in range(*rows):
+        y0, y1 = i * g.sy - base, min((i + 1) * g.sy, g.height) - base
         ty = slice(g.top, g.top + (y1 - y0))
         for js, y in runner.row(i):
             for k, j in enumerate(js):
