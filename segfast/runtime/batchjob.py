@@ -123,9 +123,14 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _expand(spec: str) -> tuple[list[tuple[Path, Path, bool]], int]:
+def _inside(f: Path, folder: Path | None) -> bool:
+    return folder is not None and (f == folder or folder in f.parents)
+
+
+def _expand(spec: str, exclude: Path | None) -> tuple[list[tuple[Path, Path, bool]], int]:
     """(file, root, explicit) triples for one ``--input``, and files ignored (unknown
-    suffix found by walking or globbing)."""
+    suffix found by walking or globbing). Files under ``exclude`` (the output folder,
+    when it lies inside an input folder) are not inputs."""
     p = Path(spec).expanduser()
     found: list[tuple[Path, Path, bool]] = []
     ignored = 0
@@ -133,7 +138,7 @@ def _expand(spec: str) -> tuple[list[tuple[Path, Path, bool]], int]:
         root = p.resolve()
         for f in sorted(root.rglob("*")):
             rel = f.relative_to(root)
-            if _hidden(rel) or not f.is_file():
+            if _hidden(rel) or not f.is_file() or _inside(f, exclude):
                 continue
             if kind_of(f):
                 found.append((f, root, False))
@@ -149,7 +154,7 @@ def _expand(spec: str) -> tuple[list[tuple[Path, Path, bool]], int]:
         root = _glob_root(spec).resolve()
         for m in sorted(glob.glob(str(p), recursive=True)):
             f = Path(m)
-            if not f.is_file():
+            if not f.is_file() or _inside(f.resolve(), exclude):
                 continue
             if kind_of(f):
                 found.append((f.resolve(), root, False))
@@ -190,11 +195,16 @@ def _output_name(rel: str, kind: str, video_output: str, keep_suffix: bool) -> s
 
 
 def discover(
-    inputs: Sequence[str | os.PathLike[str]], *, video_output: str = "mkv"
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    video_output: str = "mkv",
+    exclude: str | os.PathLike[str] | None = None,
 ) -> tuple[list[Item], int]:
     """Every input file (module docstring), in a stable order, and the number of files
     ignored for an unknown suffix. Files named explicitly (a list file, a path) that are
-    missing or of an unknown kind are kept as items with a ``problem``."""
+    missing or of an unknown kind are kept as items with a ``problem``. Folders and
+    globs skip what lies under ``exclude`` (the job's output folder)."""
+    skip = Path(exclude).resolve() if exclude is not None else None
     if video_output not in VIDEO_OUTPUTS:
         raise InputError(f"video_output must be one of {VIDEO_OUTPUTS}, got {video_output!r}")
     if isinstance(inputs, str | os.PathLike):
@@ -204,7 +214,7 @@ def discover(
     seen: dict[str, tuple[Path, Path, bool]] = {}
     ignored = 0
     for spec in inputs:
-        found, n = _expand(os.fspath(spec))
+        found, n = _expand(os.fspath(spec), skip)
         ignored += n
         for f, root, explicit in found:
             seen.setdefault(str(f), (f, root, explicit))
@@ -377,28 +387,40 @@ def assemble_bands(
     memmaps a tile row at a time."""
     from segfast.runtime.largeimage import write_tiled_tiff
 
-    arrays = []
+    arrays = []  # (first row, rows, file, data offset, dtype)
     y = 0
     for y0, f in bands:
-        a = np.load(f, mmap_mode="r")
-        if y0 != y or a.ndim != 2 or a.shape[1] != width:
-            raise InputError(f"band {f} (rows from {y0}, shape {a.shape}) does not fit at row {y}")
-        arrays.append((y0, a))
-        y += a.shape[0]
+        with open(f, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)  # fmt: skip
+            shape, fortran, dt = read(fh)
+            offset = fh.tell()
+        if y0 != y or len(shape) != 2 or shape[1] != width or fortran:
+            raise InputError(f"band {f} (rows from {y0}, shape {shape}) does not fit at row {y}")
+        if f.stat().st_size != offset + shape[0] * shape[1] * dt.itemsize:
+            raise InputError(f"band {f} is truncated")
+        arrays.append((y0, shape[0], f, offset, dt))
+        y += shape[0]
     if y != height:
         raise InputError(f"bands cover {y} rows of {height}")
+    if len({a[4] for a in arrays}) != 1:
+        raise InputError(f"bands of {target} differ in dtype")
+    dtype = arrays[0][4]
 
     def rows(y0: int, y1: int) -> np.ndarray:
-        parts = []
-        for b0, a in arrays:
-            lo, hi = max(y0, b0), min(y1, b0 + a.shape[0])
+        # plain reads, no memory map: the stitching process holds one tile row
+        out = np.empty((y1 - y0, width), dtype)
+        for b0, n, f, offset, _ in arrays:
+            lo, hi = max(y0, b0), min(y1, b0 + n)
             if lo < hi:
-                parts.append(np.asarray(a[lo - b0 : hi - b0]))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+                with open(f, "rb") as fh:
+                    fh.seek(offset + (lo - b0) * width * dtype.itemsize)
+                    buf = fh.read((hi - lo) * width * dtype.itemsize)
+                out[lo - y0 : hi - y0] = np.frombuffer(buf, dtype).reshape(hi - lo, width)
+        return out
 
-    if len({a.dtype for _, a in arrays}) != 1:
-        raise InputError(f"bands of {target} differ in dtype")
-    write_tiled_tiff(target, rows, height, width, arrays[0][1].dtype)
+    write_tiled_tiff(target, rows, height, width, dtype)
 
 
 # -- the work of one actor ------------------------------------------------------------------
@@ -628,17 +650,25 @@ class BatchWorker:
             mean = mean * c if len(mean) == 1 else mean
             std = std * c if len(std) == 1 else std
             normalize = mean_std(mean, std, scale=_SCALES[np.dtype(reader.dtype)])
-        rows = unit["rows"]
+        kw = dict(tile=self.options.tile, overlap=self.options.overlap,
+                  blend=self.options.blend, batch=self.options.batch, output="mask",
+                  normalize=normalize)  # fmt: skip
         try:
-            out = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=(y1 - y0, w))
-            segment_large(
-                self.engine, reader, tile=self.options.tile, overlap=self.options.overlap,
-                blend=self.options.blend, batch=self.options.batch, output="mask",
-                normalize=normalize, out=out,
-                tile_rows=None if unit["whole"] else (rows[0], rows[1]),
-            )  # fmt: skip
-            out.flush()
-            del out
+            if unit["whole"]:  # gaussian: the whole image in this actor, into a memmap
+                out = np.lib.format.open_memmap(staging, "w+", dtype=dtype, shape=(h, w))
+                segment_large(self.engine, reader, out=out, **kw)
+                out.flush()
+                del out
+            else:  # one tile row at a time, appended: memory is one tile row's mask
+                with open(staging, "wb") as fh:
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                              "fortran_order": False, "shape": (y1 - y0, w)}  # fmt: skip
+                    np.lib.format.write_array_header_1_0(fh, header)
+                    for i in range(*unit["rows"]):
+                        part = segment_large(self.engine, reader, tile_rows=(i, i + 1), **kw)
+                        fh.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(staging, final)
         finally:
             _remove(staging)

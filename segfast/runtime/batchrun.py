@@ -232,7 +232,7 @@ def run_batch(
     out_dir = Path(output).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output {out_dir} is a file; give a folder")
-    items, ignored = discover(inputs, video_output=video_output)
+    items, ignored = discover(inputs, video_output=video_output, exclude=out_dir)
     input_paths = {it.path for it in items}
     for it in items:
         if it.output and str(out_dir / it.output) in input_paths:
@@ -473,8 +473,9 @@ def _execute(
     units_done: set[int] = set()
     bar = Progress(progress, "units", len(units))
     pids: set[int] = set()
+    rows_iter = iter(ds.iter_rows())
     try:
-        for row in ds.iter_rows():
+        for row in rows_iter:
             r = json.loads(str(row["result"]))
             tag = (r["unit"], r["item"], r.get("band", -1))
             if tag in seen:
@@ -502,6 +503,9 @@ def _execute(
             bar.update(0 if unit["unit"] not in units_done else 1,
                        status=f"done {report.done} failed {report.failed}")  # fmt: skip
     finally:
+        close = getattr(rows_iter, "close", None)
+        if close is not None:  # stops the streaming executor (and its actors) on Ctrl-C
+            close()
         bar.close()
         ctx.max_errored_blocks, ctx.enable_progress_bars = saved
         for lg, lvl in zip(loggers, levels, strict=True):

@@ -228,6 +228,14 @@ def test_discovery_of_folders_globs_and_list_files(tmp_path):
         "sub/a.png": "sub/a.png", "sub/c.png": "sub/c.png", "v.mp4": "v.mkv",
     }  # fmt: skip
     assert {it.kind for it in items} == {"image", "video", "large"}
+    # the job's output folder inside an input folder holds no inputs
+    (d / "masks").mkdir()
+    (d / "masks" / "a.png").write_bytes(b"x")
+    items, _ = discover([d], exclude=d / "masks")
+    assert "masks/a.png" not in {it.name for it in items}
+    items, _ = discover([str(d / "**" / "*.png")], exclude=d / "masks")
+    assert "masks/a.png" not in {it.name for it in items}
+    (d / "masks" / "a.png").unlink()
     # video as PNG frames: a folder
     items, _ = discover([d], video_output="png")
     assert {it.name: it.output for it in items}["v.mp4"] == "v"
