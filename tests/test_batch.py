@@ -54,7 +54,9 @@ class CrashOnce:
         return Dying()
 
 
-@pytest.fixture(scope="module")
+# Session scope: pytest-xdist tears module fixtures down whenever a worker runs out of
+# queued tests (Ray and the inputs were set up again).
+@pytest.fixture(scope="session")
 def local_ray():
     from ray import cloudpickle
 
@@ -64,7 +66,7 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -103,7 +105,7 @@ def _slide(h: int, w: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inputs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("inputs")
     g = np.random.default_rng(0)
@@ -274,3 +276,23 @@ def test_an_interrupted_job_keeps_whole_outputs_and_the_command_finishes_it(
     assert not _debris(out)
     assert main(argv) == 1
     assert len(_records(out)) == len(names)
+
+
+def test_bad_arguments_are_refused_before_anything_runs(inputs, engine_file, tmp_path, capsys):
+    from segfast.cli import main
+
+    out = tmp_path / "out"
+    base = ["batch", str(engine_file), "--input", str(inputs), "--output", str(out)]
+    assert main([*base, "--batch", "0"]) == 2
+    assert main(["batch", str(tmp_path / "none.segfast"), "--input", str(inputs),
+                 "--output", str(out)]) == 2  # fmt: skip
+    assert main([*base[:3], str(tmp_path / "nowhere"), *base[4:]]) == 2
+    assert main([*base, "--blend", "gaussian"]) == 2  # a mask engine cannot blend
+    err = capsys.readouterr().err
+    assert "--batch must be ≥ 1" in err
+    assert "does not exist" in err
+    assert "gaussian" in err
+    assert not out.exists() or not any(p.is_file() and p.name != "lock" for p in out.rglob("*"))
+    (tmp_path / "in.png").write_bytes(b"x")
+    with pytest.raises(segfast.InputError, match="is a file"):
+        segfast.batch(engine_file, inputs, tmp_path / "in.png")

@@ -63,7 +63,9 @@ def _get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
+# Session scope: pytest-xdist tears module fixtures down whenever a worker runs out of
+# queued tests (the service was started up to twice per worker).
+@pytest.fixture(scope="session")
 def engine_file(tmp_path_factory):
     torch.manual_seed(0)
     net = models.create("unet", tiny=True, in_channels=3, num_classes=3).eval()
@@ -73,7 +75,7 @@ def engine_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def service(engine_file, tmp_path_factory):
     """The service: `segfast serve` in its own process group (Ray's processes with it)."""
     port = _free_port()
@@ -105,7 +107,7 @@ def service(engine_file, tmp_path_factory):
     finally:
         proc.send_signal(signal.SIGINT)  # the command shuts Serve and Ray down
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
+            proc.wait(20)  # (Serve's shutdown on 2 busy cores can take a minute: not waited for)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything of Ray's still there
 

