@@ -216,8 +216,13 @@ def run_batch(
     is written (a progress hook; raising ``KeyboardInterrupt`` there stops the job as
     Ctrl-C does).
     """
-    import ray
-    import ray.data
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ImportError(
+            f"segfast batch runs on Ray Data: pip install 'segfast[batch]' ({exc})"
+        ) from exc
 
     opts = options or WorkerOptions()
     if opts.blend not in ("crop", "gaussian"):
