@@ -937,6 +937,9 @@ def batch(
         tmp = engine.save(folder / f"incoming-{os.getpid()}.segfast")
         path = folder / f"engine-{sha256_file(tmp)[:16]}.segfast"
         os.replace(tmp, path)
+        for old in folder.glob("engine-*.segfast"):  # engines of earlier jobs here
+            if old != path:
+                old.unlink(missing_ok=True)
     elif isinstance(engine, str | os.PathLike):
         path = Path(engine)
     else:

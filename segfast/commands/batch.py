@@ -54,7 +54,27 @@ def run(args: argparse.Namespace) -> int:
     engine = _engine(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     tile = None if args.tile is None else (args.tile[0], args.tile[1])
-    report = segfast.batch(
+    try:
+        report = _batch(segfast, engine, args, progress, tile)
+    except KeyboardInterrupt:  # before the job started, or a second Ctrl-C while it stopped
+        return _interrupted(args)
+    print(report.summary(), flush=True)
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report.as_dict(), indent=2, default=str))
+    if report.interrupted:
+        return _interrupted(args)
+    return 1 if report.failed or report.failed_before else 0
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    print(f"interrupted: {args.output} holds only complete outputs; rerun the same command "
+          f"to continue", file=sys.stderr)  # fmt: skip
+    return 130
+
+
+def _batch(segfast: Any, engine: Any, args: argparse.Namespace, progress: bool,
+           tile: Any) -> Any:  # fmt: skip
+    return segfast.batch(
         engine,
         args.input,
         args.output,
@@ -77,17 +97,6 @@ def run(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         progress=progress,
     )
-    print(report.summary())
-    if args.report_json:
-        Path(args.report_json).write_text(json.dumps(report.as_dict(), indent=2, default=str))
-    if report.interrupted:
-        print(
-            f"interrupted: {args.output} holds only complete outputs; rerun the same command "
-            f"to continue",
-            file=sys.stderr,
-        )
-        return 130
-    return 1 if report.failed or report.failed_before else 0
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -311,13 +311,14 @@ def run_batch(
             return report
 
         started_ray = False
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=not quiet_ray)
-            else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet_ray)
-            started_ray = True
-        try:
+        try:  # Ctrl-C anywhere from here on ends the job cleanly (the report says so)
+            if not ray.is_initialized():
+                started_ray = True
+                if address:
+                    ray.init(address=address, log_to_driver=not quiet_ray)
+                else:
+                    ray.init(num_cpus=num_cpus, include_dashboard=False,
+                             log_to_driver=not quiet_ray)  # fmt: skip
             n_actors = actors or _default_actors(ray, cpus_per_actor, gpus_per_actor)
             report.actors = n_actors
             units, large = _plan(runnable, out_dir, scratch, opts, tile_grid, n_actors,
@@ -334,12 +335,14 @@ def run_batch(
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
-            if started_ray and report.interrupted:
-                ray.shutdown()  # stops every actor now
-                started_ray = False
-            remove_debris({(out_dir / it.output).parent for it in todo if it.output} | {out_dir})
-            if started_ray:
-                ray.shutdown()
+            try:
+                if started_ray:
+                    ray.shutdown()  # stops every actor
+            except KeyboardInterrupt:
+                report.interrupted = True
+            finally:
+                remove_debris({(out_dir / it.output).parent for it in todo if it.output}
+                              | {out_dir})  # fmt: skip
         if not report.interrupted:
             shutil.rmtree(scratch, ignore_errors=True)
         report.seconds = time.perf_counter() - t_start
