@@ -521,12 +521,13 @@ class BatchWorker:
         return {"output": "mask", "mean": self.options.mean, "std": self.options.std}
 
     def _images(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
-        """All images of the unit through one multi-stream (batched); if that fails as a
-        whole (one unreadable file stops it), each image alone, so only the bad one
-        fails."""
+        """All images of the unit through one multi-stream (batched); the images it did
+        not finish (an unreadable file stops or skips its lane — or the whole stream)
+        then run one at a time, so only a bad one fails."""
         from segfast.runtime.multistream import MultiStream
 
         paths, outputs, items = unit["paths"], unit["outputs"], unit["items"]
+        outcomes: list[_Outcome | None] = [None] * len(paths)
         t0 = time.perf_counter()
         if len(paths) > 1:
             try:
@@ -539,14 +540,19 @@ class BatchWorker:
                 with ms:
                     for _ in ms:
                         pass
-                outcomes = [self._image_outcome(s, Path(o)) for s, o in zip(ms.stats, outputs, strict=True)]  # fmt: skip
-                if all(o.status == "done" for o in outcomes):
-                    per = (time.perf_counter() - t0) / len(paths)
-                    return [self._result(unit, i, o, 1, per) for i, o in zip(items, outcomes, strict=True)]  # fmt: skip
+                for k, (stats, o) in enumerate(zip(ms.stats, outputs, strict=True)):
+                    out = self._image_outcome(stats, Path(o))
+                    outcomes[k] = out if out.status == "done" else None
             except Exception:
-                pass  # one of them is bad: find which, one at a time
+                outcomes = [None] * len(paths)  # the batch as a whole failed: one at a time
+        done = sum(o is not None for o in outcomes)
+        per = (time.perf_counter() - t0) / max(done, 1)
         results = []
-        for i, p, o in zip(items, paths, outputs, strict=True):
+        for k, (i, p, o) in enumerate(zip(items, paths, outputs, strict=True)):
+            got = outcomes[k]
+            if got is not None:
+                results.append(self._result(unit, i, got, 1, per))
+                continue
             t1 = time.perf_counter()
             outcome, attempts = self._attempt(self._one_image, p, Path(o))
             results.append(self._result(unit, i, outcome, attempts, time.perf_counter() - t1))
