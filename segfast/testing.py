@@ -6,6 +6,9 @@ same checks as segfast's own suite.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from segfast.metrics import compare, mismatch_report
@@ -79,3 +82,27 @@ def assert_low_precision_close(
             f"{out.dtype} rel-L2 {err_kernel.rel_l2:.3g} exceeds {factor}× PyTorch's own "
             f"{err_torch.rel_l2:.3g} (bound {bound:.3g}); non-finite: {err_kernel.nonfinite}"
         )
+
+
+def write_noise_video(
+    path: str | os.PathLike[str], frames: int, hw: tuple[int, int], *, seed: int = 0,
+    fps: int = 10,
+) -> Path:  # fmt: skip
+    """Write an H.264 video of ``frames`` uniform-noise RGB frames of ``hw`` (PyAV) —
+    a test input for the video and batch runtimes. Returns the path."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(fps))
+        s.height, s.width, s.pix_fmt = *hw, "yuv420p"
+        for _ in range(frames):
+            img = g.integers(0, 256, (*hw, 3), dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, "rgb24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return Path(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch import nn
 
 import segfast
 from segfast.runtime.batchjob import MANIFEST, SCRATCH
+from segfast.testing import write_noise_video
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -85,16 +85,7 @@ def _png(path: Path, img: np.ndarray) -> None:
 
 
 def _clip(path: Path, n: int, hw: tuple[int, int], seed: int) -> None:
-    g = np.random.default_rng(seed)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(10))
-        s.height, s.width, s.pix_fmt = *hw, "yuv420p"
-        for _ in range(n):
-            f = av.VideoFrame.from_ndarray(g.integers(0, 256, (*hw, 3), dtype=np.uint8), "rgb24")
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
+    write_noise_video(path, n, hw, seed=seed)
 
 
 def _slide(h: int, w: int) -> np.ndarray:

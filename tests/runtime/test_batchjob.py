@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from segfast.runtime.batchjob import (
 )
 from segfast.runtime.largeimage import TiffRegionReader, open_large, write_tiled_tiff
 from segfast.runtime.tiling import segment_large, tile_grid
+from segfast.testing import write_noise_video
 
 tifffile = pytest.importorskip("tifffile")
 av = pytest.importorskip("av")
@@ -67,17 +67,7 @@ def write_png(path: Path, img: np.ndarray) -> Path:
 
 
 def write_clip(path: Path, n: int = 6, hw=(48, 64), seed: int = 0) -> Path:
-    g = np.random.default_rng(seed)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(10))
-        s.height, s.width, s.pix_fmt = *hw, "yuv420p"
-        for _ in range(n):
-            f = av.VideoFrame.from_ndarray(g.integers(0, 256, (*hw, 3), dtype=np.uint8), "rgb24")
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
+    return write_noise_video(path, n, hw, seed=seed)
 
 
 # -- region reads -------------------------------------------------------------------------
