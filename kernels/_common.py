@@ -23,6 +23,9 @@ ACTIVATIONS: dict[str, int] = {
     "silu": 4,
     "sigmoid": 5,
     "tanh": 6,
+    "hardswish": 7,  # y·relu6(y + 3)/6 (MobileNetV3)
+    "hardsigmoid": 8,  # relu6(y + 3)/6
+    "gelu": 9,  # act_param 0: exact (erf); 1: the tanh approximation
 }
 
 
@@ -49,6 +52,12 @@ def apply_activation_reference(y: torch.Tensor, act: str, act_param: float = 0.0
         return torch.nn.functional.silu(y)
     if act == "sigmoid":
         return torch.sigmoid(y)
+    if act == "hardswish":
+        return torch.nn.functional.hardswish(y)
+    if act == "hardsigmoid":
+        return torch.nn.functional.hardsigmoid(y)
+    if act == "gelu":
+        return torch.nn.functional.gelu(y, approximate="tanh" if act_param else "none")
     return torch.tanh(y)
 
 

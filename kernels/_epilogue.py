@@ -30,10 +30,26 @@ def activate(y, ACT: tl.constexpr, act_param):
     elif ACT == 5:  # sigmoid
         y = 1.0 / (1.0 + tl.exp(-y))
     elif ACT == 6:  # tanh
-        a = tl.abs(y)
-        e = tl.exp(-2.0 * a)
-        t = (1.0 - e) / (1.0 + e)
-        y2 = y * y
-        series = y * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0 - y2 * (17.0 / 315.0))))
-        y = tl.where(a < _TANH_SERIES_LIMIT, series, tl.where(y < 0.0, -t, t))
+        y = _tanh(y)
+    elif ACT == 7:  # hardswish: y·relu6(y + 3)/6
+        r = y + 3.0
+        y = y * tl.where(r < 0.0, 0.0, tl.where(r > 6.0, 6.0, r)) * (1.0 / 6.0)
+    elif ACT == 8:  # hardsigmoid: relu6(y + 3)/6
+        r = y + 3.0
+        y = tl.where(r < 0.0, 0.0, tl.where(r > 6.0, 6.0, r)) * (1.0 / 6.0)
+    elif ACT == 9:  # gelu: act_param 0 exact (erf), else the tanh approximation
+        exact = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        approx = 0.5 * y * (1.0 + _tanh(inner))
+        y = tl.where(act_param != 0.0, approx, exact)
     return y
+
+
+@triton.jit
+def _tanh(y):
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    y2 = y * y
+    series = y * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0 - y2 * (17.0 / 315.0))))
+    return tl.where(a < _TANH_SERIES_LIMIT, series, tl.where(y < 0.0, -t, t))

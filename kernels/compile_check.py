@@ -205,6 +205,10 @@ CASES: tuple[Case, ...] = (
     Case("conv2d", "3x3-bn-relu", lambda d: _conv(d, 256, 256, 128, 128, 3, act="relu")),
     Case("conv2d", "stem-flatk-s2-silu",
          lambda d: _conv(d, 3, 32, 512, 512, 3, stride=2, act="silu")),
+    Case("conv2d", "stem-s2-hardswish",  # MobileNetV3's stem
+         lambda d: _conv(d, 3, 16, 512, 512, 3, stride=2, act="hardswish")),
+    Case("conv2d", "1x1-gelu",
+         lambda d: _conv(d, 96, 96, 64, 64, 1, act="gelu")),
     Case("conv2d", "1x1-residual-relu6",
          lambda d: _conv(d, 64, 256, 128, 128, 1, residual=True, act="relu6")),
     Case("conv2d", "3x3-residual-after-leaky",

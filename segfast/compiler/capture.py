@@ -33,6 +33,7 @@ KEEP_WHOLE = (
     aten.silu.default,
     aten.hardswish.default,
     aten.hardsigmoid.default,
+    aten.gelu.default,
     aten.mish.default,
 )
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "silu", "sigmoid", "tanh")
+ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "silu", "sigmoid", "tanh", "hardswish",
+               "hardsigmoid", "gelu")  # fmt: skip
 HEAD_MODES = ("argmax", "softmax", "sigmoid", "threshold", "logits")
 MASK_DTYPES = {"uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
 
@@ -52,6 +53,12 @@ def activation(y: Tensor, act: str, act_param: float) -> Tensor:
         return torch.sigmoid(y)
     if act == "tanh":
         return torch.tanh(y)
+    if act == "hardswish":
+        return F.hardswish(y)
+    if act == "hardsigmoid":
+        return F.hardsigmoid(y)
+    if act == "gelu":  # act_param 0: exact, else the tanh approximation
+        return F.gelu(y, approximate="tanh" if act_param else "none")
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
@@ -71,6 +78,12 @@ def activation_(y: Tensor, act: str, act_param: float) -> Tensor:
         return y.sigmoid_()
     if act == "tanh":
         return y.tanh_()
+    if act == "hardswish":
+        return F.hardswish(y, inplace=True)
+    if act == "hardsigmoid":
+        return F.hardsigmoid(y, inplace=True)
+    if act == "gelu":
+        return y.copy_(F.gelu(y, approximate="tanh" if act_param else "none"))
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
@@ -145,6 +158,8 @@ _MKLDNN_UNARY = {
     "silu": ("swish", []),
     "sigmoid": ("sigmoid", []),
     "tanh": ("tanh", []),
+    "hardswish": ("hardswish", []),
+    "hardsigmoid": ("hardsigmoid", []),
 }
 
 

@@ -115,6 +115,13 @@ def _leaky(node: fx.Node) -> tuple[str, float] | None:
     return ("leaky_relu", float(slope))
 
 
+def _gelu(node: fx.Node) -> tuple[str, float] | None:
+    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    if approximate not in ("none", "tanh"):
+        return None
+    return ("gelu", 1.0 if approximate == "tanh" else 0.0)
+
+
 # op -> function(node) -> (activation name, parameter) or None when not fusable
 ACTIVATION_OPS: dict[Any, Callable[[fx.Node], tuple[str, float] | None]] = {
     aten.relu.default: lambda n: ("relu", 0.0),
@@ -124,6 +131,9 @@ ACTIVATION_OPS: dict[Any, Callable[[fx.Node], tuple[str, float] | None]] = {
     aten.silu.default: lambda n: ("silu", 0.0),
     aten.sigmoid.default: lambda n: ("sigmoid", 0.0),
     aten.tanh.default: lambda n: ("tanh", 0.0),
+    aten.hardswish.default: lambda n: ("hardswish", 0.0),
+    aten.hardsigmoid.default: lambda n: ("hardsigmoid", 0.0),
+    aten.gelu.default: _gelu,
 }
 
 

@@ -66,6 +66,10 @@ ACTS = {
     "silu": nn.SiLU(),
     "sigmoid": nn.Sigmoid(),
     "tanh": nn.Tanh(),
+    "hardswish": nn.Hardswish(),  # MobileNetV3
+    "hardsigmoid": nn.Hardsigmoid(),
+    "gelu": nn.GELU(),
+    "gelu_tanh": nn.GELU(approximate="tanh"),
     "clamp06": None,
 }
 
