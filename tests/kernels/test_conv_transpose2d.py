@@ -273,7 +273,7 @@ def _errors():
         (lambda: conv_transpose2d(x.long(), w), TypeError, "x must be float32"),
         (lambda: conv_transpose2d(x, w, torch.ones(4)), ValueError, "scale must be 1-D"),
         (lambda: conv_transpose2d(x, w, None, torch.ones(3, 1)), ValueError, "shift must be 1-D"),
-        (lambda: conv_transpose2d(x, w, act="gelu"), ValueError, "activation must be one of"),
+        (lambda: conv_transpose2d(x, w, act="mish"), ValueError, "activation must be one of"),
         (lambda: conv_transpose2d(x, w, stride=2, output_padding=2), ValueError, "output_padding"),
         (lambda: conv_transpose2d(x, w, stride=0), ValueError, "stride and dilation must"),
         (lambda: conv_transpose2d(x, w, padding=(1, 2, 3)), ValueError, "padding must be"),

@@ -599,7 +599,7 @@ ERRORS = [
     ("bias_shape", lambda: ((_t(1, 4, 5, 5), _w(6, 4, 3, 3), _t(4)), {"w_scale": _s(6)}), ValueError, r"bias must be \[Cout\]"),
     ("residual_shape", lambda: ((_t(1, 4, 5, 5), _w(6, 4, 3, 3)), {"w_scale": _s(6), "residual": _t(1, 4, 3, 3)}), ValueError, "residual must be"),
     ("out_shape", lambda: ((_t(1, 4, 5, 5), _w(6, 4, 3, 3)), {"w_scale": _s(6), "out": _t(1, 6, 5, 5)}), ValueError, r"out must be \[N, Cout, Ho, Wo\] = \(1, 6, 3, 3\)"),
-    ("act", lambda: ((_t(1, 4, 5, 5), _w(6, 4, 3, 3)), {"w_scale": _s(6), "act": "gelu"}), ValueError, "activation must be one of"),
+    ("act", lambda: ((_t(1, 4, 5, 5), _w(6, 4, 3, 3)), {"w_scale": _s(6), "act": "mish"}), ValueError, "activation must be one of"),
     ("too_small", lambda: ((_t(1, 4, 2, 2), _w(6, 4, 3, 3)), {"w_scale": _s(6)}), ValueError, "smaller than the dilated kernel"),
 ]  # fmt: skip
 
