@@ -935,13 +935,15 @@ def batch(
         # Saved under its own digest: a rerun with the same engine finds the same file.
         folder = out_dir / SCRATCH / "engines"
         tmp = engine.save(folder / f"incoming-{os.getpid()}.segfast")
-        path = folder / f"engine-{sha256_file(tmp)[:16]}.segfast"
+        digest = sha256_file(tmp)
+        path = folder / f"engine-{digest[:16]}.segfast"
         os.replace(tmp, path)
         for old in folder.glob("engine-*.segfast"):  # engines of earlier jobs here
             if old != path:
                 old.unlink(missing_ok=True)
     elif isinstance(engine, str | os.PathLike):
         path = Path(engine)
+        digest = None
     else:
         raise InputError(
             f"engine must be a segfast.Engine or a .segfast file, got {type(engine).__name__} "
@@ -973,7 +975,7 @@ def batch(
         EngineLoader(str(path.resolve()), device, wrap_engine),
         inputs,
         out_dir,
-        engine_digest=sha256_file(path),
+        engine_digest=digest or sha256_file(path),
         tile_grid=grid,
         options=options,
         video_output=video_output,

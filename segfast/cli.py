@@ -85,6 +85,14 @@ def refuse_model_flags(
         raise InputError(f"engine file {args.model} does not exist")
 
 
+def refuse_compile_flags(args: argparse.Namespace) -> None:
+    """:func:`refuse_model_flags` for the commands that compile MODEL with ``--weights``,
+    ``--backend``, ``--precision`` and ``--size`` (run, serve, batch)."""
+    settings = (("--weights", args.weights), ("--backend", args.backend != "auto"),
+                ("--precision", args.precision != "fp32"), ("--size", args.size))  # fmt: skip
+    refuse_model_flags(args, settings, "models compiled here")
+
+
 def build_model(args: argparse.Namespace) -> Any:
     """The model an argparse namespace from :func:`add_model_arguments` names."""
     from segfast.models import build_from_reference

@@ -24,18 +24,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from segfast.cli import add_model_arguments, parse_size, refuse_model_flags
+from segfast.cli import add_model_arguments, parse_size, refuse_compile_flags
 from segfast.errors import InputError
 
 
 def _engine(args: argparse.Namespace) -> Any:
     """The engine file to run, or an engine compiled here from MODEL (dynamic batch)."""
     if args.model.endswith(".segfast"):
-        settings = (("--weights", args.weights), ("--backend", args.backend != "auto"),
-                    ("--precision", args.precision != "fp32"), ("--size", args.size))  # fmt: skip
-        refuse_model_flags(args, settings, "models compiled here")
-        if not Path(args.model).is_file():
-            raise InputError(f"engine file {args.model} does not exist")
+        refuse_compile_flags(args)  # (and that the file exists)
         return args.model
     from segfast.commands.serve import build_engine, engine_spec
 

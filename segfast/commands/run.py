@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segfast.cli import add_model_arguments, build_model, parse_size, refuse_model_flags
+from segfast.cli import add_model_arguments, build_model, parse_size, refuse_compile_flags
 from segfast.errors import InputError
 
 
@@ -47,13 +47,7 @@ def load_engine(args: argparse.Namespace) -> Any:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if _is_engine_file(args.model):
-        settings = (
-            ("--weights", args.weights),
-            ("--backend", args.backend != "auto"),
-            ("--precision", args.precision != "fp32"),
-            ("--size", args.size),
-        )
-        refuse_model_flags(args, settings, "models compiled here")
+        refuse_compile_flags(args)
         return segfast.load(args.model, device=args.device)
     from segfast.commands.bench import input_channels
 

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from segfast.cli import add_model_arguments, parse_size, refuse_model_flags
+from segfast.cli import add_model_arguments, parse_size, refuse_compile_flags
 from segfast.errors import InputError
 
 APP_NAME = "segfast"
@@ -177,9 +177,7 @@ def build_app(args: argparse.Namespace) -> Any:
     if args.max_pixels < 1:
         raise InputError(f"--max-pixels must be ≥ 1, got {args.max_pixels}")
     if args.model.endswith(".segfast"):
-        settings = (("--weights", args.weights), ("--backend", args.backend != "auto"),
-                    ("--precision", args.precision != "fp32"), ("--size", args.size))  # fmt: skip
-        refuse_model_flags(args, settings, "models compiled here")
+        refuse_compile_flags(args)
     service = {"mean": args.mean, "std": args.std, "max_pixels": args.max_pixels}
     deployment = serve.deployment(deployment_class()).options(
         name="SegmentDeployment",
