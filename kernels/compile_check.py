@@ -52,7 +52,18 @@ from typing import Any
 
 import torch
 
-from . import conv2d, conv_transpose2d, head, overlay, pool, preprocess, qconv2d, resize
+from . import (
+    conv2d,
+    conv_transpose2d,
+    group_norm,
+    head,
+    overlay,
+    pool,
+    preprocess,
+    qconv2d,
+    resize,
+    squeeze_excite,
+)
 from ._common import GpuTarget, interpreting, meta_launches
 
 # --------------------------------------------------------------------------- targets
@@ -95,8 +106,10 @@ def _t(*shape: int, dtype: torch.dtype, nhwc: bool = True) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if nhwc and t.dim() == 4 else t
 
 
-def _conv(dt, cin, cout, h, w, k, *, x2=None, bn=True, residual=False, **kw):
+def _conv(dt, cin, cout, h, w, k, *, x2=None, bn=True, residual=False, gate=False, **kw):
     x = _t(1, cin, h, w, dtype=dt)
+    if gate:
+        kw["gate"] = _t(1, cin, 1, 1, dtype=dt)
     c2 = 0 if x2 is None else x2[0]
     wt = conv2d.pack_conv_weight(_t(cout, cin + c2, k, k, dtype=dt, nhwc=False))
     x2t = None if x2 is None else _t(1, *x2, dtype=dt)
@@ -107,6 +120,19 @@ def _conv(dt, cin, cout, h, w, k, *, x2=None, bn=True, residual=False, **kw):
     res = _t(1, cout, ho, wo, dtype=dt) if residual else None
     sc = _t(cout, dtype=dt) if bn else None
     conv2d.conv2d(x, wt, sc, sc, stride=stride, padding=pad, x2=x2t, residual=res, **kw)
+
+
+def _se(dt, c, h, w, hidden, *, two=True):
+    squeeze_excite.se_gate(
+        _t(1, c, h, w, dtype=dt), _t(hidden, c, 1, 1, dtype=dt), _t(hidden, dtype=dt), "relu",
+        0.0, _t(c, hidden, 1, 1, dtype=dt) if two else None, _t(c, dtype=dt) if two else None,
+        "hardsigmoid", 0.0,
+    )  # fmt: skip
+
+
+def _gn(dt, c, h, w, groups, act, affine=True):
+    wt = _t(c, dtype=dt) if affine else None
+    group_norm.group_norm(_t(1, c, h, w, dtype=dt), groups, wt, wt, 1e-5, act)
 
 
 def _dw(dt, c, h, w, k, *, residual=False, **kw):
@@ -207,6 +233,16 @@ CASES: tuple[Case, ...] = (
          lambda d: _conv(d, 3, 32, 512, 512, 3, stride=2, act="silu")),
     Case("conv2d", "stem-s2-hardswish",  # MobileNetV3's stem
          lambda d: _conv(d, 3, 16, 512, 512, 3, stride=2, act="hardswish")),
+    Case("conv2d", "1x1-se-gated-residual",  # MobileNetV3's project conv after SE
+         lambda d: _conv(d, 960, 160, 32, 32, 1, gate=True, residual=True)),
+    Case("conv2d", "flatk-gated-hardswish",
+         lambda d: _conv(d, 8, 64, 128, 128, 3, gate=True, act="hardswish")),
+    Case("squeeze_excite", "se-960-240", lambda d: _se(d, 960, 32, 32, 240)),
+    Case("squeeze_excite", "se-one-layer-128", lambda d: _se(d, 960, 32, 32, 128, two=False)),
+    Case("squeeze_excite", "se-1152-48-large-map", lambda d: _se(d, 1152, 128, 128, 48)),
+    Case("group_norm", "gn32-relu", lambda d: _gn(d, 128, 128, 128, 32, "relu")),
+    Case("group_norm", "instance-hardswish-plain",
+         lambda d: _gn(d, 64, 96, 80, 64, "hardswish", affine=False)),
     Case("conv2d", "1x1-gelu",
          lambda d: _conv(d, 96, 96, 64, 64, 1, act="gelu")),
     Case("conv2d", "1x1-residual-relu6",
@@ -339,9 +375,17 @@ CASES: tuple[Case, ...] = (
     Case("overlay", "mask-i64-no-skip", lambda d: _overlay(d, I64, skip_class=None), ("u8",)),
 )  # fmt: skip
 
-KERNEL_MODULES = (conv2d, qconv2d, conv_transpose2d, head, pool, resize, preprocess, overlay)
+KERNEL_MODULES = (conv2d, qconv2d, conv_transpose2d, head, pool, resize, preprocess, overlay,
+                  squeeze_excite, group_norm)  # fmt: skip
 # Kernels launched without an autotuner (registered by hand; the autotuned ones are found).
-DIRECT_KERNELS = {"conv2d._splitk_epilogue_kernel": conv2d._splitk_epilogue_kernel}
+DIRECT_KERNELS = {
+    "conv2d._splitk_epilogue_kernel": conv2d._splitk_epilogue_kernel,
+    "squeeze_excite._pool_partial_kernel": squeeze_excite._pool_partial_kernel,
+    "squeeze_excite._se_fc_kernel": squeeze_excite._se_fc_kernel,
+    "group_norm._channel_stats_kernel": group_norm._channel_stats_kernel,
+    "group_norm._group_stats_kernel": group_norm._group_stats_kernel,
+    "group_norm._apply_kernel": group_norm._apply_kernel,
+}
 
 
 def launched_kernels() -> dict[int, str]:

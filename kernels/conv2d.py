@@ -198,6 +198,7 @@ def _gemm_fits(
     flat_k: bool,
     elem_bytes: int,
     target: GpuTarget,
+    gate: bool = False,
 ) -> bool:
     """Whether an implicit-GEMM tile compiles for ``target`` without spilling registers or
     overflowing shared memory (beyond the space's ≤ 64 accumulators per thread).
@@ -221,7 +222,9 @@ def _gemm_fits(
     Shared memory (``dot_loop_shared_bytes``: a bilinear x2 pipelines each of its four
     neighbour loads and stages the blended tile for the dot) must fit the block's
     maximum (sm_90: 227 KB, sm_87: 163 KB): 128×128×64 bilinear at 4 stages needs
-    264–272 KB in fp16, 512 KB in fp32.
+    264–272 KB in fp16, 512 KB in fp32. A gated input (squeeze-excitation) is a second
+    pipelined [BM, BK] load, multiplied in registers and staged for the dot: counted
+    like a two-tile bilinear, with a tighter register budget (80).
     """
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     threads = 32 * config.num_warps
@@ -233,11 +236,16 @@ def _gemm_fits(
         regs_ok = regs_ok and (threads < 256 or acc >= 32)
     elif flat_k:
         regs_ok = regs_ok and threads >= 256
-    if bilinear:
-        regs_ok = regs_ok and acc + 4 * bm * bk * elem_bytes // 4 // threads <= 96
+    tiles = 4 if bilinear else 2 if gate else 1
+    if tiles > 1:
+        # the gated tiles' budget is lower: the gate's [BM, BK] offsets (image index ×
+        # stride) stay live beside it (96 spilled 12 B at 64×128×64 fp16 on sm_87 and
+        # 28–184 B in fp32 at 128×64×16 and 128×32×32)
+        budget = 80 if gate else 96
+        regs_ok = regs_ok and acc + tiles * bm * bk * elem_bytes // 4 // threads <= budget
     shared = dot_loop_shared_bytes(
         bm, bn, bk, config.num_stages, elem_bytes=elem_bytes, wgmma=wgmma,
-        a_loads=4 if bilinear else 1, staged_a=bilinear,
+        a_loads=tiles, staged_a=tiles > 1,
     )  # fmt: skip
     return regs_ok and shared <= target.max_shared
 
@@ -275,6 +283,7 @@ def _prune_conv_configs(configs, named_args, **kwargs):
             flat_k=args["FLAT_K"],
             elem_bytes=x.element_size(),
             target=target,
+            gate=args["HAS_GATE"],
         )
 
     return [c for c in kept if fits(c)] or [c for c in configs if fits(c)] or kept
@@ -291,6 +300,7 @@ def _prune_conv_configs(configs, named_args, **kwargs):
         "Cout",
         "RESIZE",
         "FLAT_K",
+        "HAS_GATE",
         "IDX64",
         "DOT_PRECISION",
         "SPLIT_K",
@@ -307,6 +317,7 @@ def _conv2d_kernel(
     res_ptr,  # [N, Cout, Ho, Wo]
     out_ptr,  # [N, Cout, Ho, Wo]
     ws_ptr,  # [SPLIT_K, N·Ho·Wo, Cout] fp32 partial sums (split-K only; else a dummy)
+    gate_ptr,  # [N, C1] per-image input-channel scale (HAS_GATE only; else a dummy)
     N, C1, C2, H, W, H2, W2, Cout, KH, KW, Ho, Wo,
     SH, SW, PH, PW, DH, DW,
     step_h,  # fp32 source step of the x2 resize along h (ATen's scale), see _resample_steps
@@ -319,11 +330,13 @@ def _conv2d_kernel(
     s_scale, s_shift,
     sr_n, sr_c, sr_h, sr_w,
     so_n, so_c, so_h, so_w,
+    sg_n, sg_c,
     act_param,
     HAS_X2: tl.constexpr,
     RESIZE: tl.constexpr,  # 0 none (x2 is H×W), 1 nearest, 2 bilinear
     ALIGN_CORNERS: tl.constexpr,
     FLAT_K: tl.constexpr,  # x's K loop runs over flattened (kh, kw, c); for C1 ≤ 8
+    HAS_GATE: tl.constexpr,  # x · gate[n, c] as x is read (squeeze-excitation), x2 absent
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     RES_MODE: tl.constexpr,
@@ -404,6 +417,9 @@ def _conv2d_kernel(
                 + _idx(c, IDX64)[None, :] * sx_c
             )
             a = tl.load(x_ptr + a_off, mask=ok, other=0.0)
+            if HAS_GATE:
+                g = tl.load(gate_ptr + n[:, None] * sg_n + c[None, :] * sg_c, mask=ok, other=0.0)
+                a = (a.to(tl.float32) * g.to(tl.float32)).to(x_ptr.dtype.element_ty)
             w_row = (wc_x + c) * sw_i + kh * sw_h + kw * sw_w  # [BK]
             b = tl.load(
                 w_ptr + w_row[:, None] + w_col[None, :], mask=mask_k[:, None] & mask_wn, other=0.0
@@ -436,6 +452,15 @@ def _conv2d_kernel(
                 mask=ok[:, None] & mask_c[None, :],
                 other=0.0,
             )
+            if HAS_GATE:
+                # the gated input x·g rounded to the storage dtype, as the eager model
+                # materialises it; g is an [N, C1] table, resident in L1/L2
+                g = tl.load(
+                    gate_ptr + n[:, None] * sg_n + c[None, :] * sg_c,
+                    mask=ok[:, None] & mask_c[None, :],
+                    other=0.0,
+                )
+                a = (a.to(tl.float32) * g.to(tl.float32)).to(x_ptr.dtype.element_ty)
             # packed weight: sw_o == 1, a [BK, BN] tile of contiguous Cout runs.
             w_row = (wc_x + c) * sw_i + kh * sw_h + kw * sw_w
             b = tl.load(
@@ -900,6 +925,20 @@ def _resample_steps(
     return steps[0], steps[1]
 
 
+def _check_gate(
+    gate: torch.Tensor, p: _Conv, x: torch.Tensor, x2: torch.Tensor | None
+) -> torch.Tensor:
+    """The gate as an [N, C1] view, validated (groups 1, one source, x's dtype)."""
+    if p.depthwise or x2 is not None:
+        raise ValueError("gate needs groups=1 and no x2 (a one-source dense conv)")
+    if gate.dtype != x.dtype:
+        raise TypeError(f"gate must have x's dtype {x.dtype}, got {gate.dtype}")
+    if gate.dim() == 4 and tuple(gate.shape[2:]) == (1, 1):
+        gate = gate[:, :, 0, 0]
+    _check_shape("gate", gate, (p.N, p.C1), "[N, C1] (or [N, C1, 1, 1])")
+    return gate
+
+
 def _split_k_for(m: int, cout: int, k_iters: int, n_sm: int) -> int:
     """How many programs share the K reduction of one output tile.
 
@@ -950,6 +989,7 @@ def conv2d(
     x2_align_corners: bool = False,
     x2_scales: tuple[float, float] | None = None,
     x2_first: bool = False,
+    gate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -965,9 +1005,11 @@ def conv2d(
     channels_last x/x2 and a :func:`pack_conv_weight` weight. The result goes to
     ``out`` (any strided view, e.g. a channel slice of a channels_last buffer) or to a
     new channels_last tensor of ``out_dtype`` (default x.dtype). ``out`` must not
-    overlap the inputs.
+    overlap the inputs. ``gate`` ([N, C1] or [N, C1, 1, 1], groups 1, no x2): the
+    conv reads ``x · gate`` (one scale per image and input channel; squeeze-excitation),
+    rounded to x's dtype as it is read; the product is never written.
     """
-    device = check_device(x, weight, scale, shift, residual, x2, out)
+    device = check_device(x, weight, scale, shift, residual, x2, out, gate)
     p = _check(
         x, weight, scale, shift, stride, padding, dilation, groups, act, residual,
         x2, x2_resize, x2_align_corners, x2_scales, x2_first, out, out_dtype,
@@ -995,6 +1037,10 @@ def conv2d(
     s_shift = shift.stride(0) if shift is not None else 0
     (sh, sw), (ph, pw), (dh, dw) = p.stride, p.padding, p.dilation
 
+    gate_t, sg = out, (0, 0)
+    if gate is not None:
+        gate_t = _check_gate(gate, p, x, x2)
+        sg = (gate_t.stride(0), gate_t.stride(1))
     if p.depthwise:
 
         def dw_grid(meta):
@@ -1031,7 +1077,7 @@ def conv2d(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(p.Cout, meta["BLOCK_N"]) * split,)
 
     _conv2d_kernel[grid](
-        x, x2_t, weight, scale_t, shift_t, res_t, out, ws,
+        x, x2_t, weight, scale_t, shift_t, res_t, out, ws, gate_t,
         p.N, p.C1, p.C2, p.H, p.W, p.H2, p.W2, p.Cout, p.KH, p.KW, p.Ho, p.Wo,
         sh, sw, ph, pw, dh, dw,
         step_h, step_w,
@@ -1042,11 +1088,13 @@ def conv2d(
         s_scale, s_shift,
         *res_strides,
         *out.stride(),
+        *sg,
         float(act_param),
         HAS_X2=x2 is not None,
         RESIZE=resize,
         ALIGN_CORNERS=bool(x2_align_corners),
         FLAT_K=p.C1 <= _FLAT_K_MAX_CHANNELS,
+        HAS_GATE=gate is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
         RES_MODE=res_mode,
@@ -1117,6 +1165,7 @@ def _reference(
     x2_first: bool,
     out: torch.Tensor | None,
     out_dtype: torch.dtype | None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The composite PyTorch computation with every step in ``compute_dtype``.
 
@@ -1128,6 +1177,9 @@ def _reference(
         x2, x2_resize, x2_align_corners, x2_scales, x2_first, out, out_dtype,
     )  # fmt: skip
     inp = x.to(compute_dtype)
+    if gate is not None:
+        g = _check_gate(gate, p, x, x2)
+        inp = inp * g.to(compute_dtype)[:, :, None, None]
     if x2 is not None:
         up = _resize_reference(
             x2.to(compute_dtype), (p.H, p.W), x2_resize, x2_align_corners, x2_scales
@@ -1170,10 +1222,12 @@ def conv2d_reference(
     x2_align_corners: bool = False,
     x2_scales: tuple[float, float] | None = None,
     x2_first: bool = False,
+    gate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch :func:`conv2d`: ATen upsample + ``torch.cat`` + ``F.conv2d`` + epilogue.
+    """Plain PyTorch :func:`conv2d`: ATen upsample + ``torch.cat`` + ``F.conv2d`` + epilogue
+    (``x · gate`` first when gated).
 
     Computed in fp32 whatever the input dtype, cast to the output dtype at the end;
     any device.
@@ -1186,5 +1240,5 @@ def conv2d_reference(
         residual=residual, residual_after_act=residual_after_act,
         x2=x2, x2_resize=x2_resize, x2_align_corners=x2_align_corners,
         x2_scales=x2_scales, x2_first=x2_first,
-        out=out, out_dtype=out_dtype,
+        out=out, out_dtype=out_dtype, gate=gate,
     )  # fmt: skip
