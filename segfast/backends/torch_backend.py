@@ -77,6 +77,9 @@ class TorchBackend(Backend):
             torch.ops.segfast.conv2d.default: ops.conv2d_impl,
             torch.ops.segfast.conv_transpose2d.default: ops.conv_transpose2d_impl,
             torch.ops.segfast.head.default: ops.head_impl,
+            torch.ops.segfast.se_gate.default: ops.se_gate_impl,
+            torch.ops.segfast.conv2d_gated.default: ops.conv2d_gated_impl,
+            torch.ops.segfast.group_norm.default: ops.group_norm_impl,
         }
         # Call the composite implementations directly: same code, without the
         # custom-op dispatch (~40 µs a call on the CPU).

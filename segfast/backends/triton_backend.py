@@ -1,7 +1,9 @@
 """``triton``: the fused graph on segfast's Triton kernels.
 
 Lowering rewrites the fused graph's targets: every ``segfast.conv2d`` (groups 1
-or depthwise), ``segfast.conv_transpose2d`` (groups 1), ``segfast.head``,
+or depthwise), ``segfast.conv2d_gated`` (groups 1: the squeeze-excitation gate
+applied as the conv reads its input), ``segfast.se_gate``, ``segfast.group_norm``,
+``segfast.conv_transpose2d`` (groups 1), ``segfast.head``,
 bilinear/nearest resize, max-pool (with indices), max-unpool and adaptive /
 global average pooling runs a kernel from :mod:`segfast.kernels`; convolution
 weights are packed once, at build time, into the layout the kernels read
@@ -64,6 +66,31 @@ def _conv2d(
         residual_after_act=residual_after_act, x2=x2, x2_resize=x2_resize,
         x2_align_corners=x2_align_corners, x2_scales=scales, x2_first=x2_first, out=out,
     )  # fmt: skip
+
+
+def _conv2d_gated(
+    x, gate, w, b, stride, padding, dilation, groups, act, act_param, residual,
+    residual_after_act, out=None,
+):  # fmt: skip
+    from segfast.kernels.conv2d import conv2d
+
+    return conv2d(
+        x, w, None, b, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+        groups=groups, act=act, act_param=act_param, residual=residual,
+        residual_after_act=residual_after_act, gate=gate, out=out,
+    )  # fmt: skip
+
+
+def _se_gate(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param):
+    from segfast.kernels.squeeze_excite import se_gate
+
+    return se_gate(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param)
+
+
+def _group_norm(x, groups, weight, bias, eps, act, act_param):
+    from segfast.kernels.group_norm import group_norm
+
+    return group_norm(x, int(groups), weight, bias, float(eps), act, float(act_param))
 
 
 def _qconv2d(
@@ -193,9 +220,10 @@ _RESIZE = {
 }
 
 
-_SLICE_WRITERS = (_conv2d, _qconv2d, _conv_transpose2d)
+_SLICE_WRITERS = (_conv2d, _qconv2d, _conv_transpose2d, _conv2d_gated)
 # x2 resizes the conv kernels' two-source prologues compute (nearest-exact is not one)
 _PROLOGUE_RESIZES = ("none", "nearest", "bilinear")
+_SE_MAX_HIDDEN = 1024  # segfast.kernels.squeeze_excite.MAX_HIDDEN
 
 
 def _is_depthwise(w: torch.Tensor, groups: int) -> bool:
@@ -249,6 +277,24 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
                 lowered["conv2d" if groups == 1 else "depthwise_conv2d"] += 1
             else:
                 kept["grouped conv2d"] += 1
+        elif t is segfast_ops.conv2d_gated.default:
+            if node.args[7] == 1:
+                node.target = _conv2d_gated
+                if node.args[2].op == "get_attr":
+                    packed[str(node.args[2].target)] = pack_conv_weight
+                lowered["conv2d_gated"] += 1
+            else:
+                kept["grouped conv2d_gated"] += 1
+        elif t is segfast_ops.se_gate.default:
+            hidden = val(node.args[1]).shape[0]
+            if hidden <= _SE_MAX_HIDDEN:
+                node.target = _se_gate
+                lowered["se_gate"] += 1
+            else:
+                kept[f"se_gate (hidden width {hidden} > {_SE_MAX_HIDDEN})"] += 1
+        elif t is segfast_ops.group_norm.default:
+            node.target = _group_norm
+            lowered["group_norm"] += 1
         elif t is segfast_ops.qconv2d.default:
             kind = _qconv_kind(node)
             if kind is not None:

@@ -16,7 +16,12 @@ Ops:
 - ``segfast::conv_transpose2d``: transposed convolution with the same epilogue;
 - ``segfast::head``: optional 1×1 conv to class logits, optional bilinear
   resize of the logits, then argmax / softmax / sigmoid / threshold, without
-  materialising full-resolution logits in the Triton implementation.
+  materialising full-resolution logits in the Triton implementation;
+- ``segfast::se_gate``: a squeeze-excitation gate (global mean → 1×1 → act →
+  [1×1 → act]) as one op, [N, C, 1, 1];
+- ``segfast::conv2d_gated``: ``segfast::conv2d`` (one source) of ``x · gate``
+  with the per-image, per-channel gate applied as the input is read;
+- ``segfast::group_norm``: GroupNorm / InstanceNorm + affine + activation.
 
 Everything numerical stays in PyTorch's logical N×C×H×W shapes; the composite
 implementations keep the memory format of their main input.
@@ -359,6 +364,138 @@ def _(
     w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     out = x.new_empty((x.shape[0], weight.shape[0], h, w))
     return out.contiguous(memory_format=_layout(x))
+
+
+# -- segfast::se_gate, segfast::conv2d_gated: squeeze-excitation ------------------------
+#
+# A squeeze-excitation block  x · act2(W2 · act1(W1 · mean_hw(p) + b1) + b2)  becomes
+# two ops: ``se_gate`` (the pooled mean and both tiny matrix-vector products; one
+# reduction pass over p and one small kernel in the Triton implementation) and
+# ``conv2d_gated`` (the conv that reads the gated tensor, with the per-image,
+# per-channel gate applied to its input as it is read — the gated tensor is never
+# written). ``p`` is usually ``x`` itself (MobileNetV3, EfficientNet); LR-ASPP gates
+# one branch by the pooled other.
+
+
+def _flat_weight(w: Tensor) -> Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+def se_gate_impl(
+    p: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    act1: str,
+    act1_param: float,
+    w2: Tensor | None,
+    b2: Tensor | None,
+    act2: str,
+    act2_param: float,
+) -> Tensor:
+    """The gate [N, C, 1, 1] of a squeeze-excitation block, in ``p``'s dtype: the mean of
+    ``p`` over H×W → 1×1 conv (``w1`` [C1, C, 1, 1], ``b1``) → ``act1`` → optionally a
+    second 1×1 conv (``w2`` [C2, C1, 1, 1], ``b2``) → ``act2`` (``w2`` None: act2 unused).
+    Composite PyTorch implementation."""
+    h = p.mean((2, 3))
+    h = activation(F.linear(h, _flat_weight(w1), b1), act1, act1_param)
+    if w2 is not None:
+        h = activation(F.linear(h, _flat_weight(w2), b2), act2, act2_param)
+    return h[:, :, None, None]
+
+
+se_gate = torch.library.custom_op("segfast::se_gate", mutates_args=())(se_gate_impl)
+
+
+@se_gate.register_fake
+def _(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param):
+    c = (w2 if w2 is not None else w1).shape[0]
+    return p.new_empty((p.shape[0], c, 1, 1))
+
+
+def gate_weight(weight: Tensor, gate: Tensor, groups: int) -> Tensor:
+    """``weight`` [Cout, Cin/groups, KH, KW] with input channel ``c`` scaled by ``gate[c]``
+    (``gate`` [Cin]): ``conv(x · gate, w) == conv(x, gate_weight(w, gate))`` for any
+    groups, padding included (zero padding scales to zero)."""
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    g = gate.reshape(groups, 1, cin_g).expand(groups, cout // groups, cin_g).reshape(cout, cin_g)
+    return weight * g[:, :, None, None].to(weight.dtype)
+
+
+def conv2d_gated_impl(
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    act_param: float,
+    residual: Tensor | None,
+    residual_after_act: bool,
+) -> Tensor:
+    """``segfast::conv2d`` of ``x · gate`` (``gate`` [N, Cin, 1, 1], one scale per image
+    and input channel). Composite implementation: on the CPU the gate is folded into
+    a per-image copy of the weight (the weight is far smaller than the activation it
+    would otherwise scale) and each image convolved with its own; elsewhere the
+    product is formed, as the eager model does."""
+    if x.device.type != "cpu":
+        return conv2d_one_source(
+            x * gate, weight, bias, stride, padding, dilation, groups, act, act_param,
+            residual, residual_after_act,
+        )  # fmt: skip
+    outs = []
+    for n in range(x.shape[0]):
+        w = gate_weight(weight, gate[n].reshape(-1), groups)
+        r = residual[n : n + 1] if residual is not None else None
+        y = conv2d_one_source(
+            x[n : n + 1], w, bias, stride, padding, dilation, groups, act, act_param, r,
+            residual_after_act,
+        )  # fmt: skip
+        outs.append(y)
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return y.contiguous(memory_format=_layout(x))
+
+
+conv2d_gated = torch.library.custom_op("segfast::conv2d_gated", mutates_args=())(conv2d_gated_impl)
+
+
+@conv2d_gated.register_fake
+def _(
+    x, gate, weight, bias, stride, padding, dilation, groups, act, act_param, residual,
+    residual_after_act,
+):  # fmt: skip
+    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return out.contiguous(memory_format=_layout(x))
+
+
+# -- segfast::group_norm: GroupNorm / InstanceNorm + activation -------------------------
+
+
+def group_norm_impl(
+    x: Tensor,
+    groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str,
+    act_param: float,
+) -> Tensor:
+    """GroupNorm of ``x`` over ``groups`` channel groups (InstanceNorm: ``groups`` = C),
+    the per-channel affine, then ``act``. Composite implementation."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return activation_(y, act, act_param).contiguous(memory_format=_layout(x))
+
+
+group_norm = torch.library.custom_op("segfast::group_norm", mutates_args=())(group_norm_impl)
+
+
+@group_norm.register_fake
+def _(x, groups, weight, bias, eps, act, act_param):
+    return torch.empty_like(x, memory_format=_layout(x))
 
 
 # -- segfast::conv_transpose2d ----------------------------------------------------------

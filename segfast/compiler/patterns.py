@@ -45,6 +45,36 @@ FUSIONS: dict[str, Fusion] = {
             "conv_epilogue",
         ),
         Fusion(
+            "group_norm",
+            "native_group_norm",
+            "segfast.group_norm: statistics pass + one normalise/affine/activation pass",
+            "norm_act",
+        ),
+        Fusion(
+            "instance_norm",
+            "reshape → batch_norm(training, no stats) → reshape (InstanceNorm2d)",
+            "segfast.group_norm with one group per channel",
+            "norm_act",
+        ),
+        Fusion(
+            "norm_act",
+            "group/instance norm → activation",
+            "activation in segfast.group_norm's write",
+            "norm_act",
+        ),
+        Fusion(
+            "squeeze_excite",
+            "global mean → 1×1 conv [→ act → 1×1 conv] → act (the SE gate)",
+            "segfast.se_gate: one reduction pass + both mat-vecs in one kernel",
+            "squeeze_excite",
+        ),
+        Fusion(
+            "se_scale",
+            "x · gate → [resize →] conv",
+            "segfast.conv2d_gated: the gate applied as the conv reads x",
+            "squeeze_excite",
+        ),
+        Fusion(
             "broadcast_branch",
             "cat([..., upsample(p at 1×1)]) → 1×1 conv",
             "W_p·p at 1×1 as a per-image residual; the rest of the concat convolved",

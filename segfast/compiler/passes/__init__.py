@@ -17,14 +17,20 @@ from segfast.compiler.passes import (
     fold_bn,
     head,
     layout,
+    norm_act,
     precision,
     skip_concat,
+    squeeze_excite,
 )
 
 PASSES: list[tuple[str, Callable[[PassContext], None]]] = [
     ("cleanup", cleanup.run),  # first: identity ops would break every chain below
     ("fold_bn", fold_bn.run),  # before conv_epilogue: conv→BN→act only chains once BN is gone
     ("conv_epilogue", conv_epilogue.run),  # convolutions become segfast ops (+ act, residual)
+    ("norm_act", norm_act.run),  # GroupNorm / InstanceNorm (+ act) become segfast.group_norm
+    # after conv_epilogue (the gate's 1×1 convs are segfast.conv2d with their acts); before
+    # the passes below, which leave the conv2d_gated it makes alone
+    ("squeeze_excite", squeeze_excite.run),
     # after conv_epilogue (reads segfast.conv2d), before the passes that rewrite concats
     ("broadcast_branch", broadcast_branch.run),
     # before skip_concat: moves a concat past depthwise convs to a dense conv it can fuse into
