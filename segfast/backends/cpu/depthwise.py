@@ -9,8 +9,8 @@ on a 32×32 map most off-centre taps do — and is bound by reading the input an
 writing the output once (2 × 5.2 MB there).
 
 Work item: one output row × 64 channels, accumulated in a block the compiler
-keeps in vector registers; the epilogue (bias, residual, relu/relu6/leaky)
-is applied before the single store. Reference: :func:`reference` (the
+keeps in vector registers; the epilogue (bias, residual, and relu, relu6, leaky,
+hardswish, hardsigmoid, silu or sigmoid) is applied before the single store. Reference: :func:`reference` (the
 composite implementation segfast's graph runs elsewhere).
 """
 
@@ -25,7 +25,8 @@ from segfast.backends.cpu.native import Native
 from segfast.compiler import ops
 
 # Activation codes of segfast_cpu.c; others run after the kernel, in place.
-ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3}
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "hardswish": 4, "hardsigmoid": 5,
+             "silu": 6, "sigmoid": 7}  # fmt: skip
 
 
 def is_depthwise(weight: Tensor, groups: int) -> bool:

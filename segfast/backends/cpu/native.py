@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 13
+ABI_VERSION = 14
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 

@@ -10,7 +10,8 @@
  * Every tensor is fp32 NHWC with channel stride 1; the other strides are
  * passed in elements, so channel slices of a larger buffer can be read and
  * written. Activations: 0 none, 1 relu, 2 relu6, 3 leaky_relu (act_param is
- * the slope); anything else is applied by the caller.
+ * the slope), 4 hardswish, 5 hardsigmoid, 6 silu, 7 sigmoid (the last two through
+ * sf_exp_v, within 2 ulp of expf); anything else is applied by the caller.
  *
  * Kernels:
  *   sf_dwconv2d   depthwise KH×KW convolution, any stride/padding/dilation,
@@ -41,11 +42,15 @@ static inline float sf_act(float v, int act, float p) {
     case 1: return v > 0.f ? v : 0.f;
     case 2: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
     case 3: return v >= 0.f ? v : v * p;
+    case 4: { const float r = v + 3.f; return v * (r < 0.f ? 0.f : (r > 6.f ? 6.f : r)) / 6.f; }
+    case 5: { const float r = v + 3.f; return (r < 0.f ? 0.f : (r > 6.f ? 6.f : r)) / 6.f; }
+    case 6: return v / (1.f + expf(-v));
+    case 7: return 1.f / (1.f + expf(-v));
     default: return v;
   }
 }
 
-int sf_abi_version(void) { return 13; }
+int sf_abi_version(void) { return 14; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -100,12 +105,39 @@ static inline sf_v16 sf_min6_v(sf_v16 v) {
 }
 #endif
 
+/* exp(x) on 16 lanes: x = n·ln2 + r (n rounded to nearest, ln2 split in two parts so
+ * n·ln2 is exact), exp(r) by the degree-6 minimax polynomial on |r| ≤ ln2/2 (Cephes'
+ * expf coefficients), 2^n assembled in the exponent bits. Inputs are clamped to
+ * [−87.3, 88.7], where the result stays a normal float: exp(−∞) gives 1.2e−38 (not 0),
+ * which no caller here can tell apart (silu and sigmoid divide by 1 + exp). */
+static inline __attribute__((always_inline)) sf_v16 sf_exp_v(sf_v16 x) {
+  const sf_v16 hi = (sf_v16){0} + 88.72283f, lo = (sf_v16){0} - 87.33654f;
+  x = sf_select(x > hi, hi, x);
+  x = sf_select(x < lo, lo, x);
+  const sf_v16 magic = (sf_v16){0} + 12582912.f; /* 1.5·2^23: round to nearest integer */
+  const sf_v16 n = (x * 1.44269504088896341f + magic) - magic;
+  const sf_v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  sf_v16 q = (sf_v16){0} + 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.f;
+  const sf_i16 e = (__builtin_convertvector(n, sf_i16) + 127) << 23;
+  return q * (sf_v16)e;
+}
+
 static inline __attribute__((always_inline)) sf_v16 sf_act_v(sf_v16 v, int act, float p) {
   const sf_v16 zero = {0};
   switch (act) {
     case 1: return sf_relu_v(v);
     case 2: return sf_min6_v(sf_relu_v(v));
     case 3: return sf_select(v >= zero, v, v * p);
+    case 4: return v * sf_min6_v(sf_relu_v(v + 3.f)) * (1.f / 6.f);
+    case 5: return sf_min6_v(sf_relu_v(v + 3.f)) * (1.f / 6.f);
+    case 6: return v / (1.f + sf_exp_v(-v));
+    case 7: return 1.f / (1.f + sf_exp_v(-v));
     default: return v;
   }
 }
@@ -966,7 +998,7 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
         for (int v = 0; v < NV; ++v) acc[m][v] += am * bv[v];                                     \
       }                                                                                           \
     }                                                                                             \
-    if (act != 3) { /* one epilogue per activation (the last vector may be partial) */          \
+    if (act <= 2) { /* one epilogue per activation (the last vector may be partial) */          \
       switch (act) {                                                                              \
         case 1: SF_GEMM_EPI(MR, NV, sf_relu_v(o)); return;                                        \
         case 2: SF_GEMM_EPI(MR, NV, sf_min6_v(sf_relu_v(o))); return;                             \

@@ -39,7 +39,9 @@ def test_matches_pytorch(c, hw, k, stride, pad, dil):
     _close(conv(x), reference(x, w, b, [stride] * 2, [pad] * 2, [dil] * 2))
 
 
-@pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize(
+    "act", ["relu", "relu6", "leaky_relu", "silu", "tanh", "sigmoid", "hardswish", "hardsigmoid"]
+)
 @pytest.mark.parametrize("res", [None, "before", "after"])
 def test_epilogues(act, res):
     c = 37

@@ -81,7 +81,10 @@ def test_without_expansion(c):
 
 
 @pytest.mark.parametrize("acts", [("relu", "relu", "relu"), ("none", "leaky_relu", "relu6"),
-                                  ("leaky_relu", "none", "leaky_relu")])  # fmt: skip
+                                  ("leaky_relu", "none", "leaky_relu"),
+                                  ("hardswish", "hardswish", "none"),  # MobileNetV3
+                                  ("silu", "silu", "hardsigmoid"),  # EfficientNet
+                                  ("sigmoid", "relu6", "silu")])  # fmt: skip
 @pytest.mark.parametrize("res", [None, "before", "after"])
 def test_epilogues(acts, res):
     torch.manual_seed(1)
@@ -121,9 +124,9 @@ def test_rejects_what_is_not_an_inverted_residual():
     wide = conv_spec(torch.randn(8, 32, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, "none", 0.0)
     with pytest.raises(ValueError, match="1×1"):
         NativeInvertedResidual(lib, e, d, wide, False)
-    silu = conv_spec(d.weight, d.bias, d.stride, d.padding, d.dilation, d.groups, "silu", 0.0)
+    gelu = conv_spec(d.weight, d.bias, d.stride, d.padding, d.dilation, d.groups, "gelu", 0.0)
     with pytest.raises(ValueError, match="activation"):
-        NativeInvertedResidual(lib, e, silu, p, False)
+        NativeInvertedResidual(lib, e, gelu, p, False)
     half = conv_spec(p.weight.bfloat16(), None, [1, 1], [0, 0], [1, 1], 1, "none", 0.0)
     with pytest.raises(ValueError, match="fp32"):
         NativeInvertedResidual(lib, e, d, half, False)

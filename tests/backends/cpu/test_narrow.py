@@ -49,7 +49,9 @@ def test_asymmetric_padding_and_dilation_three_images():
     _close(conv(x), F.conv2d(x, w, b, 1, (1, 3), (2, 1)))
 
 
-@pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu"])
+@pytest.mark.parametrize(
+    "act", ["relu", "relu6", "leaky_relu", "hardswish", "hardsigmoid", "silu", "sigmoid"]
+)
 def test_activations_and_no_bias(act):
     torch.manual_seed(1)
     x = torch.randn(1, 12, 10, 13) * 3
@@ -65,7 +67,7 @@ def test_rejects_and_falls_back():
     with pytest.raises(ValueError, match="17–24"):
         NarrowConv2d(lib, torch.randn(25, 8, 3, 3), None, [1, 1], [1, 1], "none", 0.0)
     with pytest.raises(ValueError, match="activation"):
-        NarrowConv2d(lib, w, None, [1, 1], [1, 1], "silu", 0.0)
+        NarrowConv2d(lib, w, None, [1, 1], [1, 1], "gelu", 0.0)
     conv = NarrowConv2d(lib, w, None, [0, 0], [1, 1], "none", 0.0)
     with pytest.raises(RuntimeError):
         conv(torch.randn(1, 8, 2, 2))  # smaller than the kernel: PyTorch's own error

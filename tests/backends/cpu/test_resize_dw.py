@@ -77,7 +77,7 @@ def test_rejects_what_it_cannot_run():
                               "none", 0.0, False, (None, None))  # fmt: skip
     with pytest.raises(ValueError, match="activation"):
         ResizeDepthwiseConv2d(lib, torch.randn(4, 1, 3, 3), None, [1, 1], [1, 1], [1, 1],
-                              "silu", 0.0, False, (None, None))  # fmt: skip
+                              "gelu", 0.0, False, (None, None))  # fmt: skip
 
 
 @pytest.mark.parametrize("with_b", [False, True])
