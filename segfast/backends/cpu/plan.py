@@ -203,7 +203,7 @@ def _conv2d_step(
         if (
             use_winograd
             and winograd.applies(weight, stride, dilation, groups)
-            and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_)
+            and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_, native.wide_vectors)
         ):
             conv = winograd.WinogradConv2d(
                 native, weight, bias, padding, act, act_param, residual_after_act,

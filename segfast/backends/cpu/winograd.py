@@ -98,16 +98,26 @@ def applies(weight: Tensor, stride: Sequence[int], dilation: Sequence[int], grou
     )
 
 
-def worthwhile(c_in: int, c_out: int, h: int, w: int) -> bool:
+def worthwhile(c_in: int, c_out: int, h: int, w: int, wide_vectors: bool = True) -> bool:
     """Whether F(4×4, 3×3) beats oneDNN's direct convolution for this layer.
 
-    Measured on 2 cores of an AMD EPYC (Zen 4) with torch 2.13 against oneDNN
-    with prepacked weights, blocks of calls alternated (benchmarks/bench_cpu_kernels.py):
-    1.3–2.2× from 128 channels in and out; break-even at 64; slower below
-    (the transforms are bound by memory and grow with H·W·C, the saving with
-    C·K) and on maps under 8×8 (too few tiles for the GEMMs).
+    The transforms are bound by memory and grow with H·W·(C + K), the saving with
+    H·W·C·K: what decides is C·K/(C + K). Maps under 8×8 have too few tiles for the
+    GEMMs. Measured on 2 cores with torch 2.13 against oneDNN with prepacked weights,
+    blocks of calls alternated (benchmarks/bench_cpu_kernels.py):
+
+    - AVX-512 (AMD EPYC Zen 4): 1.3–2.2× from 128 channels in and out, break-even at
+      64, slower below: both ≥ 96.
+    - AVX2 only (AMD EPYC, no AVX-512), where oneDNN's direct kernels are weaker:
+      C·K/(C + K) ≥ 27 wins (64→48 at 64²: 1.13–1.25×; 96→48: 1.21–1.35×; 96→64:
+      1.30–1.39×; 192→64 at 32²: 2.0×), ≤ 24 breaks even or loses (96→32 at 128²:
+      0.92–1.05×; 48→32: 0.85–0.91×; 16→32: 0.47×).
     """
-    return c_in >= 96 and c_out >= 96 and h >= 8 and w >= 8
+    if h < 8 or w < 8:
+        return False
+    if wide_vectors:
+        return c_in >= 96 and c_out >= 96
+    return c_in * c_out >= 27 * (c_in + c_out)
 
 
 class WinogradConv2d:
