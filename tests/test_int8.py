@@ -460,11 +460,15 @@ def test_quantize_on_its_own_and_qdq_onnx(tmp_path):
 
 
 def test_onnxruntime_int8_engine_matches_the_torch_one():
+    """The same quantized model on both backends. A 90 % bar: the random tiny U-Net's
+    all-int8 engines pass it, so neither backend walks its fallback loop (at the default
+    99 % both fall back 10 layers, and every ONNX Runtime attempt re-exports the model:
+    80 s; the loop itself is tested on the torch backend over the zoo)."""
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     m = models.create("unet", tiny=True).eval()
     data = sets(8, (1, 1, 32, 32))
-    cal = Calibration(data, max_float_layers=1.0)
+    cal = Calibration(data, max_float_layers=1.0, min_agreement=0.9)
     t = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
                         output="mask")  # fmt: skip
     o = segfast.compile(m, data[0], backend="onnxruntime", precision="int8", calibration=cal,
