@@ -126,12 +126,12 @@ class _DepthwiseBlock(nn.Module):
         return self.body(x)
 
 
-def _int8_engines(model, channels: int, backends=("triton", "torch")):
+def _int8_engines(model, channels: int, backends=("triton", "torch"), size: int = 32):
     """Int8 engines (logits) of ``backends`` from one calibration, and the data.
 
     min_agreement 0.9 and no fallback: every conv is int8 in each (the contract itself
     is test_int8.py's; here the backends must compute the same int8 engine)."""
-    data = [_smooth(i, channels) for i in range(6)]
+    data = [_smooth(i, channels, size) for i in range(6)]
     cal = Calibration(data[:4], holdout=data[4:5], min_agreement=0.9, max_float_layers=0.0)
     kw = {"precision": "int8", "calibration": cal, "output": "logits"}
     return [segfast.compile(model, data[0], backend=b, **kw) for b in backends], data
@@ -150,7 +150,10 @@ def test_int8_engine_runs_the_qconv_kernel(name, lowered, kept):
     the same integers, summed exactly by both (oneDNN's int8 convs on the CPU)."""
     model = _model("unet") if name == "unet" else _DepthwiseBlock().eval().to(DEVICE)
     torch.manual_seed(0)
-    (tri, ref), data = _int8_engines(model, 1 if name == "unet" else 3)
+    # the U-Net at 16² (its bottleneck at 1×1): the interpreter runs every int8 conv of it
+    (tri, ref), data = _int8_engines(
+        model, 1 if name == "unet" else 3, size=16 if name == "unet" else 32
+    )
     details = tri._runner.details
     assert {k: details["lowered"].get(k) for k in lowered} == lowered, details["lowered"]
     assert {k: v for k, v in details["kept"].items() if "qconv" in k} == kept

@@ -6,7 +6,7 @@ The check runs in a child process: this suite runs Triton's interpreter
 with a single interpreter config, while the check compiles the real JIT functions over
 the GPU autotune spaces. CI compiles the representative configs of every case (the
 hungriest config of every launch, every kernel in every dtype on every target and every
-code path on two of them, see ``compile_check.plan``);
+code path in fp16 on sm_90, see ``compile_check.plan``);
 ``python benchmarks/compile_targets.py`` sweeps every config.
 """
 
