@@ -340,6 +340,14 @@ def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _conv_fake(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """The empty output of a convolution (fake implementations, shape propagation)."""
+    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return out.contiguous(memory_format=_layout(x))
+
+
 @conv2d.register_fake
 def _(
     x,
@@ -360,10 +368,7 @@ def _(
     x2_scale_w,
     x2_first,
 ):
-    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
-    return out.contiguous(memory_format=_layout(x))
+    return _conv_fake(x, weight, stride, padding, dilation)
 
 
 # -- segfast::se_gate, segfast::conv2d_gated: squeeze-excitation ------------------------
@@ -466,10 +471,7 @@ def _(
     x, gate, weight, bias, stride, padding, dilation, groups, act, act_param, residual,
     residual_after_act,
 ):  # fmt: skip
-    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
-    return out.contiguous(memory_format=_layout(x))
+    return _conv_fake(x, weight, stride, padding, dilation)
 
 
 # -- segfast::group_norm: GroupNorm / InstanceNorm + activation -------------------------
@@ -724,10 +726,7 @@ def _(
     x_scale,
     w_scale,
 ):
-    h = _conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    w = _conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    out = x.new_empty((x.shape[0], weight.shape[0], h, w))
-    return out.contiguous(memory_format=_layout(x))
+    return _conv_fake(x, weight, stride, padding, dilation)
 
 
 def qconv_transpose2d_impl(
