@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from int8_cpu import randomise_bn  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 import segfast
@@ -47,16 +48,6 @@ class EagerChannelsLast:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-            m.weight.data.copy_(0.8 + 0.4 * torch.rand(m.num_features, generator=g))
-            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=g))
 
 
 def run(key: str, rounds: int, iters: int) -> dict[str, Any]:

@@ -204,5 +204,15 @@ def dot_loop_shared_bytes(
     return elems * elem_bytes
 
 
+def pixel_splits(n: int, c_blocks: int, hw: int, block_p: int, device: torch.device) -> int:
+    """How many contiguous pixel ranges a per-(image, channel block) reduction over H·W
+    is split into: ~2 programs per SM (one under the interpreter), at most 64, and no
+    range shorter than one ``block_p`` tile (so none is empty)."""
+    target = launch_target(device)
+    sms = target.sm_count if target is not None else 1
+    want = -(-2 * sms // max(1, n * c_blocks))
+    return max(1, min(want, 64, -(-hw // block_p)))
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -35,8 +35,8 @@ from ._common import (
     apply_activation_reference,
     check_device,
     check_float_dtype,
-    launch_target,
     next_power_of_2,
+    pixel_splits,
 )
 from ._epilogue import activate
 
@@ -227,9 +227,7 @@ def group_norm(
         )
     block_c = min(64, next_power_of_2(c))
     c_blocks = triton.cdiv(c, block_c)
-    target = launch_target(device)
-    sms = target.sm_count if target is not None else 1
-    splits = max(1, min(-(-2 * sms // (n * c_blocks)), 64, -(-hw // _BLOCK_P)))
+    splits = pixel_splits(n, c_blocks, hw, _BLOCK_P, device)
     per_split = triton.cdiv(hw, splits)
     mean = torch.empty((n, splits, c), dtype=torch.float32, device=device)
     m2 = torch.empty_like(mean)

@@ -35,8 +35,8 @@ from ._common import (
     apply_activation_reference,
     check_device,
     check_float_dtype,
-    launch_target,
     next_power_of_2,
+    pixel_splits,
 )
 from ._epilogue import activate
 
@@ -149,14 +149,6 @@ def _vector(name: str, b: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"{name} must be [{n}], got {list(b.shape)}")
 
 
-def _splits(n: int, c_blocks: int, hw: int, device: torch.device) -> int:
-    """Pixel-range splits so that the pooling launch has ~2 programs per SM."""
-    target = launch_target(device)
-    sms = target.sm_count if target is not None else 1
-    want = -(-2 * sms // max(1, n * c_blocks))
-    return max(1, min(want, 64, -(-hw // _POOL_BLOCK_P)))
-
-
 def se_gate(
     p: torch.Tensor,
     w1: torch.Tensor,
@@ -191,7 +183,7 @@ def se_gate(
     hw = hgt * wid
     block_c = min(64, next_power_of_2(c))
     c_blocks = triton.cdiv(c, block_c)
-    splits = _splits(n, c_blocks, hw, device)
+    splits = pixel_splits(n, c_blocks, hw, _POOL_BLOCK_P, device)
     per_split = triton.cdiv(hw, splits)
     part = torch.empty((n, splits, c), dtype=torch.float32, device=device)
     _pool_partial_kernel[(n * splits, c_blocks)](

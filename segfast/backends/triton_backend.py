@@ -223,7 +223,6 @@ _RESIZE = {
 _SLICE_WRITERS = (_conv2d, _qconv2d, _conv_transpose2d, _conv2d_gated)
 # x2 resizes the conv kernels' two-source prologues compute (nearest-exact is not one)
 _PROLOGUE_RESIZES = ("none", "nearest", "bilinear")
-_SE_MAX_HIDDEN = 1024  # segfast.kernels.squeeze_excite.MAX_HIDDEN
 
 
 def _is_depthwise(w: torch.Tensor, groups: int) -> bool:
@@ -252,6 +251,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
     from segfast.kernels.conv2d import pack_conv_weight
     from segfast.kernels.conv_transpose2d import pack_weight
     from segfast.kernels.qconv2d import pack_qconv_weight
+    from segfast.kernels.squeeze_excite import MAX_HIDDEN
 
     lowered: Counter[str] = Counter()
     kept: Counter[str] = Counter()
@@ -287,11 +287,11 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
                 kept["grouped conv2d_gated"] += 1
         elif t is segfast_ops.se_gate.default:
             hidden = val(node.args[1]).shape[0]
-            if hidden <= _SE_MAX_HIDDEN:
+            if hidden <= MAX_HIDDEN:
                 node.target = _se_gate
                 lowered["se_gate"] += 1
             else:
-                kept[f"se_gate (hidden width {hidden} > {_SE_MAX_HIDDEN})"] += 1
+                kept[f"se_gate (hidden width {hidden} > {MAX_HIDDEN})"] += 1
         elif t is segfast_ops.group_norm.default:
             node.target = _group_norm
             lowered["group_norm"] += 1

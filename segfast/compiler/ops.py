@@ -417,15 +417,6 @@ def _(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param):
     return p.new_empty((p.shape[0], c, 1, 1))
 
 
-def gate_weight(weight: Tensor, gate: Tensor, groups: int) -> Tensor:
-    """``weight`` [Cout, Cin/groups, KH, KW] with input channel ``c`` scaled by ``gate[c]``
-    (``gate`` [Cin]): ``conv(x · gate, w) == conv(x, gate_weight(w, gate))`` for any
-    groups, padding included (zero padding scales to zero)."""
-    cout, cin_g = weight.shape[0], weight.shape[1]
-    g = gate.reshape(groups, 1, cin_g).expand(groups, cout // groups, cin_g).reshape(cout, cin_g)
-    return weight * g[:, :, None, None].to(weight.dtype)
-
-
 def conv2d_gated_impl(
     x: Tensor,
     gate: Tensor,
@@ -441,26 +432,12 @@ def conv2d_gated_impl(
     residual_after_act: bool,
 ) -> Tensor:
     """``segfast::conv2d`` of ``x · gate`` (``gate`` [N, Cin, 1, 1], one scale per image
-    and input channel). Composite implementation: on the CPU the gate is folded into
-    a per-image copy of the weight (the weight is far smaller than the activation it
-    would otherwise scale) and each image convolved with its own; elsewhere the
-    product is formed, as the eager model does."""
-    if x.device.type != "cpu":
-        return conv2d_one_source(
-            x * gate, weight, bias, stride, padding, dilation, groups, act, act_param,
-            residual, residual_after_act,
-        )  # fmt: skip
-    outs = []
-    for n in range(x.shape[0]):
-        w = gate_weight(weight, gate[n].reshape(-1), groups)
-        r = residual[n : n + 1] if residual is not None else None
-        y = conv2d_one_source(
-            x[n : n + 1], w, bias, stride, padding, dilation, groups, act, act_param, r,
-            residual_after_act,
-        )  # fmt: skip
-        outs.append(y)
-    y = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return y.contiguous(memory_format=_layout(x))
+    and input channel). Composite implementation: the product, as the eager model forms
+    it (the Triton kernel applies the gate as it reads x instead)."""
+    return conv2d_one_source(
+        x * gate, weight, bias, stride, padding, dilation, groups, act, act_param,
+        residual, residual_after_act,
+    )  # fmt: skip
 
 
 conv2d_gated = torch.library.custom_op("segfast::conv2d_gated", mutates_args=())(conv2d_gated_impl)

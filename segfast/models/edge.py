@@ -174,7 +174,7 @@ class EfficientNetEncoder(nn.Module):
 
         self.stem = _conv_bn(in_channels, w(32), 3, 2, act="SI")
         blocks: list[nn.Module] = []
-        self.skips: list[int] = []
+        stage_ends: list[int] = []
         cin = w(32)
         for expand, k, stride, out, repeats in _EFFICIENTNET_B0:
             for r in range(max(1, round(repeats * depth))):
@@ -183,10 +183,10 @@ class EfficientNetEncoder(nn.Module):
                                     stride if r == 0 else 1, gate="sigmoid", se_act="SI",
                                     mean=True))  # fmt: skip
                 cin = w(out)
-            self.skips.append(len(blocks) - 1)
+            stage_ends.append(len(blocks) - 1)
         self.blocks = nn.ModuleList(blocks)
         # smp's skips: the stem (stride 2), after stages 2 (4), 3 (8), 5 (16), 7 (32)
-        self.out_index = [self.skips[i] for i in (1, 2, 4, 6)]
+        self.out_index = [stage_ends[i] for i in (1, 2, 4, 6)]
         self.out_channels = [w(c) for c in (32, 24, 40, 112, 320)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

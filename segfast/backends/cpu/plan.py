@@ -553,12 +553,12 @@ def _head_step(gm: fx.GraphModule, node: fx.Node, native: Native) -> tuple[Calla
 
 # segfast ops whose composite implementation the plan calls directly (no custom-op
 # dispatch): the squeeze-excitation gate, a gated conv whose weight oneDNN cannot take
-# packed (the gate folded into a per-image weight) and GroupNorm + activation.
+# packed, and GroupNorm + activation.
 _DIRECT: dict[Any, tuple[Callable, str]] = {
     segfast_ops.se_gate.default: (ops.se_gate_impl, "squeeze-excitation gate"),
     segfast_ops.conv2d_gated.default: (
         ops.conv2d_gated_impl,
-        "conv2d with the SE gate folded into its weight (oneDNN)",
+        "conv2d of x · SE gate (composite)",
     ),
     segfast_ops.group_norm.default: (ops.group_norm_impl, "group_norm + activation"),
 }

@@ -37,14 +37,18 @@ def _only_output(norm: fx.Node) -> fx.Node | None:
     return outs[0]
 
 
-def _group_norm(node: fx.Node) -> tuple[fx.Node, int, object, object, float, fx.Node] | None:
+# (x, groups, weight, bias, eps, the node whose value the norm ends in, every node matched)
+_Match = tuple[fx.Node, int, object, object, float, fx.Node, list[fx.Node]]
+
+
+def _group_norm(node: fx.Node) -> _Match | None:
     if not is_call(node, aten.native_group_norm.default):
         return None
     x, w, b, _n, _c, _hw, groups, eps = node.args
     out = _only_output(node)
     if out is None or val(x).dim() != 4:
         return None
-    return x, int(groups), w, b, float(eps), out
+    return x, int(groups), w, b, float(eps), out, [node, out]
 
 
 def _repeat_source(node: object, n: int) -> tuple[bool, object]:
@@ -56,7 +60,7 @@ def _repeat_source(node: object, n: int) -> tuple[bool, object]:
     return True, node.args[0]
 
 
-def _instance_norm(node: fx.Node) -> tuple[fx.Node, int, object, object, float, fx.Node] | None:
+def _instance_norm(node: fx.Node) -> _Match | None:
     if not is_call(node, aten._native_batch_norm_legit.no_stats):
         return None
     v, w, b, training, _momentum, eps = node.args
@@ -79,7 +83,8 @@ def _instance_norm(node: fx.Node) -> tuple[fx.Node, int, object, object, float, 
         return None
     if tuple(val(back).shape) != tuple(xv.shape):
         return None
-    return x, int(c), w0, b0, float(eps), back
+    repeats = [a for a in (w, b) if isinstance(a, fx.Node)]
+    return x, int(c), w0, b0, float(eps), back, [v, node, item, back, *repeats]
 
 
 def run(ctx: PassContext) -> None:
@@ -94,12 +99,7 @@ def run(ctx: PassContext) -> None:
             kind = "instance_norm"
         if m is None:
             continue
-        x, groups, w, b, eps, last = m
-        if kind == "instance_norm":
-            absorbed = [node.args[0], node, _only_output(node), last]
-            absorbed += [a for a in node.args[1:3] if isinstance(a, fx.Node)]
-        else:
-            absorbed = [node, last]
+        x, groups, w, b, eps, last, absorbed = m
         act, act_param = "none", 0.0
         nxt = single_user(last)
         if nxt is not None and nxt.op == "call_function" and nxt.target in ACTIVATION_OPS:

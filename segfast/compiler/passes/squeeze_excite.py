@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from segfast.compiler.context import PassContext
-from segfast.compiler.graph import erase_dead, infer_val, is_call, single_user, val
+from segfast.compiler.graph import erase_dead, infer_val, is_call, replace_chain, single_user, val
 from segfast.compiler.patterns import resample_of
 
 aten = torch.ops.aten
@@ -90,14 +90,8 @@ def _gated_reader(user: fx.Node, y: fx.Node) -> bool:
 
 
 def _gated_conv(ctx: PassContext, conv: fx.Node, x: fx.Node, gate: fx.Node) -> None:
-    a = conv.args
-    args = (x, gate, *a[1:11])
-    with ctx.gm.graph.inserting_before(conv):
-        new = ctx.gm.graph.call_function(segfast.conv2d_gated.default, args)
-    new.meta.update({k: v for k, v in conv.meta.items() if k in ("stack_trace", "nn_module_stack")})
-    infer_val(ctx.gm, new)
-    conv.replace_all_uses_with(new)
-    ctx.gm.graph.erase_node(conv)
+    args = (x, gate, *conv.args[1:11])
+    replace_chain(ctx.gm, conv, segfast.conv2d_gated.default, args, [conv])
 
 
 def _rewrite(ctx: PassContext, mul: fx.Node) -> None:
@@ -134,12 +128,8 @@ def _rewrite(ctx: PassContext, mul: fx.Node) -> None:
         b[7] if b else "none",
         float(b[8]) if b else 0.0,
     )
-    with gm.graph.inserting_before(g):
-        gate = gm.graph.call_function(segfast.se_gate.default, args)
-    infer_val(gm, gate)
-    g.replace_all_uses_with(gate)
     pool = convs[0].args[0]
-    erase_dead(gm, [*reversed(convs), pool])
+    gate = replace_chain(gm, g, segfast.se_gate.default, args, [*reversed(convs), pool])
     ctx.record("squeeze_excite")
 
     for user in list(mul.users):
