@@ -13,6 +13,9 @@ fusion tests and ``benchmarks/edge_cpu.py``.
   [squeeze-excitation: pool → 1×1 → ReLU → 1×1 → hardsigmoid → ×] → 1×1 project +
   BN [+ residual]. ``width`` scales every width (rounded to multiples of 8) for
   tiny test configurations.
+- :func:`deeplabv3_mobilenet_v3_large` — torchvision's ``deeplabv3_mobilenet_v3_large``
+  without its auxiliary head: the same dilated backbone and DeepLabHead (ASPP at rates
+  12/24/36 with an image-pooling branch, 3×3 conv, 1×1 classifier).
 - :func:`unet_efficientnet_b0` — smp's ``Unet("efficientnet-b0")``: the
   EfficientNet-B0 encoder (Tan & Le, ICML 2019, Table 1; MBConv with SiLU and
   squeeze-excitation with a sigmoid gate, SE width a quarter of the block input)
@@ -109,6 +112,25 @@ class Bneck(nn.Module):
         return x + y if self.residual else y
 
 
+def _mnv3_large_features(in_channels: int, width: float) -> tuple[nn.Sequential, int, int]:
+    """torchvision's dilated MobileNetV3-Large ``features`` (output stride 16): the
+    stem, the 15 bnecks (the last three dilated 2) and the 1×1 hardswish conv to 6×
+    the last width. Returns (features, stride-8 width, output width)."""
+
+    def w(c: int) -> int:
+        return make_divisible(c * width)
+
+    features: list[nn.Module] = [_conv_bn(in_channels, w(16), 3, 2, act="HS")]
+    cin = w(16)
+    for i, (k, exp, out, se, act, stride) in enumerate(_MNV3_LARGE):
+        dilation = 2 if i >= 12 else 1
+        squeeze = make_divisible(w(exp) // 4) if se else 0
+        features.append(Bneck(cin, k, w(exp), w(out), squeeze, act, stride, dilation))
+        cin = w(out)
+    features.append(_conv_bn(cin, 6 * cin, 1, act="HS"))
+    return nn.Sequential(*features), w(40), 6 * cin
+
+
 class LRASPPMobileNetV3(nn.Module):
     """torchvision's LR-ASPP with the dilated MobileNetV3-Large backbone."""
 
@@ -116,20 +138,8 @@ class LRASPPMobileNetV3(nn.Module):
                  in_channels: int = 3) -> None:  # fmt: skip
         super().__init__()
         self.in_channels = in_channels
-
-        def w(c: int) -> int:
-            return make_divisible(c * width)
-
-        features: list[nn.Module] = [_conv_bn(in_channels, w(16), 3, 2, act="HS")]
-        cin = w(16)
-        for i, (k, exp, out, se, act, stride) in enumerate(_MNV3_LARGE):
-            dilation = 2 if i >= 12 else 1
-            squeeze = make_divisible(w(exp) // 4) if se else 0
-            features.append(Bneck(cin, k, w(exp), w(out), squeeze, act, stride, dilation))
-            cin = w(out)
-        features.append(_conv_bn(cin, 6 * cin, 1, act="HS"))
-        self.features = nn.Sequential(*features)
-        low, high, inter = w(40), 6 * cin, inter_channels
+        self.features, low, high = _mnv3_large_features(in_channels, width)
+        inter = inter_channels
         self.cbr = _conv_bn(high, inter, 1, act="RE")
         self.scale = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Conv2d(high, inter, 1, bias=False), nn.Sigmoid()
@@ -149,6 +159,53 @@ class LRASPPMobileNetV3(nn.Module):
 
 def lraspp_mobilenet_v3_large(num_classes: int = 21, width: float = 1.0) -> LRASPPMobileNetV3:
     return LRASPPMobileNetV3(num_classes, width)
+
+
+class _ASPPPooling(nn.Module):
+    """ASPP's image-pooling branch: global pool → 1×1 conv + BN + ReLU → bilinear to the map."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = _conv_bn(cin, cout, 1, act="RE")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.pool(x))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class DeepLabV3MobileNetV3(nn.Module):
+    """torchvision's ``deeplabv3_mobilenet_v3_large`` (no auxiliary head): the dilated
+    MobileNetV3-Large features and DeepLabHead — ASPP (a 1×1 branch, three 3×3 branches
+    at ``rates``, the image-pooling branch; concat → 1×1 project + BN + ReLU; dropout,
+    an identity in eval) → 3×3 conv + BN + ReLU → 1×1 classifier — bilinear to the input."""
+
+    def __init__(self, num_classes: int = 21, width: float = 1.0, aspp: int = 256,
+                 rates: tuple[int, int, int] = (12, 24, 36), in_channels: int = 3) -> None:  # fmt: skip
+        super().__init__()
+        self.in_channels = in_channels
+        self.features, _, high = _mnv3_large_features(in_channels, width)
+        branches: list[nn.Module] = [_conv_bn(high, aspp, 1, act="RE")]
+        branches += [_conv_bn(high, aspp, 3, dilation=r, act="RE") for r in rates]
+        branches.append(_ASPPPooling(high, aspp))
+        self.aspp = nn.ModuleList(branches)
+        self.project = nn.Sequential(_conv_bn(len(branches) * aspp, aspp, 1, act="RE"),
+                                     nn.Dropout(0.5))  # fmt: skip
+        self.head = nn.Sequential(
+            _conv_bn(aspp, aspp, 3, act="RE"), nn.Conv2d(aspp, num_classes, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        y = self.features(x)
+        y = self.project(torch.cat([branch(y) for branch in self.aspp], dim=1))
+        y = self.head(y)
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+def deeplabv3_mobilenet_v3_large(num_classes: int = 21, width: float = 1.0, aspp: int = 256,
+                                 rates: tuple[int, int, int] = (12, 24, 36)) -> DeepLabV3MobileNetV3:  # fmt: skip
+    return DeepLabV3MobileNetV3(num_classes, width, aspp, rates)
 
 
 # EfficientNet-B0 stages: expand ratio, kernel, stride, out channels, repeats.

@@ -4,9 +4,9 @@ backend and on the ``triton`` backend (interpreter), and the Triton engine keeps
 nothing on PyTorch.
 
 torchvision and segmentation_models_pytorch do not install in CI, so the networks
-are segfast's own stand-ins (``segfast.models.edge``: torchvision's LR-ASPP
-MobileNetV3-Large and smp's U-Net EfficientNet-B0 layouts, an smp-style FPN with
-GroupNorm) and single blocks written here (MobileNetV3's bneck with SE and
+are segfast's own stand-ins (``segfast.models.edge``: torchvision's LR-ASPP and
+DeepLabV3 MobileNetV3-Large, smp's U-Net EfficientNet-B0 layouts, an smp-style FPN
+with GroupNorm) and single blocks written here (MobileNetV3's bneck with SE and
 hardswish, EfficientNet's MBConv with SiLU and SE).
 """
 
@@ -191,6 +191,12 @@ def test_group_norm_large_mean_is_exact_on_triton():
 TINY = {
     "lraspp": (lambda: edge.lraspp_mobilenet_v3_large(5, width=0.25), (1, 3, 19, 23),
                {}, {"squeeze_excite": 9, "se_scale": 9}),
+    # ASPP's image-pooling branch becomes a per-image residual of the projection
+    # (broadcast_branch): a zero-copy ``expand`` view of a [N, C, 1, 1] vector stays.
+    "deeplabv3": (lambda: edge.deeplabv3_mobilenet_v3_large(5, width=0.25, aspp=16,
+                                                          rates=(2, 3, 4)),
+                  (1, 3, 33, 29), {"expand": 1},
+                  {"squeeze_excite": 8, "se_scale": 8, "broadcast_branch": 1}),
     "unet_b0": (lambda: edge.unet_efficientnet_b0(2, width=0.25, depth=0.34,
                                                   decoder=(8, 8, 8, 8, 8)),
                 (1, 3, 32, 32), {}, {"squeeze_excite": 7, "se_scale": 7}),
