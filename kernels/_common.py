@@ -216,3 +216,26 @@ def pixel_splits(n: int, c_blocks: int, hw: int, block_p: int, device: torch.dev
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# -- channel statistics written by the conv kernels' epilogues -------------------------
+# Output pixels per statistics tile (``conv2d(..., stats=)``): every statistics launch
+# tiles over exactly this many pixels of one image, so the consumers (GroupNorm, the
+# squeeze-excitation gate) know T = ⌈H·W / STATS_BLOCK⌉ and each tile's pixel count.
+STATS_BLOCK = 64
+
+
+def stats_buffer(n: int, hw: int, channels: int, device: torch.device | str) -> torch.Tensor:
+    """The [2, N, T, C] fp32 buffer of ``stats=`` for an output of N images of ``hw``
+    pixels and C channels: [0] the per-tile means, [1] the per-tile M2s, T =
+    ⌈hw / STATS_BLOCK⌉ tiles of STATS_BLOCK pixels (the last one shorter)."""
+    return torch.empty((2, n, -(-hw // STATS_BLOCK), channels), dtype=torch.float32, device=device)
+
+
+def check_stats(stats: torch.Tensor, n: int, hw: int, channels: int) -> None:
+    want = (2, n, -(-hw // STATS_BLOCK), channels)
+    if stats.dtype != torch.float32 or not stats.is_contiguous() or tuple(stats.shape) != want:
+        raise ValueError(
+            f"stats must be a contiguous float32 {list(want)} buffer (stats_buffer), "
+            f"got {stats.dtype} {list(stats.shape)}"
+        )

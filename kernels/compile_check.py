@@ -64,7 +64,7 @@ from . import (
     resize,
     squeeze_excite,
 )
-from ._common import GpuTarget, interpreting, meta_launches
+from ._common import STATS_BLOCK, GpuTarget, interpreting, meta_launches
 
 # --------------------------------------------------------------------------- targets
 
@@ -106,7 +106,13 @@ def _t(*shape: int, dtype: torch.dtype, nhwc: bool = True) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if nhwc and t.dim() == 4 else t
 
 
-def _conv(dt, cin, cout, h, w, k, *, x2=None, bn=True, residual=False, gate=False, **kw):
+def _stats(n: int, hw: int, c: int) -> torch.Tensor:
+    """A meta channel-statistics buffer (``conv2d(..., stats=)``)."""
+    return torch.empty((2, n, -(-hw // STATS_BLOCK), c), dtype=torch.float32, device="meta")
+
+
+def _conv(dt, cin, cout, h, w, k, *, x2=None, bn=True, residual=False, gate=False,
+          stats=False, **kw):  # fmt: skip
     x = _t(1, cin, h, w, dtype=dt)
     if gate:
         kw["gate"] = _t(1, cin, 1, 1, dtype=dt)
@@ -119,28 +125,34 @@ def _conv(dt, cin, cout, h, w, k, *, x2=None, bn=True, residual=False, gate=Fals
     ho, wo = ((n + 2 * pad - span) // stride + 1 for n in (h, w))
     res = _t(1, cout, ho, wo, dtype=dt) if residual else None
     sc = _t(cout, dtype=dt) if bn else None
+    if stats:
+        kw["stats"] = _stats(1, ho * wo, cout)
     conv2d.conv2d(x, wt, sc, sc, stride=stride, padding=pad, x2=x2t, residual=res, **kw)
 
 
-def _se(dt, c, h, w, hidden, *, two=True):
+def _se(dt, c, h, w, hidden, *, two=True, stats=False):
+    st = {"stats": _stats(1, h * w, c)} if stats else {}
     squeeze_excite.se_gate(
         _t(1, c, h, w, dtype=dt), _t(hidden, c, 1, 1, dtype=dt), _t(hidden, dtype=dt), "relu",
         0.0, _t(c, hidden, 1, 1, dtype=dt) if two else None, _t(c, dtype=dt) if two else None,
-        "hardsigmoid", 0.0,
+        "hardsigmoid", 0.0, **st,
     )  # fmt: skip
 
 
-def _gn(dt, c, h, w, groups, act, affine=True):
+def _gn(dt, c, h, w, groups, act, affine=True, stats=False):
     wt = _t(c, dtype=dt) if affine else None
-    group_norm.group_norm(_t(1, c, h, w, dtype=dt), groups, wt, wt, 1e-5, act)
+    st = {"stats": _stats(1, h * w, c)} if stats else {}
+    group_norm.group_norm(_t(1, c, h, w, dtype=dt), groups, wt, wt, 1e-5, act, **st)
 
 
-def _dw(dt, c, h, w, k, *, residual=False, **kw):
+def _dw(dt, c, h, w, k, *, residual=False, stats=False, **kw):
     d = kw.get("dilation", 1)
     x = _t(1, c, h, w, dtype=dt)
     wt = conv2d.pack_conv_weight(_t(c, 1, k, k, dtype=dt, nhwc=False))
     res = _t(1, c, h, w, dtype=dt) if residual else None
     sc = _t(c, dtype=dt)
+    if stats:
+        kw["stats"] = _stats(1, h * w, c)
     conv2d.conv2d(x, wt, sc, sc, padding=d * (k // 2), groups=c, residual=res, **kw)
 
 
@@ -241,6 +253,15 @@ CASES: tuple[Case, ...] = (
     Case("squeeze_excite", "se-one-layer-128", lambda d: _se(d, 960, 32, 32, 128, two=False)),
     Case("squeeze_excite", "se-1152-48-large-map", lambda d: _se(d, 1152, 128, 128, 48)),
     Case("group_norm", "gn32-relu", lambda d: _gn(d, 128, 128, 128, 32, "relu")),
+    # channel statistics from the conv epilogue (a GroupNorm or an SE gate reads the output)
+    Case("conv2d", "3x3-stats-for-gn", lambda d: _conv(d, 128, 128, 128, 128, 3, stats=True)),
+    Case("conv2d", "1x1-stats-narrow", lambda d: _conv(d, 24, 32, 64, 64, 1, stats=True)),
+    Case("conv2d", "dw5x5-hardswish-stats-for-se",
+         lambda d: _dw(d, 672, 32, 32, 5, act="hardswish", stats=True)),
+    Case("group_norm", "gn32-from-conv-stats",
+         lambda d: _gn(d, 128, 128, 128, 32, "relu", stats=True)),
+    Case("squeeze_excite", "se-from-conv-stats",
+         lambda d: _se(d, 672, 32, 32, 168, stats=True)),
     Case("group_norm", "instance-hardswish-plain",
          lambda d: _gn(d, 64, 96, 80, 64, "hardswish", affine=False)),
     Case("conv2d", "1x1-gelu",

@@ -29,6 +29,17 @@ Kernels:
   depthwise convolution vectorised over [BLOCK_P pixels × BLOCK_C channels], with
   the same epilogue.
 
+Channel statistics (``stats=``, both kernels): tiles then cover the pixels of one image
+only (program → (image, tile of STATS_BLOCK = 64 output pixels), never straddling two
+images), and each tile also writes, per output channel, the mean and the sum of squared
+deviations (M2) of the values it stored — as rounded to out's dtype, the tensor a
+consumer reads — into a [2, N, T, Cout] fp32 buffer (T = ⌈Ho·Wo / 64⌉). GroupNorm
+(:func:`segfast.kernels.group_norm.group_norm`) and the squeeze-excitation gate
+(:func:`segfast.kernels.squeeze_excite.se_gate`) take it instead of reading the map
+again for their statistics. Within a tile: shifted by the tile's first pixel, then
+two passes over the registers (no Σx² cancellation). Bytes: + 2·N·T·Cout fp32
+(1/32 of an fp32 output, 1/16 of fp16).
+
 Every tensor may have any strides (they are kernel arguments); outputs default to
 channels_last, and ``out=`` may be any strided view, e.g. a channel slice of a larger
 channels_last buffer.
@@ -61,16 +72,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (
+from ._common import (  # noqa: F401  (re-exported)
+    STATS_BLOCK,
     GpuTarget,
     act_code,
     apply_activation_reference,
     autotune_configs,
     check_device,
     check_float_dtype,
+    check_stats,
     dot_loop_shared_bytes,
     launch_target,
     next_power_of_2,
+    stats_buffer,
 )
 from ._epilogue import activate
 
@@ -97,6 +111,12 @@ _SPLIT_MIN_ITERS = 8
 # Tile of the split-K epilogue kernel: an elementwise pass over a small fp32 workspace
 # (split outputs have fewer than ~SMs·128² elements), not worth autotuning.
 _SPLIT_EPILOGUE_BLOCK = 64
+
+# Tiles tried only by statistics launches (STATS_BLOCK rows; fp32 needs BLOCK_K ≤ 32 and
+# narrow heads BLOCK_N = 32, which the general space has only at 128 rows).
+_STATS_ONLY = {(64, 64, 32), (64, 32, 32)}
+_DW_STATS_ONLY = {(64, 16), (64, 32)}
+
 
 # Autotune keys shared by both kernels: every geometry argument (plus, per kernel, the
 # channel counts and the constexprs that change the loop structure).
@@ -137,7 +157,8 @@ def _epilogue(
     ACT: tl.constexpr,
     IDX64: tl.constexpr,
 ):
-    """y = acc·scale + shift, residual, activation, cast, one masked store."""
+    """y = acc·scale + shift, residual, activation, cast, one masked store. Returns the
+    stored values back in fp32 (for the channel statistics; dead code otherwise)."""
     y = acc
     if HAS_SCALE:
         y = y * tl.load(scale_ptr + co * s_scale, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -150,11 +171,35 @@ def _epilogue(
     y = activate(y, ACT, act_param)
     if RES_MODE == 2:
         y = y + tl.load(res_ptr + res_row[:, None] + c[None, :] * sr_c, mask=mask).to(tl.float32)
-    tl.store(
-        out_ptr + out_row[:, None] + c[None, :] * so_c,
-        y.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    stored = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_row[:, None] + c[None, :] * so_c, stored, mask=mask)
+    return stored.to(tl.float32)
+
+
+@triton.jit
+def _tile_stats(
+    y,  # [BM, BC] fp32: the values the tile stored
+    co,  # [BC] output channel
+    mask_m,  # [BM] rows of this image's tile (row 0 always valid)
+    mask_c,  # [BC]
+    stats_ptr,  # [2, slots, C] fp32: means, then M2s
+    slot,  # this tile's slot: image·T + tile
+    slots,
+    C,
+    BLOCK_M: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """Per-channel mean and M2 of the tile's valid rows, shifted by row 0."""
+    mask = mask_m[:, None] & mask_c[None, :]
+    shift = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], y, 0.0), axis=0)
+    v = tl.where(mask, y - shift[None, :], 0.0)
+    count = tl.sum(mask_m.to(tl.float32), axis=0)
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    base = _idx(slot, IDX64) * C + _idx(co, IDX64)
+    tl.store(stats_ptr + base, shift + mean, mask=mask_c)
+    tl.store(stats_ptr + _idx(slots, IDX64) * C + base, m2, mask=mask_c)
 
 
 def _conv_configs():
@@ -179,6 +224,7 @@ def _conv_configs():
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32},
         {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32},
         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16},
+        *(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), t, strict=True)) for t in _STATS_ONLY),
     ]
     # Interpreter: one config; 64×32×32 keeps the program count (each program and K
     # iteration costs interpreter time: 32 deep took a tiny LR-ASPP's Triton test from 33
@@ -201,6 +247,7 @@ def _gemm_fits(
     elem_bytes: int,
     target: GpuTarget,
     gate: bool = False,
+    stats: bool = False,
 ) -> bool:
     """Whether an implicit-GEMM tile compiles for ``target`` without spilling registers or
     overflowing shared memory (beyond the space's ≤ 64 accumulators per thread).
@@ -227,6 +274,10 @@ def _gemm_fits(
     264–272 KB in fp16, 512 KB in fp32. A gated input (squeeze-excitation) is a second
     pipelined [BM, BK] load, multiplied in registers and staged for the dot: counted
     like a two-tile bilinear, with a tighter register budget (80).
+
+    Channel statistics (``stats``) in fp32 below sm_90: BM·BN·BK/T < 1024 (the
+    statistics epilogue's registers: 64×64×32 on 4 warps spilled 8 B on sm_87 at 3
+    stages, where ptxas held the kernel to 96 registers).
     """
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     threads = 32 * config.num_warps
@@ -236,6 +287,8 @@ def _gemm_fits(
     if ieee:
         regs_ok = regs_ok and bm * bn * bk // threads <= 2048 and bk <= 32
         regs_ok = regs_ok and (threads < 256 or acc >= 32)
+        if stats and target.capability[0] < 9:
+            regs_ok = regs_ok and bm * bn * bk // threads < 1024
     elif flat_k:
         regs_ok = regs_ok and threads >= 256
     tiles = 4 if bilinear else 2 if gate else 1
@@ -252,6 +305,16 @@ def _gemm_fits(
     return regs_ok and shared <= target.max_shared
 
 
+def _stats_tiles(configs, stats: bool, rows: str, only: set, cols: tuple[str, ...]):
+    """A statistics launch tunes over STATS_BLOCK-row tiles only; any other launch never
+    sees the tiles added for statistics (the interpreter's one config serves both)."""
+    if len(configs) == 1:
+        return configs
+    if stats:
+        return [c for c in configs if c.kwargs[rows] == STATS_BLOCK]
+    return [c for c in configs if (c.kwargs[rows], *(c.kwargs[k] for k in cols)) not in only]
+
+
 def _prune_conv_configs(configs, named_args, **kwargs):
     """Drop tiles wider than the shape: BLOCK_N beyond Cout, BLOCK_K beyond the channel
     count of either source (or beyond KH·KW·C1 for the flat-K loop), BLOCK_M beyond
@@ -260,6 +323,7 @@ def _prune_conv_configs(configs, named_args, **kwargs):
     8 B on sm_87 in fp16, 4 B on sm_90 in fp32); then, on a GPU, the tiles that would
     spill or overflow shared memory there (``_gemm_fits``)."""
     args = {**named_args, **kwargs}
+    configs = _stats_tiles(configs, args["STATS"], "BLOCK_M", _STATS_ONLY, ("BLOCK_N", "BLOCK_K"))
     m = args["N"] * args["Ho"] * args["Wo"]
     k = args["KH"] * args["KW"] * args["C1"] if args["FLAT_K"] else max(args["C1"], args["C2"])
     cout = next_power_of_2(args["Cout"])
@@ -286,6 +350,7 @@ def _prune_conv_configs(configs, named_args, **kwargs):
             elem_bytes=x.element_size(),
             target=target,
             gate=args["HAS_GATE"],
+            stats=args["STATS"],
         )
 
     return [c for c in kept if fits(c)] or [c for c in configs if fits(c)] or kept
@@ -306,6 +371,7 @@ def _prune_conv_configs(configs, named_args, **kwargs):
         "IDX64",
         "DOT_PRECISION",
         "SPLIT_K",
+        "STATS",
     ],
     prune_configs_by={"early_config_prune": _prune_conv_configs},
 )
@@ -320,6 +386,7 @@ def _conv2d_kernel(
     out_ptr,  # [N, Cout, Ho, Wo]
     ws_ptr,  # [SPLIT_K, N·Ho·Wo, Cout] fp32 partial sums (split-K only; else a dummy)
     gate_ptr,  # [N, C1] per-image input-channel scale (HAS_GATE only; else a dummy)
+    stats_ptr,  # [2, N·T, Cout] fp32 channel statistics (STATS only; else a dummy)
     N, C1, C2, H, W, H2, W2, Cout, KH, KW, Ho, Wo,
     SH, SW, PH, PW, DH, DW,
     step_h,  # fp32 source step of the x2 resize along h (ATen's scale), see _resample_steps
@@ -348,6 +415,7 @@ def _conv2d_kernel(
     # default, which fp16/bf16 operands ignore) otherwise.
     DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: K split over programs, _splitk_epilogue_kernel finishes
+    STATS: tl.constexpr,  # tiles within one image, each writing its channel statistics
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -371,8 +439,15 @@ def _conv2d_kernel(
     # launcher), so this index math is int32; rows past M are clamped onto M-1 so that
     # every address the tile forms is in bounds (their results are masked at the store).
     M = N * Ho * Wo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    if STATS:  # pid_m = image·T + tile: a tile never straddles two images
+        HW = Ho * Wo
+        T = tl.cdiv(HW, BLOCK_M)
+        local = (pid_m % T) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = local < HW
+        offs_m = (pid_m // T) * HW + tl.minimum(local, HW - 1)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
     m = tl.minimum(offs_m, M - 1)
     ow = m % Wo
     t = m // Wo
@@ -542,11 +617,14 @@ def _conv2d_kernel(
         owi = _idx(ow, IDX64)
         out_row = n * so_n + ohi * so_h + owi * so_w
         res_row = n * sr_n + ohi * sr_h + owi * sr_w
-        _epilogue(
+        y = _epilogue(
             acc, offs_n, mask_m, mask_n, out_ptr, out_row, so_c, res_ptr, res_row, sr_c,
             scale_ptr, s_scale, shift_ptr, s_shift, act_param,
             HAS_SCALE, HAS_SHIFT, RES_MODE, ACT, IDX64,
         )  # fmt: skip
+        if STATS:
+            _tile_stats(y, offs_n, mask_m, mask_n, stats_ptr, pid_m,
+                        N * tl.cdiv(Ho * Wo, BLOCK_M), Cout, BLOCK_M, IDX64)  # fmt: skip
     else:
         # fp32 partial sums; the launcher only splits small outputs (fewer tiles than
         # SMs), so the workspace offsets fit int32.
@@ -624,6 +702,7 @@ def _dw_configs():
         {"BLOCK_P": 128, "BLOCK_C": 32},
         {"BLOCK_P": 128, "BLOCK_C": 64},
         {"BLOCK_P": 256, "BLOCK_C": 16},
+        *({"BLOCK_P": p, "BLOCK_C": c} for p, c in _DW_STATS_ONLY),
     ]
     return autotune_configs(
         space,
@@ -637,13 +716,14 @@ def _dw_configs():
 def _prune_dw_configs(configs, named_args, **kwargs):
     """Drop channel tiles wider than C (they would be mostly padding)."""
     args = {**named_args, **kwargs}
+    configs = _stats_tiles(configs, args["STATS"], "BLOCK_P", _DW_STATS_ONLY, ("BLOCK_C",))
     kept = [c for c in configs if c.kwargs["BLOCK_C"] <= max(16, next_power_of_2(args["C"]))]
     return kept or configs
 
 
 @triton.autotune(
     configs=_dw_configs(),
-    key=[*_GEOMETRY_KEYS, "C", "IDX64"],
+    key=[*_GEOMETRY_KEYS, "C", "IDX64", "STATS"],
     prune_configs_by={"early_config_prune": _prune_dw_configs},
 )
 @triton.jit
@@ -654,6 +734,7 @@ def _dw_conv2d_kernel(
     shift_ptr,  # [C]
     res_ptr,  # [N, C, Ho, Wo]
     out_ptr,  # [N, C, Ho, Wo]
+    stats_ptr,  # [2, N·T, C] fp32 channel statistics (STATS only; else a dummy)
     N, C, H, W, KH, KW, Ho, Wo,
     SH, SW, PH, PW, DH, DW,
     sx_n, sx_c, sx_h, sx_w,
@@ -667,6 +748,7 @@ def _dw_conv2d_kernel(
     RES_MODE: tl.constexpr,
     ACT: tl.constexpr,
     IDX64: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -678,8 +760,15 @@ def _dw_conv2d_kernel(
     pid_c = pid - pid_p * num_pid_c
 
     M = N * Ho * Wo
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < M
+    if STATS:  # pid_p = image·T + tile, as in _conv2d_kernel
+        HW = Ho * Wo
+        T = tl.cdiv(HW, BLOCK_P)
+        local = (pid_p % T) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = local < HW
+        offs_p = (pid_p // T) * HW + tl.minimum(local, HW - 1)
+    else:
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < M
     m = tl.minimum(offs_p, M - 1)
     ow = m % Wo
     t = m // Wo
@@ -713,11 +802,14 @@ def _dw_conv2d_kernel(
     owi = _idx(ow, IDX64)
     out_row = n * so_n + ohi * so_h + owi * so_w
     res_row = n * sr_n + ohi * sr_h + owi * sr_w
-    _epilogue(
+    y = _epilogue(
         acc, offs_c, mask_p, mask_c, out_ptr, out_row, so_c, res_ptr, res_row, sr_c,
         scale_ptr, s_scale, shift_ptr, s_shift, act_param,
         HAS_SCALE, HAS_SHIFT, RES_MODE, ACT, IDX64,
     )  # fmt: skip
+    if STATS:
+        _tile_stats(y, offs_c, mask_p, mask_c, stats_ptr, pid_p,
+                    N * tl.cdiv(Ho * Wo, BLOCK_P), C, BLOCK_P, IDX64)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- host code
@@ -992,6 +1084,7 @@ def conv2d(
     x2_scales: tuple[float, float] | None = None,
     x2_first: bool = False,
     gate: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -1009,9 +1102,11 @@ def conv2d(
     new channels_last tensor of ``out_dtype`` (default x.dtype). ``out`` must not
     overlap the inputs. ``gate`` ([N, C1] or [N, C1, 1, 1], groups 1, no x2): the
     conv reads ``x · gate`` (one scale per image and input channel; squeeze-excitation),
-    rounded to x's dtype as it is read; the product is never written.
+    rounded to x's dtype as it is read; the product is never written. ``stats`` (a
+    :func:`stats_buffer` of the output's shape): the kernel also writes each output
+    channel's per-tile mean and M2 into it, for GroupNorm and squeeze-excitation.
     """
-    device = check_device(x, weight, scale, shift, residual, x2, out, gate)
+    device = check_device(x, weight, scale, shift, residual, x2, out, gate, stats)
     p = _check(
         x, weight, scale, shift, stride, padding, dilation, groups, act, residual,
         x2, x2_resize, x2_align_corners, x2_scales, x2_first, out, out_dtype,
@@ -1043,13 +1138,23 @@ def conv2d(
     if gate is not None:
         gate_t = _check_gate(gate, p, x, x2)
         sg = (gate_t.stride(0), gate_t.stride(1))
+    if stats is not None:
+        check_stats(stats, p.N, p.Ho * p.Wo, p.Cout)
+        idx64 = idx64 or stats.numel() > _INT32_MAX
+    stats_t = stats if stats is not None else out
+    # with statistics, tiles cover one image each: N·⌈Ho·Wo / rows⌉ pixel tiles
+    pixel_tiles = (
+        (lambda rows: p.N * triton.cdiv(p.Ho * p.Wo, rows))
+        if stats is not None
+        else (lambda rows: triton.cdiv(M, rows))
+    )
     if p.depthwise:
 
         def dw_grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_P"]) * triton.cdiv(p.Cout, meta["BLOCK_C"]),)
+            return (pixel_tiles(meta["BLOCK_P"]) * triton.cdiv(p.Cout, meta["BLOCK_C"]),)
 
         _dw_conv2d_kernel[dw_grid](
-            x, weight, scale_t, shift_t, res_t, out,
+            x, weight, scale_t, shift_t, res_t, out, stats_t,
             p.N, p.C1, p.H, p.W, p.KH, p.KW, p.Ho, p.Wo,
             sh, sw, ph, pw, dh, dw,
             *x.stride(),
@@ -1063,6 +1168,7 @@ def conv2d(
             RES_MODE=res_mode,
             ACT=act_code(act),
             IDX64=idx64,
+            STATS=stats is not None,
         )  # fmt: skip
         return out
 
@@ -1072,14 +1178,14 @@ def conv2d(
     )
     x2_t = x2 if x2 is not None else x
     wc_x, wc_x2 = (p.C2, 0) if x2_first else (0, p.C1)
-    split = _split_k(p, device)
+    split = _split_k(p, device) if stats is None else 1
     ws = torch.empty((split, M, p.Cout), dtype=torch.float32, device=device) if split > 1 else out
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(p.Cout, meta["BLOCK_N"]) * split,)
+        return (pixel_tiles(meta["BLOCK_M"]) * triton.cdiv(p.Cout, meta["BLOCK_N"]) * split,)
 
     _conv2d_kernel[grid](
-        x, x2_t, weight, scale_t, shift_t, res_t, out, ws, gate_t,
+        x, x2_t, weight, scale_t, shift_t, res_t, out, ws, gate_t, stats_t,
         p.N, p.C1, p.C2, p.H, p.W, p.H2, p.W2, p.Cout, p.KH, p.KW, p.Ho, p.Wo,
         sh, sw, ph, pw, dh, dw,
         step_h, step_w,
@@ -1104,6 +1210,7 @@ def conv2d(
         IDX64=idx64,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SPLIT_K=split,
+        STATS=stats is not None,
     )  # fmt: skip
     if split > 1:
         blk = _SPLIT_EPILOGUE_BLOCK

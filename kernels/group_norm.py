@@ -21,7 +21,10 @@ Three launches, all reading NHWC along contiguous channel runs:
    activation in registers; one write. Bytes: read N·C·H·W; write N·C·H·W.
 
 PyTorch's GroupNorm followed by an activation reads x twice and writes twice (the
-activation is a second pass); this reads twice and writes once.
+activation is a second pass); this reads twice and writes once. When the conv that
+produced x wrote its channel statistics (``conv2d(..., stats=)``, the Triton backend
+does so for every conv read by a GroupNorm), ``stats=`` replaces launch 1: x is read
+once, by the apply pass.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    STATS_BLOCK,
     act_code,
     apply_activation_reference,
     check_device,
     check_float_dtype,
+    check_stats,
     next_power_of_2,
     pixel_splits,
 )
@@ -212,11 +217,15 @@ def group_norm(
     act: str = "none",
     act_param: float = 0.0,
     *,
+    stats: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(group_norm(x, groups, weight, bias, eps))`` → channels_last (or ``out``)."""
+    """``act(group_norm(x, groups, weight, bias, eps))`` → channels_last (or ``out``).
+
+    ``stats``: x's per-tile channel statistics as the conv that wrote x produced them
+    (``segfast.kernels.conv2d.conv2d(..., stats=)``); then x is not read for them."""
     _check(x, groups, weight, bias, eps, act)
-    device = check_device(x, weight, bias, out)
+    device = check_device(x, weight, bias, out, stats)
     n, c, hgt, wid = x.shape
     hw = hgt * wid
     if out is None:
@@ -227,14 +236,19 @@ def group_norm(
         )
     block_c = min(64, next_power_of_2(c))
     c_blocks = triton.cdiv(c, block_c)
-    splits = pixel_splits(n, c_blocks, hw, _BLOCK_P, device)
-    per_split = triton.cdiv(hw, splits)
-    mean = torch.empty((n, splits, c), dtype=torch.float32, device=device)
-    m2 = torch.empty_like(mean)
-    _channel_stats_kernel[(n * splits, c_blocks)](
-        x, mean, m2, c, wid, hw, per_split, *x.stride(),
-        S=splits, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, num_warps=4,
-    )  # fmt: skip
+    if stats is not None:
+        check_stats(stats, n, hw, c)
+        mean, m2 = stats[0], stats[1]
+        splits, per_split = stats.shape[2], STATS_BLOCK
+    else:
+        splits = pixel_splits(n, c_blocks, hw, _BLOCK_P, device)
+        per_split = triton.cdiv(hw, splits)
+        mean = torch.empty((n, splits, c), dtype=torch.float32, device=device)
+        m2 = torch.empty_like(mean)
+        _channel_stats_kernel[(n * splits, c_blocks)](
+            x, mean, m2, c, wid, hw, per_split, *x.stride(),
+            S=splits, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, num_warps=4,
+        )  # fmt: skip
     mu = torch.empty((n, groups), dtype=torch.float32, device=device)
     rstd = torch.empty_like(mu)
     _group_stats_kernel[(n * groups,)](

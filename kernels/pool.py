@@ -14,6 +14,9 @@
 - ``adaptive_avg_pool2d`` / ``global_avg_pool2d``: output bin i covers
   [floor(i·H/o), ceil((i+1)·H/o)) (exact integer arithmetic, as ATen), mean in
   fp32. # read N·C·Σbins elements (= N·C·H·W when o divides H); write N·C·Ho·Wo.
+  ``global_avg_pool2d(x, stats=)``: the mean from the channel statistics the conv that
+  wrote x produced (``conv2d(..., stats=)``): each tile's mean weighted by its pixel
+  count, in a fixed order; x is not read. # read N·T·C fp32; write N·C.
 
 Layouts: any strides in and out; outputs default to channels_last. Fast path:
 channels_last (C stride 1), where each program holds a tile of up to 64
@@ -29,7 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, check_device, check_float_dtype, next_power_of_2
+from ._common import (
+    STATS_BLOCK,
+    autotune_configs,
+    check_device,
+    check_float_dtype,
+    check_stats,
+    next_power_of_2,
+)
 
 
 def _configs(interpreter_tile: int, tiles: tuple[int, ...] = (1024, 2048, 4096)):
@@ -232,6 +242,25 @@ def _adaptive_avg_pool_kernel(
     mean = tl.sum(acc, axis=0) / count.to(tl.float32)
     y_off = n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     tl.store(y_ptr + y_off + c.to(tl.int64) * syc, mean.to(y_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _mean_from_stats_kernel(
+    mean_ptr,  # [N, T, C] fp32 per-tile means of STATS pixels (the last tile shorter)
+    y_ptr,  # [N, C, 1, 1], strides syn, syc
+    C, HW, T, syn, syc,
+    STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(0, T):
+        cnt = tl.minimum(HW - t * STATS, STATS).to(tl.float32)
+        acc += cnt * tl.load(mean_ptr + (n * T + t) * C + c, mask=c_ok, other=0.0)
+    y = acc / HW.to(tl.float32)
+    tl.store(y_ptr + n * syn + c * syc, y.to(y_ptr.dtype.element_ty), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -537,9 +566,27 @@ def adaptive_avg_pool2d_reference(
     return torch.nn.functional.adaptive_avg_pool2d(x, output_size)
 
 
-def global_avg_pool2d(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over H×W: x [N, C, H, W] -> [N, C, 1, 1], fp32 accumulation."""
-    return adaptive_avg_pool2d(x, 1, out=out)
+def global_avg_pool2d(
+    x: torch.Tensor, *, stats: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over H×W: x [N, C, H, W] -> [N, C, 1, 1], fp32 accumulation.
+
+    ``stats``: x's per-tile channel statistics as the conv that wrote x produced them
+    (``segfast.kernels.conv2d.conv2d(..., stats=)``); then x is not read."""
+    if stats is None:
+        return adaptive_avg_pool2d(x, 1, out=out)
+    _check_x(x)
+    device = check_device(x, stats, out)
+    N, C, H, W = x.shape
+    check_stats(stats, N, H * W, C)
+    y = _alloc_or_check(out, "out", (N, C, 1, 1), x.dtype, device)
+    if N > 0:
+        block_c = min(128, next_power_of_2(C))
+        _mean_from_stats_kernel[(N, triton.cdiv(C, block_c))](
+            stats, y, C, H * W, stats.shape[2], y.stride(0), y.stride(1),
+            STATS=STATS_BLOCK, BLOCK_C=block_c, num_warps=4,
+        )  # fmt: skip
+    return y
 
 
 def global_avg_pool2d_reference(x: torch.Tensor) -> torch.Tensor:

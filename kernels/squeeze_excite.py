@@ -19,6 +19,10 @@ h = act1(W1·m + b1) with h held in registers (R ≤ 1024), then
 gate = act2(W2·h + b2) block by block, all in fp32, and rounds once to p's dtype.
 Bytes: the weights (R·C + C2·R) per image, from L2 after the first image.
 
+When the conv that produced p wrote its channel statistics (``conv2d(..., stats=)``:
+per-tile means of 64-pixel tiles), ``stats=`` replaces launch 1 and p is not read at all;
+the fc kernel weights each tile's mean by its pixel count.
+
 The gate scales a conv's input channels as the conv reads them
 (``segfast.kernels.conv2d.conv2d(..., gate=)``): the gated feature map is never
 written.
@@ -31,10 +35,12 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    STATS_BLOCK,
     act_code,
     apply_activation_reference,
     check_device,
     check_float_dtype,
+    check_stats,
     next_power_of_2,
     pixel_splits,
 )
@@ -82,10 +88,11 @@ def _se_fc_kernel(
     w1_ptr, b1_ptr,  # [R, C], [R]
     w2_ptr, b2_ptr,  # [C2, R], [C2]
     out_ptr,  # [N, C_out] (C_out = C2, or R without w2)
-    C, R, C2, inv_hw,
+    C, R, C2, HW, per_split, inv_hw,
     sw1_o, sw1_i, sw2_o, sw2_i, so_n, so_c,
     p1, p2,
     S: tl.constexpr,
+    MEANS: tl.constexpr,  # the partials are means of per_split-pixel tiles, not sums
     HAS_B1: tl.constexpr,
     HAS_W2: tl.constexpr,
     HAS_B2: tl.constexpr,
@@ -103,7 +110,10 @@ def _se_fc_kernel(
         mask_c = c < C
         m = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for s in range(S):  # a fixed order: the result does not depend on scheduling
-            m += tl.load(part_ptr + (n * S + s) * C + c, mask=mask_c, other=0.0)
+            v = tl.load(part_ptr + (n * S + s) * C + c, mask=mask_c, other=0.0)
+            if MEANS:
+                v = v * tl.minimum(HW - s * per_split, per_split).to(tl.float32)
+            m += v
         m = m * inv_hw
         wt = tl.load(
             w1_ptr + r[:, None] * sw1_o + c[None, :] * sw1_i,
@@ -159,12 +169,17 @@ def se_gate(
     b2: torch.Tensor | None = None,
     act2: str = "hardsigmoid",
     act2_param: float = 0.0,
+    *,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The squeeze-excitation gate of ``p``: [N, C_out, 1, 1] in ``p``'s dtype."""
+    """The squeeze-excitation gate of ``p``: [N, C_out, 1, 1] in ``p``'s dtype.
+
+    ``stats``: p's per-tile channel statistics as the conv that wrote p produced them
+    (``segfast.kernels.conv2d.conv2d(..., stats=)``); then p is not read."""
     if p.dim() != 4:
         raise ValueError(f"p must be [N, C, H, W], got {list(p.shape)}")
     check_float_dtype("p", p)
-    device = check_device(p, w1, b1, w2, b2)
+    device = check_device(p, w1, b1, w2, b2, stats)
     n, c, hgt, wid = p.shape
     if hgt * wid == 0 or n == 0:
         raise ValueError(f"p must have pixels and images, got {list(p.shape)}")
@@ -183,22 +198,26 @@ def se_gate(
     hw = hgt * wid
     block_c = min(64, next_power_of_2(c))
     c_blocks = triton.cdiv(c, block_c)
-    splits = pixel_splits(n, c_blocks, hw, _POOL_BLOCK_P, device)
-    per_split = triton.cdiv(hw, splits)
-    part = torch.empty((n, splits, c), dtype=torch.float32, device=device)
-    _pool_partial_kernel[(n * splits, c_blocks)](
-        p, part, c, wid, hw, per_split, *p.stride(),
-        S=splits, BLOCK_P=_POOL_BLOCK_P, BLOCK_C=block_c, num_warps=4,
-    )  # fmt: skip
+    if stats is not None:
+        check_stats(stats, n, hw, c)
+        part, splits, per_split = stats[0], stats.shape[2], STATS_BLOCK
+    else:
+        splits = pixel_splits(n, c_blocks, hw, _POOL_BLOCK_P, device)
+        per_split = triton.cdiv(hw, splits)
+        part = torch.empty((n, splits, c), dtype=torch.float32, device=device)
+        _pool_partial_kernel[(n * splits, c_blocks)](
+            p, part, c, wid, hw, per_split, *p.stride(),
+            S=splits, BLOCK_P=_POOL_BLOCK_P, BLOCK_C=block_c, num_warps=4,
+        )  # fmt: skip
     out = torch.empty((n, c_out, 1, 1), dtype=p.dtype, device=device)
     block_r = next_power_of_2(r)
     fc_block_c = max(4, min(256, _FC_TILE // block_r))
     w2_ = w2 if w2 is not None else w1
     _se_fc_kernel[(n,)](
         part, w1, b1 if b1 is not None else w1, w2_, b2 if b2 is not None else w1, out,
-        c, r, c_out, 1.0 / hw, w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
+        c, r, c_out, hw, per_split, 1.0 / hw, w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
         out.stride(0), out.stride(1), float(act1_param), float(act2_param),
-        S=splits, HAS_B1=b1 is not None, HAS_W2=w2 is not None, HAS_B2=b2 is not None,
+        S=splits, MEANS=stats is not None, HAS_B1=b1 is not None, HAS_W2=w2 is not None, HAS_B2=b2 is not None,
         ACT1=a1, ACT2=a2, BLOCK_R=block_r, BLOCK_C=fc_block_c, num_warps=4,
     )  # fmt: skip
     return out

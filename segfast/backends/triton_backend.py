@@ -5,7 +5,9 @@ or depthwise), ``segfast.conv2d_gated`` (groups 1: the squeeze-excitation gate
 applied as the conv reads its input), ``segfast.se_gate``, ``segfast.group_norm``,
 ``segfast.conv_transpose2d`` (groups 1), ``segfast.head``,
 bilinear/nearest resize, max-pool (with indices), max-unpool and adaptive /
-global average pooling runs a kernel from :mod:`segfast.kernels`; convolution
+global average pooling runs a kernel from :mod:`segfast.kernels` (a gate or GroupNorm
+reading a conv's output takes the channel statistics that conv's epilogue wrote, so
+its input map is never re-read for them); convolution
 weights are packed once, at build time, into the layout the kernels read
 fastest. In int8 engines (``precision="int8"``) every ``segfast.qconv2d``
 (groups 1 or depthwise) runs :mod:`segfast.kernels.qconv2d` (int8 × int8 → int32
@@ -55,7 +57,7 @@ def _interpreting() -> bool:
 
 def _conv2d(
     x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
-    x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first, out=None,
+    x2, x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first, out=None, stats=None,
 ):  # fmt: skip
     from segfast.kernels.conv2d import conv2d
 
@@ -65,32 +67,55 @@ def _conv2d(
         groups=groups, act=act, act_param=act_param, residual=residual,
         residual_after_act=residual_after_act, x2=x2, x2_resize=x2_resize,
         x2_align_corners=x2_align_corners, x2_scales=scales, x2_first=x2_first, out=out,
+        stats=stats,
     )  # fmt: skip
 
 
 def _conv2d_gated(
     x, gate, w, b, stride, padding, dilation, groups, act, act_param, residual,
-    residual_after_act, out=None,
+    residual_after_act, out=None, stats=None,
 ):  # fmt: skip
     from segfast.kernels.conv2d import conv2d
 
     return conv2d(
         x, w, None, b, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
         groups=groups, act=act, act_param=act_param, residual=residual,
-        residual_after_act=residual_after_act, gate=gate, out=out,
+        residual_after_act=residual_after_act, gate=gate, out=out, stats=stats,
     )  # fmt: skip
 
 
-def _se_gate(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param):
+def _with_stats(conv: Callable[..., torch.Tensor], x_arg: int) -> Callable[..., Any]:
+    """``conv``, also writing its output's channel statistics: returns (out, stats)."""
+
+    def run(*args, out=None):
+        from segfast.kernels.conv2d import stats_buffer
+
+        x, w = args[x_arg], args[x_arg + 1]
+        (sh, sw), (ph, pw), (dh, dw) = (args[x_arg + i] for i in (3, 4, 5))
+        ho = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1
+        stats = stats_buffer(x.shape[0], ho * wo, w.shape[0], x.device)
+        return conv(*args, out=out, stats=stats), stats
+
+    run.__name__ = f"{conv.__name__}_stats"
+    return run
+
+
+_CONV2D_STATS = _with_stats(_conv2d, 0)
+_CONV2D_GATED_STATS = _with_stats(_conv2d_gated, 1)
+_STATS_OF = {_conv2d: _CONV2D_STATS, _conv2d_gated: _CONV2D_GATED_STATS}
+
+
+def _se_gate(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param, stats=None):
     from segfast.kernels.squeeze_excite import se_gate
 
-    return se_gate(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param)
+    return se_gate(p, w1, b1, act1, act1_param, w2, b2, act2, act2_param, stats=stats)
 
 
-def _group_norm(x, groups, weight, bias, eps, act, act_param):
+def _group_norm(x, groups, weight, bias, eps, act, act_param, stats=None):
     from segfast.kernels.group_norm import group_norm
 
-    return group_norm(x, int(groups), weight, bias, float(eps), act, float(act_param))
+    return group_norm(x, int(groups), weight, bias, float(eps), act, float(act_param), stats=stats)
 
 
 def _qconv2d(
@@ -181,16 +206,18 @@ def _max_unpool(x, indices, output_size):
     return max_unpool2d(x, indices, [int(s) for s in output_size])
 
 
-def _adaptive_avg(x, output_size):
-    from segfast.kernels.pool import adaptive_avg_pool2d
+def _adaptive_avg(x, output_size, stats=None):
+    from segfast.kernels.pool import adaptive_avg_pool2d, global_avg_pool2d
 
+    if stats is not None:  # a 1×1 output (see _lower_channel_stats)
+        return global_avg_pool2d(x, stats=stats)
     return adaptive_avg_pool2d(x, tuple(int(s) for s in output_size))
 
 
-def _global_avg(x, dims, keepdim=False, dtype=None):
+def _global_avg(x, dims, keepdim=False, dtype=None, stats=None):
     from segfast.kernels.pool import global_avg_pool2d
 
-    return global_avg_pool2d(x)
+    return global_avg_pool2d(x, stats=stats)
 
 
 def _alloc_nhwc(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -347,6 +374,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
         owner = gm.get_submodule(owner_path) if owner_path else gm
         set_constant(gm, name, packer(getattr(owner, leaf).detach()))
     _lower_concats(gm, lowered)
+    _lower_channel_stats(gm, lowered)
     gm.graph.lint()
     gm.recompile()
     return gm, lowered, kept
@@ -387,6 +415,37 @@ def _lower_concats(gm: fx.GraphModule, lowered: Counter[str]) -> None:
         cat.replace_all_uses_with(joined)
         g.erase_node(cat)
         lowered["concat_slices"] += 1
+
+
+def _lower_channel_stats(gm: fx.GraphModule, lowered: Counter[str]) -> None:
+    """A squeeze-excitation gate, a GroupNorm or a global average pool (ASPP's image
+    pooling, PSPNet's 1×1 level) reading a conv's output takes the channel statistics
+    that conv's epilogue writes (``conv2d(..., stats=)``) instead of reading the map
+    again: the conv returns (out, stats); its readers get ``out``, the reducers also
+    ``stats``. Runs after _lower_concats (a slice-writing conv keeps its out=)."""
+    g = gm.graph
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    for node in g.nodes:
+        global_pool = node.target is _adaptive_avg and [int(s) for s in node.args[1]] == [1, 1]
+        if node.op == "call_function" and (
+            node.target in (_se_gate, _group_norm, _global_avg) or global_pool
+        ):
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.target in _STATS_OF:
+                readers.setdefault(src, []).append(node)
+    for conv, consumers in readers.items():
+        with g.inserting_after(conv):
+            pair = g.call_function(_STATS_OF[conv.target], conv.args, dict(conv.kwargs))
+        with g.inserting_after(pair):
+            out = g.call_function(operator.getitem, (pair, 0))
+        with g.inserting_after(out):
+            stats = g.call_function(operator.getitem, (pair, 1))
+        out.meta = dict(conv.meta)
+        conv.replace_all_uses_with(out)
+        g.erase_node(conv)
+        for node in consumers:
+            node.kwargs = {**node.kwargs, "stats": stats}
+            lowered["channel_stats_from_conv"] += 1
 
 
 class TritonBackend(Backend):

@@ -215,3 +215,8 @@ def test_tiny_edge_networks(name, backend):
         lowered = eng._runner.details["lowered"]
         assert lowered.get("se_gate", 0) == fired.get("squeeze_excite", 0)
         assert lowered.get("group_norm", 0) == fired.get("group_norm", 0)
+        # every gate, GroupNorm and global pool (DeepLab's ASPP) here reads a conv's
+        # output: each takes the channel statistics that conv's epilogue wrote instead
+        # of reading the map again
+        reducers = sum(lowered.get(k, 0) for k in ("se_gate", "group_norm", "global_avg_pool2d"))
+        assert lowered.get("channel_stats_from_conv", 0) == reducers, lowered
