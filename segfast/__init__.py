@@ -20,6 +20,7 @@ from segfast.errors import (
     EngineFileError,
     InputError,
     SegfastError,
+    SlowPrecisionWarning,
     UnsupportedModelError,
     WeightsError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "InputError",
     "QuantizedModel",
     "SegfastError",
+    "SlowPrecisionWarning",
     "UnsupportedModelError",
     "WeightsError",
     "__version__",

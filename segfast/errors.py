@@ -31,3 +31,8 @@ class BackendUnavailable(SegfastError, RuntimeError):
 
 class UnsupportedModelError(SegfastError, ValueError):
     """A model contains something a compiler stage or exporter cannot handle."""
+
+
+class SlowPrecisionWarning(UserWarning):
+    """The requested precision has no fast path on this device: the engine is correct,
+    but slower than fp32 (e.g. bf16 on a CPU without bf16 convolutions)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,19 @@ def test_an_exported_program_compiles_on_one_backend_and_on_auto():
     )
     assert auto.backend in ("eager", "torch")
     assert segfast.check(auto, model, [x]).passed
+
+
+def test_bf16_without_fast_cpu_convolutions_warns(monkeypatch):
+    """bf16 on a CPU whose oneDNN has no bf16 convolutions compiles (correct) but warns
+    that it is slow, and the summary says so; fp32 on the same CPU does not warn."""
+    from segfast.compiler import ops
+
+    monkeypatch.setattr(ops, "_mkldnn_ok", lambda dtype=torch.float32: dtype == torch.float32)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.warns(segfast.SlowPrecisionWarning, match="AVX-512 BF16 or AMX"):
+        eng = segfast.compile(model, x, backend="torch", precision="bf16")
+    assert "~30× slower than fp32" in eng.summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", segfast.SlowPrecisionWarning)
+        segfast.compile(model, x, backend="torch")
