@@ -33,6 +33,18 @@ FUSIONS: dict[str, Fusion] = {
             "segfast.qconv2d: int8 input (per tensor) × int8 weights (per channel)",
             "quant",
         ),
+        Fusion(
+            "pad_into_conv",
+            "constant_pad_nd(x, symmetric, 0) → convolution(s)",
+            "the pad added to the convolutions' padding",
+            "cleanup",
+        ),
+        Fusion(
+            "written_activation",
+            "x·sigmoid(x); relu6(x + 3)/6; x·relu6(x + 3)/6 or x·hardsigmoid(x)",
+            "silu; hardsigmoid; hardswish (then fused like the library ops)",
+            "activations",
+        ),
         Fusion("conv", "convolution", "segfast.conv2d", "conv_epilogue"),
         Fusion(
             "conv_transpose", "transposed convolution", "segfast.conv_transpose2d", "conv_epilogue"

@@ -86,6 +86,31 @@ class MBConv(nn.Module):
         return self.block(x)
 
 
+class Swish(nn.Module):  # timm's Swish (smp's timm-efficientnet encoders)
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class HSigmoid(nn.Module):  # MobileNetV3 code written before nn.Hardsigmoid
+    def forward(self, x):
+        return F.relu6(x + 3) / 6
+
+
+class HSwish(nn.Module):
+    def forward(self, x):
+        return x * F.relu6(x + 3) / 6
+
+
+def _written_out(model: nn.Module) -> nn.Module:
+    """``model`` with its SiLU / hardswish / hardsigmoid modules written out."""
+    swap = {nn.SiLU: Swish, nn.Hardswish: HSwish, nn.Hardsigmoid: HSigmoid}
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) in swap:
+                setattr(parent, name, swap[type(child)]())
+    return model
+
+
 class GatedThroughResize(nn.Module):
     """LR-ASPP's head: branch · sigmoid(conv(pool(other))) → bilinear → 1×1 classifier."""
 
@@ -146,6 +171,18 @@ def test_bneck_hardswish_se(backend):
 def test_mbconv_silu_se(backend):
     x = torch.randn(1, 12, 15, 9)
     _check(MBConv(), x, backend, squeeze_excite=1, se_scale=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", ["bneck_v3", "mbconv"])
+def test_written_out_activations_fuse_like_the_modules(block, backend):
+    """The same blocks with x·sigmoid(x), relu6(x + 3)/6 and x·relu6(x + 3)/6 written
+    out: the activations are recognised, so SE and the conv epilogues fuse as before."""
+    model, x = {
+        "bneck_v3": (BneckV3, torch.randn(2, 16, 11, 13)),
+        "mbconv": (MBConv, torch.randn(1, 12, 15, 9)),
+    }[block]
+    _check(_written_out(model()), x, backend, squeeze_excite=1, se_scale=1, written_activation=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

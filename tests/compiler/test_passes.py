@@ -93,6 +93,94 @@ def test_activation_fuses(act):
     _same(eng, model, x)
 
 
+# Activations written out in elementary ops (timm's Swish, pre-1.6 MobileNetV3 code):
+# each becomes the ATen op (written_activation) and then fuses into the conv (conv_act).
+WRITTEN = {
+    "swish": lambda y: y * torch.sigmoid(y),
+    "swish_rev_inplace": lambda y: y.sigmoid().mul(y),
+    "h_sigmoid": lambda y: F.relu6(y + 3) / 6,
+    "h_sigmoid_clamp_mul": lambda y: torch.clamp(3 + y, 0, 6) * (1 / 6),
+    "h_swish": lambda y: y * F.relu6(y + 3) / 6,
+    "h_swish_of_h_sigmoid": lambda y: y * (F.relu6(y + 3.0) / 6.0),
+    "x_hardsigmoid": lambda y: F.hardsigmoid(y) * y,
+}
+# Near misses that must stay as written (different operands or constants, a broadcast).
+NOT_WRITTEN = {
+    "other_sigmoid": lambda y: y * torch.sigmoid(y + 1),
+    "relu6_plus2": lambda y: F.relu6(y + 2) / 6,
+    "over5": lambda y: F.relu6(y + 3) / 5,
+    "clamp_07": lambda y: torch.clamp(y + 3, 0, 7) / 6,
+    "gate_broadcast": lambda y: y * torch.sigmoid(y.mean((2, 3), keepdim=True)),
+}
+
+
+class _Written(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+@pytest.mark.parametrize("form", list(WRITTEN))
+def test_written_activation_fuses(form):
+    x = torch.randn(1, 3, 7, 9) * 3
+    model = _Written(WRITTEN[form]).eval()
+    eng = _compile(model, x)
+    assert eng.info.fusions["written_activation"] == 1
+    assert eng.info.fusions["conv_act"] == 1
+    _same(eng, model, x)
+    left = [n.target for n in eng._runner.details["graph"].graph.nodes if n.op == "call_function"]
+    assert not [t for t in left if "mul" in str(t) or "div" in str(t) or "sigmoid" in str(t)]
+
+
+@pytest.mark.parametrize("form", list(NOT_WRITTEN))
+def test_near_miss_activation_stays_written(form):
+    x = torch.randn(1, 3, 7, 9) * 3
+    model = _Written(NOT_WRITTEN[form]).eval()
+    eng = _compile(model, x)
+    assert "written_activation" not in eng.info.fusions
+    _same(eng, model, x)
+
+
+class _PadConv(nn.Module):
+    def __init__(self, pads, value=0.0, padding=0, also_read=False, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+        self.pads, self.value, self.also_read = pads, value, also_read
+
+    def forward(self, x):
+        p = F.pad(x, self.pads, value=self.value)
+        y = self.conv(p)
+        if self.also_read:  # the padded tensor is also read by a slice
+            return y + p[:, :1, 1:-1, 1:-1]
+        return y + self.conv2(p)[..., : y.shape[2], : y.shape[3]] if self.pads == (2,) * 4 else y
+
+
+@pytest.mark.parametrize(
+    ("case", "folds"),
+    [
+        (dict(pads=(1, 1, 1, 1)), 1),  # Conv2dStaticSamePadding, stride 1
+        (dict(pads=(2, 2, 1, 1), padding=1, stride=2), 1),  # on top of the conv's padding
+        (dict(pads=(2, 2, 2, 2)), 2),  # two convs read it
+        (dict(pads=(0, 1, 0, 1), stride=2), 0),  # asymmetric: "same" at stride 2
+        (dict(pads=(1, 1, 1, 1), value=0.5), 0),  # not a zero border
+        (dict(pads=(-1, -1, -1, -1)), 0),  # a crop
+        (dict(pads=(1, 1, 1, 1), also_read=True), 0),
+    ],
+    ids=["same-s1", "plus-padding-s2", "two-convs", "asymmetric", "value", "crop", "also-read"],
+)
+def test_zero_pad_moves_into_the_conv(case, folds):
+    x = torch.randn(2, 3, 10, 9)
+    model = _PadConv(**case).eval()
+    eng = _compile(model, x)
+    assert eng.info.fusions.get("pad_into_conv", 0) == folds
+    _same(eng, model, x)
+
+
 def test_unfusable_activation_stays_separate():
     class M(nn.Module):
         def __init__(self):

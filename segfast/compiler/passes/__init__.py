@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from segfast.compiler.context import PassContext
 from segfast.compiler.passes import (
+    activations,
     broadcast_branch,
     cleanup,
     concat_depthwise,
@@ -25,6 +26,8 @@ from segfast.compiler.passes import (
 
 PASSES: list[tuple[str, Callable[[PassContext], None]]] = [
     ("cleanup", cleanup.run),  # first: identity ops would break every chain below
+    # written-out silu / hardsigmoid / hardswish → the ATen ops, before anything fuses them
+    ("activations", activations.run),
     ("fold_bn", fold_bn.run),  # before conv_epilogue: conv→BN→act only chains once BN is gone
     ("conv_epilogue", conv_epilogue.run),  # convolutions become segfast ops (+ act, residual)
     ("norm_act", norm_act.run),  # GroupNorm / InstanceNorm (+ act) become segfast.group_norm

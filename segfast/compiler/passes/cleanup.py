@@ -1,12 +1,17 @@
 """Drop ops that compute nothing at inference: identity clones (eval-mode dropout
-becomes one), aliases, and zero padding."""
+becomes one), aliases, and zero padding; and move symmetric zero padding read only by
+convolutions into their padding (``pad_into_conv``: TensorFlow-style "same" padding,
+``Conv2dStaticSamePadding`` in efficientnet-pytorch / smp's ``efficientnet-b*``
+encoders, explicit ``F.pad`` before a conv). Exact: a zero border convolved is the
+conv's own zero padding. Asymmetric pads (stride-2 "same" at even sizes) stay.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from segfast.compiler.context import PassContext
-from segfast.compiler.graph import erase_dead
+from segfast.compiler.graph import erase_dead, is_call
 
 aten = torch.ops.aten
 
@@ -25,9 +30,48 @@ def _is_identity(node) -> bool:  # type: ignore[no-untyped-def]
     return False
 
 
+def _symmetric_zero_pad(node) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """(pad_h, pad_w) of a zero ``constant_pad_nd`` of the last two dims, equal on
+    both sides and non-negative; None otherwise."""
+    if not is_call(node, aten.constant_pad_nd.default):
+        return None
+    pads = list(node.args[1])
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    if value != 0 or len(pads) not in (2, 4) or not all(isinstance(p, int) for p in pads):
+        return None
+    pads += [0, 0] * (2 - len(pads) // 2)
+    left, right, top, bottom = pads
+    if left != right or top != bottom or min(pads) < 0:
+        return None
+    return top, left
+
+
+def _plain_conv(node, source) -> bool:  # type: ignore[no-untyped-def]
+    """A non-transposed 2-D convolution of ``source`` (its input, not its weight)."""
+    if not is_call(node, aten.convolution.default) or node.args[0] is not source:
+        return False
+    return not node.args[6] and len(node.args[4]) == 2
+
+
+def _pad_into_conv(ctx: PassContext, pad) -> None:  # type: ignore[no-untyped-def]
+    sym = _symmetric_zero_pad(pad)
+    users = list(pad.users)
+    if sym is None or not users or not all(_plain_conv(u, pad) for u in users):
+        return
+    for conv in users:
+        args = list(conv.args)
+        ph, pw = (int(p) for p in args[4])
+        args[0], args[4] = pad.args[0], [ph + sym[0], pw + sym[1]]
+        conv.args = tuple(args)
+        ctx.record("pad_into_conv")
+    erase_dead(ctx.gm, [pad])
+
+
 def run(ctx: PassContext) -> None:
     g = ctx.gm.graph
     for node in list(g.nodes):
         if _is_identity(node):
             node.replace_all_uses_with(node.args[0])
             erase_dead(ctx.gm, [node])
+        else:
+            _pad_into_conv(ctx, node)
