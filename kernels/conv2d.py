@@ -845,6 +845,18 @@ def _pair(name: str, v: int | tuple[int, int], minimum: int) -> tuple[int, int]:
     return pair
 
 
+def _padding(v: int | tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, left), (bottom, right)) of an int, an (h, w) pair or a (top, bottom,
+    left, right) quadruple (asymmetric, as TensorFlow-style "same" padding needs)."""
+    if isinstance(v, (tuple, list)) and len(v) == 4:
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in v):
+            raise ValueError(f"padding must be four ints >= 0, got {v!r}")
+        top, bottom, left, right = (int(e) for e in v)
+        return (top, left), (bottom, right)
+    ph, pw = _pair("padding", v, 0)
+    return (ph, pw), (ph, pw)
+
+
 @dataclass(frozen=True)
 class _Conv:
     """A validated conv2d call: every shape the kernels take."""
@@ -862,10 +874,11 @@ class _Conv:
     Ho: int
     Wo: int
     stride: tuple[int, int]
-    padding: tuple[int, int]
+    padding: tuple[int, int]  # (top, left): where the kernels start reading
     dilation: tuple[int, int]
     depthwise: bool
     out_dtype: torch.dtype
+    pad_end: tuple[int, int]  # (bottom, right); equal to padding unless asymmetric
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
@@ -879,7 +892,7 @@ def _check(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     stride: int | tuple[int, int],
-    padding: int | tuple[int, int],
+    padding: int | tuple[int, ...],
     dilation: int | tuple[int, int],
     groups: int,
     act: str,
@@ -902,7 +915,7 @@ def _check(
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     act_code(act)
     sh, sw = _pair("stride", stride, 1)
-    ph, pw = _pair("padding", padding, 0)
+    (ph, pw), (pb, pr) = _padding(padding)
     dh, dw = _pair("dilation", dilation, 1)
     N, C1, H, W = x.shape
     Cout, Cin, KH, KW = weight.shape
@@ -953,11 +966,11 @@ def _check(
             f"got {Cin} (weight {tuple(weight.shape)})"
         )
 
-    Ho = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    Ho = (H + ph + pb - dh * (KH - 1) - 1) // sh + 1
+    Wo = (W + pw + pr - dw * (KW - 1) - 1) // sw + 1
     if Ho < 1 or Wo < 1:
         raise ValueError(
-            f"x of size {(H, W)} with padding {(ph, pw)} is smaller than the dilated "
+            f"x of size {(H, W)} with padding {padding} is smaller than the dilated "
             f"kernel {(dh * (KH - 1) + 1, dw * (KW - 1) + 1)}"
         )
 
@@ -980,8 +993,9 @@ def _check(
     else:
         odt = out_dtype or x.dtype
     return _Conv(
-        N, C1, C2, H, W, H2, W2, Cout, KH, KW, Ho, Wo, (sh, sw), (ph, pw), (dh, dw), depthwise, odt
-    )
+        N, C1, C2, H, W, H2, W2, Cout, KH, KW, Ho, Wo, (sh, sw), (ph, pw), (dh, dw), depthwise, odt,
+        (pb, pr),
+    )  # fmt: skip
 
 
 def _resample_steps(
@@ -1071,7 +1085,7 @@ def conv2d(
     shift: torch.Tensor | None = None,
     *,
     stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
+    padding: int | tuple[int, ...] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     act: str = "none",
@@ -1096,7 +1110,8 @@ def conv2d(
     [N, C2, H2, W2], resized to H×W (``x2_resize`` "none" / "nearest" / "bilinear",
     ATen semantics; ``x2_scales`` = the (scale_h, scale_w) ATen's upsample op got,
     i.e. the graph's scale_factor, or None for size-based) and concatenated after x
-    (before it with ``x2_first``). All tensors may have any strides; the fast path is
+    (before it with ``x2_first``). ``padding``: an int, (h, w), or (top, bottom, left,
+    right) for asymmetric zero padding. All tensors may have any strides; the fast path is
     channels_last x/x2 and a :func:`pack_conv_weight` weight. The result goes to
     ``out`` (any strided view, e.g. a channel slice of a channels_last buffer) or to a
     new channels_last tensor of ``out_dtype`` (default x.dtype). ``out`` must not
@@ -1260,7 +1275,7 @@ def _reference(
     *,
     compute_dtype: torch.dtype,
     stride: int | tuple[int, int],
-    padding: int | tuple[int, int],
+    padding: int | tuple[int, ...],
     dilation: int | tuple[int, int],
     groups: int,
     act: str,
@@ -1294,7 +1309,12 @@ def _reference(
             x2.to(compute_dtype), (p.H, p.W), x2_resize, x2_align_corners, x2_scales
         )
         inp = torch.cat([up, inp] if x2_first else [inp, up], dim=1)
-    y = F.conv2d(inp, weight.to(compute_dtype), None, p.stride, p.padding, p.dilation, groups)
+    if p.pad_end != p.padding:  # asymmetric: pad explicitly, as "same" padding does
+        (top, left), (bottom, right) = p.padding, p.pad_end
+        inp = F.pad(inp, (left, right, top, bottom))
+        y = F.conv2d(inp, weight.to(compute_dtype), None, p.stride, 0, p.dilation, groups)
+    else:
+        y = F.conv2d(inp, weight.to(compute_dtype), None, p.stride, p.padding, p.dilation, groups)
     if scale is not None:
         y = y * scale.to(compute_dtype)[None, :, None, None]
     if shift is not None:
@@ -1319,7 +1339,7 @@ def conv2d_reference(
     shift: torch.Tensor | None = None,
     *,
     stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
+    padding: int | tuple[int, ...] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     act: str = "none",

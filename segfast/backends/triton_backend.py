@@ -91,9 +91,10 @@ def _with_stats(conv: Callable[..., torch.Tensor], x_arg: int) -> Callable[..., 
         from segfast.kernels.conv2d import stats_buffer
 
         x, w = args[x_arg], args[x_arg + 1]
-        (sh, sw), (ph, pw), (dh, dw) = (args[x_arg + i] for i in (3, 4, 5))
-        ho = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1
+        (sh, sw), pad, (dh, dw) = (args[x_arg + i] for i in (3, 4, 5))
+        top, bottom, left, right = pad if len(pad) == 4 else (pad[0], pad[0], pad[1], pad[1])
+        ho = (x.shape[2] + top + bottom - dh * (w.shape[2] - 1) - 1) // sh + 1
+        wo = (x.shape[3] + left + right - dw * (w.shape[3] - 1) - 1) // sw + 1
         stats = stats_buffer(x.shape[0], ho * wo, w.shape[0], x.device)
         return conv(*args, out=out, stats=stats), stats
 
@@ -290,6 +291,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
             obj = getattr(obj, part)
         return obj
 
+    _pads_into_convs(gm, lowered)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -378,6 +380,48 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
     gm.graph.lint()
     gm.recompile()
     return gm, lowered, kept
+
+
+def _zero_pad(node: fx.Node) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of a zero, non-negative ``constant_pad_nd`` of H and W."""
+    if not is_call(node, aten.constant_pad_nd.default):
+        return None
+    pads = list(node.args[1])
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    if value != 0 or len(pads) not in (2, 4) or not all(isinstance(p, int) for p in pads):
+        return None
+    left, right, top, bottom = pads + [0] * (4 - len(pads))
+    if min(left, right, top, bottom) < 0:
+        return None
+    return top, bottom, left, right
+
+
+def _one_source_conv_of(conv: fx.Node, x: fx.Node) -> bool:
+    """``conv`` is a segfast.conv2d of ``x`` alone that a Triton kernel runs."""
+    if not is_call(conv, segfast_ops.conv2d.default) or conv.args[0] is not x:
+        return False
+    w, groups = val(conv.args[1]), conv.args[6]
+    return conv.args[11] is None and (groups == 1 or _is_depthwise(w, groups))
+
+
+def _pads_into_convs(gm: fx.GraphModule, lowered: Counter[str]) -> None:
+    """A zero pad read only by convolutions the Triton kernels run (as their one
+    source: a second source would be resized to the padded size) becomes their
+    padding — asymmetric too (stride-2 "same" padding; the compiler's pad_into_conv
+    moved the symmetric ones already): the kernels read zeros outside the map."""
+    for pad in list(gm.graph.nodes):
+        sides = _zero_pad(pad)
+        users = list(pad.users)
+        if sides is None or not users or not all(_one_source_conv_of(c, pad) for c in users):
+            continue
+        for conv in users:
+            args = list(conv.args)
+            ph, pw = (int(p) for p in args[4])
+            top, bottom, left, right = sides
+            args[0], args[4] = pad.args[0], [ph + top, ph + bottom, pw + left, pw + right]
+            conv.args = tuple(args)
+            lowered["pad_into_conv"] += 1
+        gm.graph.erase_node(pad)
 
 
 def _lower_concats(gm: fx.GraphModule, lowered: Counter[str]) -> None:

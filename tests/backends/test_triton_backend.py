@@ -13,6 +13,7 @@ import segfast
 from segfast import BackendUnavailable, Calibration, models
 from segfast.kernels._common import interpreting
 from segfast.outputs import WithHead
+from segfast.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreting()),
@@ -67,6 +68,43 @@ def test_unet_decoder_uses_two_source_prologue_on_triton():
     assert eng.info.fusions["skip_concat_resize"] == 3
     assert "cat" not in eng._runner.details["kept"]
     assert segfast.check(eng, model, [x]).passed
+
+
+class SamePadding(nn.Module):
+    """TensorFlow-style "same" padding (efficientnet-pytorch): stride-2 convs after an
+    asymmetric zero pad, a stride-1 conv after a symmetric one, a GroupNorm reading a
+    padded conv, and a pad that a slice also reads (it must stay)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2)
+        self.dw = nn.Conv2d(8, 8, 5, stride=2, groups=8)
+        self.pw = nn.Conv2d(8, 8, 3)
+        self.norm = nn.GroupNorm(2, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(F.pad(x, (0, 1, 0, 1))))
+        y = self.dw(F.pad(y, (1, 2, 1, 2)))
+        p = F.pad(y, (1, 1, 1, 1))
+        y = F.silu(self.norm(self.pw(p))) + p[:, :, 1:-1, 1:-1]
+        return self.out(y)
+
+
+def test_same_padding_runs_in_the_conv_kernels():
+    model = SamePadding().eval()
+    x = torch.randn(2, 3, 16, 18, device=DEVICE)
+    eng = segfast.compile(model, x, backend="triton")
+    details = eng._runner.details
+    # the compiler folds none (two asymmetric, one also read by a slice); the Triton
+    # lowering takes the two asymmetric ones into the conv kernels' padding
+    assert "pad_into_conv" not in eng.info.fusions
+    assert details["lowered"]["pad_into_conv"] == 2
+    assert details["kept"].get("constant_pad_nd") == 1
+    assert details["lowered"]["channel_stats_from_conv"] == 1
+    with torch.no_grad():
+        ref = model(x)
+    assert_close(eng(x), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter behaviour")

@@ -410,6 +410,35 @@ def test_depthwise(xs, k, kw, xl, wl, after):
     )  # fmt: skip
 
 
+# (id, x shape, Cout, (KH, KW), (top, bottom, left, right), stride, groups): TensorFlow-
+# style "same" padding at stride 2 pads one more at the end (efficientnet-pytorch's
+# Conv2dStaticSamePadding); the kernels read zeros past the map, so any split works.
+ASYMMETRIC = [
+    ("3x3_s2_same", (2, 19, 16, 18), 23, (3, 3), (0, 1, 0, 1), 2, 1),
+    ("stem_flat_s2_same", (1, 3, 16, 18), 8, (3, 3), (0, 1, 0, 1), 2, 1),
+    ("dw5x5_s2_same", (1, 16, 16, 14), 16, (5, 5), (1, 2, 1, 2), 2, 16),
+    ("lopsided", (1, 19, 9, 11), 10, (3, 3), (2, 0, 0, 3), 1, 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("xs", "cout", "k", "pads", "stride", "groups"),
+    [a[1:] for a in ASYMMETRIC],
+    ids=[a[0] for a in ASYMMETRIC],
+)
+def test_asymmetric_padding(xs, cout, k, pads, stride, groups):
+    x = _input(xs)
+    w = _weight((cout, xs[1] // groups, *k))
+    b = _vec(cout, "shift")
+    top, bottom, left, right = pads
+    ref = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride, 0, 1, groups)
+    out = conv2d(x, w, None, b, stride=stride, padding=pads, groups=groups, act="none")
+    assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert_close(conv2d_reference(x, w, None, b, stride=stride, padding=pads, groups=groups), ref)
+    with pytest.raises(ValueError, match="padding must be four ints >= 0"):
+        conv2d(x, w, None, b, stride=stride, padding=(0, -1, 0, 1), groups=groups)
+
+
 def test_depthwise_no_epilogue_params():
     x = _input((1, 19, 7, 9))
     _check_fp32(x, _weight((19, 1, 3, 3)), None, None, groups=19, padding=1)
