@@ -175,6 +175,27 @@ def dynamic_ranges(program: ExportedProgram, axes: tuple[str, ...]) -> dict[str,
     return out
 
 
+def _own_state(program: ExportedProgram) -> None:
+    """Give a freshly exported program copies of the model's weights and constants.
+
+    ``torch.export`` keeps the model's own tensors in the program's state: an engine
+    built from it would follow every later in-place change to the model (a training
+    step, ``param.mul_``, ``model.double()``) and save those into its engine file.
+    An engine is a snapshot of the model at compile time, as TensorRT's and ONNX
+    Runtime's are. Costs one copy of the weights while the model lives."""
+    with torch.no_grad():
+        for key, t in list(program.state_dict.items()):
+            copy = t.detach().clone()
+            program.state_dict[key] = (
+                nn.Parameter(copy, requires_grad=t.requires_grad)
+                if isinstance(t, nn.Parameter)
+                else copy
+            )
+        for key, t in list(program.constants.items()):
+            if isinstance(t, torch.Tensor):
+                program.constants[key] = t.detach().clone()
+
+
 def capture(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -209,6 +230,7 @@ def capture(
             f"torch.export could not capture {type(model).__name__}"
             f"{' with dynamic ' + ', '.join(axes) if axes else ''}: {first}"
         ) from exc
+    _own_state(program)
     ranges = dynamic_ranges(program, axes)
     with quiet_torch_internals():
         decomposed = program.run_decompositions(decomposition_table())

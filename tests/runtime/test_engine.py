@@ -275,3 +275,24 @@ def test_an_engine_file_written_by_an_earlier_segfast_loads():
 def test_an_engine_file_from_another_torch_is_refused_by_version():
     with pytest.raises(EngineFileError, match=r"built with torch 2\.13\.0.*Rebuild"):
         segfast.load(V1_ENGINE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_engine_is_a_snapshot_of_the_model(backend, tmp_path):
+    """Changing the model after compile (an in-place weight update, a dtype conversion)
+    reaches neither the engine nor the engine file it saves."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 2, 1),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 12, 12)
+    eng = segfast.compile(model, x, backend=backend)
+    before = eng(x).clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+        model[1].running_mean.add_(1.0)
+    model.double()
+    assert torch.equal(eng(x), before)
+    loaded = segfast.load(eng.save(tmp_path / "snap.segfast"))
+    torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-6)
