@@ -135,6 +135,8 @@ CASESET=${GPU_SUITE_CASESET:-standard}
 if [[ $CASESET == standard ]]; then
   _default_cases=unet-512,deeplabv3plus_mobilenetv2-512,deeplabv3plus_resnet50-512,fcn8s-512
   _default_cases+=,pspnet-512,fcn_resnet50-512,segnet-360x480,dcgan-b64
+  _default_cases+=,lraspp_mobilenetv3-512,unet_efficientnet_b0-512,fpn_groupnorm-512
+  _default_cases+=,deeplabv3_mobilenetv3-512
   _default_cases+=,deeplabv3plus_mobilenetv2-1024x2048,deeplabv3plus_resnet50-1024x2048
   _default_cases+=,fcn8s-1024x2048,pspnet-1024x2048,fcn_resnet50-1024x2048
 else

@@ -43,7 +43,15 @@ STANDARD = [
     ("deeplabv3plus_mobilenetv2-1024x2048", "deeplabv3plus_mobilenetv2", {}, (1024, 2048), 1),
     ("segnet-360x480", "segnet", {}, (360, 480), 1),
     ("dcgan-b64", "dcgan_generator", {}, (64, 64), 64),
-]
+    # edge-class networks (segfast.models.edge: torchvision's / smp's layouts, outside
+    # the zoo): hardswish, SiLU, squeeze-excitation, GroupNorm
+    ("lraspp_mobilenetv3-512", "edge:lraspp_mobilenet_v3_large", {"num_classes": 21},
+     (512, 512), 1),
+    ("deeplabv3_mobilenetv3-512", "edge:deeplabv3_mobilenet_v3_large", {"num_classes": 21},
+     (512, 512), 1),
+    ("unet_efficientnet_b0-512", "edge:unet_efficientnet_b0", {"num_classes": 1}, (512, 512), 1),
+    ("fpn_groupnorm-512", "edge:fpn_groupnorm", {"num_classes": 1}, (512, 512), 1),
+]  # fmt: skip
 # The CPU comparison of the compiler issue: 2 cores, fp32 and bf16.
 CPU = [
     ("unet32-256", "unet", {"base": 32, "in_channels": 3, "num_classes": 2}, (256, 256), 1),
@@ -52,6 +60,21 @@ CPU = [
 # Seconds: proves the suite end to end (tests use it).
 SMOKE = [("unet-tiny-32", "unet", {"tiny": True}, (32, 32), 1)]
 CASES = {"standard": STANDARD, "cpu": CPU, "smoke": SMOKE}
+
+
+def _build_case(
+    name: str, opts: dict, batch: int, size: tuple[int, int]
+) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, ...]]]:
+    """A case's model (eval mode) and three input sets: a zoo name, or ``edge:<factory>``
+    of :mod:`segfast.models.edge` (RGB input, standard-normal pixels)."""
+    if name.startswith("edge:"):
+        from segfast.models import edge
+
+        model = getattr(edge, name.removeprefix("edge:"))(**opts).eval()
+        return model, [(torch.randn(batch, 3, *size),) for _ in range(3)]
+    model = models.create(name, **opts).eval()
+    spec = models.get_spec(name)
+    return model, [spec.make_inputs(model, batch, size) for _ in range(3)]
 
 
 def device_slug(name: str) -> str:
@@ -141,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped += [f"{cid}/{p}" for p in todo]
             continue
         torch.manual_seed(0)
-        model = models.create(name, **opts).eval()
-        spec = models.get_spec(name)
-        sets = [spec.make_inputs(model, batch, size) for _ in range(3)]
+        model, sets = _build_case(name, opts, batch, size)
         for precision in todo:
             if cid in took and over_budget(cid, f"{cid} {precision}"):
                 skipped.append(f"{cid}/{precision}")

@@ -105,7 +105,7 @@ def test_dry_run_lists_steps_budgets_and_commands():
                  "file benchmarks/bench_conv2d.py", "file segfast/bench/readme.py"):  # fmt: skip
         assert re.search(rf"^  ok +{re.escape(need)}$", out, re.M), need
     assert re.search(
-        r"^  ok +segfast\.bench\.suite accepts the case list: 26 runs planned", out, re.M
+        r"^  ok +segfast\.bench\.suite accepts the case list: 34 runs planned", out, re.M
     )
     assert "MISSING" not in out
     assert out.rstrip().endswith("dry run ok: 8 steps")
@@ -212,3 +212,24 @@ def test_suite_skip_done_continues_a_cut_suite(tmp_path, capsys):
     assert f"-- already in {path.name}: unet-tiny-32 fp32" in out
     assert "== unet-tiny-32" not in out
     assert path.read_text() == before
+
+
+def test_default_cases_exist_and_edge_cases_build():
+    """Every case the script runs by default is a case of the suite, and the edge-class
+    networks (built from segfast.models.edge, not the zoo) build with their inputs."""
+    import torch
+
+    from segfast.bench import suite
+
+    text = SCRIPT.read_text()
+    found = re.findall(r"_default_cases\+?=([\w.,-]+)", text)
+    default = [c for c in ",".join(found).split(",") if c]
+    names = {c[0] for c in suite.STANDARD}
+    assert default
+    assert not [c for c in default if c not in names]
+    for cid, name, opts, _size, batch in suite.STANDARD:
+        if name.startswith("edge:"):
+            model, sets = suite._build_case(name, opts, batch, (64, 64))
+            assert len(sets) == 3
+            with torch.no_grad():
+                assert model(*sets[0]).shape[-2:] == (64, 64), cid
