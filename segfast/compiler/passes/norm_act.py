@@ -8,7 +8,9 @@ Matched::
         → reshape([N, C, H, W]) [→ act]                                 InstanceNorm2d
 
 (``torch.export`` decomposes ``InstanceNorm2d`` into the second form, statistics per
-image and channel; with ``affine=False`` the weight and bias are absent.) The
+image and channel; with ``affine=False`` the weight and bias are absent; with a
+dynamic batch the sizes N·C and the repeat count are symbolic, compared as
+expressions.) The
 activation is any of the epilogue activations. On a GPU the op is one statistics
 pass and one pass that normalises, applies the affine and the activation and
 writes once (PyTorch: GroupNorm, then a separate activation pass).
@@ -22,6 +24,14 @@ from torch import fx
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import erase_dead, getitem_users, infer_val, is_call, single_user, val
 from segfast.compiler.patterns import ACTIVATION_OPS
+
+try:  # torch ≥ 2.1; the name moved between releases
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+except ImportError:  # pragma: no cover
+
+    def statically_known_true(x: object) -> bool:  # type: ignore[misc]
+        return isinstance(x, bool) and x
+
 
 aten = torch.ops.aten
 segfast = torch.ops.segfast
@@ -51,11 +61,28 @@ def _group_norm(node: fx.Node) -> _Match | None:
     return x, int(groups), w, b, float(eps), out, [node, out]
 
 
-def _repeat_source(node: object, n: int) -> tuple[bool, object]:
+def _same(a: object, b: object) -> bool:
+    """Sizes known equal: ints, or symbolic sizes (a dynamic batch) whose expressions
+    are equal without adding a guard."""
+    if isinstance(a, fx.Node):
+        a = val(a)
+    if isinstance(b, fx.Node):
+        b = val(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _repeat_source(node: object, n: object) -> tuple[bool, object]:
     """(ok, w) when ``node`` is None or ``repeat(w, [n])`` of a 1-D ``w``."""
     if node is None:
         return True, None
-    if not is_call(node, aten.repeat.default) or list(node.args[1]) != [n]:
+    if not is_call(node, aten.repeat.default) or len(node.args[1]) != 1:
+        return False, None
+    if not _same(node.args[1][0], n):
         return False, None
     return True, node.args[0]
 
@@ -70,10 +97,13 @@ def _instance_norm(node: fx.Node) -> _Match | None:
     xv = val(x)
     if not isinstance(xv, torch.Tensor) or xv.dim() != 4:
         return None
-    n, c = xv.shape[0], xv.shape[1]
-    if not (isinstance(n, int) and isinstance(c, int)):
+    n, c = xv.shape[0], xv.shape[1]  # n may be symbolic (a dynamic batch); c is not
+    if not isinstance(c, int):
         return None
-    if tuple(val(v).shape[:2]) != (1, n * c):
+    vv = val(v)
+    if vv.dim() != 4 or not (_same(vv.shape[0], 1) and _same(vv.shape[1], n * c)):
+        return None
+    if not all(_same(a, b) for a, b in zip(vv.shape[2:], xv.shape[2:], strict=True)):
         return None
     ok_w, w0 = _repeat_source(w, n)
     ok_b, b0 = _repeat_source(b, n)
@@ -81,7 +111,8 @@ def _instance_norm(node: fx.Node) -> _Match | None:
     back = single_user(item) if item is not None else None
     if not (ok_w and ok_b) or back is None or not is_call(back, *_RESHAPES):
         return None
-    if tuple(val(back).shape) != tuple(xv.shape):
+    bv = val(back)
+    if bv.dim() != 4 or not all(_same(a, b) for a, b in zip(bv.shape, xv.shape, strict=True)):
         return None
     repeats = [a for a in (w, b) if isinstance(a, fx.Node)]
     return x, int(c), w0, b0, float(eps), back, [v, node, item, back, *repeats]
