@@ -40,6 +40,7 @@ from torch import fx
 from segfast.backends.base import Backend, BuildRequest, Runner
 from segfast.compiler.graph import is_call, set_constant, val
 from segfast.compiler.ops import MASK_DTYPES
+from segfast.compiler.patterns import zero_pad_sides
 from segfast.errors import BackendUnavailable
 
 aten = torch.ops.aten
@@ -382,20 +383,6 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
     return gm, lowered, kept
 
 
-def _zero_pad(node: fx.Node) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) of a zero, non-negative ``constant_pad_nd`` of H and W."""
-    if not is_call(node, aten.constant_pad_nd.default):
-        return None
-    pads = list(node.args[1])
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    if value != 0 or len(pads) not in (2, 4) or not all(isinstance(p, int) for p in pads):
-        return None
-    left, right, top, bottom = pads + [0] * (4 - len(pads))
-    if min(left, right, top, bottom) < 0:
-        return None
-    return top, bottom, left, right
-
-
 def _one_source_conv_of(conv: fx.Node, x: fx.Node) -> bool:
     """``conv`` is a segfast.conv2d of ``x`` alone that a Triton kernel runs."""
     if not is_call(conv, segfast_ops.conv2d.default) or conv.args[0] is not x:
@@ -410,7 +397,7 @@ def _pads_into_convs(gm: fx.GraphModule, lowered: Counter[str]) -> None:
     padding — asymmetric too (stride-2 "same" padding; the compiler's pad_into_conv
     moved the symmetric ones already): the kernels read zeros outside the map."""
     for pad in list(gm.graph.nodes):
-        sides = _zero_pad(pad)
+        sides = zero_pad_sides(pad)
         users = list(pad.users)
         if sides is None or not users or not all(_one_source_conv_of(c, pad) for c in users):
             continue

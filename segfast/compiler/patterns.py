@@ -127,6 +127,26 @@ FUSIONS: dict[str, Fusion] = {
 }
 
 
+# -- zero padding -------------------------------------------------------------------------
+
+
+def zero_pad_sides(node: Any) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of a zero, non-negative ``constant_pad_nd`` of H and W
+    (``F.pad``, ``ZeroPad2d``); None for anything else (a crop, another value)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    if node.target is not aten.constant_pad_nd.default:
+        return None
+    pads = list(node.args[1])
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    if value != 0 or len(pads) not in (2, 4) or not all(isinstance(p, int) for p in pads):
+        return None
+    left, right, top, bottom = pads + [0] * (4 - len(pads))
+    if min(left, right, top, bottom) < 0:
+        return None
+    return top, bottom, left, right
+
+
 # -- activations that fuse into a conv epilogue ------------------------------------------
 
 

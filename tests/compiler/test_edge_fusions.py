@@ -213,7 +213,7 @@ def test_norm_act(kind, act, fusion, backend):
     _check(NormBlock(kind, act), x, backend, **fired)
 
 
-@pytest.mark.parametrize("kind", ["instance", "instance_plain", "group"])
+@pytest.mark.parametrize("kind", ["instance", "instance_plain"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_norm_fuses_with_dynamic_shapes(kind, backend):
     """Export writes InstanceNorm with symbolic N·C and repeat counts when the batch is
@@ -221,8 +221,7 @@ def test_norm_fuses_with_dynamic_shapes(kind, backend):
     model = _randomise_bn(NormBlock(kind, nn.ReLU()))
     eng = segfast.compile(model, torch.randn(2, 6, 9, 10), backend=backend,
                           dynamic=["batch", "height", "width"])  # fmt: skip
-    fusion = "group_norm" if kind == "group" else "instance_norm"
-    assert eng.info.fusions.get(fusion) == 1, eng.info.fusions
+    assert eng.info.fusions.get("instance_norm") == 1, eng.info.fusions
     assert eng.info.fusions.get("norm_act") == 1
     for shape in [(3, 6, 9, 10), (1, 6, 7, 12)]:
         x = torch.randn(shape) * 2 + 1
@@ -250,7 +249,7 @@ TINY = {
     # (broadcast_branch): a zero-copy ``expand`` view of a [N, C, 1, 1] vector stays.
     "deeplabv3": (lambda: edge.deeplabv3_mobilenet_v3_large(5, width=0.25, aspp=16,
                                                           rates=(2, 3, 4)),
-                  (1, 3, 33, 29), {"expand": 1},
+                  (1, 3, 17, 21), {"expand": 1},
                   {"squeeze_excite": 8, "se_scale": 8, "broadcast_branch": 1}),
     "unet_b0": (lambda: edge.unet_efficientnet_b0(2, width=0.25, depth=0.34,
                                                   decoder=(8, 8, 8, 8, 8)),

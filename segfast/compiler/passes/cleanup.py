@@ -12,6 +12,7 @@ import torch
 
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import erase_dead, is_call
+from segfast.compiler.patterns import zero_pad_sides
 
 aten = torch.ops.aten
 
@@ -31,19 +32,11 @@ def _is_identity(node) -> bool:  # type: ignore[no-untyped-def]
 
 
 def _symmetric_zero_pad(node) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
-    """(pad_h, pad_w) of a zero ``constant_pad_nd`` of the last two dims, equal on
-    both sides and non-negative; None otherwise."""
-    if not is_call(node, aten.constant_pad_nd.default):
+    """(pad_h, pad_w) of a zero pad of H and W equal on both sides; None otherwise."""
+    sides = zero_pad_sides(node)
+    if sides is None or sides[0] != sides[1] or sides[2] != sides[3]:
         return None
-    pads = list(node.args[1])
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    if value != 0 or len(pads) not in (2, 4) or not all(isinstance(p, int) for p in pads):
-        return None
-    pads += [0, 0] * (2 - len(pads) // 2)
-    left, right, top, bottom = pads
-    if left != right or top != bottom or min(pads) < 0:
-        return None
-    return top, left
+    return sides[0], sides[2]
 
 
 def _plain_conv(node, source) -> bool:  # type: ignore[no-untyped-def]
