@@ -859,6 +859,20 @@ def _padding(v: int | tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]
     return (ph, pw), (ph, pw)
 
 
+def output_size(
+    hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: int | tuple[int, ...],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution of an H×W map (``padding`` as :func:`conv2d` takes it)."""
+    (ph, pw), (pb, pr) = _padding(padding)
+    ho = (hw[0] + ph + pb - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (hw[1] + pw + pr - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
 @dataclass(frozen=True)
 class _Conv:
     """A validated conv2d call: every shape the kernels take."""
@@ -968,8 +982,7 @@ def _check(
             f"got {Cin} (weight {tuple(weight.shape)})"
         )
 
-    Ho = (H + ph + pb - dh * (KH - 1) - 1) // sh + 1
-    Wo = (W + pw + pr - dw * (KW - 1) - 1) // sw + 1
+    Ho, Wo = output_size((H, W), (KH, KW), (sh, sw), padding, (dh, dw))
     if Ho < 1 or Wo < 1:
         raise ValueError(
             f"x of size {(H, W)} with padding {padding} is smaller than the dilated "

@@ -89,13 +89,14 @@ def _with_stats(conv: Callable[..., torch.Tensor], x_arg: int) -> Callable[..., 
     """``conv``, also writing its output's channel statistics: returns (out, stats)."""
 
     def run(*args, out=None):
-        from segfast.kernels.conv2d import stats_buffer
+        from segfast.kernels.conv2d import output_size, stats_buffer
 
         x, w = args[x_arg], args[x_arg + 1]
-        (sh, sw), pad, (dh, dw) = (args[x_arg + i] for i in (3, 4, 5))
-        top, bottom, left, right = pad if len(pad) == 4 else (pad[0], pad[0], pad[1], pad[1])
-        ho = (x.shape[2] + top + bottom - dh * (w.shape[2] - 1) - 1) // sh + 1
-        wo = (x.shape[3] + left + right - dw * (w.shape[3] - 1) - 1) // sw + 1
+        stride, padding, dilation = (args[x_arg + i] for i in (3, 4, 5))
+        ho, wo = output_size(
+            (x.shape[2], x.shape[3]), (w.shape[2], w.shape[3]), tuple(stride),
+            tuple(padding), tuple(dilation),
+        )  # fmt: skip
         stats = stats_buffer(x.shape[0], ho * wo, w.shape[0], x.device)
         return conv(*args, out=out, stats=stats), stats
 
