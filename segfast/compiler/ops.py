@@ -148,8 +148,23 @@ def join_sources(
 
 # -- CPU fast path: oneDNN convolution with fused unary / binary post-ops. -------------
 
-# Largest depthwise padding oneDNN handles on its fast path (rate 6 fast, 12 slow).
+# Largest depthwise padding oneDNN handles on its fast path: on AVX-512 rate 6 is fast
+# and 12 slow; on AVX2 the cliff is between 4 and 5 (256 channels at 32×32, 3×3: pad 4
+# 0.15 ms, pad 5 6.2 ms; 96 channels at 128×128, pad 5: 30.7 ms, zero-padded first
+# 1.1 ms — measured on a 2-core AVX2 EPYC, torch 2.13).
 _DW_MAX_INLINE_PAD = 8
+
+
+def dw_max_inline_pad() -> int:
+    """The largest depthwise padding oneDNN takes inline on this CPU; above it the
+    input is zero-padded first (see ``_DW_MAX_INLINE_PAD``)."""
+    return _DW_MAX_INLINE_PAD if _cpu_capability().startswith("AVX512") else 4
+
+
+@functools.cache
+def _cpu_capability() -> str:
+    return str(torch.backends.cpu.get_cpu_capability())
+
 
 # The unary post-ops oneDNN's convolution takes after a binary "add" (PyTorch's
 # mkldnn op raises "Unary Fusion behavior undefined" for the others): any other
@@ -209,7 +224,7 @@ def _conv_cpu_fused(
     """oneDNN conv + post-ops for float32/bfloat16 CPU tensors; None when not applicable."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if groups > 1 and groups == x.shape[1] and max(padding) > _DW_MAX_INLINE_PAD:
+    if groups > 1 and groups == x.shape[1] and max(padding) > dw_max_inline_pad():
         # oneDNN's depthwise kernels fall to a slow path at large paddings (atrous
         # rates ≥ 12 in ASPP): 1280 ch at 32×32, rate 12 took 3.25 ms, zero-padding
         # first then convolving unpadded 1.19 ms (2 cores, measured here).

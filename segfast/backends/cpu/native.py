@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 14
+ABI_VERSION = 15
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -134,13 +134,21 @@ class Native:
         # 16, the kernels spill, and oneDNN is faster (DeepLab v3+ MobileNetV2 at 512² on
         # an AVX2 EPYC: 738 ms with them, 175 ms without); Winograd and the heads win
         # either way. The plan asks this before using the direct kernels.
-        self.wide_vectors = "avx512f" in _cpu_flags().split()
+        flags = set(_cpu_flags().split())
+        self.wide_vectors = "avx512f" in flags
+        # sf_dwconv8 (8-lane vectors, one AVX2 register) is the depthwise kernel for
+        # CPUs without AVX-512; it needs AVX2 and FMA to beat oneDNN (see
+        # depthwise.vec8_worthwhile).
+        self.avx2 = {"avx2", "fma"} <= flags
         self.dwconv2d = lib.sf_dwconv2d
         self.dwconv2d.restype = None
         self.dwconv2d.argtypes = (
             [_PTR] + [_I64] * 7 + [_PTR, _I64, _I64, _PTR] + [_I64] * 6
             + [_PTR] + [_I64] * 5 + [_PTR] + [_I64] * 3 + [_INT, _INT, _FLOAT]
         )  # fmt: skip
+        self.dwconv8 = lib.sf_dwconv8
+        self.dwconv8.restype = _INT
+        self.dwconv8.argtypes = self.dwconv2d.argtypes
         self.wino_in = lib.sf_wino_in
         self.wino_in.restype = None
         self.wino_in.argtypes = [_PTR] + [_I64] * 15 + [_PTR]

@@ -109,7 +109,7 @@ class PackedConv2d:
         depthwise = self.groups > 1 and self.groups == k and c_per_group == 1
         # oneDNN's depthwise kernels fall to a slow path at large paddings (atrous
         # rates >= 12 in ASPP): zero-pad first, convolve unpadded (see ops.py).
-        self.prepad = depthwise and max(self.padding) > ops._DW_MAX_INLINE_PAD
+        self.prepad = depthwise and max(self.padding) > ops.dw_max_inline_pad()
         size = _static_size(input_size)
         conv_pad = [0, 0] if self.prepad else self.padding
         if self.prepad and size is not None:

@@ -48,7 +48,12 @@ import torch
 from torch import fx
 
 from segfast.backends.cpu import int8, invres, narrow, winograd
-from segfast.backends.cpu.depthwise import ACT_CODES, NativeDepthwiseConv2d, is_depthwise
+from segfast.backends.cpu.depthwise import (
+    ACT_CODES,
+    NativeDepthwiseConv2d,
+    is_depthwise,
+    vec8_worthwhile,
+)
 from segfast.backends.cpu.native import Native
 from segfast.backends.cpu.onednn import DTYPES, PackedConv2d, PackedConvTranspose2d, unary_attr
 from segfast.backends.cpu.resize import NativeResize
@@ -165,6 +170,12 @@ def _onednn_constants(
     return weight, bias
 
 
+def _static_width(node: fx.Node) -> int | None:
+    """A node's output width, or None where it is symbolic."""
+    w = val(node).shape[-1]
+    return w if isinstance(w, int) else None
+
+
 def _conv2d_step(
     gm: fx.GraphModule, node: fx.Node, native: Native | None, use_winograd: bool
 ) -> tuple[Callable, tuple, str] | None:
@@ -182,11 +193,21 @@ def _conv2d_step(
             direct
             and x2 is None
             and is_depthwise(weight, groups)
-            and max(padding) > ops._DW_MAX_INLINE_PAD
+            and max(padding) > ops.dw_max_inline_pad()
         ):
             conv = NativeDepthwiseConv2d(native, weight, bias, stride, padding, dilation, act,
                                          act_param, residual_after_act)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
+        if (
+            not direct
+            and native.avx2
+            and x2 is None
+            and is_depthwise(weight, groups)
+            and vec8_worthwhile(weight.shape[2:], stride, padding, dilation, _static_width(node))
+        ):
+            conv = NativeDepthwiseConv2d(native, weight, bias, stride, padding, dilation, act,
+                                         act_param, residual_after_act, vec8=True)  # fmt: skip
+            return conv, (x, residual), "depthwise conv2d (segfast kernel, 8-lane)"
         c_in = int(weight.shape[1])
         if (
             direct

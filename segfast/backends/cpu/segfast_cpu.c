@@ -16,6 +16,8 @@
  * Kernels:
  *   sf_dwconv2d   depthwise KH×KW convolution, any stride/padding/dilation,
  *                 bias, residual (before or after the activation);
+ *   sf_dwconv8    the same on 8-lane vectors, register-tiled along the row (CPUs
+ *                 without AVX-512);
  *   sf_wino_in    Winograd F(4×4, 3×3) input transform: NHWC tiles → V[36][T][C];
  *   sf_wino_out   Winograd F(4×4, 3×3) output transform: M[36][T][K] → NHWC,
  *                 with bias, residual and activation;
@@ -50,7 +52,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 14; }
+int sf_abi_version(void) { return 15; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -58,7 +60,8 @@ int sf_abi_version(void) { return 14; }
  * frame before this. OpenMP's worker threads live as long as the process, so the
  * buffers do too (each at most the largest request made on that thread). */
 enum { SF_SLOT_BAND, SF_SLOT_ROWS, SF_SLOT_TABLE0, SF_SLOT_TABLE1, SF_SLOT_TABLE2, SF_SLOT_TABLE3,
-       SF_SLOT_RING, SF_SLOT_DWROW, SF_SLOT_TAGS, SF_SLOTS };
+       SF_SLOT_RING, SF_SLOT_DWROW, SF_SLOT_TAGS, SF_SLOT_DW8, SF_SLOT_DW8TAG,
+       SF_SLOTS };
 static __thread void* sf_buf[SF_SLOTS];
 static __thread size_t sf_cap[SF_SLOTS];
 
@@ -222,6 +225,249 @@ void sf_dwconv2d(const float* restrict x, int64_t N, int64_t H, int64_t W, int64
     }
   }
 }
+
+/* 8 fp32 lanes (one AVX2 register): the vector of sf_dwconv8, for CPUs without
+ * AVX-512 where a 16-lane vector is two registers and sf_dwconv2d runs out of them. */
+typedef float sf_v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t sf_i8 __attribute__((vector_size(32), aligned(4)));
+
+static inline __attribute__((always_inline)) sf_v8 sf_select8(sf_i8 m, sf_v8 a, sf_v8 b) {
+  return (sf_v8)(((sf_i8)a & m) | ((sf_i8)b & ~m));
+}
+
+/* sf_exp_v on 8 lanes (same range reduction and polynomial). */
+static inline __attribute__((always_inline)) sf_v8 sf_exp8(sf_v8 x) {
+  const sf_v8 hi = (sf_v8){0} + 88.72283f, lo = (sf_v8){0} - 87.33654f;
+  x = sf_select8(x > hi, hi, x);
+  x = sf_select8(x < lo, lo, x);
+  const sf_v8 magic = (sf_v8){0} + 12582912.f;
+  const sf_v8 n = (x * 1.44269504088896341f + magic) - magic;
+  const sf_v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  sf_v8 q = (sf_v8){0} + 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.f;
+  const sf_i8 e = (__builtin_convertvector(n, sf_i8) + 127) << 23;
+  return q * (sf_v8)e;
+}
+
+static inline __attribute__((always_inline)) sf_v8 sf_act8(sf_v8 v, int act, float p) {
+  const sf_v8 zero = {0}, six = zero + 6.f;
+  switch (act) {
+    case 1: return sf_select8(v > zero, v, zero);
+    case 2: v = sf_select8(v > zero, v, zero); return sf_select8(v < six, v, six);
+    case 3: return sf_select8(v >= zero, v, v * p);
+    case 4: case 5: {
+      sf_v8 r = v + 3.f;
+      r = sf_select8(r > zero, r, zero);
+      r = sf_select8(r < six, r, six) * (1.f / 6.f);
+      return act == 4 ? v * r : r;
+    }
+    case 6: return v / (1.f + sf_exp8(-v));
+    case 7: return 1.f / (1.f + sf_exp8(-v));
+    default: return v;
+  }
+}
+
+/* Eight output pixels × 8 channels: acc[r] += Σ_kw w[kw] · b[(r·SW + kw·D)·8], b a
+ * packed row (8 floats a column, zero-padded); the KW weights stay in registers and
+ * every input operand is at a constant offset (SW, D, KW constants: 8 + KW ≤ 15
+ * registers). */
+static inline __attribute__((always_inline)) void sf_dw8_row(
+    const float* b, const float* wk, const int KW, const int SW, const int D, sf_v8* acc) {
+  sf_v8 wv[7];
+  for (int kw = 0; kw < KW; ++kw) wv[kw] = *(const sf_v8*)(wk + kw * 8);
+  for (int kw = 0; kw < KW; ++kw)
+    for (int r = 0; r < 8; ++r) acc[r] += wv[kw] * *(const sf_v8*)(b + (r * SW + kw * D) * 8);
+}
+
+/* The same with KW, stride and dilation known only at run time. */
+static inline void sf_dw8_row_any(const float* b, const float* wk, int64_t KW, int64_t SW,
+                                  int64_t D, sf_v8* acc) {
+  for (int64_t kw = 0; kw < KW; ++kw) {
+    const sf_v8 wv = *(const sf_v8*)(wk + kw * 8);
+    for (int r = 0; r < 8; ++r) acc[r] += wv * *(const sf_v8*)(b + (r * SW + kw * D) * 8);
+  }
+}
+
+/* What one output row of one channel chunk needs (sf_dwconv8's work item). */
+typedef struct {
+  const float* buf; /* packed rows: [sub-block][slot][column][8] */
+  int64_t plane, cols, slots, tiles, nsub, cstart, cend, KH, KW, sw, dw, kh0, kh1, ih0, dh, Wo;
+  const float* wp;  /* packed weights [C/8][KH][KW][8] */
+  const float* bias;
+  float* yr;        /* the output row */
+  int64_t ysw;
+  const float* rr;  /* the residual row, or 0 */
+  int64_t rsw;
+  int res_after_act, act;
+  float act_param;
+} sf_dw8_work;
+
+/* One output row of a chunk: 8 pixels at a time, every 8-channel sub-block of them
+ * (so each output cache line is written whole), then bias, residual, activation.
+ * Instantiated per (KW, SW) in its own function: the accumulators and weights keep
+ * their registers (inlined into one body, GCC spilled them to the stack). */
+static inline __attribute__((always_inline)) void sf_dw8_rowwork(const sf_dw8_work* a,
+                                                                 const int KW, const int SW,
+                                                                 const int fast) {
+  for (int64_t t = 0; t < a->tiles; ++t) {
+    const int64_t np = a->Wo - t * 8 < 8 ? a->Wo - t * 8 : 8;
+    for (int64_t sb = 0; sb < a->nsub; ++sb) {
+      const int64_t c0 = a->cstart + sb * 8;
+      const int64_t nc = a->cend - c0 < 8 ? a->cend - c0 : 8;
+      const float* bs = a->buf + sb * a->plane + t * 8 * a->sw * 8;
+      const float* wc = a->wp + (c0 / 8) * a->KH * a->KW * 8;
+      const sf_v8 b0 = a->bias ? *(const sf_v8*)(a->bias + c0) : (sf_v8){0};
+      sf_v8 acc[8];
+      for (int q = 0; q < 8; ++q) acc[q] = b0;
+      for (int64_t kh = a->kh0; kh < a->kh1; ++kh) {
+        const float* b = bs + ((a->ih0 + kh * a->dh) % a->slots) * a->cols * 8;
+        if (fast) sf_dw8_row(b, wc + kh * KW * 8, KW, SW, 1, acc);
+        else sf_dw8_row_any(b, wc + kh * a->KW * 8, a->KW, a->sw, a->dw, acc);
+      }
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t ow = t * 8 + q;
+        sf_v8 o = acc[q], rv = {0};
+        if (a->rr) {
+          if (nc == 8) rv = *(const sf_v8*)(a->rr + ow * a->rsw + c0);
+          else for (int64_t l = 0; l < nc; ++l) rv[l] = a->rr[ow * a->rsw + c0 + l];
+        }
+        if (a->rr && !a->res_after_act) o += rv;
+        o = sf_act8(o, a->act, a->act_param);
+        if (a->rr && a->res_after_act) o += rv;
+        if (nc == 8) {
+          *(sf_v8*)(a->yr + ow * a->ysw + c0) = o;
+        } else {
+          for (int64_t l = 0; l < nc; ++l) a->yr[ow * a->ysw + c0 + l] = o[l];
+        }
+      }
+    }
+  }
+}
+
+#define SF_DW8_ROWWORK(KW_, SW_) \
+  static __attribute__((noinline)) void sf_dw8_rowwork_##KW_##_##SW_(const sf_dw8_work* a) { \
+    sf_dw8_rowwork(a, KW_, SW_, 1); \
+  }
+SF_DW8_ROWWORK(3, 1)
+SF_DW8_ROWWORK(3, 2)
+SF_DW8_ROWWORK(5, 1)
+SF_DW8_ROWWORK(5, 2)
+SF_DW8_ROWWORK(7, 1)
+SF_DW8_ROWWORK(7, 2)
+#undef SF_DW8_ROWWORK
+static __attribute__((noinline)) void sf_dw8_rowwork_any(const sf_dw8_work* a) {
+  sf_dw8_rowwork(a, 1, 1, 0);
+}
+
+/* sf_dwconv2d's computation on 8-lane vectors, for CPUs without AVX-512 (where a
+ * 16-lane vector is two registers and sf_dwconv2d runs out of them). Work item: one
+ * output row × 64 channels. For each 8 channels the kernel rows' input rows are first
+ * copied into a per-thread buffer, 8 floats a column, zero-padded left, right and past
+ * the row's end to a whole number of 8-pixel tiles — so no tap is bounds-checked and
+ * every operand sits at a constant offset; then 8 output pixels at a time take
+ * sf_dw8_row per kernel row (specialised for 3/5/7-wide kernels, strides 1 and 2,
+ * dilation 1). wp: the weights packed [ceil(C/8)][KH][KW][8], bias [ceil(C/8)·8],
+ * zero past C (channels past C compute zeros that are never stored). Returns 0, or
+ * −1 when scratch memory ran out. */
+int sf_dwconv8(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t C,
+               int64_t xsn, int64_t xsh, int64_t xsw,
+               const float* restrict wp, int64_t KH, int64_t KW, const float* restrict bias,
+               int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+               float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
+               const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw, int res_after_act,
+               int act, float act_param) {
+  /* channel chunks of at most 64, as even as multiples of 8 allow (a thread takes
+   * whole chunks when there are several: uneven ones would leave a core idle) */
+  const int64_t ncb = (C + 63) / 64;
+  const int64_t CBLK = ((C + ncb - 1) / ncb + 7) / 8 * 8;
+  const int64_t rows = N * Ho;
+  const int64_t tiles = (Wo + 7) / 8;
+  const int64_t cols = ((tiles * 8 - 1) * sw + (KW - 1) * dw + 1); /* packed columns */
+  const int64_t slots = (KH - 1) * dh + 1; /* input rows one output row's taps span */
+  void (*rowwork)(const sf_dw8_work*) = sf_dw8_rowwork_any;
+  if (dw == 1 && sw == 1 && KW == 3) rowwork = sf_dw8_rowwork_3_1;
+  if (dw == 1 && sw == 2 && KW == 3) rowwork = sf_dw8_rowwork_3_2;
+  if (dw == 1 && sw == 1 && KW == 5) rowwork = sf_dw8_rowwork_5_1;
+  if (dw == 1 && sw == 2 && KW == 5) rowwork = sf_dw8_rowwork_5_2;
+  if (dw == 1 && sw == 1 && KW == 7) rowwork = sf_dw8_rowwork_7_1;
+  if (dw == 1 && sw == 2 && KW == 7) rowwork = sf_dw8_rowwork_7_2;
+  /* Work items: a band of output rows × a channel chunk. One band per thread where
+   * there are rows enough: threads that split a pixel's channels write into the same
+   * cache lines (a pixel's C floats are not a whole number of lines) and fight over
+   * them; small maps split channels too. */
+  const int64_t nthr = omp_get_max_threads();
+  const int64_t nb = rows >= 8 * nthr ? nthr : (rows / 8 > 1 ? rows / 8 : 1);
+  int failed = 0;
+#pragma omp parallel
+  {
+    /* buf[s][slot][j][8]: input row ih of channels cstart + 8s … packed in slot
+     * ih mod slots (tag[slot] says which row of which chunk is there), column j
+     * holding input column j − pw (zero outside) */
+    float* buf = (float*)sf_scratch(SF_SLOT_DW8, (size_t)(CBLK * slots * cols) * sizeof(float));
+    int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_DW8TAG, (size_t)slots * sizeof(int64_t));
+    if (!buf || !tag) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      for (int64_t q = 0; q < slots; ++q) tag[q] = -1;
+    }
+#pragma omp barrier
+    if (!failed) {
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < nb * ncb; ++item) {
+        const int64_t cb = item % ncb, band = item / ncb;
+        const int64_t r_lo = rows * band / nb, r_hi = rows * (band + 1) / nb;
+        for (int64_t r = r_lo; r < r_hi; ++r) { /* rows in order: each input row is packed
+                                                    once per chunk */
+          const int64_t n = r / Ho, oh = r % Ho;
+          const int64_t ih0 = oh * sh - ph;
+          int64_t kh0 = 0, kh1 = KH; /* kernel rows inside the image */
+          while (kh0 < KH && ih0 + kh0 * dh < 0) ++kh0;
+          while (kh1 > kh0 && ih0 + (kh1 - 1) * dh >= H) --kh1;
+          const int64_t cstart = cb * CBLK;
+          const int64_t cend = cstart + CBLK < C ? cstart + CBLK : C;
+          const int64_t nfull = (cend - cstart) / 8, nsub = (cend - cstart + 7) / 8;
+          const int64_t plane = slots * cols * 8; /* floats per 8-channel sub-block */
+          for (int64_t kh = kh0; kh < kh1; ++kh) { /* pack the rows not packed yet */
+            const int64_t ih = ih0 + kh * dh, slot = ih % slots;
+            const int64_t key = (cb * N + n) * H + ih;
+            if (tag[slot] == key) continue;
+            tag[slot] = key;
+            const float* xr = x + n * xsn + ih * xsh + cstart;
+            for (int64_t j = 0; j < cols; ++j) {
+              const int64_t iw = j - pw;
+              float* bp = buf + (slot * cols + j) * 8;
+              if (iw < 0 || iw >= W) {
+                for (int64_t q = 0; q < nsub; ++q) *(sf_v8*)(bp + q * plane) = (sf_v8){0};
+                continue;
+              }
+              const float* xp = xr + iw * xsw; /* a pixel's channels, front to back */
+              for (int64_t q = 0; q < nfull; ++q)
+                *(sf_v8*)(bp + q * plane) = *(const sf_v8*)(xp + q * 8);
+              if (nsub > nfull) {
+                float* bt = bp + nfull * plane;
+                for (int64_t l = 0; l < 8; ++l)
+                  bt[l] = cstart + nfull * 8 + l < cend ? xp[nfull * 8 + l] : 0.f;
+              }
+            }
+          }
+          const sf_dw8_work work = {
+              buf, plane, cols, slots, tiles, nsub, cstart, cend, KH, KW, sw, dw, kh0, kh1, ih0,
+              dh, Wo, wp, bias, y + n * ysn + oh * ysh, ysw, res ? res + n * rsn + oh * rsh : 0,
+              rsw, res_after_act, act, act_param};
+          rowwork(&work);
+        }
+      }
+    }
+  }
+  return failed ? -1 : 0;
+}
+
 
 /* Winograd F(4×4, 3×3), Lavin & Gray's points 0, ±1, ±2, ∞.
  * Tiles are numbered over tile rows r = n*nth + th in [r0, r1), then tile columns:

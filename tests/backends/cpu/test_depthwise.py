@@ -1,5 +1,6 @@
-"""The depthwise CPU kernel against PyTorch: odd sizes, strides, dilations,
-paddings, channel counts around the 16/64 blocks, epilogues, layouts."""
+"""The depthwise CPU kernels against PyTorch: odd sizes, strides, dilations,
+paddings, channel counts around the 8/16/64 blocks, epilogues, layouts — for
+``sf_dwconv2d`` and ``sf_dwconv8`` (``vec8=True``) alike."""
 
 from __future__ import annotations
 
@@ -31,36 +32,83 @@ def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
         (48, (6, 9), 3, 3, 0, 1),
     ],
 )
-def test_matches_pytorch(c, hw, k, stride, pad, dil):
+@pytest.mark.parametrize("vec8", [False, True])
+def test_matches_pytorch(c, hw, k, stride, pad, dil, vec8):
     x = torch.randn(2, c, *hw).contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, 1, k, k)
     b = torch.randn(c)
-    conv = NativeDepthwiseConv2d(lib, w, b, [stride] * 2, [pad] * 2, [dil] * 2, "none", 0.0, False)
+    conv = NativeDepthwiseConv2d(
+        lib, w, b, [stride] * 2, [pad] * 2, [dil] * 2, "none", 0.0, False, vec8=vec8
+    )
     _close(conv(x), reference(x, w, b, [stride] * 2, [pad] * 2, [dil] * 2))
+
+
+@pytest.mark.parametrize(
+    ("c", "hw", "kernel", "stride", "pad"),
+    [
+        (8, (9, 17), (3, 3), 1, (1, 1)),  # 17 wide: two full 8-pixel tiles and one pixel
+        (13, (12, 8), (5, 5), 1, (2, 2)),  # 8 + 5 channels: a partial sub-block
+        (72, (7, 23), (5, 5), 2, (2, 2)),  # two chunks (40 + 32 channels)
+        (200, (5, 6), (7, 7), 1, (3, 3)),  # four chunks of 56 (7 sub-blocks each)
+        (24, (11, 10), (7, 7), 2, (3, 3)),
+        (16, (6, 19), (1, 7), 1, (0, 3)),  # 1×7: the generic row for 7-wide, KH 1
+        (9, (10, 9), (4, 4), 1, (1, 2)),  # even kernel, uneven padding per axis: generic
+        (16, (9, 9), (3, 3), 3, (1, 1)),  # stride 3: generic
+        (40, (4, 4), (5, 5), 1, (4, 4)),  # padding larger than the map
+        (1, (3, 2), (3, 3), 1, (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("act", ["none", "hardswish"])
+def test_vec8_tiles_chunks_and_kernels(c, hw, kernel, stride, pad, act):
+    """sf_dwconv8's packed rows, 8-pixel tiles, channel chunks and per-(KW, stride)
+    instantiations (3/5/7 × 1/2) against PyTorch, and its generic row elsewhere."""
+    x = torch.randn(2, c, *hw).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, 1, *kernel), torch.randn(c)
+    conv = NativeDepthwiseConv2d(lib, w, b, [stride] * 2, pad, [1, 1], act, 0.0, False, vec8=True)
+    _close(conv(x), reference(x, w, b, [stride] * 2, pad, [1, 1], act))
+    _close(conv(x), reference(x, w, b, [stride] * 2, pad, [1, 1], act))  # reused row buffers
+
+
+def test_vec8_rates_and_batches_share_no_rows():
+    """Dilated taps (the ring of packed rows spans (KH − 1)·rate + 1 input rows), two
+    images and back-to-back calls of other sizes: no row packed for one image, chunk or
+    call is read for another."""
+    for c, hw, rate in [(24, (20, 13), 6), (33, (9, 30), 2), (24, (20, 13), 1)]:
+        x = torch.randn(3, c, *hw).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+        conv = NativeDepthwiseConv2d(lib, w, b, [1, 1], [rate] * 2, [rate] * 2, "relu", 0.0,
+                                     False, vec8=True)  # fmt: skip
+        _close(conv(x), reference(x, w, b, [1, 1], [rate] * 2, [rate] * 2, "relu"))
 
 
 @pytest.mark.parametrize(
     "act", ["relu", "relu6", "leaky_relu", "silu", "tanh", "sigmoid", "hardswish", "hardsigmoid"]
 )
 @pytest.mark.parametrize("res", [None, "before", "after"])
-def test_epilogues(act, res):
+@pytest.mark.parametrize("vec8", [False, True])
+def test_epilogues(act, res, vec8):
     c = 37
     x = torch.randn(1, c, 9, 10).contiguous(memory_format=torch.channels_last) * 4
     w, b = torch.randn(c, 1, 3, 3), torch.randn(c)
     r = None if res is None else torch.randn(1, c, 9, 10)
     after = res == "after"
-    conv = NativeDepthwiseConv2d(lib, w, b, [1, 1], [12, 12], [12, 12], act, 0.2, after)
+    conv = NativeDepthwiseConv2d(lib, w, b, [1, 1], [12, 12], [12, 12], act, 0.2, after, vec8)
     ref = reference(x, w, b, [1, 1], [12, 12], [12, 12], act, 0.2, r, after)
     _close(conv(x, r), ref)
 
 
-def test_any_input_layout_and_no_bias():
+@pytest.mark.parametrize("vec8", [False, True])
+def test_any_input_layout_and_no_bias(vec8):
     c = 20
     base = torch.randn(1, c + 5, 11, 9)
     x = base[:, 2 : 2 + c]  # a channel slice of an NCHW tensor
     w = torch.randn(c, 1, 3, 3)
-    conv = NativeDepthwiseConv2d(lib, w, None, [1, 1], [9, 9], [9, 9], "none", 0.0, False)
+    conv = NativeDepthwiseConv2d(lib, w, None, [1, 1], [9, 9], [9, 9], "none", 0.0, False, vec8)
     _close(conv(x), reference(x, w, None, [1, 1], [9, 9], [9, 9]))
+    # a channel slice of a channels_last tensor: pixel stride ≠ C
+    xs = torch.randn(1, c + 7, 11, 9).contiguous(memory_format=torch.channels_last)[:, 3 : 3 + c]
+    conv = NativeDepthwiseConv2d(lib, w, None, [1, 1], [1, 1], [1, 1], "none", 0.0, False, vec8)
+    _close(conv(xs), reference(xs, w, None, [1, 1], [1, 1], [1, 1]))
 
 
 def test_broadcast_residual_falls_back_to_pytorch():

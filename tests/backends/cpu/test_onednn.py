@@ -69,6 +69,21 @@ def test_depthwise_with_atrous_padding_is_prepadded():
                           atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize(("capability", "inline"), [("AVX512", 8), ("AVX2", 4), ("DEFAULT", 4)])
+def test_depthwise_padding_oneDNN_takes_inline_depends_on_the_cpu(monkeypatch, capability, inline):
+    """oneDNN's AVX2 depthwise kernels fall off a cliff above padding 4 (AVX-512: 8):
+    above the CPU's limit the input is zero-padded first, with the same result."""
+    monkeypatch.setattr(ops, "_cpu_capability", lambda: capability)
+    assert ops.dw_max_inline_pad() == inline
+    c = 16
+    x, w = _nhwc(1, c, 12, 12), torch.randn(c, 1, 3, 3)
+    for pad in (4, 5, 6, 8):
+        conv = _conv(w, None, pad=pad, dil=pad, groups=c, act="none", size=x.shape)
+        assert conv.prepad == (pad > inline)
+        ref = _composite(x, w, None, pad=pad, dil=pad, groups=c, act="none")
+        assert torch.allclose(conv(x), ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("x2_first", [False, True])
 @pytest.mark.parametrize("resize", ["none", "bilinear", "nearest"])
 def test_two_sources_as_split_k(x2_first, resize):

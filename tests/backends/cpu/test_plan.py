@@ -378,15 +378,71 @@ def test_without_avx512_the_direct_kernels_stay_off(monkeypatch):
     the head but leaves inverted residual blocks, atrous depthwise and narrow convs to
     oneDNN, and says so."""
     monkeypatch.setattr(native.load(), "wide_vectors", False)
+    monkeypatch.setattr(native.load(), "avx2", True)
     torch.manual_seed(0)
     m = models.create("deeplabv3plus_mobilenetv2", tiny=True).eval()
     x = torch.randn(1, 3, 64, 64)
     eng = segfast.compile(m, x, backend="torch", output="logits")
     lowered = eng._runner.details["lowered"]
     assert not [k for k in lowered if "inverted residual" in k or "atrous" in k]
+    # the 8-lane kernel takes the ASPP's atrous depthwise convs (rates 6, 12, 18) and,
+    # the tiny net's maps being ≤ 16 wide, its other stride-1 depthwise convs
+    assert lowered["depthwise conv2d (segfast kernel, 8-lane)"] == 15
     assert not [k for k in lowered if "17–24" in k or "separable" in k]
     assert "no AVX-512 here" in eng.summary()
     assert segfast.check(eng, m, [x]).passed
     monkeypatch.setattr(native.load(), "wide_vectors", True)  # the same model with them
     again = segfast.compile(m, x, backend="torch", output="logits")
     assert [k for k in again._runner.details["lowered"] if "atrous" in k]
+
+
+@pytest.mark.narrow_vectors
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_without_avx512_depthwise_layers_take_the_8_lane_kernel_where_it_wins(monkeypatch):
+    """No AVX-512 but AVX2: 5×5 and 7×7 stride-1 depthwise layers, those on small maps
+    and atrous ones run sf_dwconv8; 3×3 layers on larger maps and stride 2 stay on
+    oneDNN (depthwise.vec8_worthwhile); the engine matches eager either way."""
+    monkeypatch.setattr(native.load(), "wide_vectors", False)
+    monkeypatch.setattr(native.load(), "avx2", True)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k5 = nn.Conv2d(24, 24, 5, padding=2, groups=24)  # 5×5 at 32²: 8-lane
+            self.k3 = nn.Conv2d(24, 24, 3, padding=1, groups=24)  # 3×3 at 32²: oneDNN
+            self.s2 = nn.Conv2d(24, 24, 3, 2, padding=1, groups=24)  # stride 2: oneDNN
+            self.small = nn.Conv2d(24, 24, 3, padding=1, groups=24)  # 16²: 8-lane
+            self.atrous = nn.Conv2d(24, 24, 3, padding=6, dilation=6, groups=24)  # 8-lane
+
+        def forward(self, x):
+            y = F.hardswish(self.k5(x))
+            y = F.relu(self.k3(y)) + y
+            y = self.s2(y)
+            return self.atrous(F.relu6(self.small(y)))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(2, 24, 32, 32)
+    eng = segfast.compile(m, x, backend="torch")
+    lowered = eng._runner.details["lowered"]
+    assert lowered["depthwise conv2d (segfast kernel, 8-lane)"] == 3
+    assert lowered["conv2d"] == 2
+    assert segfast.check(eng, m, [x]).passed
+    monkeypatch.setattr(native.load(), "avx2", False)  # without AVX2: all on oneDNN
+    again = segfast.compile(m, x, backend="torch")
+    assert "depthwise conv2d (segfast kernel, 8-lane)" not in again._runner.details["lowered"]
+
+
+def test_vec8_rule():
+    from segfast.backends.cpu.depthwise import vec8_worthwhile as ok
+
+    assert ok((5, 5), (1, 1), (2, 2), (1, 1), 32)
+    assert ok((7, 7), (1, 1), (3, 3), (1, 1), None)
+    assert ok((3, 3), (1, 1), (1, 1), (1, 1), 16)
+    assert not ok((3, 3), (1, 1), (1, 1), (1, 1), 32)
+    assert not ok((3, 3), (1, 1), (1, 1), (1, 1), None)  # dynamic width: unknown, oneDNN
+    assert not ok((5, 5), (2, 2), (2, 2), (1, 1), 8)  # stride 2
+    assert ok((3, 3), (1, 1), (6, 6), (6, 6), 64)
+    assert ok((3, 3), (1, 1), (18, 18), (18, 18), None)
+    assert not ok((3, 3), (1, 1), (6, 6), (6, 6), 128)  # a wide map: padded first, oneDNN
+    assert not ok((3, 3), (1, 1), (2, 2), (2, 2), 32)  # rate 2: oneDNN's fast path
