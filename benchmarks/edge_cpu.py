@@ -1,13 +1,16 @@
 """Edge-class networks on the CPU, side by side in one run: segfast's torch backend
 (fp32, bf16) against eager PyTorch channels_last and ONNX Runtime fp32.
 
-    python benchmarks/edge_cpu.py [--models lraspp,unet_b0,fpn_gn] [--rounds 8]
+    python benchmarks/edge_cpu.py [--models lraspp,unet_b0,fpn_gn,deeplab] [--rounds 8]
                                   [--iters 40] [--json benchmarks/results/edge-cpu.json]
 
 Models (``segfast.models.edge``, random weights, BatchNorm statistics randomised):
 LR-ASPP MobileNetV3-Large at 512² (21 classes; torchvision's layout, 3,221,538
 parameters as torchvision's), U-Net EfficientNet-B0 at 256² (1 class; smp's layout,
-its parameter count), FPN with GroupNorm at 256². Every engine is timed in the same
+its parameter count), FPN with GroupNorm at 256², DeepLab v3+ MobileNetV2 at 512² (its
+separable ASPP: atrous depthwise convs). Where the plan runs depthwise layers on
+segfast's 8-lane kernel (CPUs without AVX-512), the same engine with them on oneDNN
+(``options={"depthwise8": False}``) is timed beside it. Every engine is timed in the same
 interleaved rounds (a short pause before each block); the table gives the median ms,
 the ratio to ONNX Runtime fp32 and each engine's rel-L2 against fp32 eager. Speed
 claims come from here, never from tests.
@@ -29,6 +32,7 @@ from torch import nn
 import segfast
 from segfast.compiler.ops import _mkldnn_ok
 from segfast.models import edge
+from segfast.models.deeplabv3plus import deeplabv3plus_mobilenetv2
 from segfast.timing import measure, median
 
 MODELS = {
@@ -37,7 +41,10 @@ MODELS = {
     "unet_b0": (lambda: edge.unet_efficientnet_b0(1), (1, 3, 256, 256),
                 "U-Net EfficientNet-B0, 256²"),
     "fpn_gn": (lambda: edge.fpn_groupnorm(1), (1, 3, 256, 256), "FPN GroupNorm, 256²"),
+    "deeplab": (lambda: deeplabv3plus_mobilenetv2(21), (1, 3, 512, 512),
+                "DeepLab v3+ MobileNetV2, 512²"),
 }  # fmt: skip
+DW8 = "depthwise conv2d (segfast kernel, 8-lane)"
 
 
 class EagerChannelsLast:
@@ -62,6 +69,11 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
         "ORT fp32": segfast.compile(model, x, backend="onnxruntime"),
         "segfast fp32": segfast.compile(model, x, backend="torch"),
     }
+    if built["segfast fp32"]._runner.details.get("lowered", {}).get(DW8):
+        # the same engine with every depthwise layer on oneDNN: what sf_dwconv8 buys
+        built["segfast fp32, oneDNN depthwise"] = segfast.compile(
+            model, x, backend="torch", options={"depthwise8": False}
+        )
     skipped = {}
     if _mkldnn_ok(torch.bfloat16):
         built["segfast bf16"] = segfast.compile(model, x, backend="torch", precision="bf16")
@@ -104,7 +116,7 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="lraspp,unet_b0,fpn_gn")
+    ap.add_argument("--models", default="lraspp,unet_b0,fpn_gn,deeplab")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--json", default=None)

@@ -59,7 +59,12 @@ class TorchBackend(Backend):
                         "direct kernels"
                     )
                 notes.append("segfast CPU kernels: " + note)
-            plan = lower(gm, native=kernels, use_winograd=bool(req.options.get("winograd", True)))
+            plan = lower(
+                gm,
+                native=kernels,
+                use_winograd=bool(req.options.get("winograd", True)),
+                use_dw8=bool(req.options.get("depthwise8", True)),
+            )
             if req.options.get("keep_memory", True) and _largest_activation(gm) > DYNAMIC_LIMIT:
                 _, why = keep_large_allocations()
                 notes.append("large activations: " + why)

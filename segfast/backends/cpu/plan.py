@@ -177,7 +177,11 @@ def _static_width(node: fx.Node) -> int | None:
 
 
 def _conv2d_step(
-    gm: fx.GraphModule, node: fx.Node, native: Native | None, use_winograd: bool
+    gm: fx.GraphModule,
+    node: fx.Node,
+    native: Native | None,
+    use_winograd: bool,
+    use_dw8: bool = True,
 ) -> tuple[Callable, tuple, str] | None:
     (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
      x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first) = node.args  # fmt: skip
@@ -200,6 +204,7 @@ def _conv2d_step(
             return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
         if (
             not direct
+            and use_dw8
             and native.avx2
             and x2 is None
             and is_depthwise(weight, groups)
@@ -585,12 +590,18 @@ _DIRECT: dict[Any, tuple[Callable, str]] = {
 }
 
 
-def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool = True) -> Plan:
+def lower(
+    gm: fx.GraphModule,
+    native: Native | None = None,
+    use_winograd: bool = True,
+    use_dw8: bool = True,
+) -> Plan:
     """Lower the fused graph (on the CPU) into a :class:`Plan`.
 
     ``native``: segfast's CPU kernels (:func:`segfast.backends.cpu.native.load`),
     or None to run every convolution on oneDNN; ``use_winograd``: whether 3×3
-    layers may take Winograd F(4×4, 3×3) (needs ``native``).
+    layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_dw8``: whether
+    depthwise layers may take ``sf_dwconv8`` where AVX-512 is absent (needs ``native``).
     """
     nodes = list(gm.graph.nodes)
     slot_of: dict[fx.Node, int] = {}
@@ -673,7 +684,7 @@ def lower(gm: fx.GraphModule, native: Native | None = None, use_winograd: bool =
             args = (rs.input, list(rs.size_for_graph()))
             lowered["bilinear upsample of the logits, NCHW out (segfast kernel)"] += 1
         elif t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
-            step = _conv2d_step(gm, node, native, use_winograd)
+            step = _conv2d_step(gm, node, native, use_winograd, use_dw8)
             if step is not None:
                 fn, args, kind = step
                 lowered[kind] += 1
