@@ -89,6 +89,38 @@ def test_atrous_depthwise(benchmark, rate, impl):
     _measure(benchmark, lambda: conv(x), nbytes=2 * x.numel() * 4)
 
 
+# (C, H, kernel, stride, rate) of MobileNetV3 / EfficientNet / DeepLab v3+ depthwise layers
+DEPTHWISE8 = {
+    "960c-32-k5": (960, 32, 5, 1, 1),  # MobileNetV3-Large's last stage (LR-ASPP at 512²)
+    "672c-32-k5": (672, 32, 5, 1, 1),
+    "1152c-8-k5": (1152, 8, 5, 1, 1),  # EfficientNet-B0's last stage at 256²
+    "576c-16-k3": (576, 16, 3, 1, 1),
+    "1280c-32-r6": (1280, 32, 3, 1, 6),  # DeepLab v3+'s ASPP at 512²
+    "1280c-32-r12": (1280, 32, 3, 1, 12),
+    "72c-128-k3": (72, 128, 3, 1, 1),  # oneDNN's case (the plan keeps it there)
+    "64c-256-k3s2": (64, 256, 3, 2, 1),  # oneDNN's case
+}
+
+
+@pytest.mark.parametrize("impl", ["segfast8", "onednn"])
+@pytest.mark.parametrize("case", list(DEPTHWISE8))
+def test_depthwise8(benchmark, case, impl):
+    """sf_dwconv8 (8-lane, row-tiled: the depthwise kernel for CPUs without AVX-512)
+    against oneDNN (zero-padded first where the padding is above its inline limit, as
+    the plan does). Bytes: read the input + write the output once."""
+    c, h, k, s, rate = DEPTHWISE8[case]
+    x, w, b = _nhwc(1, c, h, h), torch.randn(c, 1, k, k), torch.randn(c)
+    pad = rate * (k - 1) // 2
+    if impl == "segfast8":
+        conv = NativeDepthwiseConv2d(LIB, w, b, [s, s], [pad] * 2, [rate] * 2, "hardswish", 0.0,
+                                     False, vec8=True)  # fmt: skip
+    else:
+        conv = PackedConv2d(w, b, [s, s], [pad] * 2, [rate] * 2, c, "hardswish", 0.0, False,
+                            "none", False, None, None, False, input_size=tuple(x.shape))  # fmt: skip
+    ho = (h + 2 * pad - rate * (k - 1) - 1) // s + 1
+    _measure(benchmark, lambda: conv(x), nbytes=(x.numel() + c * ho * ho) * 4)
+
+
 @pytest.mark.parametrize("impl", ["segfast", "torch"])
 def test_upsample_depthwise(benchmark, impl):
     """DeepLab v3+'s decoder: 256 channels 32² → 128², then a 3×3 depthwise conv."""
