@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segfast.backends.cpu import native
+from segfast.backends.cpu import narrow, native
 from segfast.backends.cpu.depthwise import NativeDepthwiseConv2d
 from segfast.backends.cpu.onednn import PackedConv2d
 from segfast.backends.cpu.resize import NativeResize
@@ -119,6 +119,25 @@ def test_depthwise8(benchmark, case, impl):
                             "none", False, None, None, False, input_size=tuple(x.shape))  # fmt: skip
     ho = (h + 2 * pad - rate * (k - 1) - 1) // s + 1
     _measure(benchmark, lambda: conv(x), nbytes=(x.numel() + c * ho * ho) * 4)
+
+
+# (C_in, C_out, kernel, H) of few-class heads (smp's 3×3 head on 16 channels, 1×1 heads)
+FEW = {"16-1-k3-256": (16, 1, 3, 256), "16-3-k3-256": (16, 3, 3, 256),
+       "32-1-k3-512": (32, 1, 3, 512), "32-1-k1-256": (32, 1, 1, 256)}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["segfast", "onednn"])
+@pytest.mark.parametrize("case", list(FEW))
+def test_few_output_conv(benchmark, case, impl):
+    """sf_conv_few (vectors over input channels, a horizontal sum per 8 outputs) against
+    oneDNN, which computes a whole vector of output channels however few there are."""
+    c, k, ks, h = FEW[case]
+    x, w, b = _nhwc(1, c, h, h), torch.randn(k, c, ks, ks), torch.randn(k)
+    if impl == "segfast":
+        conv = narrow.FewOutputConv2d(LIB, w, b, [ks // 2] * 2, "none", 0.0)
+    else:
+        conv = _packed(w, b, x, ks // 2, act="none")
+    _measure(benchmark, lambda: conv(x), flops=2 * h * h * c * k * ks * ks)
 
 
 @pytest.mark.parametrize("impl", ["segfast", "torch"])

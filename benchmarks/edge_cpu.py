@@ -8,9 +8,10 @@ Models (``segfast.models.edge``, random weights, BatchNorm statistics randomised
 LR-ASPP MobileNetV3-Large at 512² (21 classes; torchvision's layout, 3,221,538
 parameters as torchvision's), U-Net EfficientNet-B0 at 256² (1 class; smp's layout,
 its parameter count), FPN with GroupNorm at 256², DeepLab v3+ MobileNetV2 at 512² (its
-separable ASPP: atrous depthwise convs). Where the plan runs depthwise layers on
-segfast's 8-lane kernel (CPUs without AVX-512), the same engine with them on oneDNN
-(``options={"depthwise8": False}``) is timed beside it. Every engine is timed in the same
+separable ASPP: atrous depthwise convs). Where the plan runs layers on segfast's 8-lane
+kernels for CPUs without AVX-512 (depthwise ``sf_dwconv8``, few-output ``sf_conv_few``),
+the same engine with those layers on oneDNN (``options={"avx2_kernels": False}``) is
+timed beside it. Every engine is timed in the same
 interleaved rounds (a short pause before each block); the table gives the median ms,
 the ratio to ONNX Runtime fp32 and each engine's rel-L2 against fp32 eager. Speed
 claims come from here, never from tests.
@@ -44,7 +45,8 @@ MODELS = {
     "deeplab": (lambda: deeplabv3plus_mobilenetv2(21), (1, 3, 512, 512),
                 "DeepLab v3+ MobileNetV2, 512²"),
 }  # fmt: skip
-DW8 = "depthwise conv2d (segfast kernel, 8-lane)"
+AVX2_KINDS = ("depthwise conv2d (segfast kernel, 8-lane)",
+              "conv2d with 1–4 output channels (segfast kernel)")  # fmt: skip
 
 
 class EagerChannelsLast:
@@ -69,10 +71,11 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
         "ORT fp32": segfast.compile(model, x, backend="onnxruntime"),
         "segfast fp32": segfast.compile(model, x, backend="torch"),
     }
-    if built["segfast fp32"]._runner.details.get("lowered", {}).get(DW8):
-        # the same engine with every depthwise layer on oneDNN: what sf_dwconv8 buys
-        built["segfast fp32, oneDNN depthwise"] = segfast.compile(
-            model, x, backend="torch", options={"depthwise8": False}
+    lowered = built["segfast fp32"]._runner.details.get("lowered", {})
+    if any(lowered.get(k) for k in AVX2_KINDS):
+        # the same engine with those layers on oneDNN: what the 8-lane kernels buy
+        built["segfast fp32, no AVX2 kernels"] = segfast.compile(
+            model, x, backend="torch", options={"avx2_kernels": False}
         )
     skipped = {}
     if _mkldnn_ok(torch.bfloat16):

@@ -63,7 +63,7 @@ class TorchBackend(Backend):
                 gm,
                 native=kernels,
                 use_winograd=bool(req.options.get("winograd", True)),
-                use_dw8=bool(req.options.get("depthwise8", True)),
+                use_avx2=bool(req.options.get("avx2_kernels", True)),
             )
             if req.options.get("keep_memory", True) and _largest_activation(gm) > DYNAMIC_LIMIT:
                 _, why = keep_large_allocations()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 15
+ABI_VERSION = 16
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -183,6 +183,12 @@ class Native:
         self.conv_narrow.restype = _INT
         self.conv_narrow.argtypes = (
             [_PTR] + [_I64] * 7 + [_PTR, _PTR] + [_I64] * 6 + [_INT, _FLOAT, _PTR] + [_I64] * 6
+        )  # fmt: skip
+        self.conv_few = lib.sf_conv_few
+        self.conv_few.restype = _INT
+        self.conv_few.argtypes = (
+            [_PTR] + [_I64] * 7 + [_PTR] + [_I64] * 3 + [_PTR] + [_I64] * 2 + [_PTR] + [_I64] * 5
+            + [_INT, _FLOAT]
         )  # fmt: skip
         self.quantize_u8 = lib.sf_quantize_u8
         self.quantize_u8.restype = None

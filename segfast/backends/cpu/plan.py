@@ -170,8 +170,8 @@ def _onednn_constants(
     return weight, bias
 
 
-def _static_width(node: fx.Node) -> int | None:
-    """A node's output width, or None where it is symbolic."""
+def _static_width(node: Any) -> int | None:
+    """A node's width (last axis), or None where it is symbolic."""
     w = val(node).shape[-1]
     return w if isinstance(w, int) else None
 
@@ -181,7 +181,7 @@ def _conv2d_step(
     node: fx.Node,
     native: Native | None,
     use_winograd: bool,
-    use_dw8: bool = True,
+    use_avx2: bool = True,
 ) -> tuple[Callable, tuple, str] | None:
     (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
      x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first) = node.args  # fmt: skip
@@ -204,7 +204,7 @@ def _conv2d_step(
             return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
         if (
             not direct
-            and use_dw8
+            and use_avx2
             and native.avx2
             and x2 is None
             and is_depthwise(weight, groups)
@@ -213,6 +213,19 @@ def _conv2d_step(
             conv = NativeDepthwiseConv2d(native, weight, bias, stride, padding, dilation, act,
                                          act_param, residual_after_act, vec8=True)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, 8-lane)"
+        if (
+            not direct
+            and use_avx2
+            and native.avx2
+            and x2 is None
+            and residual is None
+            and act in ACT_CODES
+            and narrow.few_applies(weight, stride, dilation, groups)
+            and narrow.few_worthwhile(int(weight.shape[1]), int(weight.shape[2]),
+                                      int(weight.shape[3]), _static_width(x))
+        ):  # fmt: skip
+            conv = narrow.FewOutputConv2d(native, weight, bias, padding, act, act_param)
+            return conv, (x,), "conv2d with 1–4 output channels (segfast kernel)"
         c_in = int(weight.shape[1])
         if (
             direct
@@ -547,9 +560,15 @@ def _output_upsample(out: Any) -> tuple[fx.Node, list[fx.Node]] | None:
 
 
 class _HeadArgmax:
-    """``segfast.head`` in argmax mode: [1×1 conv on oneDNN] → resize+argmax kernel."""
+    """``segfast.head`` in argmax mode: [1×1 conv on oneDNN or, with 2–4 classes where
+    AVX-512 is absent, sf_conv_few] → resize+argmax kernel."""
 
-    def __init__(self, conv: PackedConv2d | None, resize: NativeResize, mask_dtype: str) -> None:
+    def __init__(
+        self,
+        conv: PackedConv2d | narrow.FewOutputConv2d | None,
+        resize: NativeResize,
+        mask_dtype: str,
+    ) -> None:
         self.conv, self.resize, self.mask_dtype = conv, resize, mask_dtype
 
     def __call__(self, x: torch.Tensor, out_h: Any, out_w: Any, resize: bool) -> torch.Tensor:
@@ -559,7 +578,9 @@ class _HeadArgmax:
         return self.resize.argmax(x, size, self.mask_dtype)
 
 
-def _head_step(gm: fx.GraphModule, node: fx.Node, native: Native) -> tuple[Callable, tuple] | None:
+def _head_step(
+    gm: fx.GraphModule, node: fx.Node, native: Native, use_avx2: bool = True
+) -> tuple[Callable, tuple] | None:
     (x, w, b, out_h, out_w, resize, align, scale_h, scale_w, mode, _threshold,
      mask_dtype) = node.args  # fmt: skip
     if mode != "argmax" or val(x).dtype not in (torch.float32, torch.bfloat16):
@@ -571,8 +592,18 @@ def _head_step(gm: fx.GraphModule, node: fx.Node, native: Native) -> tuple[Calla
             return None
         weight, bias = constants
         weight = weight if weight.dim() == 4 else weight[:, :, None, None]
-        conv = PackedConv2d(weight, bias, [1, 1], [0, 0], [1, 1], 1, "none", 0.0, False, "none",
-                            False, None, None, False, input_size=tuple(val(x).shape))  # fmt: skip
+        if (
+            use_avx2
+            and not native.wide_vectors
+            and native.avx2
+            and narrow.few_applies(weight, (1, 1), (1, 1), 1)
+            and narrow.few_worthwhile(int(weight.shape[1]), 1, 1, _static_width(x))
+        ):
+            conv = narrow.FewOutputConv2d(native, weight, bias, [0, 0], "none", 0.0)
+        else:
+            conv = PackedConv2d(weight, bias, [1, 1], [0, 0], [1, 1], 1, "none", 0.0, False,
+                                "none", False, None, None, False,
+                                input_size=tuple(val(x).shape))  # fmt: skip
     rsz = NativeResize(native, bool(align), (scale_h, scale_w))
     return _HeadArgmax(conv, rsz, mask_dtype), (x, out_h, out_w, resize)
 
@@ -594,14 +625,15 @@ def lower(
     gm: fx.GraphModule,
     native: Native | None = None,
     use_winograd: bool = True,
-    use_dw8: bool = True,
+    use_avx2: bool = True,
 ) -> Plan:
     """Lower the fused graph (on the CPU) into a :class:`Plan`.
 
     ``native``: segfast's CPU kernels (:func:`segfast.backends.cpu.native.load`),
     or None to run every convolution on oneDNN; ``use_winograd``: whether 3×3
-    layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_dw8``: whether
-    depthwise layers may take ``sf_dwconv8`` where AVX-512 is absent (needs ``native``).
+    layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_avx2``: whether,
+    where AVX-512 is absent, depthwise layers may take ``sf_dwconv8`` and convs with 1–4
+    output channels ``sf_conv_few`` (needs ``native``).
     """
     nodes = list(gm.graph.nodes)
     slot_of: dict[fx.Node, int] = {}
@@ -684,7 +716,7 @@ def lower(
             args = (rs.input, list(rs.size_for_graph()))
             lowered["bilinear upsample of the logits, NCHW out (segfast kernel)"] += 1
         elif t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
-            step = _conv2d_step(gm, node, native, use_winograd, use_dw8)
+            step = _conv2d_step(gm, node, native, use_winograd, use_avx2)
             if step is not None:
                 fn, args, kind = step
                 lowered[kind] += 1
@@ -704,7 +736,7 @@ def lower(
             else:
                 fn = ops.conv_transpose2d_impl
         elif t is segfast_ops.head.default or t is ops.head_impl:
-            step = _head_step(gm, node, native) if native is not None else None
+            step = _head_step(gm, node, native, use_avx2) if native is not None else None
             if step is not None:
                 fn, args = step
                 lowered["head: [resize +] argmax (segfast kernel)"] += 1

@@ -18,6 +18,8 @@
  *                 bias, residual (before or after the activation);
  *   sf_dwconv8    the same on 8-lane vectors, register-tiled along the row (CPUs
  *                 without AVX-512);
+ *   sf_conv_few   dense KH×KW convolution (stride 1) with few output channels: vectors
+ *                 over input channels, a horizontal sum per 8 output pixels;
  *   sf_wino_in    Winograd F(4×4, 3×3) input transform: NHWC tiles → V[36][T][C];
  *   sf_wino_out   Winograd F(4×4, 3×3) output transform: M[36][T][K] → NHWC,
  *                 with bias, residual and activation;
@@ -29,7 +31,7 @@
  *                 ≥ 0, where negative values clamp to 0).
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
-#ifdef __AVX512F__
+#if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <math.h>
@@ -52,7 +54,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 15; }
+int sf_abi_version(void) { return 16; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -293,6 +295,29 @@ static inline void sf_dw8_row_any(const float* b, const float* wk, int64_t KW, i
   }
 }
 
+/* Pack one input row for the 8-lane kernels: bp[q·plane + j·8 + l] = xr[(j − pw)·xsw +
+ * 8q + l] for channel 8q + l < nc and column j − pw inside [0, W), else 0 — the row
+ * zero-padded left and right, 8 channels a column, sub-block q in its own plane. Each
+ * pixel's channels are read once, front to back. */
+static void sf_pack_row8(const float* xr, int64_t xsw, int64_t W, int64_t pw, int64_t cols,
+                         int64_t nc, float* bp0, int64_t plane) {
+  const int64_t nfull = nc / 8, nsub = (nc + 7) / 8;
+  for (int64_t j = 0; j < cols; ++j) {
+    const int64_t iw = j - pw;
+    float* bp = bp0 + j * 8;
+    if (iw < 0 || iw >= W) {
+      for (int64_t q = 0; q < nsub; ++q) *(sf_v8*)(bp + q * plane) = (sf_v8){0};
+      continue;
+    }
+    const float* xp = xr + iw * xsw;
+    for (int64_t q = 0; q < nfull; ++q) *(sf_v8*)(bp + q * plane) = *(const sf_v8*)(xp + q * 8);
+    if (nsub > nfull) {
+      float* bt = bp + nfull * plane;
+      for (int64_t l = 0; l < 8; ++l) bt[l] = nfull * 8 + l < nc ? xp[nfull * 8 + l] : 0.f;
+    }
+  }
+}
+
 /* What one output row of one channel chunk needs (sf_dwconv8's work item). */
 typedef struct {
   const float* buf; /* packed rows: [sub-block][slot][column][8] */
@@ -431,30 +456,15 @@ int sf_dwconv8(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t
           while (kh1 > kh0 && ih0 + (kh1 - 1) * dh >= H) --kh1;
           const int64_t cstart = cb * CBLK;
           const int64_t cend = cstart + CBLK < C ? cstart + CBLK : C;
-          const int64_t nfull = (cend - cstart) / 8, nsub = (cend - cstart + 7) / 8;
+          const int64_t nsub = (cend - cstart + 7) / 8;
           const int64_t plane = slots * cols * 8; /* floats per 8-channel sub-block */
           for (int64_t kh = kh0; kh < kh1; ++kh) { /* pack the rows not packed yet */
             const int64_t ih = ih0 + kh * dh, slot = ih % slots;
             const int64_t key = (cb * N + n) * H + ih;
             if (tag[slot] == key) continue;
             tag[slot] = key;
-            const float* xr = x + n * xsn + ih * xsh + cstart;
-            for (int64_t j = 0; j < cols; ++j) {
-              const int64_t iw = j - pw;
-              float* bp = buf + (slot * cols + j) * 8;
-              if (iw < 0 || iw >= W) {
-                for (int64_t q = 0; q < nsub; ++q) *(sf_v8*)(bp + q * plane) = (sf_v8){0};
-                continue;
-              }
-              const float* xp = xr + iw * xsw; /* a pixel's channels, front to back */
-              for (int64_t q = 0; q < nfull; ++q)
-                *(sf_v8*)(bp + q * plane) = *(const sf_v8*)(xp + q * 8);
-              if (nsub > nfull) {
-                float* bt = bp + nfull * plane;
-                for (int64_t l = 0; l < 8; ++l)
-                  bt[l] = cstart + nfull * 8 + l < cend ? xp[nfull * 8 + l] : 0.f;
-              }
-            }
+            sf_pack_row8(x + n * xsn + ih * xsh + cstart, xsw, W, pw, cols, cend - cstart,
+                         buf + slot * cols * 8, plane);
           }
           const sf_dw8_work work = {
               buf, plane, cols, slots, tiles, nsub, cstart, cend, KH, KW, sw, dw, kh0, kh1, ih0,
@@ -468,6 +478,146 @@ int sf_dwconv8(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t
   return failed ? -1 : 0;
 }
 
+
+/* The lane sums of eight vectors: out[r] = Σ_l a[r][l]. */
+static inline __attribute__((always_inline)) sf_v8 sf_hsum8(const sf_v8* a) {
+#ifdef __AVX__
+  const __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]);
+  const __m256 t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)a[4], (__m256)a[5]);
+  const __m256 t3 = _mm256_hadd_ps((__m256)a[6], (__m256)a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1); /* a0..a3 over lanes 0–3, then over 4–7 */
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return (sf_v8)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                              _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  sf_v8 out;
+  for (int r = 0; r < 8; ++r) {
+    float t = 0.f;
+    for (int l = 0; l < 8; ++l) t += a[r][l];
+    out[r] = t;
+  }
+  return out;
+#endif
+}
+
+/* One output row of sf_conv_few. */
+typedef struct {
+  const float* buf; /* packed rows: [sub-block][slot][column][8] */
+  int64_t plane, cols, slots, tiles, nsub, KH, KW, kh0, kh1, ih0, K, Wo;
+  const float* wp;  /* [K][KH][nsub][KW][8] */
+  const float* bias;
+  float* yr;
+  int64_t ysw;
+  int act;
+  float act_param;
+} sf_few_work;
+
+static inline __attribute__((always_inline)) void sf_few_rowwork(const sf_few_work* a,
+                                                                const int KW, const int fast) {
+  for (int64_t t = 0; t < a->tiles; ++t) {
+    const int64_t np = a->Wo - t * 8 < 8 ? a->Wo - t * 8 : 8;
+    for (int64_t o = 0; o < a->K; ++o) {
+      sf_v8 acc[8] = {{0}};
+      for (int64_t kh = a->kh0; kh < a->kh1; ++kh) {
+        const float* b = a->buf + ((a->ih0 + kh) % a->slots) * a->cols * 8 + t * 64;
+        const float* wk = a->wp + ((o * a->KH + kh) * a->nsub) * a->KW * 8;
+        for (int64_t q = 0; q < a->nsub; ++q) {
+          if (fast) sf_dw8_row(b + q * a->plane, wk + q * KW * 8, KW, 1, 1, acc);
+          else sf_dw8_row_any(b + q * a->plane, wk + q * a->KW * 8, a->KW, 1, 1, acc);
+        }
+      }
+      sf_v8 v = sf_hsum8(acc) + (a->bias ? a->bias[o] : 0.f);
+      v = sf_act8(v, a->act, a->act_param);
+      float* yp = a->yr + t * 8 * a->ysw + o;
+      if (np == 8 && a->ysw == 1) {
+        *(sf_v8*)yp = v;
+      } else {
+        for (int64_t r = 0; r < np; ++r) yp[r * a->ysw] = v[r];
+      }
+    }
+  }
+}
+
+#define SF_FEW_ROWWORK(KW_) \
+  static __attribute__((noinline)) void sf_few_rowwork_##KW_(const sf_few_work* a) { \
+    sf_few_rowwork(a, KW_, 1); \
+  }
+SF_FEW_ROWWORK(1)
+SF_FEW_ROWWORK(3)
+SF_FEW_ROWWORK(5)
+SF_FEW_ROWWORK(7)
+#undef SF_FEW_ROWWORK
+static __attribute__((noinline)) void sf_few_rowwork_any(const sf_few_work* a) {
+  sf_few_rowwork(a, 1, 0);
+}
+
+/* A dense KH×KW convolution, stride 1, dilation 1, with few output channels (a class
+ * head's 1–4): y[n, oh, ow, o] = act(bias[o] + Σ_{kh,kw,c} w[o][kh][c][kw] ·
+ * x[n, oh − ph + kh, ow − pw + kw, c]). oneDNN computes a whole vector of output
+ * channels (8 on AVX2) however few there are; here the vectors run over input channels
+ * instead: the input rows are packed as for sf_dwconv8 (every channel, 8 a column,
+ * zero-padded, in a per-thread ring), 8 output pixels accumulate 8 lanes each, and one
+ * horizontal sum gives the 8 outputs. wp: [K][KH][ceil(C/8)][KW][8], zero past C.
+ * Work item: a band of output rows (one per thread). Returns 0, or −1 when scratch
+ * memory ran out. */
+int sf_conv_few(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t C,
+                int64_t xsn, int64_t xsh, int64_t xsw,
+                const float* restrict wp, int64_t KH, int64_t KW, int64_t K,
+                const float* restrict bias, int64_t ph, int64_t pw,
+                float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
+                int act, float act_param) {
+  const int64_t rows = N * Ho;
+  const int64_t tiles = (Wo + 7) / 8;
+  const int64_t cols = tiles * 8 + KW - 1;
+  const int64_t slots = KH;
+  const int64_t nsub = (C + 7) / 8;
+  const int64_t plane = slots * cols * 8;
+  void (*rowwork)(const sf_few_work*) = sf_few_rowwork_any;
+  if (KW == 1) rowwork = sf_few_rowwork_1;
+  if (KW == 3) rowwork = sf_few_rowwork_3;
+  if (KW == 5) rowwork = sf_few_rowwork_5;
+  if (KW == 7) rowwork = sf_few_rowwork_7;
+  const int64_t nthr = omp_get_max_threads();
+  const int64_t nb = rows < nthr ? rows : nthr;
+  int failed = 0;
+#pragma omp parallel
+  {
+    float* buf = (float*)sf_scratch(SF_SLOT_DW8, (size_t)(nsub * plane) * sizeof(float));
+    int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_DW8TAG, (size_t)slots * sizeof(int64_t));
+    if (!buf || !tag) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      for (int64_t q = 0; q < slots; ++q) tag[q] = -1;
+    }
+#pragma omp barrier
+    if (!failed) {
+#pragma omp for schedule(static)
+      for (int64_t band = 0; band < nb; ++band) {
+        for (int64_t r = rows * band / nb; r < rows * (band + 1) / nb; ++r) {
+          const int64_t n = r / Ho, oh = r % Ho;
+          const int64_t ih0 = oh - ph;
+          int64_t kh0 = 0, kh1 = KH;
+          while (kh0 < KH && ih0 + kh0 < 0) ++kh0;
+          while (kh1 > kh0 && ih0 + kh1 - 1 >= H) --kh1;
+          for (int64_t kh = kh0; kh < kh1; ++kh) {
+            const int64_t ih = ih0 + kh, slot = ih % slots, key = n * H + ih;
+            if (tag[slot] == key) continue;
+            tag[slot] = key;
+            sf_pack_row8(x + n * xsn + ih * xsh, xsw, W, pw, cols, C, buf + slot * cols * 8,
+                         plane);
+          }
+          const sf_few_work work = {buf, plane, cols, slots, tiles, nsub, KH, KW, kh0, kh1, ih0,
+                                    K, Wo, wp, bias, y + n * ysn + oh * ysh, ysw, act,
+                                    act_param};
+          rowwork(&work);
+        }
+      }
+    }
+  }
+  return failed ? -1 : 0;
+}
 
 /* Winograd F(4×4, 3×3), Lavin & Gray's points 0, ±1, ±2, ∞.
  * Tiles are numbered over tile rows r = n*nth + th in [r0, r1), then tile columns:

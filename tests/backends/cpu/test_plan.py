@@ -428,7 +428,7 @@ def test_without_avx512_depthwise_layers_take_the_8_lane_kernel_where_it_wins(mo
     assert lowered["depthwise conv2d (segfast kernel, 8-lane)"] == 3
     assert lowered["conv2d"] == 2
     assert segfast.check(eng, m, [x]).passed
-    off = segfast.compile(m, x, backend="torch", options={"depthwise8": False})
+    off = segfast.compile(m, x, backend="torch", options={"avx2_kernels": False})
     assert "depthwise conv2d (segfast kernel, 8-lane)" not in off._runner.details["lowered"]
     monkeypatch.setattr(native.load(), "avx2", False)  # without AVX2: all on oneDNN
     again = segfast.compile(m, x, backend="torch")
