@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import os
 import time
@@ -38,7 +39,7 @@ from torch import fx, nn
 
 from segfast import int8
 from segfast._warnings import quiet_torch_internals
-from segfast.backends import available, get_backend
+from segfast.backends import available, get_backend, known_options
 from segfast.backends import names as backend_names
 from segfast.backends.base import Backend, BuildRequest, Runner
 from segfast.check import CheckReport, check
@@ -115,6 +116,25 @@ def _example_inputs(
     raise ValueError("compile needs example_input or input_shape for this model")
 
 
+def _check_options(options: Any) -> None:
+    """Refuse an options dict with a key no backend reads (a typo would otherwise be
+    silently ignored: options are shared, so each backend skips the others' keys)."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    known = known_options()
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        hints = [
+            f"{k!r} → {close[0]!r}?"
+            for k in unknown
+            if (close := difflib.get_close_matches(k, known, n=1, cutoff=0.7))
+        ]
+        hint = f" (did you mean {', '.join(hints)})" if hints else ""
+        raise ValueError(f"unknown option(s) {unknown}{hint}; options backends read: {known}")
+
+
 def _resolve(
     model: nn.Module | str | torch.export.ExportedProgram,
     example_input: torch.Tensor | Sequence[torch.Tensor] | None,
@@ -142,6 +162,7 @@ def _resolve(
         )
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    _check_options(options)
     int8 = isinstance(precision, str) and precision.lower() == "int8"
     dtype = torch.float32 if int8 else resolve_precision(precision)
     if calibration is not None and not int8:

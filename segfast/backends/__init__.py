@@ -44,6 +44,19 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
+# Keys segfast.compile reads itself: auto's candidate list and timed runs, and the int8
+# ranges an engine file stores for its rebuild.
+COMPILE_OPTIONS = ("candidates", "iters", "int8")
+
+
+def known_options() -> list[str]:
+    """Every ``options`` key some backend (or ``compile`` itself) reads."""
+    keys = set(COMPILE_OPTIONS)
+    for b in _BACKENDS.values():
+        keys.update(b.options)
+    return sorted(keys)
+
+
 def available(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
     """(whether backend ``name`` can run on ``device`` here, and why)."""
     dev = torch.device(device) if device is not None else None
@@ -64,6 +77,7 @@ __all__ = [
     "availability",
     "available",
     "get_backend",
+    "known_options",
     "names",
     "register",
 ]

@@ -59,6 +59,10 @@ class Backend(ABC):
     # confident mask.
     propagates_nonfinite: bool = False
     description: str = ""
+    # The ``segfast.compile(..., options={...})`` keys this backend reads. Options are
+    # shared by every backend (``auto`` hands them to each candidate), so a key another
+    # backend reads is ignored here; a key no backend reads is refused at compile.
+    options: tuple[str, ...] = ()
 
     @abstractmethod
     def availability(self, device: torch.device | None = None) -> tuple[bool, str]:

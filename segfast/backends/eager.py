@@ -13,6 +13,7 @@ from segfast.backends.base import Backend, BuildRequest, Runner, cast_inputs
 
 class EagerBackend(Backend):
     name = "eager"
+    options = ("channels_last",)
     propagates_nonfinite = True  # see Backend
     description = "the model as written, run by PyTorch"
 

@@ -45,6 +45,7 @@ from segfast.outputs import WithHead
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    options = ("opset", "intra_op_num_threads")
     uses_graph = False
     description = "ONNX export run by ONNX Runtime (CPU; CUDA execution provider where installed)"
 

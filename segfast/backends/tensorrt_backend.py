@@ -46,6 +46,7 @@ _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16"}
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    options = OPTIONS
     description = "ONNX export built into a TensorRT engine (GPU, where TensorRT is installed)"
 
     def availability(self, device: torch.device | None = None) -> tuple[bool, str]:

@@ -25,6 +25,7 @@ from segfast.errors import BackendUnavailable, SlowPrecisionWarning
 
 class TorchBackend(Backend):
     name = "torch"
+    options = ("no_cpu_plan", "cpu_kernels", "winograd", "avx2_kernels", "keep_memory")
     uses_graph = True
     description = "fused graph on PyTorch ops (prepacked oneDNN convolutions on the CPU)"
 

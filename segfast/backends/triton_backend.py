@@ -482,6 +482,7 @@ def _lower_channel_stats(gm: fx.GraphModule, lowered: Counter[str]) -> None:
 
 class TritonBackend(Backend):
     name = "triton"
+    options = ("no_cuda_graph",)
     # see Backend: the kernels use where(), not min/max, and NaN-aware argmax and max-pool
     propagates_nonfinite = True
     uses_graph = True

@@ -27,6 +27,23 @@ def test_unknown_backend():
         segfast.compile(nn.Conv2d(3, 3, 1), input_shape=(1, 3, 8, 8), backend="nope")
 
 
+def test_unknown_options_are_refused_with_a_hint():
+    """Options are shared by every backend (auto hands them to each candidate), so each
+    backend skips the others' keys — and a key no backend reads is a typo, refused."""
+    m, shape = nn.Conv2d(3, 3, 1), (1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['winogard'\].*'winograd'"):
+        segfast.compile(m, input_shape=shape, backend="torch", options={"winogard": False})
+    with pytest.raises(ValueError, match=r"\['bogus'\]"):
+        segfast.compile(m, input_shape=shape, backend="auto", options={"bogus": 1})
+    with pytest.raises(TypeError, match="options must be a dict"):
+        segfast.compile(m, input_shape=shape, backend="torch", options=[("winograd", False)])
+    # another backend's key is fine: ignored by this one
+    eng = segfast.compile(m, input_shape=shape, backend="eager", options={"winograd": False})
+    assert eng.backend == "eager"
+    for b in backends.names():
+        assert set(backends.get_backend(b).options) <= set(backends.known_options())
+
+
 def test_eager_backend_is_the_model():
     model = models.create("segnet", tiny=True).eval()
     x = torch.randn(1, 3, 30, 34)
