@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from segfast.backends.cpu.native import Native
@@ -79,6 +80,9 @@ class NativeDepthwiseConv2d:
 
     ``vec8``: run ``sf_dwconv8`` (8-lane vectors, register-tiled along the row: the
     kernel for CPUs without AVX-512) instead of ``sf_dwconv2d`` (16-lane blocks).
+    ``pad_end``: (bottom, right) zero padding where it differs from ``padding`` (top,
+    left) — a folded asymmetric ``F.pad`` ("same" padding at stride 2); the kernels read
+    zeros past the map's end either way.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class NativeDepthwiseConv2d:
         act_param: float,
         residual_after_act: bool,
         vec8: bool = False,
+        pad_end: Sequence[int] | None = None,
     ) -> None:
         if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
             raise ValueError(f"the depthwise kernel is fp32 only, got {weight.dtype}")
@@ -105,6 +110,9 @@ class NativeDepthwiseConv2d:
         self.w = weight.detach().reshape(c, kh, kw).permute(1, 2, 0).contiguous()  # [KH, KW, C]
         self.b = None if bias is None else bias.detach().contiguous()
         self.stride, self.padding = [int(s) for s in stride], [int(p) for p in padding]
+        self.pad_end = list(self.padding) if pad_end is None else [int(p) for p in pad_end]
+        if min(self.padding + self.pad_end) < 0:
+            raise ValueError(f"negative padding {self.padding} / {self.pad_end}")
         self.dilation = [int(d) for d in dilation]
         self.act, self.act_param = act, float(act_param)
         self.residual_after_act = bool(residual_after_act)
@@ -119,14 +127,19 @@ class NativeDepthwiseConv2d:
                 self.b8[: self.c] = bias.detach()
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        return (
-            ops._conv_out_size(h, self.kh, self.stride[0], self.padding[0], self.dilation[0]),
-            ops._conv_out_size(w, self.kw, self.stride[1], self.padding[1], self.dilation[1]),
+        k, s, d = (self.kh, self.kw), self.stride, self.dilation
+        return tuple(  # type: ignore[return-value]
+            (n + self.padding[i] + self.pad_end[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+            for i, n in enumerate((h, w))
         )
 
     def _composite(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        padding = self.padding
+        if self.pad_end != self.padding:
+            (top, left), (bottom, right) = self.padding, self.pad_end
+            x, padding = F.pad(x, (left, right, top, bottom)), [0, 0]
         return ops.conv2d_one_source(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.c,
+            x, self.weight, self.bias, self.stride, padding, self.dilation, self.c,
             self.act, self.act_param, residual, self.residual_after_act,
         )  # fmt: skip
 

@@ -127,3 +127,27 @@ def test_rejects_non_fp32_weights():
     with pytest.raises(ValueError, match="fp32 only"):
         NativeDepthwiseConv2d(lib, torch.randn(4, 1, 3, 3).half(), None, [1, 1], [1, 1],
                               [1, 1], "none", 0.0, False)  # fmt: skip
+
+
+@pytest.mark.parametrize("vec8", [False, True])
+@pytest.mark.parametrize(
+    ("k", "stride", "begin", "end"),
+    [
+        (3, 2, (0, 0), (1, 1)),
+        (5, 2, (1, 1), (2, 2)),
+        (3, 1, (0, 2), (1, 0)),
+        (3, 2, (1, 0), (0, 3)),
+    ],
+)
+def test_asymmetric_padding(vec8, k, stride, begin, end):
+    """(top, left) and (bottom, right) padding apart — a folded "same" F.pad: the kernels
+    read zeros past the map's end, the output size counts both sides."""
+    c = 21
+    x = torch.randn(2, c, 13, 10).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, 1, k, k), torch.randn(c)
+    conv = NativeDepthwiseConv2d(lib, w, b, [stride] * 2, list(begin), [1, 1], "relu6", 0.0,
+                                 False, vec8=vec8, pad_end=list(end))  # fmt: skip
+    xp = torch.nn.functional.pad(x, (begin[1], end[1], begin[0], end[0]))
+    ref = reference(xp, w, b, [stride] * 2, [0, 0], [1, 1], "relu6")
+    _close(conv(x), ref)
+    _close(conv._composite(x, None).contiguous(memory_format=torch.channels_last), ref)

@@ -448,3 +448,44 @@ def test_vec8_rule():
     assert ok((3, 3), (1, 1), (18, 18), (18, 18), None)
     assert not ok((3, 3), (1, 1), (6, 6), (6, 6), 128)  # a wide map: padded first, oneDNN
     assert not ok((3, 3), (1, 1), (2, 2), (2, 2), 32)  # rate 2: oneDNN's fast path
+
+
+@pytest.mark.narrow_vectors
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_asymmetric_zero_pads_fold_into_8_lane_depthwise(monkeypatch):
+    """efficientnet-pytorch's "same" padding — ZeroPad2d((0, 1, 0, 1)) before a stride-2
+    depthwise conv — becomes the 8-lane kernel's padding where it runs: no padded copy.
+    A pad also read by a dense conv stays a pad."""
+    monkeypatch.setattr(native.load(), "wide_vectors", False)
+    monkeypatch.setattr(native.load(), "avx2", True)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pad3 = nn.ZeroPad2d((0, 1, 0, 1))
+            self.dw3 = nn.Conv2d(16, 16, 3, 2, groups=16)
+            self.pad5 = nn.ZeroPad2d((1, 2, 1, 2))
+            self.dw5 = nn.Conv2d(16, 16, 5, 2, groups=16)
+            self.pad_shared = nn.ZeroPad2d((0, 1, 0, 1))
+            self.dw_shared = nn.Conv2d(16, 16, 3, 1, groups=16)
+            self.dense = nn.Conv2d(16, 16, 3)
+
+        def forward(self, x):
+            y = F.silu(self.dw3(self.pad3(x)))
+            y = self.dw5(self.pad5(y))
+            p = self.pad_shared(y)
+            return self.dw_shared(p) + self.dense(p)
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(2, 16, 37, 30)
+    eng = segfast.compile(m, x, backend="torch")
+    lowered = eng._runner.details["lowered"]
+    assert lowered["depthwise conv2d (segfast kernel, 8-lane, pad folded)"] == 2
+    assert segfast.check(eng, m, [x, torch.randn(2, 16, 37, 30)]).passed
+    off = segfast.compile(m, x, backend="torch", options={"avx2_kernels": False})
+    assert (
+        "depthwise conv2d (segfast kernel, 8-lane, pad folded)"
+        not in off._runner.details["lowered"]
+    )
+    assert segfast.check(off, m, [x]).passed
