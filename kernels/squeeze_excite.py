@@ -57,7 +57,7 @@ def _pool_partial_kernel(
     part_ptr,  # [N, S, C] fp32
     C, W, HW, per_split,
     sx_n, sx_c, sx_h, sx_w,
-    S: tl.constexpr,
+    S,  # partials per image: a run-time value, so map sizes share a compile
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -91,7 +91,7 @@ def _se_fc_kernel(
     C, R, C2, HW, per_split, inv_hw,
     sw1_o, sw1_i, sw2_o, sw2_i, so_n, so_c,
     p1, p2,
-    S: tl.constexpr,
+    S,  # partials per image: a run-time value, so map sizes share a compile
     MEANS: tl.constexpr,  # the partials are means of per_split-pixel tiles, not sums
     HAS_B1: tl.constexpr,
     HAS_W2: tl.constexpr,

@@ -157,3 +157,21 @@ def test_bad_statistics_buffers():
         se_gate(y, torch.randn(4, cout, device=DEVICE), stats=good[:, :1])
     with pytest.raises(ValueError, match="stats must be"):
         global_avg_pool2d(y[:, 1:], stats=good)
+
+
+def test_partial_counts_are_run_time_arguments():
+    """The number of per-image partials (pixel splits, or statistics tiles: ⌈H·W/64⌉)
+    changes with the map size; as a constexpr it made every resolution of a dynamic
+    engine compile the reducers again (and unrolled loops over up to hundreds of tiles)."""
+    import inspect
+
+    from kernels import group_norm, squeeze_excite
+
+    for fn in (squeeze_excite._pool_partial_kernel, squeeze_excite._se_fc_kernel,
+               group_norm._channel_stats_kernel, group_norm._group_stats_kernel):  # fmt: skip
+        params = inspect.signature(fn.fn).parameters  # JITFunction or the interpreter's
+        assert "BLOCK_C" in params or "BLOCK" in params  # the constexprs are still there
+        assert "constexpr" in str(
+            params[next(k for k in params if k.startswith("BLOCK"))].annotation
+        )
+        assert "constexpr" not in str(params["S"].annotation), fn
