@@ -847,6 +847,11 @@ def load(
 
         with quiet_torch_internals():
             program = move_to_device_pass(program, dev)
+    # Options a file stored that no backend reads any more (or never did: compile
+    # ignored unknown keys before it refused them) are dropped, not fatal.
+    known = set(known_options())
+    stored = dict(meta["options"] or {})
+    dropped = sorted(str(k) for k in stored if k not in known)
     engine = compile(
         program,
         tuple(t.to(dev) for t in examples),
@@ -856,9 +861,11 @@ def load(
         dynamic=tuple(meta["dynamic"]),
         device=dev,
         threshold=meta["threshold"],
-        options=meta["options"],
+        options={k: v for k, v in stored.items() if k in known},
     )
     engine.info.notes.append(f"loaded from {p}")
+    if dropped:
+        engine.info.notes.append(f"engine file options no backend reads, ignored: {dropped}")
     return engine
 
 

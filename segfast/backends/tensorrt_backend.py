@@ -73,10 +73,9 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(
                 f"tensorrt: precision {req.dtype} is not supported (fp32 or fp16 graphs only)"
             )
-        opts = dict(req.options)
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown tensorrt option(s) {unknown}; known: {list(OPTIONS)}")
+        # Options are shared by every backend (auto hands them to each candidate) and
+        # compile refuses keys no backend reads: take this backend's own, skip the rest.
+        opts = {k: v for k, v in req.options.items() if k in OPTIONS}
         keep = opts.pop("plan", None)
         with tempfile.TemporaryDirectory(prefix="segfast-trt-") as tmp:
             plan = Path(tmp) / "model.plan"

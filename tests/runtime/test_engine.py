@@ -296,3 +296,21 @@ def test_an_engine_is_a_snapshot_of_the_model(backend, tmp_path):
     assert torch.equal(eng(x), before)
     loaded = segfast.load(eng.save(tmp_path / "snap.segfast"))
     torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_options_no_backend_reads_are_dropped_on_load(unet, tmp_path, monkeypatch):
+    """compile refuses option keys no backend reads; an engine file that stored one (a
+    key ignored before that check, or one a later version no longer reads) still loads,
+    without it, and says so."""
+    eng = segfast.compile(unet, torch.randn(1, 3, 40, 48), backend="torch",
+                          options={"winograd": False})  # fmt: skip
+    path = tmp_path / "e.segfast"
+    eng.save(path)
+    from segfast import api
+
+    known = [k for k in api.known_options() if k != "winograd"]
+    monkeypatch.setattr(api, "known_options", lambda: known)  # "winograd" is now unknown
+    again = segfast.load(path)
+    assert "engine file options no backend reads, ignored: ['winograd']" in again.summary()
+    x = torch.randn(1, 3, 40, 48)
+    assert torch.allclose(again(x), eng(x), atol=1e-4)

@@ -107,7 +107,11 @@ class NativeDepthwiseConv2d:
         self.native = native
         self.weight, self.bias = weight, bias
         self.c, self.kh, self.kw = int(c), int(kh), int(kw)
-        self.w = weight.detach().reshape(c, kh, kw).permute(1, 2, 0).contiguous()  # [KH, KW, C]
+        self.vec8 = bool(vec8)
+        # sf_dwconv2d's weights [KH, KW, C]; sf_dwconv8's below
+        self.w = (
+            None if self.vec8 else weight.detach().reshape(c, kh, kw).permute(1, 2, 0).contiguous()
+        )
         self.b = None if bias is None else bias.detach().contiguous()
         self.stride, self.padding = [int(s) for s in stride], [int(p) for p in padding]
         self.pad_end = list(self.padding) if pad_end is None else [int(p) for p in pad_end]
@@ -116,7 +120,6 @@ class NativeDepthwiseConv2d:
         self.dilation = [int(d) for d in dilation]
         self.act, self.act_param = act, float(act_param)
         self.residual_after_act = bool(residual_after_act)
-        self.vec8 = bool(vec8)
         if self.vec8:  # [ceil(C/8)][KH][KW][8] and bias [ceil(C/8)·8], zero past C
             cp = -(-self.c // 8) * 8
             wp = torch.zeros(cp, kh, kw)
