@@ -30,6 +30,10 @@ class BuildRequest:
     # the amax its input is quantized at (None: kept in floating point)
     int8_layers: dict[str, float | None] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific
+    # backends that export (onnxruntime, tensorrt): compare the exported file with the
+    # eager model before building (False only for the int8 guard's fallback trials,
+    # which it judges end to end itself)
+    verify_export: bool = True
 
 
 @dataclass

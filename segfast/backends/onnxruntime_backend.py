@@ -106,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
                 dynamic=req.dynamic,
                 opset=opset,
                 threshold=req.model.threshold,
-                check=True,
+                check=req.verify_export,
                 int8_layers=req.int8_layers,
             )
             data = exp.path.read_bytes()
