@@ -26,6 +26,7 @@ elsewhere).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,28 @@ def applies(weight: Tensor, stride: Sequence[int], groups: int) -> bool:
     )
 
 
+def _common_fields(
+    conv: Any,
+    native: Native,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: Sequence[int],
+    act: str,
+) -> tuple[int, int, int, int]:
+    """Check the activation and bias both kernels take and set the fields they share;
+    returns the weight's (K, C, KH, KW)."""
+    if act not in ACT_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {act!r}")
+    if bias is not None and bias.dtype != torch.float32:
+        raise ValueError(f"bias must be fp32, got {bias.dtype}")
+    k, c, kh, kw = (int(d) for d in weight.shape)
+    conv.native = native
+    conv.weight, conv.bias = weight, bias
+    conv.k, conv.c, conv.kh, conv.kw = k, c, kh, kw
+    conv.padding = [int(p) for p in padding]
+    return k, c, kh, kw
+
+
 def worthwhile(c_in: int, kh: int, kw: int, h: int | None, w: int | None) -> bool:
     """Whether the layer is heavy enough to leave oneDNN (``None``: a dynamic size)."""
     big = 1 << 20
@@ -78,15 +101,7 @@ class NarrowConv2d:
                 f"need an fp32 weight with {MIN_CHANNELS}–{MAX_CHANNELS} output channels "
                 f"(at most {MAX_KERNEL_ROWS} rows), got {tuple(weight.shape)} {weight.dtype}"
             )
-        if act not in ACT_CODES:
-            raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {act!r}")
-        if bias is not None and bias.dtype != torch.float32:
-            raise ValueError(f"bias must be fp32, got {bias.dtype}")
-        k, c, kh, kw = (int(d) for d in weight.shape)
-        self.native = native
-        self.weight, self.bias = weight, bias
-        self.k, self.c, self.kh, self.kw = k, c, kh, kw
-        self.padding = [int(p) for p in padding]
+        k, c, kh, kw = _common_fields(self, native, weight, bias, padding, act)
         self.dilation = [int(d) for d in dilation]
         self.act, self.act_param = act, float(act_param)
         wt = torch.zeros(kh, kw, c, LANES)
@@ -192,15 +207,7 @@ class FewOutputConv2d:
                 f"need an fp32 weight with 1–{FEW_MAX_CHANNELS} output channels, "
                 f"got {tuple(weight.shape)} {weight.dtype}"
             )
-        if act not in ACT_CODES:
-            raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {act!r}")
-        if bias is not None and bias.dtype != torch.float32:
-            raise ValueError(f"bias must be fp32, got {bias.dtype}")
-        k, c, kh, kw = (int(d) for d in weight.shape)
-        self.native = native
-        self.weight, self.bias = weight, bias
-        self.k, self.c, self.kh, self.kw = k, c, kh, kw
-        self.padding = [int(p) for p in padding]
+        k, c, kh, kw = _common_fields(self, native, weight, bias, padding, act)
         self.act, self.act_param = act, float(act_param)
         cp = -(-c // 8) * 8
         wp = torch.zeros(k, kh, cp, kw)

@@ -110,27 +110,30 @@ static inline sf_v16 sf_min6_v(sf_v16 v) {
 }
 #endif
 
-/* exp(x) on 16 lanes: x = n·ln2 + r (n rounded to nearest, ln2 split in two parts so
+/* exp(x) on a vector (sf_exp_v: 16 lanes, sf_exp8: 8): x = n·ln2 + r (n rounded to nearest, ln2 split in two parts so
  * n·ln2 is exact), exp(r) by the degree-6 minimax polynomial on |r| ≤ ln2/2 (Cephes'
  * expf coefficients), 2^n assembled in the exponent bits. Inputs are clamped to
  * [−87.3, 88.7], where the result stays a normal float: exp(−∞) gives 1.2e−38 (not 0),
  * which no caller here can tell apart (silu and sigmoid divide by 1 + exp). */
+#define SF_EXP_BODY(V, I, SEL)                                                   \
+  const V hi = (V){0} + 88.72283f, lo = (V){0} - 87.33654f;                      \
+  x = SEL(x > hi, hi, x);                                                        \
+  x = SEL(x < lo, lo, x);                                                        \
+  const V magic = (V){0} + 12582912.f; /* 1.5·2^23: round to nearest integer */ \
+  const V n = (x * 1.44269504088896341f + magic) - magic;                        \
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;                       \
+  V q = (V){0} + 1.9875691500e-4f;                                               \
+  q = q * r + 1.3981999507e-3f;                                                  \
+  q = q * r + 8.3334519073e-3f;                                                  \
+  q = q * r + 4.1665795894e-2f;                                                  \
+  q = q * r + 1.6666665459e-1f;                                                  \
+  q = q * r + 5.0000001201e-1f;                                                  \
+  q = q * r * r + r + 1.f;                                                       \
+  const I e = (__builtin_convertvector(n, I) + 127) << 23;                       \
+  return q * (V)e
+
 static inline __attribute__((always_inline)) sf_v16 sf_exp_v(sf_v16 x) {
-  const sf_v16 hi = (sf_v16){0} + 88.72283f, lo = (sf_v16){0} - 87.33654f;
-  x = sf_select(x > hi, hi, x);
-  x = sf_select(x < lo, lo, x);
-  const sf_v16 magic = (sf_v16){0} + 12582912.f; /* 1.5·2^23: round to nearest integer */
-  const sf_v16 n = (x * 1.44269504088896341f + magic) - magic;
-  const sf_v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  sf_v16 q = (sf_v16){0} + 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * r * r + r + 1.f;
-  const sf_i16 e = (__builtin_convertvector(n, sf_i16) + 127) << 23;
-  return q * (sf_v16)e;
+  SF_EXP_BODY(sf_v16, sf_i16, sf_select);
 }
 
 static inline __attribute__((always_inline)) sf_v16 sf_act_v(sf_v16 v, int act, float p) {
@@ -239,21 +242,7 @@ static inline __attribute__((always_inline)) sf_v8 sf_select8(sf_i8 m, sf_v8 a, 
 
 /* sf_exp_v on 8 lanes (same range reduction and polynomial). */
 static inline __attribute__((always_inline)) sf_v8 sf_exp8(sf_v8 x) {
-  const sf_v8 hi = (sf_v8){0} + 88.72283f, lo = (sf_v8){0} - 87.33654f;
-  x = sf_select8(x > hi, hi, x);
-  x = sf_select8(x < lo, lo, x);
-  const sf_v8 magic = (sf_v8){0} + 12582912.f;
-  const sf_v8 n = (x * 1.44269504088896341f + magic) - magic;
-  const sf_v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  sf_v8 q = (sf_v8){0} + 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * r * r + r + 1.f;
-  const sf_i8 e = (__builtin_convertvector(n, sf_i8) + 127) << 23;
-  return q * (sf_v8)e;
+  SF_EXP_BODY(sf_v8, sf_i8, sf_select8);
 }
 
 static inline __attribute__((always_inline)) sf_v8 sf_act8(sf_v8 v, int act, float p) {
@@ -315,6 +304,37 @@ static void sf_pack_row8(const float* xr, int64_t xsw, int64_t W, int64_t pw, in
       float* bt = bp + nfull * plane;
       for (int64_t l = 0; l < 8; ++l) bt[l] = nfull * 8 + l < nc ? xp[nfull * 8 + l] : 0.f;
     }
+  }
+}
+
+/* The per-thread ring of packed input rows the 8-lane kernels read (sf_dwconv8,
+ * sf_conv_few): `floats` floats of rows and `slots` tags, the tags cleared (a call's
+ * rows never match a previous call's). Returns the rows, or 0 when memory ran out. */
+static float* sf_ring(size_t floats, int64_t slots, int64_t** tag) {
+  float* buf = (float*)sf_scratch(SF_SLOT_DW8, floats * sizeof(float));
+  *tag = (int64_t*)sf_scratch(SF_SLOT_DW8TAG, (size_t)slots * sizeof(int64_t));
+  if (!buf || !*tag) return 0;
+  for (int64_t q = 0; q < slots; ++q) (*tag)[q] = -1;
+  return buf;
+}
+
+/* Kernel rows kh0 ≤ kh < kh1 whose input row ih0 + kh·dh lies inside the image, each
+ * packed into slot ih mod slots unless the ring holds it already (tag key0 + ih; key0
+ * names the image and channel chunk). xn: the image's first row at the chunk's first
+ * channel. */
+static void sf_ring_fill(const float* xn, int64_t xsh, int64_t xsw, int64_t H, int64_t W,
+                         int64_t pw, int64_t cols, int64_t nc, float* buf, int64_t plane,
+                         int64_t* tag, int64_t slots, int64_t key0, int64_t ih0, int64_t dh,
+                         int64_t KH, int64_t* kh0, int64_t* kh1) {
+  *kh0 = 0;
+  *kh1 = KH;
+  while (*kh0 < KH && ih0 + *kh0 * dh < 0) ++*kh0;
+  while (*kh1 > *kh0 && ih0 + (*kh1 - 1) * dh >= H) --*kh1;
+  for (int64_t kh = *kh0; kh < *kh1; ++kh) {
+    const int64_t ih = ih0 + kh * dh, slot = ih % slots;
+    if (tag[slot] == key0 + ih) continue;
+    tag[slot] = key0 + ih;
+    sf_pack_row8(xn + ih * xsh, xsw, W, pw, cols, nc, buf + slot * cols * 8, plane);
   }
 }
 
@@ -433,13 +453,11 @@ int sf_dwconv8(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t
     /* buf[s][slot][j][8]: input row ih of channels cstart + 8s … packed in slot
      * ih mod slots (tag[slot] says which row of which chunk is there), column j
      * holding input column j − pw (zero outside) */
-    float* buf = (float*)sf_scratch(SF_SLOT_DW8, (size_t)(CBLK * slots * cols) * sizeof(float));
-    int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_DW8TAG, (size_t)slots * sizeof(int64_t));
-    if (!buf || !tag) {
+    int64_t* tag;
+    float* buf = sf_ring((size_t)(CBLK * slots * cols), slots, &tag);
+    if (!buf) {
 #pragma omp atomic write
       failed = 1;
-    } else {
-      for (int64_t q = 0; q < slots; ++q) tag[q] = -1;
     }
 #pragma omp barrier
     if (!failed) {
@@ -451,21 +469,13 @@ int sf_dwconv8(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t
                                                     once per chunk */
           const int64_t n = r / Ho, oh = r % Ho;
           const int64_t ih0 = oh * sh - ph;
-          int64_t kh0 = 0, kh1 = KH; /* kernel rows inside the image */
-          while (kh0 < KH && ih0 + kh0 * dh < 0) ++kh0;
-          while (kh1 > kh0 && ih0 + (kh1 - 1) * dh >= H) --kh1;
           const int64_t cstart = cb * CBLK;
           const int64_t cend = cstart + CBLK < C ? cstart + CBLK : C;
           const int64_t nsub = (cend - cstart + 7) / 8;
           const int64_t plane = slots * cols * 8; /* floats per 8-channel sub-block */
-          for (int64_t kh = kh0; kh < kh1; ++kh) { /* pack the rows not packed yet */
-            const int64_t ih = ih0 + kh * dh, slot = ih % slots;
-            const int64_t key = (cb * N + n) * H + ih;
-            if (tag[slot] == key) continue;
-            tag[slot] = key;
-            sf_pack_row8(x + n * xsn + ih * xsh + cstart, xsw, W, pw, cols, cend - cstart,
-                         buf + slot * cols * 8, plane);
-          }
+          int64_t kh0, kh1;
+          sf_ring_fill(x + n * xsn + cstart, xsh, xsw, H, W, pw, cols, cend - cstart, buf,
+                       plane, tag, slots, (cb * N + n) * H, ih0, dh, KH, &kh0, &kh1);
           const sf_dw8_work work = {
               buf, plane, cols, slots, tiles, nsub, cstart, cend, KH, KW, sw, dw, kh0, kh1, ih0,
               dh, Wo, wp, bias, y + n * ysn + oh * ysh, ysw, res ? res + n * rsn + oh * rsh : 0,
@@ -583,13 +593,11 @@ int sf_conv_few(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_
   int failed = 0;
 #pragma omp parallel
   {
-    float* buf = (float*)sf_scratch(SF_SLOT_DW8, (size_t)(nsub * plane) * sizeof(float));
-    int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_DW8TAG, (size_t)slots * sizeof(int64_t));
-    if (!buf || !tag) {
+    int64_t* tag;
+    float* buf = sf_ring((size_t)(nsub * plane), slots, &tag);
+    if (!buf) {
 #pragma omp atomic write
       failed = 1;
-    } else {
-      for (int64_t q = 0; q < slots; ++q) tag[q] = -1;
     }
 #pragma omp barrier
     if (!failed) {
@@ -598,16 +606,9 @@ int sf_conv_few(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_
         for (int64_t r = rows * band / nb; r < rows * (band + 1) / nb; ++r) {
           const int64_t n = r / Ho, oh = r % Ho;
           const int64_t ih0 = oh - ph;
-          int64_t kh0 = 0, kh1 = KH;
-          while (kh0 < KH && ih0 + kh0 < 0) ++kh0;
-          while (kh1 > kh0 && ih0 + kh1 - 1 >= H) --kh1;
-          for (int64_t kh = kh0; kh < kh1; ++kh) {
-            const int64_t ih = ih0 + kh, slot = ih % slots, key = n * H + ih;
-            if (tag[slot] == key) continue;
-            tag[slot] = key;
-            sf_pack_row8(x + n * xsn + ih * xsh, xsw, W, pw, cols, C, buf + slot * cols * 8,
-                         plane);
-          }
+          int64_t kh0, kh1;
+          sf_ring_fill(x + n * xsn, xsh, xsw, H, W, pw, cols, C, buf, plane, tag, slots, n * H,
+                       ih0, 1, KH, &kh0, &kh1);
           const sf_few_work work = {buf, plane, cols, slots, tiles, nsub, KH, KW, kh0, kh1, ih0,
                                     K, Wo, wp, bias, y + n * ysn + oh * ysh, ysw, act,
                                     act_param};
