@@ -176,6 +176,12 @@ def _static_width(node: Any) -> int | None:
     return w if isinstance(w, int) else None
 
 
+def _eight_lane(native: Native | None, use_avx2: bool) -> bool:
+    """Whether the 8-lane kernels (sf_dwconv8, sf_conv_few) may run: no AVX-512 (where
+    the 16-lane ones do), AVX2 and FMA, and not turned off (``avx2_kernels``)."""
+    return native is not None and use_avx2 and native.avx2 and not native.wide_vectors
+
+
 def _pads_into_depthwise(
     gm: fx.GraphModule, native: Native | None, use_avx2: bool
 ) -> dict[fx.Node, tuple[fx.Node, tuple[int, int, int, int]]]:
@@ -187,7 +193,7 @@ def _pads_into_depthwise(
     channels at 128² is 6 MB) is never written. Measured on 2 AVX2 cores, pad + oneDNN
     → folded: 96 ch 3×3 s2 at 128² 1.03 → 0.73 ms, 144 ch 5×5 s2 at 64² 0.61 → 0.36,
     672 ch 5×5 s2 at 16² 0.27 → 0.13."""
-    if native is None or native.wide_vectors or not native.avx2 or not use_avx2:
+    if not _eight_lane(native, use_avx2):
         return {}
     found = {}
     for pad in gm.graph.nodes:
@@ -251,9 +257,7 @@ def _conv2d_step(
                                          act_param, residual_after_act)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, atrous)"
         if (
-            not direct
-            and use_avx2
-            and native.avx2
+            _eight_lane(native, use_avx2)
             and x2 is None
             and is_depthwise(weight, groups)
             and vec8_worthwhile(weight.shape[2:], stride, padding, dilation, _static_width(node))
@@ -262,9 +266,7 @@ def _conv2d_step(
                                          act_param, residual_after_act, vec8=True)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, 8-lane)"
         if (
-            not direct
-            and use_avx2
-            and native.avx2
+            _eight_lane(native, use_avx2)
             and x2 is None
             and residual is None
             and act in ACT_CODES
@@ -641,9 +643,7 @@ def _head_step(
         weight, bias = constants
         weight = weight if weight.dim() == 4 else weight[:, :, None, None]
         if (
-            use_avx2
-            and not native.wide_vectors
-            and native.avx2
+            _eight_lane(native, use_avx2)
             and narrow.few_applies(weight, (1, 1), (1, 1), 1)
             and narrow.few_worthwhile(int(weight.shape[1]), 1, 1, _static_width(x))
         ):
@@ -704,11 +704,7 @@ def lower(
     claimed = set(into) | set(separable)
     blocks = _inverted_residuals(gm, claimed) if direct else {}
     folded = _pads_into_depthwise(gm, native, use_avx2)
-    absorbed.update(
-        pad
-        for pad in gm.graph.nodes
-        if pad.users and all(u in folded for u in pad.users) and zero_pad_sides(pad)
-    )
+    absorbed.update(conv.args[0] for conv in folded)  # the pads: their convs read past them
     for expand, dw in blocks.values():
         absorbed.add(dw)
         if expand is not None:
