@@ -382,6 +382,14 @@ CASES: tuple[Case, ...] = (
     Case("resize", "bilinear-align-nchw",
          lambda d: _resize(d, (256, 256), nhwc=False, align_corners=True)),
     Case("resize", "nearest", lambda d: _resize(d, (256, 256), mode="nearest")),
+    # + residual (the Triton backend's add(resize(x), r)): one more int64 offset a lane
+    Case("resize", "bilinear-x2-residual",
+         lambda d: _resize(d, (256, 256), residual=_t(1, 64, 256, 256, dtype=d))),
+    Case("resize", "bilinear-align-nchw-residual",
+         lambda d: _resize(d, (256, 256), nhwc=False, align_corners=True,
+                           residual=_t(1, 64, 256, 256, dtype=d, nhwc=False))),
+    Case("resize", "nearest-residual",
+         lambda d: _resize(d, (256, 256), mode="nearest", residual=_t(1, 64, 256, 256, dtype=d))),
     Case("resize", "nearest-exact-out-fp32",
          lambda d: _resize(d, (200, 300), mode="nearest-exact", out_dtype=torch.float32)),
     # preprocess: the dtype is the output's

@@ -30,9 +30,14 @@ program handles a [BLOCK_P pixels, BLOCK_C channels] tile and every load and
 store is contiguous along C; otherwise BLOCK_C = 1 and neighbouring lanes take
 neighbouring output pixels.
 
+``residual`` (an optional tensor of the output's shape, any strides) is added as each
+output element is stored: ``resize(x) + r`` in one pass, blended and summed in fp32 and
+rounded once (the Triton backend folds ``add(resize(x), r)`` into it — FPN merges).
+
 Bytes: read ≤ 4·N·Ho·Wo·C elements (bilinear corners; on upsampling these are
-cache hits and DRAM traffic approaches N·H·W·C), write N·Ho·Wo·C elements.
-FLOPs: ~8 per output element (bilinear), none for nearest.
+cache hits and DRAM traffic approaches N·H·W·C), plus N·Ho·Wo·C with a residual;
+write N·Ho·Wo·C elements. FLOPs: ~8 per output element (bilinear), none for nearest
+(one more with a residual).
 """
 
 from __future__ import annotations
@@ -75,13 +80,14 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["N", "C", "H", "W", "Ho", "Wo", "BLOCK_C"],  # BLOCK_C: the layout, see _prune_configs
+    key=["N", "C", "H", "W", "Ho", "Wo", "BLOCK_C", "HAS_RES"],  # BLOCK_C: the layout
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def _resize_kernel(
     x_ptr,  # [N, C, H, W], strides sx*
     y_ptr,  # [N, C, Ho, Wo], strides sy*
+    r_ptr,  # the residual [N, C, Ho, Wo], strides rs* (read only when HAS_RES)
     N,
     C,
     H,
@@ -96,10 +102,15 @@ def _resize_kernel(
     syc,
     syh,
     syw,
+    rsn,
+    rsc,
+    rsh,
+    rsw,
     step_h,  # fp32 source step per output step (see _aten_steps)
     step_w,
     MODE: tl.constexpr,  # 0 bilinear, 1 nearest, 2 nearest-exact
     ALIGN: tl.constexpr,  # bilinear align_corners
+    HAS_RES: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -157,6 +168,12 @@ def _resize_kernel(
         iw = tl.minimum(src_w.to(tl.int32), W - 1)
         src = x_nc + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
         val = tl.load(src, mask=mask, other=0.0)
+    if HAS_RES:
+        r_off = (n.to(tl.int64) * rsn + oh.to(tl.int64) * rsh + ow.to(tl.int64) * rsw)[:, None] + (
+            c.to(tl.int64) * rsc
+        )[None, :]
+        res = tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        val = val.to(tl.float32) + res
     tl.store(y_ptr + y_off, val.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -244,6 +261,7 @@ def resize(
     *,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resize ``x`` [N, C, H, W] to [N, C, Ho, Wo] like ATen's upsample ops.
 
@@ -252,12 +270,19 @@ def resize(
     is then ``1/scale`` instead of in/o, exactly as in ATen. ``out`` may be any
     strided view of the right shape (e.g. a channel slice of a concat buffer)
     and must not overlap ``x``; otherwise the output is allocated channels_last
-    in ``out_dtype`` (default: ``x.dtype``).
+    in ``out_dtype`` (default: ``x.dtype``). ``residual`` (the output's shape, any
+    float dtype and strides) is added in fp32 before the one rounding to the output
+    dtype; it may be ``out`` itself (accumulate in place), not a partial overlap.
     """
     (Ho, Wo), sc = _check_args(x, size, mode, align_corners, scales)
-    device = check_device(x, out)
+    device = check_device(x, out, residual)
     N, C, H, W = x.shape
     shape = (N, C, Ho, Wo)
+    if residual is not None:
+        if tuple(residual.shape) != shape:
+            raise ValueError(f"residual must have the output's shape {shape}, "
+                             f"got {tuple(residual.shape)}")  # fmt: skip
+        check_float_dtype("residual", residual)
     if out is None:
         dtype = out_dtype or x.dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -282,9 +307,11 @@ def resize(
     def grid(meta):
         return (triton.cdiv(N * Ho * Wo, meta["TILE"] // block_c), triton.cdiv(C, block_c))
 
+    res = out if residual is None else residual  # never read without HAS_RES
     _resize_kernel[grid](
         x,
         out,
+        res,
         N,
         C,
         H,
@@ -293,10 +320,12 @@ def resize(
         Wo,
         *x.stride(),
         *out.stride(),
+        *res.stride(),
         step_h,
         step_w,
         MODE=MODES[mode],
         ALIGN=bool(align_corners),
+        HAS_RES=residual is not None,
         BLOCK_C=block_c,
     )
     return out
@@ -310,8 +339,10 @@ def resize_reference(
     scales: tuple[float | None, float | None] | None = None,
     *,
     out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ATen's upsample op on ``x``'s device, with ``scales`` passed through."""
+    """ATen's upsample op on ``x``'s device, with ``scales`` passed through, then
+    ``+ residual`` (the sum in fp32, rounded once, as the kernel does)."""
     (Ho, Wo), (sh, sw) = _check_args(x, size, mode, align_corners, scales)
     aten = torch.ops.aten
     if mode == "bilinear":
@@ -320,4 +351,7 @@ def resize_reference(
         y = aten.upsample_nearest2d.default(x, [Ho, Wo], sh, sw)
     else:
         y = aten._upsample_nearest_exact2d.default(x, [Ho, Wo], sh, sw)
-    return y if out_dtype is None else y.to(out_dtype)
+    dtype = out_dtype or x.dtype
+    if residual is not None:
+        return (y.float() + residual.float()).to(dtype)
+    return y.to(dtype)

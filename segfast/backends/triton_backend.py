@@ -171,26 +171,28 @@ def _size_from(x: torch.Tensor, output_size: Any, factors: Any) -> list[int]:
 
 
 def _resize_vec(mode: str) -> Callable[..., torch.Tensor]:
-    def run(x, output_size, *rest, out=None):
+    def run(x, output_size, *rest, out=None, residual=None):
         from segfast.kernels.resize import resize
 
         align = bool(rest[0]) if mode == "bilinear" else False
         factors = rest[-1] if len(rest) else None
         scales = None if factors is None else (float(factors[0]), float(factors[1]))
-        return resize(x, _size_from(x, output_size, factors), mode, align, scales, out=out)
+        size = _size_from(x, output_size, factors)
+        return resize(x, size, mode, align, scales, out=out, residual=residual)
 
     return run
 
 
 def _resize_default(mode: str) -> Callable[..., torch.Tensor]:
-    def run(x, output_size, *rest, out=None):
+    def run(x, output_size, *rest, out=None, residual=None):
         from segfast.kernels.resize import resize
 
         align = bool(rest[0]) if mode == "bilinear" else False
         scale_args = [*rest[1 if mode == "bilinear" else 0 :], None, None]
         sh, sw = scale_args[0], scale_args[1]
         scales = None if sh is None and sw is None else (sh, sw)
-        return resize(x, [int(s) for s in output_size], mode, align, scales, out=out)
+        size = [int(s) for s in output_size]
+        return resize(x, size, mode, align, scales, out=out, residual=residual)
 
     return run
 
@@ -363,6 +365,8 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
         elif _global_mean(node):
             node.target = _global_avg
             lowered["global_avg_pool2d"] += 1
+        elif _add_into_resize(gm, node):
+            lowered["resize + add"] += 1
         elif t is aten.cat.default and node.meta.get("segfast_slices"):
             continue  # becomes a slice-written buffer in _lower_concats
         elif t is not operator.getitem and t is not aten._to_copy.default:
@@ -382,6 +386,36 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter[str], Counter[str
     gm.graph.lint()
     gm.recompile()
     return gm, lowered, kept
+
+
+def _add_into_resize(gm: fx.GraphModule, add: fx.Node) -> bool:
+    """Fold ``add(resize(x), r)`` (either order; the resize lowered already, read by
+    this add only) into the resize's store: ``resize(x, residual=r)``. r must have the
+    sum's shape and dtype (no broadcast, no promotion)."""
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2:
+        return False
+    if add.kwargs.get("alpha", 1) != 1:
+        return False
+    out = val(add)
+    for up, other in (add.args, reversed(add.args)):
+        if not (isinstance(up, fx.Node) and up.op == "call_function"):
+            continue
+        if up.target not in _RESIZE.values() or len(up.users) != 1 or "out" in up.kwargs:
+            continue
+        if "residual" in up.kwargs or not isinstance(other, fx.Node) or other is up:
+            continue
+        rv, uv = val(other), val(up)
+        if not isinstance(rv, torch.Tensor) or rv.dtype != out.dtype or uv.dtype != out.dtype:
+            continue
+        if tuple(rv.shape) != tuple(out.shape) or tuple(uv.shape) != tuple(out.shape):
+            continue
+        add.prepend(up)  # r may come after the resize in graph order; both precede the add
+        up.kwargs = {**up.kwargs, "residual": other}
+        up.meta["val"] = out
+        add.replace_all_uses_with(up)
+        gm.graph.erase_node(add)
+        return True
+    return False
 
 
 def _one_source_conv_of(conv: fx.Node, x: fx.Node) -> bool:

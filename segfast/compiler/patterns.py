@@ -40,6 +40,12 @@ FUSIONS: dict[str, Fusion] = {
             "cleanup",
         ),
         Fusion(
+            "stack_sum",
+            "sum(stack(xs, d), d)",
+            "a chain of adds, the terms a conv or resize can absorb last",
+            "stack_sum",
+        ),
+        Fusion(
             "written_activation",
             "x·sigmoid(x); relu6(x + 3)/6; x·relu6(x + 3)/6 or x·hardsigmoid(x)",
             "silu; hardsigmoid; hardswish (then fused like the library ops)",

@@ -303,11 +303,16 @@ def unet_efficientnet_b0(num_classes: int = 1, width: float = 1.0, depth: float 
 class FPNGroupNorm(nn.Module):
     """smp-style FPN: lateral 1×1 convs, top-down nearest 2× + add, per level
     [3×3 conv + GroupNorm + ReLU (+ nearest 2×)] up to stride 4, summed, a 1×1
-    classifier, bilinear ×4 to the input."""
+    classifier, bilinear ×4 to the input. ``merge`` sums the levels with Python's
+    ``sum`` ("add") or as smp 0.6's ``MergeBlock`` does, ``torch.stack(xs).sum(0)``
+    ("stack")."""
 
     def __init__(self, num_classes: int = 1, pyramid: int = 64, seg: int = 32, groups: int = 8,
-                 in_channels: int = 3) -> None:  # fmt: skip
+                 in_channels: int = 3, merge: str = "add") -> None:  # fmt: skip
         super().__init__()
+        if merge not in ("add", "stack"):
+            raise ValueError(f"merge must be 'add' or 'stack', got {merge!r}")
+        self.merge = merge
         self.in_channels = in_channels
         chans = (16, 24, 32, 64)  # strides 4, 8, 16, 32
         self.stem = _conv_bn(in_channels, 16, 3, 2, act="RE")
@@ -340,11 +345,12 @@ class FPNGroupNorm(nn.Module):
         for level in (2, 1, 0):
             p = F.interpolate(p, scale_factor=2, mode="nearest") + self.lateral[level](feats[level])
             pyramid.insert(0, p)
-        out = sum(self.seg[level](pyramid[level]) for level in range(4))
+        levels = [self.seg[level](pyramid[level]) for level in range(4)]
+        out = sum(levels) if self.merge == "add" else torch.stack(levels).sum(dim=0)
         out = self.classifier(out)
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
 
 
 def fpn_groupnorm(num_classes: int = 1, pyramid: int = 64, seg: int = 32,
-                  groups: int = 8) -> FPNGroupNorm:  # fmt: skip
-    return FPNGroupNorm(num_classes, pyramid, seg, groups)
+                  groups: int = 8, merge: str = "add") -> FPNGroupNorm:  # fmt: skip
+    return FPNGroupNorm(num_classes, pyramid, seg, groups, merge=merge)

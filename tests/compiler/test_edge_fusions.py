@@ -41,8 +41,9 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
 
 
 # What the Triton engine may leave on PyTorch: none of the ops issue 17 names
-# (hardswish, hardsigmoid, the SE multiply, GroupNorm); the FPN's final sum of its four
-# branches (Python's sum: 0 + s0 + … + s3, four adds) is plain adds.
+# (hardswish, hardsigmoid, the SE multiply, GroupNorm). The FPN's final sum of its four
+# branches (Python's sum, 0 + s0 + … + s3, or smp's stack(...).sum(0)) leaves nothing
+# either: the + 0 is dropped and the upsampled branches' stores add the running sum.
 _NAMED = ("hardswish", "hardsigmoid", "mul", "sigmoid", "mean", "group_norm", "batch_norm")
 
 
@@ -255,7 +256,9 @@ TINY = {
                                                   decoder=(8, 8, 8, 8, 8)),
                 (1, 3, 32, 32), {}, {"squeeze_excite": 7, "se_scale": 7}),
     "fpn_gn": (lambda: edge.fpn_groupnorm(3, pyramid=8, seg=8, groups=4), (1, 3, 32, 64),
-               {"add": 4}, {"group_norm": 7, "norm_act": 7}),
+               {}, {"group_norm": 7, "norm_act": 7}),
+    "fpn_gn_stack": (lambda: edge.fpn_groupnorm(3, pyramid=8, seg=8, groups=4, merge="stack"),
+                     (1, 3, 32, 64), {}, {"group_norm": 7, "norm_act": 7, "stack_sum": 1}),
 }  # fmt: skip
 
 
@@ -274,3 +277,5 @@ def test_tiny_edge_networks(name, backend):
         # of reading the map again
         reducers = sum(lowered.get(k, 0) for k in ("se_gate", "group_norm", "global_avg_pool2d"))
         assert lowered.get("channel_stats_from_conv", 0) == reducers, lowered
+        if name.startswith("fpn"):  # three of the four levels end in an upsample
+            assert lowered.get("resize + add") == 3, lowered

@@ -127,6 +127,47 @@ def test_out_channel_slice(mode, align_corners):
 
 
 @pytest.mark.parametrize(("mode", "align_corners"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_residual(mode, align_corners, layout):
+    """resize(x) + r in one pass (the Triton backend's add(resize(x), r)): x and the
+    residual in any layout, odd channel counts, up- and down-sampling."""
+    for n, c, in_hw, out_hw in ((2, 5, (7, 9), (16, 20)), (1, 3, (33, 47), (8, 11))):
+        x = torch.randn(n, c, *in_hw)
+        r = torch.randn(n, c, *out_hw)
+        y = resize(_layout(x, layout), out_hw, mode, align_corners, residual=_layout(r, layout))
+        _check(y, resize_reference(x, out_hw, mode, align_corners) + r, mode)
+        _check(y, resize_reference(x, out_hw, mode, align_corners, residual=r), mode)
+
+
+def test_residual_in_place_and_into_a_slice():
+    """The residual may be the output itself (accumulate); a sum can land in a channel
+    slice of a concat buffer."""
+    x = torch.randn(1, 3, 7, 9)
+    acc = torch.randn(1, 3, 16, 20).contiguous(memory_format=torch.channels_last)
+    want = resize_reference(x, (16, 20)) + acc
+    y = resize(x, (16, 20), out=acc, residual=acc)
+    assert y.data_ptr() == acc.data_ptr()
+    assert_close(acc, want, atol=1e-5, rtol=1e-5)
+    buf = poison(torch.empty(1, 8, 16, 20, memory_format=torch.channels_last))
+    r = torch.randn(1, 3, 16, 20)
+    resize(x, (16, 20), "nearest", out=buf[:, 4:7], residual=r)
+    assert torch.equal(buf[:, 4:7], resize_reference(x, (16, 20), "nearest") + r)
+    assert buf[:, :4].isnan().all()
+    assert buf[:, 7:].isnan().all()
+
+
+def test_residual_fp16_rounds_once():
+    """Blend and sum in fp32, one rounding: as close to the fp32 result as fp16 allows,
+    and no further than ATen's two fp16 ops (upsample, then add)."""
+    x = torch.randn(2, 5, 7, 9).half().contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 5, 16, 20).half()
+    y = resize(x, (16, 20), residual=r)
+    assert y.dtype == torch.half
+    ref32 = resize_reference(x.float(), (16, 20)) + r.float()
+    assert_low_precision_close(y, ref32, resize_reference(x, (16, 20)) + r)
+
+
+@pytest.mark.parametrize(("mode", "align_corners"), MODES, ids=MODE_IDS)
 @pytest.mark.parametrize(("in_hw", "out_hw"), [((7, 9), (16, 20)), ((33, 47), (8, 11))])
 def test_fp16(mode, align_corners, in_hw, out_hw):
     x = torch.randn(2, 5, *in_hw).half().contiguous(memory_format=torch.channels_last)
@@ -290,6 +331,12 @@ else:
             "disagrees",
         ),
         (lambda x: resize(x, (4, 4), out_dtype=torch.int32), TypeError, "out_dtype"),
+        (lambda x: resize(x, (4, 4), residual=torch.zeros(1, 2, 4, 5)), ValueError, "residual"),
+        (
+            lambda x: resize(x, (4, 4), residual=torch.zeros(1, 2, 4, 4).long()),
+            TypeError,
+            "residual",
+        ),
     ],
     ids=[
         "rank",
@@ -302,6 +349,8 @@ else:
         "out-shape",
         "out-dtype",
         "bad-out-dtype",
+        "residual-shape",
+        "residual-dtype",
     ],
 )
 def test_errors(call, exc, match):

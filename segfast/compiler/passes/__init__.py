@@ -22,10 +22,13 @@ from segfast.compiler.passes import (
     precision,
     skip_concat,
     squeeze_excite,
+    stack_sum,
 )
 
 PASSES: list[tuple[str, Callable[[PassContext], None]]] = [
     ("cleanup", cleanup.run),  # first: identity ops would break every chain below
+    # before conv_epilogue: the adds it makes are absorbed as conv residuals
+    ("stack_sum", stack_sum.run),
     # written-out silu / hardsigmoid / hardswish → the ATen ops, before anything fuses them
     ("activations", activations.run),
     ("fold_bn", fold_bn.run),  # before conv_epilogue: conv→BN→act only chains once BN is gone
