@@ -289,10 +289,11 @@ def _conv2d_step(
             conv = narrow.NarrowConv2d(native, weight, bias, padding, dilation, act, act_param)
             return conv, (x,), "conv2d with 17–24 output channels (segfast kernel)"
         h, w_ = (d if isinstance(d, int) else 1 << 30 for d in xv.shape[2:])
+        n = xv.shape[0] if isinstance(xv.shape[0], int) else 1  # a dynamic batch: maybe 1
         if (
             use_winograd
             and winograd.applies(weight, stride, dilation, groups)
-            and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_, native.wide_vectors)
+            and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_, native.wide_vectors, n)
         ):
             conv = winograd.WinogradConv2d(
                 native, weight, bias, padding, act, act_param, residual_after_act,

@@ -74,6 +74,9 @@ TILE = 4
 # was tuned on; 2 MiB bands cost 10–40 % (more, smaller GEMMs), whole-image
 # transforms up to 2× on 128-channel 128×128 layers (DRAM-bound).
 BAND_BYTES = 8 << 20
+# Fewer 4×4 output tiles than this in one call and the GEMMs are bound by reading the
+# transformed weights (see worthwhile)
+MIN_TILES = 16
 
 
 def transform_weight(weight: Tensor) -> Tensor:
@@ -98,13 +101,26 @@ def applies(weight: Tensor, stride: Sequence[int], dilation: Sequence[int], grou
     )
 
 
-def worthwhile(c_in: int, c_out: int, h: int, w: int, wide_vectors: bool = True) -> bool:
-    """Whether F(4×4, 3×3) beats oneDNN's direct convolution for this layer.
+def worthwhile(
+    c_in: int, c_out: int, h: int, w: int, wide_vectors: bool = True, n: int = 1
+) -> bool:
+    """Whether F(4×4, 3×3) beats oneDNN's direct convolution for this layer (``n``
+    images of ``h × w``).
 
-    The transforms are bound by memory and grow with H·W·(C + K), the saving with
-    H·W·C·K: what decides is C·K/(C + K). Maps under 8×8 have too few tiles for the
-    GEMMs. Measured on 2 cores with torch 2.13 against oneDNN with prepacked weights,
-    blocks of calls alternated (benchmarks/bench_cpu_kernels.py):
+    Each call reads the transformed weights U, 36·C·K floats — 4× the direct conv's —
+    and uses each one once per 4×4 tile. With fewer than :data:`MIN_TILES` tiles in
+    the call (N·⌈H/4⌉·⌈W/4⌉) the GEMMs wait on U coming from memory, as it does in a
+    network, where every layer's weights are evicted by the next frame: measured with
+    the caches flushed before each call (AVX2 EPYC, 2 cores), oneDNN ÷ Winograd is
+    0.61 (1280→1280 at 8×8: 20.5 vs 12.4 ms), 0.66 (512 at 8×8), 0.80 (256 at 8×8),
+    about 1.0 at 12×12 (9 tiles) for 128–1280 channels, 1.07–1.35 at 16×16 and 1.16
+    for 4 images of 256 channels at 8×8 (smp's MAnet has three 1280→1280 3×3 convs at
+    1/32 scale: 8×8 at a 256² input, 67 of its 114 ms on Winograd).
+
+    Past that, the transforms are bound by memory and grow with H·W·(C + K), the
+    saving with H·W·C·K: what decides is C·K/(C + K). Measured on 2 cores with torch
+    2.13 against oneDNN with prepacked weights, blocks of calls alternated
+    (benchmarks/bench_cpu_kernels.py):
 
     - AVX-512 (AMD EPYC Zen 4): 1.3–2.2× from 128 channels in and out, break-even at
       64, slower below: both ≥ 96.
@@ -113,7 +129,7 @@ def worthwhile(c_in: int, c_out: int, h: int, w: int, wide_vectors: bool = True)
       1.30–1.39×; 192→64 at 32²: 2.0×), ≤ 24 breaks even or loses (96→32 at 128²:
       0.92–1.05×; 48→32: 0.85–0.91×; 16→32: 0.47×).
     """
-    if h < 8 or w < 8:
+    if n * -(-h // TILE) * -(-w // TILE) < MIN_TILES:
         return False
     if wide_vectors:
         return c_in >= 96 and c_out >= 96

@@ -140,3 +140,11 @@ def test_applies_and_worthwhile():
     assert not winograd.worthwhile(64, 64, 64, 64, wide_vectors=True)
     assert not winograd.worthwhile(96, 32, 128, 128, wide_vectors=False)
     assert not winograd.worthwhile(256, 256, 4, 4, wide_vectors=False)
+    # under 16 output tiles a call waits on the transformed weights (MAnet's 1280→1280
+    # at 8×8); more images in the call give the tiles back
+    for wide in (True, False):
+        assert not winograd.worthwhile(1280, 1280, 8, 8, wide_vectors=wide)
+        assert not winograd.worthwhile(256, 256, 12, 12, wide_vectors=wide)
+        assert winograd.worthwhile(256, 256, 16, 16, wide_vectors=wide)
+        assert winograd.worthwhile(256, 256, 8, 8, wide_vectors=wide, n=4)
+        assert winograd.worthwhile(256, 256, 4, 64, wide_vectors=wide)
