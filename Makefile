@@ -10,7 +10,9 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 PY := $(VENV)/bin/python
-PYTEST_FLAGS ?= -n 2
+# Two xdist workers, a test module to one worker: its expensive fixtures (the `segfast
+# serve` service, a Ray cluster) start once, not once per worker.
+PYTEST_FLAGS ?= -n 2 --dist loadscope
 
 .PHONY: setup test lint format demo bench clean
 
