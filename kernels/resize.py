@@ -177,6 +177,11 @@ def _resize_kernel(
     tl.store(y_ptr + y_off, val.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' storages are the same allocation."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _f32(v: float) -> float:
     """``v`` rounded to fp32 (exactly representable again as a Python float)."""
     return float(np.float32(v))
@@ -272,7 +277,8 @@ def resize(
     and must not overlap ``x``; otherwise the output is allocated channels_last
     in ``out_dtype`` (default: ``x.dtype``). ``residual`` (the output's shape, any
     float dtype and strides) is added in fp32 before the one rounding to the output
-    dtype; it may be ``out`` itself (accumulate in place), not a partial overlap.
+    dtype; it must not share memory with ``out`` (on a GPU the autotuner runs the
+    kernel repeatedly on the same buffers: an in-place sum would add it again each time).
     """
     (Ho, Wo), sc = _check_args(x, size, mode, align_corners, scales)
     device = check_device(x, out, residual)
@@ -289,6 +295,8 @@ def resize(
             raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dtype}")
         out = torch.empty(shape, device=device, dtype=dtype, memory_format=torch.channels_last)
     else:
+        if residual is not None and _shares_memory(residual, out):
+            raise ValueError("residual must not share memory with out")
         if tuple(out.shape) != shape:
             raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
         check_float_dtype("out", out)

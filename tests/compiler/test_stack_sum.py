@@ -159,3 +159,25 @@ def test_triton_folds_the_upsampled_term_into_the_resize():
     assert details["lowered"].get("resize + add") == 1, details["lowered"]
     assert details["kept"] == {"repeat": 1, "sigmoid": 1}, details["kept"]
     _same(eng, model, (1, 3, 9, 11))
+
+
+def test_one_term_fires_and_a_repeated_term_stays():
+    """stack([a]).sum(0) is a itself; stack([a, a]).sum(0) is left alone (2·a is not a
+    chain of distinct terms)."""
+
+    class M(nn.Module):
+        def __init__(self, repeat: bool) -> None:
+            super().__init__()
+            self.repeat = repeat
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            a = torch.tanh(self.conv(x))
+            return torch.stack([a, a] if self.repeat else [a]).sum(0) * x[:, :1]
+
+    x = torch.randn(1, 3, 6, 7)
+    for repeat in (False, True):
+        model = M(repeat).eval()
+        eng = segfast.compile(model, x, backend="torch")
+        assert eng.info.fusions.get("stack_sum", 0) == (not repeat), eng.info.fusions
+        assert_close(eng(x), model(x), atol=1e-6, rtol=1e-5)

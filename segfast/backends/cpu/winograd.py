@@ -43,6 +43,7 @@ from torch import Tensor
 
 from segfast.backends.cpu.depthwise import ACT_CODES, epilogue, nhwc_strides
 from segfast.backends.cpu.native import Native
+from segfast.backends.cpu.onednn import PackedConv2d
 from segfast.compiler import ops
 
 # Lavin & Gray's F(4×4, 3×3) with interpolation points 0, ±1, ±2, ∞ (the weight
@@ -153,6 +154,7 @@ class WinogradConv2d:
         x2_scale_h: float | None = None,
         x2_scale_w: float | None = None,
         x2_first: bool = False,
+        min_tiles: int = MIN_TILES,
     ) -> None:
         if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
             raise ValueError(f"Winograd convolution is fp32 only, got {weight.dtype}")
@@ -165,6 +167,9 @@ class WinogradConv2d:
         self.act, self.act_param = act, float(act_param)
         self.residual_after_act = bool(residual_after_act)
         self.x2_spec = (x2_resize, x2_align_corners, x2_scale_h, x2_scale_w, x2_first)
+        # calls with fewer output tiles run oneDNN's direct conv (_direct); 0: never
+        self.min_tiles = int(min_tiles)
+        self._direct_convs: dict[int | None, PackedConv2d] = {}
 
     def _composite(self, x: Tensor, residual: Tensor | None, x2: Tensor | None) -> Tensor:
         resize, align, sh, sw, first = self.x2_spec
@@ -173,12 +178,31 @@ class WinogradConv2d:
             self.act_param, residual, self.residual_after_act, x2, resize, align, sh, sw, first,
         )  # fmt: skip
 
+    def _direct(self, x: Tensor, residual: Tensor | None, x2: Tensor | None) -> Tensor:
+        """oneDNN's direct convolution (weights packed on first use), for a call with
+        fewer than ``min_tiles`` output tiles: an engine with dynamic sizes meets maps
+        its plan could not see (see :func:`worthwhile`)."""
+        key = None if x2 is None else int(x2.shape[1])
+        conv = self._direct_convs.get(key)
+        if conv is None:
+            conv = PackedConv2d(
+                self.weight, self.bias, [1, 1], self.padding, [1, 1], 1, self.act,
+                self.act_param, self.residual_after_act, *self.x2_spec, x2_channels=key,
+            )  # fmt: skip
+            self._direct_convs[key] = conv
+        return conv(x, residual, x2)
+
     def __call__(
         self, x: Tensor, residual: Tensor | None = None, x2: Tensor | None = None
     ) -> Tensor:
         if x.dtype != torch.float32 or x.dim() != 4:
             return self._composite(x, residual, x2)
         x = ops.to_nhwc(x)
+        n, _, h, w = x.shape
+        ph, pw = self.padding
+        ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
+        if ho >= 1 and wo >= 1 and n * -(-ho // TILE) * -(-wo // TILE) < self.min_tiles:
+            return self._direct(x, residual, x2)
         sources = [x]
         if x2 is not None:
             resize, align, sh, sw, first = self.x2_spec
@@ -192,9 +216,6 @@ class WinogradConv2d:
             sources = [x2, x] if first else [x, x2]
         if sum(int(s.shape[1]) for s in sources) != self.c:
             return self._composite(x, residual, x2)
-        n, _, h, w = x.shape
-        ph, pw = self.padding
-        ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
         if ho < 1 or wo < 1:
             return self._composite(x, residual, x2)
         in_kernel = self.act in ACT_CODES

@@ -23,6 +23,12 @@ def _rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
+def _wino(*args, **kwargs) -> WinogradConv2d:
+    """The Winograd kernel on every map size (min_tiles=0: these tests check its
+    arithmetic on maps smaller than it would be used for)."""
+    return WinogradConv2d(*args, min_tiles=0, **kwargs)
+
+
 def _layer(c: int, k: int, bias: bool = True):
     w = torch.randn(k, c, 3, 3) / (9 * c) ** 0.5
     return w, (torch.randn(k) if bias else None)
@@ -57,7 +63,7 @@ def test_weight_transform_shape_and_errors():
 def test_matches_direct_convolution(n, c, k, h, w, pad):
     x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
     wt, b = _layer(c, k)
-    conv = WinogradConv2d(lib, wt, b, (pad, pad), "none", 0.0, False)
+    conv = _wino(lib, wt, b, (pad, pad), "none", 0.0, False)
     y = conv(x)
     ref = F.conv2d(x.double(), wt.double(), b.double(), padding=pad)
     assert y.shape == ref.shape
@@ -70,7 +76,7 @@ def test_bands(monkeypatch):
     """Images larger than one band run band by band; the result does not change."""
     x = torch.randn(2, 24, 37, 29).contiguous(memory_format=torch.channels_last)
     wt, b = _layer(24, 20)
-    conv = WinogradConv2d(lib, wt, b, (1, 1), "relu", 0.0, False)
+    conv = _wino(lib, wt, b, (1, 1), "relu", 0.0, False)
     whole = conv(x)
     monkeypatch.setattr(winograd, "BAND_BYTES", 1)  # one tile row per band
     banded = conv(x)
@@ -87,7 +93,7 @@ def test_epilogues(act, res):
     wt, b = _layer(20, 18)
     r = None if res is None else torch.randn(1, 18, 10, 7)
     after = res == "after"
-    conv = WinogradConv2d(lib, wt, b, (1, 1), act, 0.1, after)
+    conv = _wino(lib, wt, b, (1, 1), act, 0.1, after)
     y = F.conv2d(x.double(), wt.double(), b.double(), padding=1)
     if r is not None and not after:
         y = y + r.double()
@@ -105,8 +111,7 @@ def test_two_sources(x2_first, resize):
     x = torch.randn(2, 12, 10, 14).contiguous(memory_format=torch.channels_last)
     x2 = torch.randn(2, 20, 5, 7) if resize != "none" else torch.randn(2, 20, 10, 14)
     wt, b = _layer(32, 16)
-    conv = WinogradConv2d(lib, wt, b, (1, 1), "relu", 0.0, False, resize, False, None, None,
-                          x2_first)  # fmt: skip
+    conv = _wino(lib, wt, b, (1, 1), "relu", 0.0, False, resize, False, None, None, x2_first)
     joined = ops.join_sources(x, x2, resize, False, None, None, x2_first)
     ref = F.conv2d(joined.double(), wt.double(), b.double(), padding=1).relu()
     assert _rel_l2(conv(x, None, x2), ref) <= REL_L2
@@ -115,7 +120,7 @@ def test_two_sources(x2_first, resize):
 @needs_lib
 def test_falls_back_where_it_does_not_apply():
     wt, b = _layer(6, 4)
-    conv = WinogradConv2d(lib, wt, b, (1, 1), "relu", 0.0, False)
+    conv = _wino(lib, wt, b, (1, 1), "relu", 0.0, False)
     x = torch.randn(1, 6, 5, 5)
     r = torch.randn(1, 4, 1, 1)  # a broadcast residual: the composite implementation
     ref = (F.conv2d(x.double(), wt.double(), b.double(), padding=1) + r.double()).relu()
@@ -148,3 +153,22 @@ def test_applies_and_worthwhile():
         assert winograd.worthwhile(256, 256, 16, 16, wide_vectors=wide)
         assert winograd.worthwhile(256, 256, 8, 8, wide_vectors=wide, n=4)
         assert winograd.worthwhile(256, 256, 4, 64, wide_vectors=wide)
+
+
+@needs_lib
+@pytest.mark.parametrize("two_sources", [False, True])
+def test_small_maps_at_run_time_take_the_direct_conv(two_sources):
+    """An engine with dynamic sizes can meet a map with fewer than MIN_TILES output
+    tiles (the plan saw only the example): such a call runs oneDNN's direct conv, a
+    larger one Winograd; both equal the convolution."""
+    wt, b = _layer(24, 16)
+    conv = WinogradConv2d(lib, wt, b, (1, 1), "relu", 0.0, False, "nearest" if two_sources
+                          else "none", False, None, None, False)  # fmt: skip
+    for hw, direct in (((8, 8), True), ((12, 12), True), ((16, 16), False), ((8, 64), False)):
+        conv._direct_convs.clear()
+        x = torch.randn(1, 24 - 8 * two_sources, *hw).contiguous(memory_format=torch.channels_last)
+        x2 = torch.randn(1, 8, hw[0] // 2, hw[1] // 2) if two_sources else None
+        joined = x if x2 is None else ops.join_sources(x, x2, "nearest", False, None, None, False)
+        ref = F.conv2d(joined.double(), wt.double(), b.double(), padding=1).relu()
+        assert _rel_l2(conv(x, None, x2), ref) <= REL_L2
+        assert bool(conv._direct_convs) == direct, hw
