@@ -80,6 +80,11 @@ BAND_BYTES = 8 << 20
 MIN_TILES = 16
 
 
+def tile_count(n: int, h: int, w: int) -> int:
+    """The 4×4 output tiles of ``n`` maps of ``h × w`` outputs: the GEMMs' row count."""
+    return n * -(-h // TILE) * -(-w // TILE)
+
+
 def transform_weight(weight: Tensor) -> Tensor:
     """``G g Gᵀ`` for every (out, in) channel pair: [K, C, 3, 3] → [36, C, K] fp32,
     computed in float64 and rounded once."""
@@ -130,7 +135,7 @@ def worthwhile(
       1.30–1.39×; 192→64 at 32²: 2.0×), ≤ 24 breaks even or loses (96→32 at 128²:
       0.92–1.05×; 48→32: 0.85–0.91×; 16→32: 0.47×).
     """
-    if n * -(-h // TILE) * -(-w // TILE) < MIN_TILES:
+    if tile_count(n, h, w) < MIN_TILES:
         return False
     if wide_vectors:
         return c_in >= 96 and c_out >= 96
@@ -201,7 +206,7 @@ class WinogradConv2d:
         n, _, h, w = x.shape
         ph, pw = self.padding
         ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
-        if ho >= 1 and wo >= 1 and n * -(-ho // TILE) * -(-wo // TILE) < self.min_tiles:
+        if ho >= 1 and wo >= 1 and tile_count(n, ho, wo) < self.min_tiles:
             return self._direct(x, residual, x2)
         sources = [x]
         if x2 is not None:
