@@ -202,10 +202,14 @@ def _mkldnn_ok(dtype: torch.dtype = torch.float32) -> bool:
         return False
     try:
         op = torch.ops.mkldnn._convolution_pointwise
-        x = torch.randn(1, 4, 5, 6).to(dtype)
-        w = torch.randn(3, 4, 3, 3).to(dtype)
+        # channels_last, the layout segfast's graphs and CPU plan run in (with an NCHW
+        # input and weight, PyTorch 2.13 sends a bf16 add + relu to an ATen kernel
+        # that has no bf16: _conv_cpu_fused does not fuse that case)
+        cl = torch.channels_last
+        x = torch.randn(1, 4, 5, 6).to(dtype).contiguous(memory_format=cl)
+        w = torch.randn(3, 4, 3, 3).to(dtype).contiguous(memory_format=cl)
         b = torch.randn(3).to(dtype)
-        r = torch.randn(1, 3, 5, 6).to(dtype)
+        r = torch.randn(1, 3, 5, 6).to(dtype).contiguous(memory_format=cl)
         y = op.default(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "").float()
         z = op.binary(x, r, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], "")
         ref = F.conv2d(x.float(), w.float(), b.float(), padding=1)
@@ -262,7 +266,12 @@ def _conv_cpu_fused(
         return None  # oneDNN's binary add would read a residual of another shape unchecked
     if residual.dtype != x.dtype:
         return None
-    fused = unary in MKLDNN_UNARY_AFTER_ADD
+    cl = torch.channels_last
+    fused = unary in MKLDNN_UNARY_AFTER_ADD and (
+        x.dtype == torch.float32
+        or x.is_contiguous(memory_format=cl)
+        or weight.is_contiguous(memory_format=cl)
+    )  # NCHW bf16 add + activation goes to an ATen kernel without bf16 (PyTorch 2.13)
     y = op.binary(
         x,
         residual,

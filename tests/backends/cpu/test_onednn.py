@@ -140,3 +140,39 @@ def test_conv_transpose_odd_geometry():
     ref = ops.conv_transpose2d_impl(x, w, b, [2, 3], [1, 0], [1, 2], [1, 1], 1, "relu", 0.0,
                                     None, False)  # fmt: skip
     assert torch.allclose(conv(x), ref, atol=1e-5)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(
+    not {"avx512_bf16", "avx512bw", "avx512vl"} <= _cpu_flags(),
+    reason="needs a CPU with AVX-512 BF16 (where oneDNN has bf16 convolutions)",
+)
+def test_bf16_probe_finds_onednn_bf16_where_the_cpu_has_it():
+    # the probe once ran NCHW tensors, where PyTorch sends a bf16 add + relu to an ATen
+    # kernel without bf16: bf16 engines then ran plain PyTorch ops on a Zen 4
+    assert ops._mkldnn_ok(torch.bfloat16)
+
+
+def test_bf16_nchw_residual_relu_runs():
+    if not ops._mkldnn_ok(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 convolutions on this CPU")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 6, generator=g).bfloat16()  # NCHW, as an unlaid-out graph has
+    w = torch.randn(3, 4, 3, 3, generator=g).bfloat16()
+    b = torch.randn(3, generator=g).bfloat16()
+    r = torch.randn(1, 3, 5, 6, generator=g).bfloat16()
+    y = ops._conv_cpu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, r, False)
+    ref = (
+        torch.nn.functional.conv2d(x.float(), w.float(), b.float(), padding=1) + r.float()
+    ).relu()
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)
