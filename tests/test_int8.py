@@ -207,6 +207,144 @@ def test_the_saturation_probe_tells_the_truth():
     torch.testing.assert_close(run("fp32"), ref, rtol=1e-5, atol=0)
 
 
+needs_exact_int8 = pytest.mark.skipif(
+    not (cpu_int8.available() and cpu_int8.exact_u8_range()),
+    reason="needs oneDNN int8 sums that are exact on full-range inputs (VNNI/AMX)",
+)
+_SPEC = ("none", False, None, None, False)
+
+
+def _qconv(c, k, kernel=1, groups=1, act="relu", stride=1, x_scale=0.03, seed=0, x2_spec=_SPEC):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, c // groups, kernel, kernel, generator=g) * 0.3
+    wq, ws = quantize_weight(w, 0)
+    return cpu_int8.PackedQConv2d(
+        wq, ws, 0.1 * torch.randn(k, generator=g), [stride] * 2, [kernel // 2] * 2, [1, 1],
+        groups, act, 0.0, False, x2_spec, x_scale,
+    )  # fmt: skip
+
+
+def _ties(a: torch.Tensor, b: torch.Tensor) -> None:
+    """uint8 tensors equal but for ±1 where y / scale sits on a rounding tie (oneDNN
+    scales the int32 sum once, the fp32 path in two steps)."""
+    d = (a.int() - b.int()).abs()
+    assert int(d.max()) <= 1
+    assert int((d > 0).sum()) <= max(1, d.numel() // 1000)
+
+
+@needs_exact_int8
+@pytest.mark.parametrize(
+    ("kernel", "groups", "act", "stride"),
+    [(1, 1, "relu6", 1), (3, 16, "relu", 1), (3, 16, "relu6", 2), (1, 1, "none", 1),
+     (3, 1, "silu", 1)],
+)  # fmt: skip
+def test_a_conv_stores_uint8_as_its_reader_would_quantize_it(kernel, groups, act, stride):
+    """Requantize on store: the uint8 a conv writes for its int8 readers is what the
+    reader's own quantization of the fp32 output gives, and the reader computes the
+    same from either."""
+    x = smooth(2, 16, 13, 11).contiguous(memory_format=torch.channels_last)
+    conv = _qconv(16, 16, kernel, groups, act, stride)
+    y = conv(x)  # fp32
+    reader = _qconv(16, 8, seed=1, x_scale=float(y.abs().max()) / 127 * 0.8)  # some clip
+    conv.store_quantized(reader.x_scale, 128)
+    stored = conv(x)
+    assert stored.dtype == torch.uint8
+    assert stored.shape == y.shape
+    assert stored.is_contiguous(memory_format=torch.channels_last)
+    _ties(stored, cpu_int8.quantize_u8(y, reader.x_scale))
+    ref = reader(y)
+    torch.testing.assert_close(reader(stored), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
+
+
+@needs_exact_int8
+@pytest.mark.parametrize("first", [False, True])
+def test_a_two_source_reader_takes_a_uint8_source_beside_a_float_one(first):
+    a = smooth(1, 6, 9, 10, seed=2).contiguous(memory_format=torch.channels_last)
+    b = smooth(1, 5, 9, 10, seed=3).contiguous(memory_format=torch.channels_last)
+    scale = float(torch.cat([a, b], 1).abs().max()) / 127
+    reader = _qconv(11, 7, kernel=3, x_scale=scale, x2_spec=("none", False, None, None, first))
+    ref = reader(a, None, b)
+    for ua, ub in [(cpu_int8.quantize_u8(a, scale), b), (a, cpu_int8.quantize_u8(b, scale))]:
+        torch.testing.assert_close(reader(ua, None, ub), ref, rtol=0, atol=0)
+
+
+@needs_exact_int8
+def test_storing_uint8_is_refused_where_it_cannot_be_exact():
+    with pytest.raises(ValueError, match="cannot store uint8"):
+        _qconv(8, 8, act="leaky_relu").store_quantized(0.1, 128)  # not a oneDNN post-op
+    nonneg = cpu_int8.PackedQConv2d(
+        *quantize_weight(torch.randn(8, 8, 1, 1), 0), None, [1, 1], [0, 0], [1, 1], 1, "relu",
+        0.0, False, _SPEC, 0.1, mode="int8-nonneg",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="cannot store uint8"):
+        nonneg.store_quantized(0.1, 128)
+    conv = _qconv(8, 8)
+    with pytest.raises(ValueError, match="zero point"):
+        conv.store_quantized(0.1, 0)
+    conv.store_quantized(0.1, 128)
+    x = smooth(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="no residual"):
+        conv(x, torch.zeros(1, 8, 5, 5))
+    resized = _qconv(8, 8, x_scale=0.1, x2_spec=("bilinear", False, None, None, False))
+    with pytest.raises(ValueError, match="cannot be resized"):
+        resized(x, None, cpu_int8.quantize_u8(smooth(1, 8, 3, 3), 0.1))
+
+
+class InvertedChain(nn.Module):
+    """MobileNetV2-style blocks, a skip concat and a head: which convs can store uint8
+    (expand → depthwise → project chains, a two-source conv's sources) and which
+    cannot (a residual's producer, the classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU6())
+        self.expand = nn.Sequential(nn.Conv2d(8, 24, 1), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(24, 24, 3, 1, 1, groups=24), nn.ReLU6())
+        self.project = nn.Conv2d(24, 8, 1)
+        self.side = nn.Sequential(nn.Conv2d(8, 6, 3, 1, 1), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(14, 8, 3, 1, 1), nn.ReLU())
+        self.cls = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = s + self.project(self.dw(self.expand(s)))
+        z = self.fuse(torch.cat([self.side(y), y], 1))
+        return F.interpolate(self.cls(z), scale_factor=2.0, mode="bilinear")
+
+
+@needs_exact_int8
+def test_the_plan_stores_uint8_only_where_every_reader_is_int8(monkeypatch):
+    from segfast.backends.cpu import plan as cpu_plan
+
+    torch.manual_seed(0)
+    m = InvertedChain().eval()
+    data = [smooth(1, 3, 32, 40, seed=i) for i in range(8)]
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
+
+    def build():
+        return segfast.compile(
+            m, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
+        )
+
+    eng = build()
+    lowered = eng._runner.details["lowered"]
+    # expand (→ dw), dw (→ project), side (→ fuse, beside a float source), fuse (→ cls);
+    # not: stem (also read as project's residual), project (has a residual), cls (its
+    # reader is the float upsample)
+    assert lowered["int8 conv2d storing int8 (requantized for its int8 readers)"] == 4, lowered
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
+    plain = build()
+    assert (
+        "int8 conv2d storing int8 (requantized for its int8 readers)"
+        not in (plain._runner.details["lowered"])
+    )
+    for x in data[:3]:
+        ref = plain.run_unchecked(x)
+        out = eng.run_unchecked(x)
+        rel = float((out - ref).norm() / ref.norm())
+        assert rel < 1e-3, rel
+
+
 def test_nonnegative_is_proven_from_the_ops():
     """Zero point 0 is only exact on inputs >= 0: the plan asks the graph, not the data."""
 

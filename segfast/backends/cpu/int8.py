@@ -244,35 +244,71 @@ class PackedQConv2d:
             self.dilation, self.groups, size,
         )  # fmt: skip
         self.post = _POST_OPS.get(act)
+        self.out_quant: tuple[float, int] | None = None
 
-    def _conv(self, u8: Tensor, attr: str, scalars: list[float]) -> Tensor:
+    @property
+    def can_store_quantized(self) -> bool:
+        """Whether this conv can write its output as uint8 (:meth:`store_quantized`):
+        oneDNN's int8 kernel with zero point 128 and an activation it fuses."""
+        return self.mode == "int8" and self.post is not None
+
+    def store_quantized(self, scale: float, zp: int) -> None:
+        """Write the output as uint8 ``clamp(round(y / scale), −128, 127) + zp`` — the
+        quantization the consumer convs (all of them int8, at ``scale``) would apply
+        to it — in oneDNN's store, instead of fp32 that each consumer quantizes
+        again. Only for a conv without a residual whose every reader is such a conv:
+        the plan decides (:func:`segfast.backends.cpu.plan.lower`)."""
+        if not self.can_store_quantized:
+            raise ValueError(f"a {self.mode} conv with act {self.act!r} cannot store uint8")
+        if zp != _ZP:
+            raise ValueError(f"uint8 outputs use zero point {_ZP}, got {zp}")
+        self.out_quant = (float(scale), int(zp))
+
+    def _conv(
+        self, u8: Tensor, attr: str, scalars: list[float], out: tuple[float, int] | None = None
+    ) -> Tensor:
+        out_scale, out_zp, out_dtype = (1.0, 0, torch.float32) if out is None else (*out, None)
         return torch.ops.onednn.qconv2d_pointwise(
             u8, self.x_scale, self.zp, self.packed, self.w_scale, self.w_zp, self.bias,
-            self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32,
+            self.stride, self.padding, self.dilation, self.groups, out_scale, out_zp, out_dtype,
             attr, scalars, "",
         )  # fmt: skip
 
     def _sources(self, x: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(first, second) of the joined input, NHWC fp32, x2 resized to x."""
+        """(first, second) of the joined input, NHWC (fp32, or uint8 where a producer
+        stored it quantized), x2 resized to x."""
         if x2 is None:
             return x, None
         resize, align, sh, sw, first = self.x2_spec
         if resize != "none":
+            if x2.dtype == torch.uint8:
+                raise ValueError("a uint8 second source cannot be resized (the plan never asks)")
             x2 = ops.resize_like_aten(x2, x.shape[-2:], resize, align, sh, sw)
-        x2 = ops.to_nhwc(x2.float())
+        x2 = ops.to_nhwc(x2 if x2.dtype == torch.uint8 else x2.float())
         return (x2, x) if first else (x, x2)
+
+    def _into(self, src: Tensor, out: Tensor) -> None:
+        """One source into its channel slice of the joined uint8 input."""
+        if src.dtype == torch.uint8:  # stored quantized at this conv's scale already
+            out.copy_(src)
+        else:
+            quantize_into(src.float(), self.x_scale, out, self.zp)
 
     def _quantized_input(self, x: Tensor, x2: Tensor | None) -> Tensor:
         """The (joined) input as uint8: a two-source conv's sources are quantized
-        straight into their channel slices of one buffer (no float concat)."""
+        straight into their channel slices of one buffer (no float concat); a source
+        its producer stored as uint8 (:meth:`store_quantized`) is taken as it is."""
         a, b = self._sources(x, x2)
         if b is None:
-            return quantize_u8(a, self.x_scale, self.zp)
+            return a if a.dtype == torch.uint8 else quantize_u8(a, self.x_scale, self.zp)
         n, _, h, w = a.shape
-        u8 = torch.empty((n, a.shape[1] + b.shape[1], h, w), dtype=torch.uint8)
-        u8 = u8.contiguous(memory_format=torch.channels_last)
-        quantize_into(a.float(), self.x_scale, u8[:, : a.shape[1]], self.zp)
-        quantize_into(b.float(), self.x_scale, u8[:, a.shape[1] :], self.zp)
+        # allocated channels_last (an NCHW buffer made channels_last is a byte-wise
+        # transposing copy: 8 ms for DeepLab's 304 × 128² joined input)
+        u8 = torch.empty(
+            (n, a.shape[1] + b.shape[1], h, w), dtype=torch.uint8, memory_format=torch.channels_last
+        )
+        self._into(a, u8[:, : a.shape[1]])
+        self._into(b, u8[:, a.shape[1] :])
         return u8
 
     def __call__(
@@ -284,6 +320,10 @@ class PackedQConv2d:
             joined = a.float() if b is None else torch.cat([a.float(), b], 1)
             return self.fp32(ops.fake_quant(joined, self.x_scale), residual)
         u8 = self._quantized_input(x, x2)
+        if self.out_quant is not None and self.post is not None:
+            if residual is not None:
+                raise ValueError("a conv that stores uint8 takes no residual")
+            return self._conv(u8, *self.post, out=self.out_quant)
         if residual is None or self.residual_after_act:
             if self.post is not None:
                 y = self._conv(u8, *self.post)

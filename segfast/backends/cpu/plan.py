@@ -805,6 +805,10 @@ def lower(
         slot_of[node] = len(slot_of)
         pending.append((node, fn, args, kwargs))
 
+    stored = _int8_outputs(pending)
+    if stored:
+        lowered["int8 conv2d storing int8 (requantized for its int8 readers)"] += stored
+
     # Last reader of every slot (by what the steps really read): free it right after.
     last_use: dict[fx.Node, fx.Node | None] = {}
     for node, _, args, kwargs in pending:
@@ -832,6 +836,34 @@ def lower(
         for node, fn, args, kwargs in pending
     ]
     return Plan(steps, inputs, template(output), len(slot_of), lowered)
+
+
+def _int8_outputs(pending: list[tuple[fx.Node, Callable, tuple, dict]]) -> int:
+    """Requantize on store: an int8 conv (no residual) whose every reader is an int8
+    conv reading it as its input — all at one scale, no resize of it between — writes
+    uint8 at that scale (:meth:`segfast.backends.cpu.int8.PackedQConv2d.store_quantized`)
+    instead of fp32 that each reader quantizes again: a quarter of the bytes out and
+    in, and no quantize pass. The readers take uint8 sources as they come. Returns
+    how many convs store uint8."""
+    qconvs = {node: fn for node, fn, _, _ in pending if isinstance(fn, int8.PackedQConv2d)}
+    count = 0
+    for node, fn in qconvs.items():
+        # qconv2d's args: x 0, residual 9, x2 11
+        if not fn.can_store_quantized or node.args[9] is not None or not node.users:
+            continue
+        scales = set()
+        for user in node.users:
+            reader = qconvs.get(user)
+            if reader is None or reader.mode != "int8" or user.args[9] is node:
+                break
+            if user.args[11] is not None and reader.x2_spec[0] != "none":
+                break  # a resized second source is resized in float
+            scales.add((reader.x_scale, reader.zp))
+        else:
+            if len(scales) == 1:
+                fn.store_quantized(*scales.pop())
+                count += 1
+    return count
 
 
 def _nodes_in(a: Any) -> list[fx.Node]:
