@@ -290,6 +290,90 @@ def test_storing_uint8_is_refused_where_it_cannot_be_exact():
         resized(x, None, cpu_int8.quantize_u8(smooth(1, 8, 3, 3), 0.1))
 
 
+@pytest.mark.skipif(not cpu_int8.available(), reason="PyTorch has no oneDNN int8 conv here")
+@pytest.mark.parametrize(
+    ("c", "k", "kernel", "stride", "padding", "act", "residual", "bias"),
+    [
+        (8, 6, (2, 2), (2, 2), (0, 0), "relu", None, True),  # U-Net's up-conv: 1×1 + scatter
+        (5, 7, (3, 2), (3, 2), (0, 0), "none", None, False),  # kernel = stride, not square
+        (6, 4, (2, 2), (2, 2), (0, 0), "relu6", "before", True),
+        (6, 4, (2, 2), (2, 2), (0, 0), "relu", "after", True),
+        (6, 4, (4, 4), (2, 2), (1, 1), "relu", None, True),  # overlapping: fp32 path
+    ],
+)
+@pytest.mark.parametrize("mode", [None, "int8", "int8-nonneg", "fp32"])
+def test_int8_transposed_conv_matches_the_composite(
+    c, k, kernel, stride, padding, act, residual, bias, mode
+):
+    if mode == "int8" and not cpu_int8.exact_u8_range():
+        pytest.skip("this CPU's int8 pair sums saturate (no VNNI): the plan never picks it")
+    x = smooth(2, c, 7, 9).contiguous(memory_format=torch.channels_last)
+    if mode == "int8-nonneg":
+        x = x.relu()
+    g = torch.Generator().manual_seed(1)
+    wq, ws = quantize_weight(torch.randn(c, k, *kernel, generator=g) * 0.3, 1)
+    b = torch.randn(k, generator=g) if bias else None
+    ho, wo = (((7, 9)[i] - 1) * stride[i] - 2 * padding[i] + kernel[i] for i in range(2))
+    res = torch.randn(2, k, ho, wo, generator=g) if residual else None
+    x_scale = float(x.abs().max()) / 127
+    args = ([*stride], [*padding], [0, 0], [1, 1], 1, act, 0.0)
+    ref = ops.qconv_transpose2d_impl(x, wq, b, *args, res, residual == "after", x_scale, ws)
+    conv = cpu_int8.QConvTranspose2d(
+        wq, ws, b, *args, residual == "after", x_scale, tuple(x.shape),
+        nonneg=mode == "int8-nonneg", mode=mode,
+    )  # fmt: skip
+    split = kernel == stride and mode != "fp32"
+    assert (conv.pointwise is not None) == split
+    if split:
+        assert conv.mode in ("int8", "int8-nonneg")
+    out = conv(x, res)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    if split and conv.can_store_quantized and res is None:
+        scale = float(ref.abs().max()) / 127
+        conv.store_quantized(scale, 128)
+        _ties(conv(x), cpu_int8.quantize_u8(ref, scale))
+    elif not split:
+        with pytest.raises(ValueError, match="cannot store uint8"):
+            conv.store_quantized(0.1, 128)
+
+
+def _close_to_unstored(eng, plain, model, inputs) -> None:
+    """Storing uint8 changes nothing but rounding ties (oneDNN scales the int32 sum
+    once, the fp32 path twice): one flipped activation spreads through the convs after
+    it, so the bound is a tenth of what int8 itself changes, not equality."""
+    for x in inputs:
+        with torch.inference_mode():
+            ref, out, fp32 = plain.run_unchecked(x), eng.run_unchecked(x), model(x)
+        int8_error = float((ref - fp32).norm() / fp32.norm())
+        assert float((out - ref).norm() / ref.norm()) <= 0.1 * int8_error
+
+
+@needs_exact_int8
+def test_the_plan_runs_unets_up_convs_on_int8(monkeypatch):
+    from segfast.backends.cpu import plan as cpu_plan
+
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    data = [smooth(1, m.in_channels, 32, 48, seed=i) for i in range(8)]
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
+
+    def build():
+        return segfast.compile(
+            m, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
+        )
+
+    eng = build()
+    lowered = eng._runner.details["lowered"]
+    ups = sum(v for k, v in lowered.items() if k.startswith("int8 conv_transpose2d, kernel"))
+    assert ups == sum(isinstance(x, nn.ConvTranspose2d) for x in m.modules()) > 0, lowered
+    # each up-conv's input (a decoder conv) and output (into a two-source conv) stay uint8
+    assert lowered["int8 conv storing int8 (requantized for its int8 readers)"] >= 2 * ups
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
+    plain = build()
+    _close_to_unstored(eng, plain, m, data[:3])
+
+
 class InvertedChain(nn.Module):
     """MobileNetV2-style blocks, a skip concat and a head: which convs can store uint8
     (expand → depthwise → project chains, a two-source conv's sources) and which
@@ -331,18 +415,14 @@ def test_the_plan_stores_uint8_only_where_every_reader_is_int8(monkeypatch):
     # expand (→ dw), dw (→ project), side (→ fuse, beside a float source), fuse (→ cls);
     # not: stem (also read as project's residual), project (has a residual), cls (its
     # reader is the float upsample)
-    assert lowered["int8 conv2d storing int8 (requantized for its int8 readers)"] == 4, lowered
+    assert lowered["int8 conv storing int8 (requantized for its int8 readers)"] == 4, lowered
     monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
     plain = build()
     assert (
-        "int8 conv2d storing int8 (requantized for its int8 readers)"
+        "int8 conv storing int8 (requantized for its int8 readers)"
         not in (plain._runner.details["lowered"])
     )
-    for x in data[:3]:
-        ref = plain.run_unchecked(x)
-        out = eng.run_unchecked(x)
-        rel = float((out - ref).norm() / ref.norm())
-        assert rel < 1e-3, rel
+    _close_to_unstored(eng, plain, m, data[:3])
 
 
 def test_nonnegative_is_proven_from_the_ops():

@@ -26,9 +26,14 @@ concats: :func:`nonnegative`) is quantized with zero point 0 instead — ``u8`` 
 runs on oneDNN's fp32 convolution of the quantized input with the dequantized weight
 (the same numbers to fp32 rounding, at fp32 speed). ``PackedQConv2d.mode`` says which.
 
-``segfast.qconv_transpose2d`` has no oneDNN int8 kernel in PyTorch: it runs oneDNN's
-fp32 transposed convolution on the dequantized weight after quantizing its input — the
-same numbers, at fp32 speed.
+``segfast.qconv_transpose2d`` has no oneDNN int8 kernel in PyTorch. Where its kernel
+equals its stride (U-Net's 2×2 stride-2 up-convolution) it is a 1×1 int8 conv and a
+depth-to-space copy (:class:`QConvTranspose2d`); any other runs oneDNN's fp32
+transposed convolution on the dequantized weight after quantizing its input — the same
+numbers, at fp32 speed.
+
+**Requantize on store**: a conv whose every reader is an int8 conv at one scale writes
+uint8 at that scale (:meth:`PackedQConv2d.store_quantized`; the plan decides).
 """
 
 from __future__ import annotations
@@ -335,13 +340,25 @@ class PackedQConv2d:
 
 
 class QConvTranspose2d:
-    """``segfast.qconv_transpose2d``: input quantized, dequantized weight on oneDNN's fp32
-    transposed convolution (no int8 transposed convolution in PyTorch's oneDNN ops)."""
+    """``segfast.qconv_transpose2d`` with its input quantized.
+
+    A transposed conv whose kernel equals its stride (no padding, no output padding,
+    no dilation, groups 1 — U-Net's 2×2 stride-2 up-convolution) is a 1×1 conv to
+    ``kh·kw·K`` channels and a depth-to-space: every output pixel takes exactly one
+    input pixel's dot product. That runs as a :class:`PackedQConv2d` (oneDNN int8,
+    bias and activation fused) plus one copy that scatters each pixel's ``kh × kw``
+    blocks of ``K`` channels; it can store uint8 for int8 readers like any int8 conv
+    (the scatter is a permutation: exact on uint8). Any other transposed conv has no
+    oneDNN int8 kernel in PyTorch: it runs oneDNN's fp32 transposed convolution on the
+    dequantized weight after quantizing its input — the same numbers, at fp32 speed.
+    ``mode``: ``"int8"``/``"int8-nonneg"`` (the 1×1 form, as :class:`PackedQConv2d`) or
+    ``"fp32"``.
+    """
 
     def __init__(
         self,
-        weight: Tensor,
-        w_scale: Tensor,
+        weight: Tensor,  # int8 [C, K/g, kh, kw]
+        w_scale: Tensor,  # fp32 [K]
         bias: Tensor | None,
         stride: Sequence[int],
         padding: Sequence[int],
@@ -353,13 +370,76 @@ class QConvTranspose2d:
         residual_after_act: bool,
         x_scale: float,
         input_size: Sequence[Any] | None = None,
+        *,
+        nonneg: bool = False,
+        mode: str | None = None,
     ) -> None:
-        w = ops.dequantize_weight(weight, w_scale, 1, torch.float32)
         self.x_scale = float(x_scale)
-        self.conv = PackedConvTranspose2d(
-            w, None if bias is None else bias.float(), stride, padding, output_padding,
-            dilation, groups, act, act_param, residual_after_act, input_size=input_size,
-        )  # fmt: skip
+        self.act, self.act_param = act, float(act_param)
+        self.residual_after_act = bool(residual_after_act)
+        c, k, kh, kw = (int(d) for d in weight.shape)
+        self.kernel = (kh, kw)
+        split = (
+            [kh, kw] == [int(v) for v in stride]
+            and not any(int(v) for v in (*padding, *output_padding))
+            and all(int(v) == 1 for v in dilation)
+            and int(groups) == 1
+        )
+        self.pointwise: PackedQConv2d | None = None
+        if split and mode != "fp32":
+            # 1×1 weight [(i·kw + j)·K + k, C]: out[n, k, h·kh + i, w·kw + j] = that channel
+            w1 = weight.permute(2, 3, 1, 0).reshape(kh * kw * k, c, 1, 1).contiguous()
+            b1 = None if bias is None else bias.float().repeat(kh * kw)
+            size = _static_size(input_size)
+            conv = PackedQConv2d(
+                w1, w_scale.float().repeat(kh * kw), b1, [1, 1], [0, 0], [1, 1], 1,
+                act, act_param, residual_after_act, ("none", False, None, None, False),
+                x_scale, None if size is None else tuple(size), nonneg=nonneg, mode=mode,
+            )  # fmt: skip
+            if conv.mode != "fp32":  # oneDNN fp32 transposed conv is as fast as 1×1 + scatter
+                self.pointwise = conv
+        self.mode = "fp32" if self.pointwise is None else self.pointwise.mode
+        self.zp = _ZP if self.pointwise is None else self.pointwise.zp
+        if self.pointwise is None:
+            w = ops.dequantize_weight(weight, w_scale, 1, torch.float32)
+            self.conv = PackedConvTranspose2d(
+                w, None if bias is None else bias.float(), stride, padding, output_padding,
+                dilation, groups, act, act_param, residual_after_act, input_size=input_size,
+            )  # fmt: skip
+
+    @property
+    def can_store_quantized(self) -> bool:
+        """See :meth:`PackedQConv2d.can_store_quantized` (the 1×1 form only)."""
+        return self.pointwise is not None and self.pointwise.can_store_quantized
+
+    def store_quantized(self, scale: float, zp: int) -> None:
+        """See :meth:`PackedQConv2d.store_quantized`."""
+        if self.pointwise is None:
+            raise ValueError("an overlapping int8 transposed conv cannot store uint8")
+        self.pointwise.store_quantized(scale, zp)
+
+    @property
+    def out_quant(self) -> tuple[float, int] | None:
+        return None if self.pointwise is None else self.pointwise.out_quant
+
+    def _scatter(self, y: Tensor) -> Tensor:
+        """[N, kh·kw·K, H, W] (NHWC) → [N, K, H·kh, W·kw] (NHWC): one copy."""
+        n, _, h, w = y.shape
+        kh, kw = self.kernel
+        k = y.shape[1] // (kh * kw)
+        out = torch.empty((n, k, h * kh, w * kw), dtype=y.dtype, memory_format=torch.channels_last)
+        src = y.permute(0, 2, 3, 1).view(n, h, w, kh, kw, k)
+        out.permute(0, 2, 3, 1).view(n, h, kh, w, kw, k).copy_(src.permute(0, 1, 3, 2, 4, 5))
+        return out
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self.conv(ops.fake_quant(ops.to_nhwc(x.float()), self.x_scale), residual)
+        x = ops.to_nhwc(x)
+        if self.pointwise is None:
+            return self.conv(ops.fake_quant(x.float(), self.x_scale), residual)
+        if residual is None or self.residual_after_act:
+            y = self._scatter(self.pointwise(x))
+            return y if residual is None else y.add_(residual)
+        pw = self.pointwise
+        u8 = pw._quantized_input(x, None)
+        y = self._scatter(pw._conv(u8, "none", [])).add_(residual)
+        return ops.activation_(y, self.act, self.act_param)

@@ -383,9 +383,19 @@ def _qconv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, 
     conv = int8.QConvTranspose2d(
         get_tensor(gm, w), get_tensor(gm, w_scale), None if b is None else get_tensor(gm, b),
         stride, padding, output_padding, dilation, groups, act, act_param, residual_after_act,
-        x_scale, input_size=tuple(val(x).shape),
+        x_scale, input_size=tuple(val(x).shape), nonneg=int8.nonnegative(x),
     )  # fmt: skip
     return conv, (x, residual)
+
+
+_QCONV_TRANSPOSE_KINDS = {
+    "int8": "int8 conv_transpose2d, kernel = stride: 1×1 int8 conv + depth-to-space (oneDNN)",
+    "int8-nonneg": (
+        "int8 conv_transpose2d, kernel = stride: 1×1 int8 conv + depth-to-space "
+        "(oneDNN, input >= 0: zero point 0)"
+    ),
+    "fp32": "int8-input conv_transpose2d (oneDNN fp32, dequantized weight)",
+}
 
 
 def _const(
@@ -778,7 +788,7 @@ def lower(
             lowered[_QCONV_KINDS[fn.mode]] += 1
         elif t is segfast_ops.qconv_transpose2d.default:
             fn, args = _qconv_transpose_step(gm, node)
-            lowered["int8-input conv_transpose2d (oneDNN fp32, dequantized weight)"] += 1
+            lowered[_QCONV_TRANSPOSE_KINDS[fn.mode]] += 1
         elif t is segfast_ops.conv_transpose2d.default or t is ops.conv_transpose2d_impl:
             step = _conv_transpose_step(gm, node)
             if step is not None:
@@ -807,7 +817,7 @@ def lower(
 
     stored = _int8_outputs(pending)
     if stored:
-        lowered["int8 conv2d storing int8 (requantized for its int8 readers)"] += stored
+        lowered["int8 conv storing int8 (requantized for its int8 readers)"] += stored
 
     # Last reader of every slot (by what the steps really read): free it right after.
     last_use: dict[fx.Node, fx.Node | None] = {}
@@ -838,6 +848,13 @@ def lower(
     return Plan(steps, inputs, template(output), len(slot_of), lowered)
 
 
+# where an int8 conv's args hold (residual, x2): x is always args[0]
+_INT8_READS = {
+    segfast_ops.qconv2d.default: (9, 11),
+    segfast_ops.qconv_transpose2d.default: (10, None),
+}
+
+
 def _int8_outputs(pending: list[tuple[fx.Node, Callable, tuple, dict]]) -> int:
     """Requantize on store: an int8 conv (no residual) whose every reader is an int8
     conv reading it as its input — all at one scale, no resize of it between — writes
@@ -845,18 +862,25 @@ def _int8_outputs(pending: list[tuple[fx.Node, Callable, tuple, dict]]) -> int:
     instead of fp32 that each reader quantizes again: a quarter of the bytes out and
     in, and no quantize pass. The readers take uint8 sources as they come. Returns
     how many convs store uint8."""
-    qconvs = {node: fn for node, fn, _, _ in pending if isinstance(fn, int8.PackedQConv2d)}
+    qconvs = {
+        node: fn
+        for node, fn, _, _ in pending
+        if isinstance(fn, int8.PackedQConv2d | int8.QConvTranspose2d)
+    }
     count = 0
     for node, fn in qconvs.items():
-        # qconv2d's args: x 0, residual 9, x2 11
-        if not fn.can_store_quantized or node.args[9] is not None or not node.users:
+        residual_at, _ = _INT8_READS[node.target]
+        if not fn.can_store_quantized or node.args[residual_at] is not None or not node.users:
             continue
         scales = set()
         for user in node.users:
             reader = qconvs.get(user)
-            if reader is None or reader.mode != "int8" or user.args[9] is node:
+            if reader is None or reader.mode != "int8":
                 break
-            if user.args[11] is not None and reader.x2_spec[0] != "none":
+            residual_at, x2_at = _INT8_READS[user.target]
+            if user.args[residual_at] is node:
+                break
+            if x2_at is not None and user.args[x2_at] is not None and reader.x2_spec[0] != "none":
                 break  # a resized second source is resized in float
             scales.add((reader.x_scale, reader.zp))
         else:
