@@ -177,9 +177,19 @@ def _static_width(node: Any) -> int | None:
 
 
 def _eight_lane(native: Native | None, use_avx2: bool) -> bool:
-    """Whether the 8-lane kernels (sf_dwconv8, sf_conv_few) may run: no AVX-512 (where
-    the 16-lane ones do), AVX2 and FMA, and not turned off (``avx2_kernels``)."""
-    return native is not None and use_avx2 and native.avx2 and not native.wide_vectors
+    """Whether the 8-lane depthwise kernel (sf_dwconv8) may run: no AVX-512 (there
+    oneDNN's depthwise kernels beat it 1.0–4×: measured on a Zen 4), AVX2 and FMA, and
+    not turned off (``avx2_kernels``)."""
+    return _few_output(native, use_avx2) and not native.wide_vectors
+
+
+def _few_output(native: Native | None, use_avx2: bool) -> bool:
+    """Whether sf_conv_few (1–4 output channels, 8-lane) may run: AVX2 and FMA, with or
+    without AVX-512 — oneDNN has no good kernel for so few outputs on either (2 cores
+    of a Zen 4 with AVX-512: 16→1 3×3 at 256² 1.56 → 0.32 ms, 32→1 3×3 at 512² 13.7 →
+    3.8, 256→4 3×3 at 64² 1.48 → 0.73, 64→2 1×1 at 256² 1.94 → 1.21) — and not turned
+    off (``avx2_kernels``)."""
+    return native is not None and use_avx2 and native.avx2
 
 
 def _pads_into_depthwise(
@@ -266,7 +276,7 @@ def _conv2d_step(
                                          act_param, residual_after_act, vec8=True)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, 8-lane)"
         if (
-            _eight_lane(native, use_avx2)
+            _few_output(native, use_avx2)
             and x2 is None
             and residual is None
             and act in ACT_CODES
@@ -654,7 +664,7 @@ def _head_step(
         weight, bias = constants
         weight = weight if weight.dim() == 4 else weight[:, :, None, None]
         if (
-            _eight_lane(native, use_avx2)
+            _few_output(native, use_avx2)
             and narrow.few_applies(weight, (1, 1), (1, 1), 1)
             and narrow.few_worthwhile(int(weight.shape[1]), 1, 1, _static_width(x))
         ):
@@ -690,9 +700,9 @@ def lower(
 
     ``native``: segfast's CPU kernels (:func:`segfast.backends.cpu.native.load`),
     or None to run every convolution on oneDNN; ``use_winograd``: whether 3×3
-    layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_avx2``: whether,
-    where AVX-512 is absent, depthwise layers may take ``sf_dwconv8`` and convs with 1–4
-    output channels ``sf_conv_few`` (needs ``native``).
+    layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_avx2``: whether
+    convs with 1–4 output channels may take ``sf_conv_few`` and, where AVX-512 is
+    absent, depthwise layers ``sf_dwconv8`` (needs ``native``).
     """
     nodes = list(gm.graph.nodes)
     slot_of: dict[fx.Node, int] = {}

@@ -172,11 +172,14 @@ def test_few_outputs_rejects_and_falls_back():
     (3, "mask", "head: [resize +] argmax (segfast kernel)"),
     (8, "logits", None),
 ])  # fmt: skip
-def test_plan_lowers_few_class_heads_without_avx512(monkeypatch, classes, output, kind):
-    """Where AVX-512 is absent (AVX2 present), a 1–4-class head conv — 3×3 on the
+@pytest.mark.parametrize("wide", [False, True])
+def test_plan_lowers_few_class_heads(monkeypatch, classes, output, kind, wide):
+    """With AVX2, with or without AVX-512, a 1–4-class head conv — 3×3 on the
     features, or the 1×1 inside an argmax head — runs sf_conv_few; 8 classes stay on
     oneDNN. The engine matches eager."""
-    monkeypatch.setattr(lib, "wide_vectors", False)
+    if wide and not lib.wide_vectors:
+        pytest.skip("the 16-lane kernels need AVX-512 on this CPU")
+    monkeypatch.setattr(lib, "wide_vectors", wide)
     monkeypatch.setattr(lib, "avx2", True)
     built = []
 
