@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 16
+ABI_VERSION = 17
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -193,6 +193,12 @@ class Native:
         self.quantize_u8 = lib.sf_quantize_u8
         self.quantize_u8.restype = None
         self.quantize_u8.argtypes = [_PTR, _I64, _I64, _I64, _FLOAT, _INT, _PTR, _I64]
+        self.se_gate = lib.sf_se_gate
+        self.se_gate.restype = None
+        self.se_gate.argtypes = (
+            [_PTR, _INT] + [_I64] * 5 + [_PTR, _PTR, _I64, _INT, _FLOAT, _PTR, _PTR, _I64, _INT]
+            + [_FLOAT, _PTR, _PTR, _PTR]
+        )  # fmt: skip
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT
         self.resize_dw.argtypes = (

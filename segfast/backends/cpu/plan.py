@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import int8, invres, narrow, winograd
+from segfast.backends.cpu import int8, invres, narrow, se_gate, winograd
 from segfast.backends.cpu.depthwise import (
     ACT_CODES,
     NativeDepthwiseConv2d,
@@ -352,6 +352,25 @@ def _gated_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple] | N
         "none", False, None, None, False, input_size=tuple(val(x).shape),
     )  # fmt: skip
     return GatedPackedConv2d(conv), (x, gate, residual)
+
+
+def _se_gate_step(
+    gm: fx.GraphModule, node: fx.Node, native: Native
+) -> tuple[Callable, tuple] | None:
+    """``segfast.se_gate`` on ``sf_se_gate`` when its weights are constants and its
+    activations the kernel's; else None (the composite runs it)."""
+    p, w1, b1, act1, act1_param, w2, b2, act2, act2_param = node.args
+    floats = (torch.float32, torch.bfloat16)
+    consts = [_const(gm, t, floats) for t in (w1, b1, w2, b2)]
+    if consts[0] is None or any(
+        c is None for c, t in zip(consts, (w1, b1, w2, b2), strict=True) if t is not None
+    ):
+        return None
+    if not se_gate.applies(act1, consts[2], act2):
+        return None
+    cw1, cb1, cw2, cb2 = consts
+    gate = se_gate.NativeSEGate(native, cw1, cb1, act1, act1_param, cw2, cb2, act2, act2_param)
+    return gate, (p,)
 
 
 def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple] | None:
@@ -816,6 +835,13 @@ def lower(
         elif t is segfast_ops.conv2d_gated.default and (step := _gated_step(gm, node)):
             fn, args = step
             lowered["conv2d of x · SE gate (oneDNN, packed)"] += 1
+        elif (
+            t is segfast_ops.se_gate.default
+            and native is not None
+            and (step := _se_gate_step(gm, node, native))
+        ):
+            fn, args = step
+            lowered["squeeze-excitation gate (segfast kernel)"] += 1
         elif t in _DIRECT:
             fn, kind = _DIRECT[t]
             lowered[kind] += 1

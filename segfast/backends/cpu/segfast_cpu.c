@@ -28,7 +28,9 @@
  *   sf_quantize_u8  fp32 → int8 at one scale (round half to even, saturating at
  *                 −128/127, as ONNX's QuantizeLinear), stored as uint8 + zp for
  *                 oneDNN's int8 convolutions (zp 128; zp 0 for inputs known to be
- *                 ≥ 0, where negative values clamp to 0).
+ *                 ≥ 0, where negative values clamp to 0);
+ *   sf_se_gate    a squeeze-excitation gate: the mean over H×W of an NHWC fp32/bf16
+ *                 map, a 1×1 conv + activation, optionally a second one, in one call.
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
  */
 #if defined(__AVX__) || defined(__AVX512F__)
@@ -54,7 +56,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 16; }
+int sf_abi_version(void) { return 17; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1736,5 +1738,72 @@ void sf_quantize_u8(const float* restrict x, int64_t rows, int64_t C, int64_t xs
       v = v < lo ? lo : (v > 127.f ? 127.f : v);
       orow[c] = (uint8_t)(int32_t)(v + z);
     }
+  }
+}
+
+/* Squeeze-excitation gate: out[n, k] = act2(b2[k] + Σ_j w2t[j, k] · act1(b1[j] + Σ_c
+ * w1[j, c] · mean_p x[n, p, c])) — or the first stage alone when w2t is NULL (C2 = C1).
+ * x: N images of HW pixels, pixel stride xs and image stride xsn (elements), channels
+ * contiguous; fp32, or bf16 when `bf16`. w1 is [C1, C]; w2t is the second weight
+ * transposed, [C1, C2], so both products run along contiguous 16-float vectors. Sums
+ * in fp32. The mean runs in parallel over blocks of SF_CB channels (one thread reads
+ * its own 64-byte run of every pixel); the two small matrix-vector products after it
+ * on one thread. `pooled`: N·C floats of scratch, `hidden`: C1. Reference:
+ * segfast.compiler.ops.se_gate_impl. */
+void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t C, int64_t xs,
+                int64_t xsn, const float* restrict w1, const float* restrict b1, int64_t C1,
+                int act1, float p1, const float* restrict w2t, const float* restrict b2,
+                int64_t C2, int act2, float p2, float* restrict pooled, float* restrict hidden,
+                float* restrict out) {
+  const int64_t nb = (C + SF_CB - 1) / SF_CB;
+  const float inv = 1.f / (float)HW;
+#pragma omp parallel for schedule(static) if (N * HW * C > 32768)
+  for (int64_t t = 0; t < N * nb; t++) {
+    const int64_t n = t / nb, c0 = (t % nb) * SF_CB;
+    const int lanes = (int)(C - c0 < SF_CB ? C - c0 : SF_CB);
+    sf_v16 acc = {0.f};
+    if (bf16) {
+      const uint16_t* xb = (const uint16_t*)x + n * xsn + c0;
+      if (lanes == SF_CB) {
+        for (int64_t p = 0; p < HW; p++) acc += sf_bf16_load16(xb + p * xs);
+      } else {
+        for (int64_t p = 0; p < HW; p++)
+          for (int l = 0; l < lanes; l++) acc[l] += sf_bf16_load(xb + p * xs + l);
+      }
+    } else {
+      const float* xf = (const float*)x + n * xsn + c0;
+      if (lanes == SF_CB) {
+        for (int64_t p = 0; p < HW; p++) acc += *(const sf_v16*)(xf + p * xs);
+      } else {
+        for (int64_t p = 0; p < HW; p++)
+          for (int l = 0; l < lanes; l++) acc[l] += xf[p * xs + l];
+      }
+    }
+    for (int l = 0; l < lanes; l++) pooled[n * C + c0 + l] = acc[l] * inv;
+  }
+  for (int64_t n = 0; n < N; n++) {
+    const float* m = pooled + n * C;
+    float* h = w2t ? hidden : out + n * C1;
+    for (int64_t j = 0; j < C1; j++) {  /* dot products along C, 16 lanes at a time */
+      const float* wr = w1 + j * C;
+      sf_v16 a = {0.f};
+      int64_t c = 0;
+      for (; c + SF_CB <= C; c += SF_CB) a += *(const sf_v16*)(wr + c) * *(const sf_v16*)(m + c);
+      float v = 0.f;
+      for (int l = 0; l < SF_CB; l++) v += a[l];
+      for (; c < C; c++) v += wr[c] * m[c];
+      h[j] = sf_act(v + (b1 ? b1[j] : 0.f), act1, p1);
+    }
+    if (!w2t) continue;
+    float* o = out + n * C2;
+    for (int64_t k = 0; k < C2; k++) o[k] = b2 ? b2[k] : 0.f;
+    for (int64_t j = 0; j < C1; j++) {  /* axpy along C2: rows of w2t are contiguous */
+      const float hj = hidden[j];
+      const float* wr = w2t + j * C2;
+      int64_t k = 0;
+      for (; k + SF_CB <= C2; k += SF_CB) *(sf_v16*)(o + k) += hj * *(const sf_v16*)(wr + k);
+      for (; k < C2; k++) o[k] += hj * wr[k];
+    }
+    for (int64_t k = 0; k < C2; k++) o[k] = sf_act(o[k], act2, p2);
   }
 }
