@@ -374,6 +374,49 @@ def test_the_plan_runs_unets_up_convs_on_int8(monkeypatch):
     _close_to_unstored(eng, plain, m, data[:3])
 
 
+class UpsampledDecoder(nn.Module):
+    """DeepLab v3+'s decoder in small: a conv at 1/4 the size, a bilinear ×4, then a
+    depthwise conv and a 1×1 (the upsample read only by int8 convs); and an upsample
+    read by a float op too (the residual add), which must stay fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 32, 3, 4, 1), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32), nn.ReLU())
+        self.pw = nn.Conv2d(32, 4, 1)
+        self.side = nn.Conv2d(3, 4, 3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.enc(x), scale_factor=4.0, mode="bilinear")
+        skip = F.interpolate(self.side(x), scale_factor=4.0, mode="bilinear")
+        return self.pw(self.dw(up)) + skip
+
+
+@needs_exact_int8
+def test_the_plan_writes_an_upsample_read_by_int8_convs_as_uint8(monkeypatch):
+    from segfast.backends.cpu import plan as cpu_plan
+
+    torch.manual_seed(0)
+    m = UpsampledDecoder().eval()
+    data = [smooth(1, 3, 32, 48, seed=i) for i in range(8)]
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
+
+    def build():
+        return segfast.compile(
+            m, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
+        )
+
+    eng = build()
+    lowered = eng._runner.details["lowered"]
+    key = "bilinear upsample written as its int8 readers' uint8 (segfast kernel)"
+    assert lowered[key] == 1, lowered  # not the skip's: the add reads it in float
+    monkeypatch.setattr(cpu_plan, "_quantized_upsamples", lambda pending, native: (pending, 0))
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
+    plain = build()
+    assert key not in plain._runner.details["lowered"]
+    _close_to_unstored(eng, plain, m, data[:3])
+
+
 class InvertedChain(nn.Module):
     """MobileNetV2-style blocks, a skip concat and a head: which convs can store uint8
     (expand → depthwise → project chains, a two-source conv's sources) and which

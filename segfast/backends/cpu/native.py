@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 17
+ABI_VERSION = 18
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -165,6 +165,12 @@ class Native:
                 [_PTR, _INT] + [_I64] * 7 + [_PTR, _INT] + [_I64] * 2 + [_FLOAT, _FLOAT, _INT]
             )
             setattr(self, name, fn)
+        self.resize_q8 = lib.sf_resize_q8
+        self.resize_q8.restype = _INT
+        self.resize_q8.argtypes = (
+            [_PTR] + [_I64] * 7 + [_PTR] + [_I64] * 3 + [_FLOAT, _INT] + [_I64] * 2
+            + [_FLOAT, _FLOAT, _INT]
+        )  # fmt: skip
         self.up_taps = lib.sf_up_taps
         self.up_taps.restype = _INT
         self.up_taps.argtypes = (

@@ -851,6 +851,9 @@ def lower(
         slot_of[node] = len(slot_of)
         pending.append((node, fn, args, kwargs))
 
+    pending, resized = _quantized_upsamples(pending, native)
+    if resized:
+        lowered["bilinear upsample written as its int8 readers' uint8 (segfast kernel)"] += resized
     stored = _int8_outputs(pending)
     if stored:
         lowered["int8 conv storing int8 (requantized for its int8 readers)"] += stored
@@ -908,22 +911,84 @@ def _int8_outputs(pending: list[tuple[fx.Node, Callable, tuple, dict]]) -> int:
         residual_at, _ = _INT8_READS[node.target]
         if not fn.can_store_quantized or node.args[residual_at] is not None or not node.users:
             continue
-        scales = set()
-        for user in node.users:
-            reader = qconvs.get(user)
-            if reader is None or reader.mode != "int8":
-                break
-            residual_at, x2_at = _INT8_READS[user.target]
-            if user.args[residual_at] is node:
-                break
-            if x2_at is not None and user.args[x2_at] is not None and reader.x2_spec[0] != "none":
-                break  # a resized second source is resized in float
-            scales.add((reader.x_scale, reader.zp))
-        else:
-            if len(scales) == 1:
-                fn.store_quantized(*scales.pop())
-                count += 1
+        quant = _int8_readers_scale(node, qconvs)
+        if quant is not None:
+            fn.store_quantized(*quant)
+            count += 1
     return count
+
+
+def _int8_readers_scale(node: fx.Node, qconvs: dict[fx.Node, Any]) -> tuple[float, int] | None:
+    """The one (scale, zero point) at which every reader of ``node`` quantizes it, when
+    every reader is an int8 conv on oneDNN's int8 kernel (zero point 128) reading it as
+    its input (not as a residual; not as a second source it resizes); else None."""
+    scales = set()
+    for user in node.users:
+        if is_call(user, ops.to_nhwc):  # the layout pass's no-op on NHWC (uint8 too)
+            quant = _int8_readers_scale(user, qconvs)
+            if quant is None:
+                return None
+            scales.add(quant)
+            continue
+        reader = qconvs.get(user)
+        if reader is None or reader.mode != "int8":
+            return None
+        residual_at, x2_at = _INT8_READS[user.target]
+        if user.args[residual_at] is node:
+            return None
+        if x2_at is not None and user.args[x2_at] is not None and reader.x2_spec[0] != "none":
+            return None  # a resized second source is resized in float
+        scales.add((reader.x_scale, reader.zp))
+    return scales.pop() if len(scales) == 1 else None
+
+
+class _QuantizedUpsample:
+    """A bilinear upsample read only by int8 convs, written as their uint8 input."""
+
+    def __init__(self, resize: NativeResize, scale: float, zp: int) -> None:
+        self.resize, self.scale, self.zp = resize, scale, zp
+
+    def __call__(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
+        return self.resize.quantized(x, size, self.scale, self.zp)
+
+
+def _quantized_upsamples(
+    pending: list[tuple[fx.Node, Callable, tuple, dict]], native: Native | None
+) -> tuple[list[tuple[fx.Node, Callable, tuple, dict]], int]:
+    """An fp32 bilinear upsample whose readers are all int8 convs at one scale
+    (DeepLab v3+'s decoder: ASPP output → ×4 → depthwise) runs ``sf_resize_q8``: the
+    readers' quantization of the resize, written as uint8 — a quarter of the bytes,
+    and no quantize pass over the fp32 map. Returns the new pending list and how many."""
+    if native is None:
+        return pending, 0
+    qconvs = {
+        node: fn
+        for node, fn, _, _ in pending
+        if isinstance(fn, int8.PackedQConv2d | int8.QConvTranspose2d)
+    }
+    out, count = [], 0
+    for node, fn, args, kwargs in pending:
+        rs = resample_of(node)
+        quant = None
+        if (
+            qconvs
+            and rs is not None
+            and rs.mode == "bilinear"
+            and fn is node.target  # not lowered to anything else
+            and isinstance(rs.input, fx.Node)
+            and val(rs.input).dtype == torch.float32
+            and node.users
+            and rs.size_for_graph() is not None
+        ):
+            quant = _int8_readers_scale(node, qconvs)
+        if quant is None:
+            out.append((node, fn, args, kwargs))
+            continue
+        resize = NativeResize(native, rs.align_corners, (rs.scale_h, rs.scale_w))
+        size = list(rs.size_for_graph())
+        out.append((node, _QuantizedUpsample(resize, *quant), (rs.input, size), {}))
+        count += 1
+    return out, count
 
 
 def _nodes_in(a: Any) -> list[fx.Node]:

@@ -11,7 +11,11 @@ at 512×512 on 2 Zen 4 cores: 4.3 ms fp32, 10.0 ms bf16). Here:
   channel (the layout callers read logits in), vectorised along the row;
 - ``output="mask"``: the argmax is taken on the resized logits as each pixel is
   computed, so the full-resolution logits are never written (the fused head of
-  DESIGN.md, on the CPU) — 22 MB less traffic per DeepLab frame.
+  DESIGN.md, on the CPU) — 22 MB less traffic per DeepLab frame;
+- in int8 engines, an upsample read only by int8 convs is written as their uint8
+  input (``quantized``: the conv's own quantization of the fp32 resize, NHWC) —
+  DeepLab v3+'s decoder upsample at 512²: 4 MB written instead of 16 MB, and no
+  quantize pass reading those 16 MB back.
 
 Index arithmetic is ATen's (fp32 source index, clamped at 0; align_corners; a
 given scale factor used as 1/scale; a dimension of unchanged size copied);
@@ -73,6 +77,27 @@ class NativeResize:
         y = torch.empty((x.shape[0], x.shape[1], tail[0], tail[1]), dtype=x.dtype)
         failed = self.native.resize_nchw(*head, y.data_ptr(), int(y.dtype == torch.bfloat16),
                                          *tail)  # fmt: skip
+        if failed:
+            raise MemoryError("segfast CPU kernel: could not allocate a resize buffer")
+        return y
+
+    def quantized(self, x: Tensor, size: Sequence[int], scale: float, zp: int) -> Tensor:
+        """The resize as NHWC uint8 ``clamp(round(y / scale), −128, 127) + zp``
+        (:func:`segfast.backends.cpu.int8.quantize_u8` of the fp32 resize ``y``)."""
+        from segfast.backends.cpu.int8 import quantize_u8
+
+        if not self._usable(x, size) or x.dtype != torch.float32:
+            y = ops.resize_like_aten(x, size, "bilinear", self.align, *self.scales)
+            return quantize_u8(y, scale, zp)
+        x = ops.to_nhwc(x)
+        head, tail = self._args(x, size)
+        n, c = x.shape[:2]
+        y = torch.empty(
+            (n, c, tail[0], tail[1]), dtype=torch.uint8, memory_format=torch.channels_last
+        )
+        failed = self.native.resize_q8(
+            head[0], *head[2:], y.data_ptr(), *nhwc_strides(y), float(scale), int(zp), *tail
+        )
         if failed:
             raise MemoryError("segfast CPU kernel: could not allocate a resize buffer")
         return y

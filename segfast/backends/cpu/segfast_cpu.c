@@ -29,6 +29,8 @@
  *                 −128/127, as ONNX's QuantizeLinear), stored as uint8 + zp for
  *                 oneDNN's int8 convolutions (zp 128; zp 0 for inputs known to be
  *                 ≥ 0, where negative values clamp to 0);
+ *   sf_resize_q8  a bilinear resize written as uint8 at one scale (the quantization of
+ *                 an int8 conv that reads it), never as fp32;
  *   sf_se_gate    a squeeze-excitation gate: the mean over H×W of an NHWC fp32/bf16
  *                 map, a 1×1 conv + activation, optionally a second one, in one call.
  * References: segfast/backends/cpu/depthwise.py, winograd.py and resize_dw.py.
@@ -56,7 +58,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 17; }
+int sf_abi_version(void) { return 18; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1137,6 +1139,59 @@ int sf_resize_nchw(const void* restrict x, int x_bf16, int64_t N, int64_t Hx, in
   const sf_rowout out = {y, y_bf16, C, H, W};
   return sf_resize_rows(x, x_bf16, N, Hx, Wx, C, xsn, xsh, xsw, H, W, scale_h, scale_w, align,
                         sf_row_logits, &out);
+}
+
+/* Bilinear resize straight to uint8: y[n, oh, ow, c] = clamp(round_half_even(v / qscale),
+ * −128, 127) + qzp (qzp 0: negative values clamp to 0), v the fp32 resize as ATen's
+ * channels-last kernel computes it — h0λ·(w0λ·x00 + w1λ·x01) + h1λ·(w0λ·x10 + w1λ·x11),
+ * ATen's source indices — i.e. sf_quantize_u8 of PyTorch's resize, never written in
+ * fp32. x fp32 NHWC (channels contiguous, strides xsn, xsh, xsw), y uint8 NHWC (ysn,
+ * ysh, ysw: a channel slice of a larger buffer is fine). Output rows in parallel, 16
+ * channels on a vector. Rounding: adding and subtracting 1.5·2^23 rounds to nearest
+ * even (default rounding mode) for |q| < 2^22; larger |q| clamp either way. */
+int sf_resize_q8(const float* restrict x, int64_t N, int64_t Hx, int64_t Wx, int64_t C,
+                 int64_t xsn, int64_t xsh, int64_t xsw, uint8_t* restrict y, int64_t ysn,
+                 int64_t ysh, int64_t ysw, float qscale, int qzp, int64_t H, int64_t W,
+                 float scale_h, float scale_w, int align) {
+  sf_columns cols;
+  if (sf_columns_make(Wx, W, scale_w, align, &cols)) return 1;
+  const float lo = qzp == 0 ? 0.f : -128.f, z = (float)qzp, magic = 12582912.f;
+  const sf_v16 vlo = (sf_v16){0.f} + lo, vhi = (sf_v16){0.f} + 127.f;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < N * H; ++r) {
+    const int64_t n = r / H, oh = r % H;
+    int64_t h0, h1;
+    float lh;
+    sf_linear_index(oh, Hx, H, scale_h, align, &h0, &h1, &lh);
+    const float lh0 = 1.f - lh;
+    const float* x0 = x + n * xsn + h0 * xsh;
+    const float* x1 = x + n * xsn + h1 * xsh;
+    uint8_t* restrict yr = y + n * ysn + oh * ysh;
+    for (int64_t ow = 0; ow < W; ++ow) {
+      const int64_t a = cols.i0[ow] * xsw, b = cols.i1[ow] * xsw;
+      const float lw = cols.l1[ow], lw0 = 1.f - lw;
+      uint8_t* restrict dst = yr + ow * ysw;
+      int64_t c = 0;
+      for (; c + 16 <= C; c += 16) {
+        const sf_v16 t0 = lw0 * *(const sf_v16*)(x0 + a + c) + lw * *(const sf_v16*)(x0 + b + c);
+        const sf_v16 t1 = lw0 * *(const sf_v16*)(x1 + a + c) + lw * *(const sf_v16*)(x1 + b + c);
+        sf_v16 q = (lh0 * t0 + lh * t1) / qscale;
+        q = (q + magic) - magic;
+        q = sf_select(q < vlo, vlo, q);
+        q = sf_select(q > vhi, vhi, q);
+        const sf_i16 qi = __builtin_convertvector(q + z, sf_i16);
+        for (int j = 0; j < 16; ++j) dst[c + j] = (uint8_t)qi[j];
+      }
+      for (; c < C; ++c) {
+        const float t0 = lw0 * x0[a + c] + lw * x0[b + c];
+        const float t1 = lw0 * x1[a + c] + lw * x1[b + c];
+        float q = nearbyintf((lh0 * t0 + lh * t1) / qscale);
+        q = q < lo ? lo : (q > 127.f ? 127.f : q);
+        dst[c] = (uint8_t)(int32_t)(q + z);
+      }
+    }
+  }
+  return 0;
 }
 
 /* out_kind: 0 uint8, 1 int32, 2 int64 mask [N, H, W] contiguous. */

@@ -84,3 +84,49 @@ def test_other_dtypes_use_pytorch():
     y = NativeResize(lib, False, (None, None)).logits(x, (8, 8))
     assert y.dtype == torch.float64
     assert torch.allclose(y, ops.resize_like_aten(x, (8, 8), "bilinear", False, None, None))
+
+
+# -- int8: the resize written as its int8 readers' uint8 --------------------------------
+
+
+def _quantized_ref(x, size, align, scales, scale, zp):
+    from segfast.backends.cpu.int8 import quantize_u8
+
+    return quantize_u8(ops.resize_like_aten(x, size, "bilinear", align, *scales), scale, zp)
+
+
+def _ties_only(q, ref):
+    """Equal but for ±1 on rounding ties (v / scale exactly at .5 after the blend's
+    fp32 rounding): a handful per million."""
+    d = (q.int() - ref.int()).abs()
+    assert int(d.max()) <= 1
+    assert int((d > 0).sum()) <= max(1, d.numel() // 100_000)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "align", "scales"),
+    [*CASES, ((1, 256, 8, 8), (32, 32), False, (None, None)), ((2, 35, 6, 5), (24, 20), True,
+                                                               (None, None))],
+)  # fmt: skip
+@pytest.mark.parametrize("zp", [128, 0])
+def test_quantized_resize_is_the_quantized_pytorch_resize(shape, size, align, scales, zp):
+    x = _nhwc(shape)
+    if zp == 0:  # zero point 0 is for maps known to be >= 0
+        x = x.relu()
+    scale = float(ops.resize_like_aten(x, size, "bilinear", align, *scales).abs().amax()) / 100
+    q = NativeResize(lib, align, scales).quantized(x, size, scale, zp)
+    assert q.dtype == torch.uint8
+    assert q.is_contiguous(memory_format=torch.channels_last)
+    _ties_only(q, _quantized_ref(x, size, align, scales, scale, zp))
+
+
+def test_quantized_resize_saturates_and_reads_any_layout():
+    x = torch.randn(1, 20, 5, 7) * 50  # NCHW in: made NHWC first
+    scale = 0.05  # most values saturate at -128 / 127
+    q = NativeResize(lib, False, (None, None)).quantized(x, (9, 13), scale, 128)
+    ref = _quantized_ref(x, (9, 13), False, (None, None), scale, 128)
+    _ties_only(q, ref)
+    assert int(q.min()) == 0 and int(q.max()) == 255  # noqa: PT018
+    xb = x.bfloat16()  # not the kernel's dtype: PyTorch's resize, then quantized
+    qb = NativeResize(lib, False, (None, None)).quantized(xb, (9, 13), scale, 128)
+    _ties_only(qb, _quantized_ref(xb, (9, 13), False, (None, None), scale, 128))
