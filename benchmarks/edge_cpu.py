@@ -9,9 +9,9 @@ LR-ASPP MobileNetV3-Large at 512² (21 classes; torchvision's layout, 3,221,538
 parameters as torchvision's), U-Net EfficientNet-B0 at 256² (1 class; smp's layout,
 its parameter count), FPN with GroupNorm at 256², DeepLab v3+ MobileNetV2 at 512² (its
 separable ASPP: atrous depthwise convs). Where the plan runs layers on segfast's 8-lane
-kernels for CPUs without AVX-512 (depthwise ``sf_dwconv8``, few-output ``sf_conv_few``),
-the same engine with those layers on oneDNN (``options={"avx2_kernels": False}``) is
-timed beside it. Every engine is timed in the same
+kernels (depthwise ``sf_dwconv8`` on CPUs without AVX-512, few-output ``sf_conv_few`` on
+any AVX2 CPU), the same engine with those layers on oneDNN
+(``options={"avx2_kernels": False}``) is timed beside it. Every engine is timed in the same
 interleaved rounds (a short pause before each block); the table gives the median ms,
 the ratio to ONNX Runtime fp32 and each engine's rel-L2 against fp32 eager. Speed
 claims come from here, never from tests.

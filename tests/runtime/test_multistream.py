@@ -95,6 +95,18 @@ def _accounted(s) -> None:
     assert s.unfinished == 0
 
 
+def _same_encoded_content(a: np.ndarray, b: np.ndarray) -> None:
+    """Two decoded frames of the same masks, each encoded by libx264 (lossy). x264's
+    threads make its output depend on timing when the CPU is busy (the same file
+    encoded twice under load differed in 2 of 11 runs here, by codec artefacts of up to
+    24 levels on a few % of pixels), so the bytes are not compared; the content is:
+    consecutive frames of these clips differ by 2.7–10 levels on average (2–9 % of
+    pixels by more than 32), so a wrong, missing or reordered frame fails."""
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert float(d.mean()) < 1.0, float(d.mean())
+    assert float((d > 32).mean()) < 0.002
+
+
 def test_four_streams_batched_each_equal_to_running_alone(engine, clips, tmp_path):
     out = tmp_path / "out"
     results = []
@@ -120,7 +132,7 @@ def test_four_streams_batched_each_equal_to_running_alone(engine, clips, tmp_pat
         written = read_frames(out / clip.name)
         assert len(written) == n
         for a, b in zip(read_frames(single), written, strict=True):
-            np.testing.assert_array_equal(a, b)
+            _same_encoded_content(a, b)
     total = ms.total()
     assert total.frames_out == sum(n for _, _, n in CLIPS)
     assert "batch-dynamic engine" in ms.report()
