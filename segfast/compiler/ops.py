@@ -222,6 +222,18 @@ def _mkldnn_ok(dtype: torch.dtype = torch.float32) -> bool:
         return False
 
 
+def _plainly_channels_last(t: Tensor) -> bool:
+    """Channels-last strides that are not also NCHW strides. A tensor whose strides
+    fit both (1×1 weights, one channel, 1×1 maps) PyTorch's oneDNN conv takes as NCHW,
+    and an NCHW bf16 conv with an add + activation goes to an ATen kernel without
+    bf16."""
+    return (
+        t.dim() == 4
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not t.is_contiguous()
+    )
+
+
 def _conv_cpu_fused(
     x: Tensor,
     weight: Tensor,
@@ -266,11 +278,8 @@ def _conv_cpu_fused(
         return None  # oneDNN's binary add would read a residual of another shape unchecked
     if residual.dtype != x.dtype:
         return None
-    cl = torch.channels_last
     fused = unary in MKLDNN_UNARY_AFTER_ADD and (
-        x.dtype == torch.float32
-        or x.is_contiguous(memory_format=cl)
-        or weight.is_contiguous(memory_format=cl)
+        x.dtype == torch.float32 or _plainly_channels_last(x) or _plainly_channels_last(weight)
     )  # NCHW bf16 add + activation goes to an ATen kernel without bf16 (PyTorch 2.13)
     y = op.binary(
         x,

@@ -163,16 +163,31 @@ def test_bf16_probe_finds_onednn_bf16_where_the_cpu_has_it():
     assert ops._mkldnn_ok(torch.bfloat16)
 
 
-def test_bf16_nchw_residual_relu_runs():
+@pytest.mark.parametrize(
+    ("x_shape", "k", "layout"),
+    [
+        ((1, 4, 5, 6), 3, "nchw"),  # NCHW, as an unlaid-out graph has
+        ((1, 4, 5, 6), 1, "nchw"),  # 1×1 weights: strides fit both layouts
+        ((1, 4, 5, 6), 1, "cl"),  # channels_last map, 1×1 weight
+        ((2, 1, 5, 6), 3, "nchw"),  # one channel: strides fit both layouts
+        ((2, 8, 1, 1), 1, "nchw"),  # a pooled 1×1 map (mean → 1×1 conv)
+        ((2, 8, 1, 1), 1, "cl"),
+        ((1, 4, 5, 6), 3, "cl"),
+    ],
+)
+def test_bf16_residual_relu_runs_in_any_layout(x_shape, k, layout):
     if not ops._mkldnn_ok(torch.bfloat16):
         pytest.skip("oneDNN has no bf16 convolutions on this CPU")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 5, 6, generator=g).bfloat16()  # NCHW, as an unlaid-out graph has
-    w = torch.randn(3, 4, 3, 3, generator=g).bfloat16()
+    x = torch.randn(*x_shape, generator=g).bfloat16()
+    n, c, h, w_ = x_shape
+    w = torch.randn(3, c, k, k, generator=g).bfloat16()
     b = torch.randn(3, generator=g).bfloat16()
-    r = torch.randn(1, 3, 5, 6, generator=g).bfloat16()
-    y = ops._conv_cpu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, r, False)
-    ref = (
-        torch.nn.functional.conv2d(x.float(), w.float(), b.float(), padding=1) + r.float()
-    ).relu()
+    r = torch.randn(n, 3, h, w_, generator=g).bfloat16()
+    if layout == "cl":
+        x, w, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, r))
+    pad = [k // 2] * 2
+    y = ops._conv_cpu_fused(x, w, b, [1, 1], pad, [1, 1], 1, "relu", 0.0, r, False)
+    ref = torch.nn.functional.conv2d(x.float(), w.float(), b.float(), padding=k // 2)
+    ref = (ref + r.float()).relu()
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)
