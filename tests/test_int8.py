@@ -338,6 +338,15 @@ def test_int8_transposed_conv_matches_the_composite(
             conv.store_quantized(0.1, 128)
 
 
+def _int8_logits(model, data):
+    """An all-int8 logits engine on the CPU plan (no fallback; the bar low: these tests
+    compare plans, not the contract)."""
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
+    return segfast.compile(
+        model, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
+    )
+
+
 def _close_to_unstored(eng, plain, model, inputs) -> None:
     """Storing uint8 changes nothing but rounding ties (oneDNN scales the int32 sum
     once, the fp32 path twice): one flipped activation spreads through the convs after
@@ -356,21 +365,14 @@ def test_the_plan_runs_unets_up_convs_on_int8(monkeypatch):
     torch.manual_seed(0)
     m = models.create("unet", tiny=True).eval()
     data = [smooth(1, m.in_channels, 32, 48, seed=i) for i in range(8)]
-    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
-
-    def build():
-        return segfast.compile(
-            m, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
-        )
-
-    eng = build()
+    eng = _int8_logits(m, data)
     lowered = eng._runner.details["lowered"]
     ups = sum(v for k, v in lowered.items() if k.startswith("int8 conv_transpose2d, kernel"))
     assert ups == sum(isinstance(x, nn.ConvTranspose2d) for x in m.modules()) > 0, lowered
     # each up-conv's input (a decoder conv) and output (into a two-source conv) stay uint8
     assert lowered["int8 conv storing int8 (requantized for its int8 readers)"] >= 2 * ups
-    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
-    plain = build()
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda qconvs: 0)
+    plain = _int8_logits(m, data)
     _close_to_unstored(eng, plain, m, data[:3])
 
 
@@ -399,20 +401,13 @@ def test_the_plan_writes_an_upsample_read_by_int8_convs_as_uint8(monkeypatch):
     torch.manual_seed(0)
     m = UpsampledDecoder().eval()
     data = [smooth(1, 3, 32, 48, seed=i) for i in range(8)]
-    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
-
-    def build():
-        return segfast.compile(
-            m, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
-        )
-
-    eng = build()
+    eng = _int8_logits(m, data)
     lowered = eng._runner.details["lowered"]
     key = "bilinear upsample written as its int8 readers' uint8 (segfast kernel)"
     assert lowered[key] == 1, lowered  # not the skip's: the add reads it in float
-    monkeypatch.setattr(cpu_plan, "_quantized_upsamples", lambda pending, native: (pending, 0))
-    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
-    plain = build()
+    monkeypatch.setattr(cpu_plan, "_quantized_upsamples", lambda pending, *_: (pending, 0))
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda qconvs: 0)
+    plain = _int8_logits(m, data)
     assert key not in plain._runner.details["lowered"]
     _close_to_unstored(eng, plain, m, data[:3])
 
@@ -446,21 +441,14 @@ def test_the_plan_stores_uint8_only_where_every_reader_is_int8(monkeypatch):
     torch.manual_seed(0)
     m = InvertedChain().eval()
     data = [smooth(1, 3, 32, 40, seed=i) for i in range(8)]
-    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
-
-    def build():
-        return segfast.compile(
-            m, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
-        )
-
-    eng = build()
+    eng = _int8_logits(m, data)
     lowered = eng._runner.details["lowered"]
     # expand (→ dw), dw (→ project), side (→ fuse, beside a float source), fuse (→ cls);
     # not: stem (also read as project's residual), project (has a residual), cls (its
     # reader is the float upsample)
     assert lowered["int8 conv storing int8 (requantized for its int8 readers)"] == 4, lowered
-    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda pending: 0)
-    plain = build()
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda qconvs: 0)
+    plain = _int8_logits(m, data)
     assert (
         "int8 conv storing int8 (requantized for its int8 readers)"
         not in (plain._runner.details["lowered"])

@@ -851,10 +851,15 @@ def lower(
         slot_of[node] = len(slot_of)
         pending.append((node, fn, args, kwargs))
 
-    pending, resized = _quantized_upsamples(pending, native)
+    qconvs = {
+        node: fn
+        for node, fn, _, _ in pending
+        if isinstance(fn, int8.PackedQConv2d | int8.QConvTranspose2d)
+    }
+    pending, resized = _quantized_upsamples(pending, qconvs, native)
     if resized:
         lowered["bilinear upsample written as its int8 readers' uint8 (segfast kernel)"] += resized
-    stored = _int8_outputs(pending)
+    stored = _int8_outputs(qconvs)
     if stored:
         lowered["int8 conv storing int8 (requantized for its int8 readers)"] += stored
 
@@ -894,18 +899,13 @@ _INT8_READS = {
 }
 
 
-def _int8_outputs(pending: list[tuple[fx.Node, Callable, tuple, dict]]) -> int:
+def _int8_outputs(qconvs: dict[fx.Node, Any]) -> int:
     """Requantize on store: an int8 conv (no residual) whose every reader is an int8
     conv reading it as its input — all at one scale, no resize of it between — writes
     uint8 at that scale (:meth:`segfast.backends.cpu.int8.PackedQConv2d.store_quantized`)
     instead of fp32 that each reader quantizes again: a quarter of the bytes out and
     in, and no quantize pass. The readers take uint8 sources as they come. Returns
-    how many convs store uint8."""
-    qconvs = {
-        node: fn
-        for node, fn, _, _ in pending
-        if isinstance(fn, int8.PackedQConv2d | int8.QConvTranspose2d)
-    }
+    how many convs store uint8. ``qconvs``: the plan's int8 convs by node."""
     count = 0
     for node, fn in qconvs.items():
         residual_at, _ = _INT8_READS[node.target]
@@ -953,26 +953,22 @@ class _QuantizedUpsample:
 
 
 def _quantized_upsamples(
-    pending: list[tuple[fx.Node, Callable, tuple, dict]], native: Native | None
+    pending: list[tuple[fx.Node, Callable, tuple, dict]],
+    qconvs: dict[fx.Node, Any],
+    native: Native | None,
 ) -> tuple[list[tuple[fx.Node, Callable, tuple, dict]], int]:
     """An fp32 bilinear upsample whose readers are all int8 convs at one scale
     (DeepLab v3+'s decoder: ASPP output → ×4 → depthwise) runs ``sf_resize_q8``: the
     readers' quantization of the resize, written as uint8 — a quarter of the bytes,
     and no quantize pass over the fp32 map. Returns the new pending list and how many."""
-    if native is None:
+    if native is None or not qconvs:
         return pending, 0
-    qconvs = {
-        node: fn
-        for node, fn, _, _ in pending
-        if isinstance(fn, int8.PackedQConv2d | int8.QConvTranspose2d)
-    }
     out, count = [], 0
     for node, fn, args, kwargs in pending:
         rs = resample_of(node)
         quant = None
         if (
-            qconvs
-            and rs is not None
+            rs is not None
             and rs.mode == "bilinear"
             and fn is node.target  # not lowered to anything else
             and isinstance(rs.input, fx.Node)
