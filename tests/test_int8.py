@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import segfast
 from segfast import Calibration, InputError, UnsupportedModelError, models
@@ -214,13 +214,15 @@ needs_exact_int8 = pytest.mark.skipif(
 _SPEC = ("none", False, None, None, False)
 
 
-def _qconv(c, k, kernel=1, groups=1, act="relu", stride=1, x_scale=0.03, seed=0, x2_spec=_SPEC):
+def _qconv(
+    c, k, kernel=1, groups=1, act="relu", stride=1, x_scale=0.03, seed=0, x2_spec=_SPEC, mode=None
+):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(k, c // groups, kernel, kernel, generator=g) * 0.3
     wq, ws = quantize_weight(w, 0)
     return cpu_int8.PackedQConv2d(
         wq, ws, 0.1 * torch.randn(k, generator=g), [stride] * 2, [kernel // 2] * 2, [1, 1],
-        groups, act, 0.0, False, x2_spec, x_scale,
+        groups, act, 0.0, False, x2_spec, x_scale, mode=mode,
     )  # fmt: skip
 
 
@@ -256,6 +258,29 @@ def test_a_conv_stores_uint8_as_its_reader_would_quantize_it(kernel, groups, act
     torch.testing.assert_close(reader(stored), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
 
 
+@pytest.mark.skipif(not cpu_int8.available(), reason="PyTorch has no oneDNN int8 conv here")
+@pytest.mark.parametrize(("kernel", "groups", "act"), [(1, 1, "relu6"), (3, 16, "relu"),
+                                                      (3, 1, "relu")])  # fmt: skip
+def test_a_conv_stores_uint8_for_zero_point_0_readers(kernel, groups, act):
+    """Where int8 pair sums saturate (no VNNI) a reader proven >= 0 takes [0, 127] at
+    zero point 0; its producer stores exactly that — the activation clamped at 127
+    steps in oneDNN's post-op (its uint8 store alone would go to 255)."""
+    x = smooth(2, 16, 13, 11).relu().contiguous(memory_format=torch.channels_last)
+    conv = _qconv(16, 16, kernel, groups, act, mode="int8-nonneg")
+    y = conv(x)  # fp32, >= 0
+    top = float(y.max())
+    reader = _qconv(16, 8, seed=1, x_scale=top / 127 * 0.6, mode="int8-nonneg")  # clips
+    assert conv.can_store_at(0)
+    conv.store_quantized(reader.x_scale, 0)
+    stored = conv(x)
+    assert stored.dtype == torch.uint8
+    assert stored.shape == y.shape
+    assert int(stored.max()) == 127  # clamped where y passes 127 steps (< 255)
+    _ties(stored, cpu_int8.quantize_u8(y, reader.x_scale, zp=0))
+    ref = reader(y)
+    torch.testing.assert_close(reader(stored), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
+
+
 @needs_exact_int8
 @pytest.mark.parametrize("first", [False, True])
 def test_a_two_source_reader_takes_a_uint8_source_beside_a_float_one(first):
@@ -268,19 +293,21 @@ def test_a_two_source_reader_takes_a_uint8_source_beside_a_float_one(first):
         torch.testing.assert_close(reader(ua, None, ub), ref, rtol=0, atol=0)
 
 
-@needs_exact_int8
+@pytest.mark.skipif(not cpu_int8.available(), reason="PyTorch has no oneDNN int8 conv here")
 def test_storing_uint8_is_refused_where_it_cannot_be_exact():
+    nonneg = "int8-nonneg"  # runs on every CPU (its sums never saturate)
+    with pytest.raises(ValueError, match="cannot store uint8"):  # not a oneDNN post-op
+        _qconv(8, 8, act="leaky_relu", mode=nonneg).store_quantized(0.1, 128)
+    with pytest.raises(ValueError, match="cannot store uint8 at zero point 0"):
+        _qconv(8, 8, act="silu", mode=nonneg).store_quantized(0.1, 0)  # may be < 0
     with pytest.raises(ValueError, match="cannot store uint8"):
-        _qconv(8, 8, act="leaky_relu").store_quantized(0.1, 128)  # not a oneDNN post-op
-    nonneg = cpu_int8.PackedQConv2d(
-        *quantize_weight(torch.randn(8, 8, 1, 1), 0), None, [1, 1], [0, 0], [1, 1], 1, "relu",
-        0.0, False, _SPEC, 0.1, mode="int8-nonneg",
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="cannot store uint8"):
-        nonneg.store_quantized(0.1, 128)
-    conv = _qconv(8, 8)
-    with pytest.raises(ValueError, match="zero point"):
-        conv.store_quantized(0.1, 0)
+        _qconv(8, 8, mode="fp32").store_quantized(0.1, 128)
+    conv = _qconv(8, 8, mode=nonneg)
+    with pytest.raises(ValueError, match="zero point 0 or 128"):
+        conv.store_quantized(0.1, 3)
+    assert conv.can_store_at(0)
+    assert conv.can_store_at(128)
+    assert not conv.can_store_at(3)
     conv.store_quantized(0.1, 128)
     x = smooth(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="no residual"):
@@ -322,6 +349,8 @@ def test_int8_transposed_conv_matches_the_composite(
         wq, ws, b, *args, residual == "after", x_scale, tuple(x.shape),
         nonneg=mode == "int8-nonneg", mode=mode,
     )  # fmt: skip
+    if mode is None:  # the CPU decides: full-range int8 where its sums are exact
+        mode = "int8" if cpu_int8.exact_u8_range() else "fp32"
     split = kernel == stride and mode != "fp32"
     assert (conv.pointwise is not None) == split
     if split:
@@ -358,10 +387,14 @@ def _close_to_unstored(eng, plain, model, inputs) -> None:
         assert float((out - ref).norm() / ref.norm()) <= 0.1 * int8_error
 
 
-@needs_exact_int8
-def test_the_plan_runs_unets_up_convs_on_int8(monkeypatch):
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_plan_runs_unets_up_convs_on_int8(monkeypatch, exact):
     from segfast.backends.cpu import plan as cpu_plan
 
+    if exact and not (cpu_int8.available() and cpu_int8.exact_u8_range()):
+        pytest.skip("needs oneDNN int8 sums that are exact on full-range inputs (VNNI/AMX)")
+    if not exact:
+        _no_exact_int8(monkeypatch)
     torch.manual_seed(0)
     m = models.create("unet", tiny=True).eval()
     data = [smooth(1, m.in_channels, 32, 48, seed=i) for i in range(8)]
@@ -369,8 +402,10 @@ def test_the_plan_runs_unets_up_convs_on_int8(monkeypatch):
     lowered = eng._runner.details["lowered"]
     ups = sum(v for k, v in lowered.items() if k.startswith("int8 conv_transpose2d, kernel"))
     assert ups == sum(isinstance(x, nn.ConvTranspose2d) for x in m.modules()) > 0, lowered
-    # each up-conv's input (a decoder conv) and output (into a two-source conv) stay uint8
-    assert lowered["int8 conv storing int8 (requantized for its int8 readers)"] >= 2 * ups
+    # each up-conv's input (a decoder conv) and output (into a two-source conv) stay
+    # uint8; without exact sums the output is signed (no activation), its reader fp32
+    stores = lowered["int8 conv storing int8 (requantized for its int8 readers)"]
+    assert stores >= (2 if exact else 1) * ups
     monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda qconvs: 0)
     plain = _int8_logits(m, data)
     _close_to_unstored(eng, plain, m, data[:3])
@@ -396,7 +431,12 @@ class UpsampledDecoder(nn.Module):
 
 @needs_exact_int8
 def test_the_plan_writes_an_upsample_read_by_int8_convs_as_uint8(monkeypatch):
+    from segfast.backends.cpu import native as cpu_native
     from segfast.backends.cpu import plan as cpu_plan
+
+    native = cpu_native.load()
+    if native is None or not native.wide_vectors:
+        pytest.skip("sf_resize_q8 runs only with AVX-512 (slower than ATen + quantize on AVX2)")
 
     torch.manual_seed(0)
     m = UpsampledDecoder().eval()
@@ -495,6 +535,110 @@ def test_nonnegative_is_proven_from_the_ops():
     else:  # the ones proven >= 0 stay int8 with zero point 0; the others run fp32
         assert sum(v for k, v in lowered.items() if "zero point 0" in k) == 3
         assert sum(v for k, v in lowered.items() if "saturate" in k) == 2
+
+
+def test_nonnegative_looks_through_the_layout_fix():
+    """DeepLab v3+'s ASPP projection reads a concat of relus through the layout pass's
+    ``to_nhwc``: still >= 0."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    relu = g.call_function(torch.ops.aten.relu.default, (x,))
+    assert cpu_int8.nonnegative(g.call_function(ops.to_nhwc, (relu,)))
+    assert not cpu_int8.nonnegative(g.call_function(ops.to_nhwc, (x,)))
+
+
+def test_fake_quant_into_is_the_reference_bit_for_bit():
+    """The one-pass fake quantization int8 convs on fp32 read (segfast's C kernel) is
+    ops.fake_quant exactly: ties to even, both clamps, NaN, into a channel slice."""
+    scale = 0.037
+    x = (torch.randn(2, 19, 7, 5) * 3).contiguous(memory_format=torch.channels_last)
+    flat = x.permute(0, 2, 3, 1).reshape(-1)
+    flat[:60] = (torch.arange(60) - 30 + 0.5) * scale  # ties
+    flat[60:64] = torch.tensor([1e3, -1e3, 127.5 * scale, -128.5 * scale])
+    flat[64] = float("nan")
+    x = flat.view(2, 7, 5, 19).permute(0, 3, 1, 2)
+    ref = ops.fake_quant(x, scale)
+    out = cpu_int8.fake_quant_nhwc(x, scale)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    joined = torch.zeros(2, 30, 7, 5).contiguous(memory_format=torch.channels_last)
+    cpu_int8.fake_quant_into(x, scale, joined[:, 11:])
+    torch.testing.assert_close(joined[:, 11:], ref, rtol=0, atol=0, equal_nan=True)
+    assert not joined[:, :11].any()
+
+
+def _no_exact_int8(monkeypatch):
+    """This CPU as one whose int8 sums saturate (AVX2, no VNNI): the plan's choices
+    there, on any CPU — zero point 0 and the fp32 convs are exact everywhere."""
+    if not cpu_int8.available():
+        pytest.skip("PyTorch has no oneDNN int8 conv here")
+    monkeypatch.setattr(cpu_int8, "exact_u8_range", lambda: False)
+
+
+def test_without_exact_int8_sums_the_plan_stores_for_zero_point_0_readers(monkeypatch):
+    from segfast.backends.cpu import plan as cpu_plan
+
+    _no_exact_int8(monkeypatch)
+    torch.manual_seed(0)
+    m = InvertedChain().eval()
+    data = [smooth(1, 3, 32, 40, seed=i) for i in range(8)]
+    eng = _int8_logits(m, data)
+    lowered = eng._runner.details["lowered"]
+    key = "int8 conv storing int8 (requantized for its int8 readers)"
+    # expand (relu6) → depthwise and depthwise (relu6) → project: readers proven >= 0,
+    # zero point 0. The convs reading signed maps (stem: the image; side and fuse: the
+    # residual sum) run fp32 and store nothing.
+    assert lowered[key] == 2, lowered
+    assert lowered["int8 conv2d (oneDNN, input >= 0: zero point 0)"] == 4, lowered
+    assert sum(v for k, v in lowered.items() if "saturate" in k) == 3, lowered
+    monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda qconvs: 0)
+    plain = _int8_logits(m, data)
+    assert key not in plain._runner.details["lowered"]
+    _close_to_unstored(eng, plain, m, data[:3])
+
+
+class SignedSources(nn.Module):
+    """3×3 convs over signed maps: one single-source conv wide enough for Winograd, and
+    two-source convs joining a signed and a >= 0 map in both orders."""
+
+    def __init__(self, wide: int = 96) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, wide, 3, padding=1)  # no activation: signed
+        self.b = nn.Conv2d(wide, wide, 3, padding=1)  # reads a signed map, Winograd-wide
+        self.c = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.d = nn.Sequential(nn.Conv2d(wide + 8, 8, 3, padding=1), nn.ReLU())
+        self.e = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.f = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = self.b(self.a(x)), self.c(x)
+        d = self.d(torch.cat([b, c], 1))
+        return self.f(self.e(torch.cat([d, b[:, :8]], 1)))
+
+
+def test_without_exact_int8_sums_signed_convs_run_the_fp32_plans_conv(monkeypatch):
+    """An int8 conv over a signed map runs the conv the fp32 plan would (Winograd where
+    it would take it; two sources joined by split-K, in either order) on its input
+    quantized and dequantized in one pass: the composite's numbers but for fp32
+    rounding (which moves rounding ties in the int8 convs after it)."""
+    from segfast.backends.cpu import native as cpu_native
+    from segfast.backends.cpu import winograd
+
+    _no_exact_int8(monkeypatch)
+    torch.manual_seed(0)
+    m = SignedSources().eval()
+    data = [smooth(1, 3, 32, 40, seed=i) for i in range(8)]
+    eng = _int8_logits(m, data)
+    lowered = eng._runner.details["lowered"]
+    native = cpu_native.load()
+    key = "int8 conv2d on fp32 Winograd (no VNNI: int8 sums would saturate)"
+    if native is not None:
+        assert winograd.worthwhile(96, 96, 32, 40, native.wide_vectors)  # AVX2 and AVX-512
+        assert lowered[key] == 1, lowered
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
+    ref = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                          output="logits", options={"no_cpu_plan": True})  # fmt: skip
+    _close_to_unstored(eng, ref, m, data[:3])  # Winograd's fp32 rounding moves ties
 
 
 # -- compile / quantize -----------------------------------------------------------------

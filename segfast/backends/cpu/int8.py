@@ -19,12 +19,19 @@ kernels there multiply u8 × s8 pairs with ``vpmaddubsw``, whose int16 pair sums
 saturate at 32767 — two products of 255 × 127 already do — so a full-range uint8 input
 gives wrong sums, silently (oneDNN documents it; PyTorch's x86 quantizer answers with
 7-bit activations, which would change the numbers). :func:`exact_u8_range` finds out by
-running one conv whose sums would saturate. Where they would, a conv whose input is
-provably ≥ 0 (it comes out of a ReLU/ReLU6/sigmoid, through pools, resizes and
-concats: :func:`nonnegative`) is quantized with zero point 0 instead — ``u8`` in
-[0, 127], and a pair sum is at most 2 × 127 × 127 = 32258, exact — and any other conv
-runs on oneDNN's fp32 convolution of the quantized input with the dequantized weight
-(the same numbers to fp32 rounding, at fp32 speed). ``PackedQConv2d.mode`` says which.
+running one conv whose sums would saturate. Where they would:
+
+- a conv whose input is provably ≥ 0 (it comes out of a ReLU/ReLU6/sigmoid, through
+  pools, resizes, concats and layout fixes: :func:`nonnegative`) is quantized with
+  zero point 0 instead — ``u8`` in [0, 127], and a pair sum is at most
+  2 × 127 × 127 = 32258, exact; its producer can store that uint8 directly (relu or
+  relu6 clamped at 127 steps in oneDNN's post-op);
+- any other conv runs fp32 on its input quantized and dequantized in one pass
+  (:func:`fake_quant_into`) with the dequantized weight — the conv the fp32 plan would
+  run for the layer (Winograd where it takes it), the same numbers to fp32 rounding,
+  at fp32 speed.
+
+``PackedQConv2d.mode`` says which.
 
 ``segfast.qconv_transpose2d`` has no oneDNN int8 kernel in PyTorch. Where its kernel
 equals its stride (U-Net's 2×2 stride-2 up-convolution) it is a 1×1 int8 conv and a
@@ -32,8 +39,9 @@ depth-to-space copy (:class:`QConvTranspose2d`); any other runs oneDNN's fp32
 transposed convolution on the dequantized weight after quantizing its input — the same
 numbers, at fp32 speed.
 
-**Requantize on store**: a conv whose every reader is an int8 conv at one scale writes
-uint8 at that scale (:meth:`PackedQConv2d.store_quantized`; the plan decides).
+**Requantize on store**: a conv whose every reader is an int8 conv at one scale and
+zero point writes uint8 at that scale (:meth:`PackedQConv2d.store_quantized`; the plan
+decides).
 """
 
 from __future__ import annotations
@@ -108,6 +116,7 @@ _KEEPS_SIGN = {
     torch.ops.aten.mean.dim,
     torch.ops.aten.pad.default,
     torch.ops.aten.constant_pad_nd.default,
+    ops.to_nhwc,  # the layout pass's layout fix
 }
 
 
@@ -183,10 +192,62 @@ def quantize_into(x: Tensor, scale: float, out: Tensor, zp: int = _ZP) -> Tensor
     return out.copy_(q)
 
 
+def fake_quant_into(x: Tensor, scale: float, out: Tensor) -> Tensor:
+    """fp32 ``x`` quantized to int8 at ``scale`` and back, into fp32 ``out`` (same
+    shape; may be a channel slice): :func:`segfast.compiler.ops.fake_quant`,
+    bit-identical, in one pass of segfast's CPU kernel (``sf_fake_quant``) when both
+    are NHWC pixel rows, else in PyTorch ops."""
+    native = cpu_native.load()
+    xs, os_ = _pixel_rows(x), _pixel_rows(out)
+    if (
+        native is not None
+        and x.dtype == torch.float32
+        and out.dtype == torch.float32
+        and xs is not None
+        and os_ is not None
+    ):
+        n, c, h, w = x.shape
+        native.fake_quant(x.data_ptr(), n * h * w, c, xs, float(scale), out.data_ptr(), os_)
+        return out
+    return out.copy_(ops.fake_quant(x.float(), scale))
+
+
+def fake_quant_nhwc(x: Tensor, scale: float) -> Tensor:
+    """A new channels_last fp32 tensor: ``x`` quantized at ``scale`` and back."""
+    x = ops.to_nhwc(x.float())
+    return fake_quant_into(x, scale, torch.empty_like(x, memory_format=torch.channels_last))
+
+
 def quantize_u8(x: Tensor, scale: float, zp: int = _ZP) -> Tensor:
     """fp32 ``x`` → a new channels_last uint8 tensor (see :func:`quantize_into`)."""
     x = ops.to_nhwc(x.float())
     return quantize_into(x, scale, torch.empty_like(x, dtype=torch.uint8), zp)
+
+
+def choose_mode(nonneg: bool) -> str:
+    """How :class:`PackedQConv2d` runs a conv on this CPU: ``"int8"`` where oneDNN's
+    int8 sums are exact over full-range inputs (:func:`exact_u8_range`), else
+    ``"int8-nonneg"`` for an input proven ≥ 0 (``nonneg``), else ``"fp32"``.
+
+    Depthwise convs were measured too (AVX2 EPYC, 2026-12-07): oneDNN's int8
+    depthwise kernels are exact on full-range inputs there (one channel at a time, no
+    pair sums), but with zero point 128 they are slower than its fp32 depthwise conv
+    (96 ch 3×3 at 128²: 1.43 against 0.9–1.2 ms before the quantize pass; at zero
+    point 0: 0.62), so a signed depthwise input takes ``"fp32"`` like any other."""
+    if exact_u8_range():
+        return "int8"
+    return "int8-nonneg" if nonneg else "fp32"
+
+
+def _store_clamp(act: str, act_param: float, scale: float) -> tuple[str, list[float]]:
+    """The post-op that makes a conv's uint8 output, at zero point 0, what its
+    zero-point-0 readers' quantization would give: ``clamp(round(y / scale), 0, 127)``
+    — the activation, then a clamp at 127 steps (oneDNN's uint8 store saturates at
+    255, which those readers' int16 pair sums cannot take)."""
+    top = 127.0 * scale
+    if act == "relu6":
+        top = min(top, 6.0)
+    return "hardtanh", [0.0, top]
 
 
 class PackedQConv2d:
@@ -194,9 +255,14 @@ class PackedQConv2d:
 
     ``mode``: ``"int8"`` (oneDNN's int8 convolution, zero point 128: exact on this CPU),
     ``"int8-nonneg"`` (zero point 0 for an input the graph proves ≥ 0: exact on CPUs
-    whose int8 pair sums saturate), ``"fp32"`` (oneDNN's fp32 convolution of the
-    quantized input with the dequantized weight: where int8 would saturate). The plan
-    passes ``nonneg`` (:func:`nonnegative`); :func:`exact_u8_range` decides the rest.
+    whose int8 pair sums saturate), ``"fp32"`` (an fp32 convolution of the quantized
+    input with the dequantized weight: where int8 would saturate). The plan passes
+    ``nonneg`` (:func:`nonnegative`); :func:`choose_mode` decides the rest. In
+    ``"fp32"`` mode each source is quantized and dequantized in one pass
+    (:func:`fake_quant_into`) and ``fp32_conv`` runs — the plan passes the conv the
+    fp32 engine would run for this layer (Winograd where it would take it), called as
+    ``fp32_conv(x, residual, x2)`` with the sources already in order and resized;
+    without one, oneDNN's fp32 convolution.
     """
 
     def __init__(
@@ -217,9 +283,10 @@ class PackedQConv2d:
         *,
         nonneg: bool = False,
         mode: str | None = None,
+        fp32_conv: Any = None,
     ) -> None:
         if mode is None:
-            mode = "int8" if exact_u8_range() else ("int8-nonneg" if nonneg else "fp32")
+            mode = choose_mode(nonneg)
         if mode not in ("int8", "int8-nonneg", "fp32"):
             raise ValueError(f"mode must be int8, int8-nonneg or fp32, got {mode!r}")
         self.mode = mode
@@ -236,12 +303,14 @@ class PackedQConv2d:
         if size is not None:  # the joined input's channels
             size = [size[0], int(weight.shape[1]) * self.groups, size[2], size[3]]
         if mode == "fp32":
-            # the joined, quantized input is made here; the conv sees one source
-            self.fp32 = PackedConv2d(
-                ops.dequantize_weight(weight, self.w_scale, 0, torch.float32), self.bias,
-                stride, padding, dilation, groups, act, act_param, residual_after_act,
-                "none", False, None, None, False, input_size=size,
-            )  # fmt: skip
+            # the sources are resized and put in order here; the conv joins them
+            if fp32_conv is None:  # a two-source input: joined by concatenation
+                fp32_conv = PackedConv2d(
+                    ops.dequantize_weight(weight, self.w_scale, 0, torch.float32), self.bias,
+                    stride, padding, dilation, groups, act, act_param, residual_after_act,
+                    "none", False, None, None, False, input_size=size,
+                )  # fmt: skip
+            self.fp32 = fp32_conv
             return
         self.w_zp = torch.zeros(int(weight.shape[0]), dtype=torch.int64)
         self.packed = torch.ops.onednn.qconv_prepack(
@@ -253,21 +322,35 @@ class PackedQConv2d:
 
     @property
     def can_store_quantized(self) -> bool:
-        """Whether this conv can write its output as uint8 (:meth:`store_quantized`):
-        oneDNN's int8 kernel with zero point 128 and an activation it fuses."""
-        return self.mode == "int8" and self.post is not None
+        """Whether this conv can write its output as uint8 (:meth:`store_quantized`)
+        at some zero point: oneDNN's int8 kernel and an activation it fuses."""
+        return self.can_store_at(_ZP)
+
+    def can_store_at(self, zp: int) -> bool:
+        """Whether this conv can store uint8 for readers quantizing at zero point
+        ``zp``: 128 (readers on oneDNN's full-range int8) after any activation oneDNN
+        fuses; 0 (readers taking [0, 127]: CPUs without VNNI) after relu or relu6
+        only, clamped at 127 steps in the same post-op."""
+        if self.mode not in ("int8", "int8-nonneg") or self.post is None:
+            return False
+        return zp == _ZP or (zp == 0 and self.act in ("relu", "relu6"))
 
     def store_quantized(self, scale: float, zp: int) -> None:
-        """Write the output as uint8 ``clamp(round(y / scale), −128, 127) + zp`` — the
-        quantization the consumer convs (all of them int8, at ``scale``) would apply
-        to it — in oneDNN's store, instead of fp32 that each consumer quantizes
-        again. Only for a conv without a residual whose every reader is such a conv:
-        the plan decides (:func:`segfast.backends.cpu.plan.lower`)."""
-        if not self.can_store_quantized:
-            raise ValueError(f"a {self.mode} conv with act {self.act!r} cannot store uint8")
-        if zp != _ZP:
-            raise ValueError(f"uint8 outputs use zero point {_ZP}, got {zp}")
+        """Write the output as uint8 ``clamp(round(y / scale), −128, 127) + zp`` (zp
+        128) or ``clamp(round(y / scale), 0, 127)`` (zp 0) — the quantization the
+        consumer convs (all of them int8, at ``scale`` and ``zp``) would apply to it —
+        in oneDNN's store, instead of fp32 that each consumer quantizes again. Only for
+        a conv without a residual whose every reader is such a conv: the plan decides
+        (:func:`segfast.backends.cpu.plan.lower`)."""
+        if zp not in (0, _ZP):
+            raise ValueError(f"uint8 outputs use zero point 0 or {_ZP}, got {zp}")
+        if not self.can_store_at(zp):
+            raise ValueError(
+                f"a {self.mode} conv with act {self.act!r} cannot store uint8 at zero point {zp}"
+            )
         self.out_quant = (float(scale), int(zp))
+        assert self.post is not None  # can_store_at
+        self.store_post = self.post if zp == _ZP else _store_clamp(self.act, self.act_param, scale)
 
     def _conv(
         self, u8: Tensor, attr: str, scalars: list[float], out: tuple[float, int] | None = None
@@ -322,13 +405,13 @@ class PackedQConv2d:
         x = ops.to_nhwc(x)
         if self.mode == "fp32":
             a, b = self._sources(x, x2)
-            joined = a.float() if b is None else torch.cat([a.float(), b], 1)
-            return self.fp32(ops.fake_quant(joined, self.x_scale), residual)
+            a = fake_quant_nhwc(a, self.x_scale)
+            return self.fp32(a, residual, None if b is None else fake_quant_nhwc(b, self.x_scale))
         u8 = self._quantized_input(x, x2)
-        if self.out_quant is not None and self.post is not None:
+        if self.out_quant is not None:
             if residual is not None:
                 raise ValueError("a conv that stores uint8 takes no residual")
-            return self._conv(u8, *self.post, out=self.out_quant)
+            return self._conv(u8, *self.store_post, out=self.out_quant)
         if residual is None or self.residual_after_act:
             if self.post is not None:
                 y = self._conv(u8, *self.post)
@@ -411,6 +494,10 @@ class QConvTranspose2d:
     def can_store_quantized(self) -> bool:
         """See :meth:`PackedQConv2d.can_store_quantized` (the 1×1 form only)."""
         return self.pointwise is not None and self.pointwise.can_store_quantized
+
+    def can_store_at(self, zp: int) -> bool:
+        """See :meth:`PackedQConv2d.can_store_at` (the 1×1 form only)."""
+        return self.pointwise is not None and self.pointwise.can_store_at(zp)
 
     def store_quantized(self, scale: float, zp: int) -> None:
         """See :meth:`PackedQConv2d.store_quantized`."""

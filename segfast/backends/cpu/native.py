@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 18
+ABI_VERSION = 19
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -199,6 +199,9 @@ class Native:
         self.quantize_u8 = lib.sf_quantize_u8
         self.quantize_u8.restype = None
         self.quantize_u8.argtypes = [_PTR, _I64, _I64, _I64, _FLOAT, _INT, _PTR, _I64]
+        self.fake_quant = lib.sf_fake_quant
+        self.fake_quant.restype = None
+        self.fake_quant.argtypes = [_PTR, _I64, _I64, _I64, _FLOAT, _PTR, _I64]
         self.se_gate = lib.sf_se_gate
         self.se_gate.restype = None
         self.se_gate.argtypes = (

@@ -387,16 +387,71 @@ def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, t
     return conv, (x, residual)
 
 
-def _qconv2d_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
+def _qconv2d_step(
+    gm: fx.GraphModule, node: fx.Node, native: Native | None = None, use_winograd: bool = True
+) -> tuple[Callable, tuple, str]:
     (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
      x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first, x_scale, w_scale) = node.args  # fmt: skip
+    weight, scales = get_tensor(gm, w), get_tensor(gm, w_scale)
+    bias = None if b is None else get_tensor(gm, b)
+    nonneg = int8.nonnegative(x) and (x2 is None or int8.nonnegative(x2))
+    mode = int8.choose_mode(nonneg)
+    fp32_conv, kind = None, _QCONV_KINDS[mode]
+    if mode == "fp32":
+        fp32_conv, kind = _int8_on_fp32(node, native, use_winograd, weight, scales, bias)
     conv = int8.PackedQConv2d(
-        get_tensor(gm, w), get_tensor(gm, w_scale), None if b is None else get_tensor(gm, b),
-        stride, padding, dilation, groups, act, act_param, residual_after_act,
-        (x2_resize, x2_align, x2_sh, x2_sw, x2_first), x_scale, input_size=tuple(val(x).shape),
-        nonneg=int8.nonnegative(x) and (x2 is None or int8.nonnegative(x2)),
+        weight, scales, bias, stride, padding, dilation, groups, act, act_param,
+        residual_after_act, (x2_resize, x2_align, x2_sh, x2_sw, x2_first), x_scale,
+        input_size=tuple(val(x).shape), nonneg=nonneg, mode=mode, fp32_conv=fp32_conv,
     )  # fmt: skip
-    return conv, (x, residual, x2)
+    return conv, (x, residual, x2), kind
+
+
+def _int8_on_fp32(
+    node: fx.Node,
+    native: Native | None,
+    use_winograd: bool,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[Callable, str]:
+    """The fp32 conv an int8 conv runs on where this CPU's int8 sums would saturate:
+    the one the fp32 plan would run for the layer — Winograd where it would take it
+    (the int8 conv's own oneDNN int8 kernel is ~2× its fp32 direct conv on AVX2, so a
+    Winograd layer loses nothing), else oneDNN's packed fp32 conv; two sources are
+    joined by the conv (split-K), not concatenated. Called as ``conv(x, residual,
+    x2)`` with the sources quantized, in order and resized (see
+    :class:`segfast.backends.cpu.int8.PackedQConv2d`)."""
+    (x, _, _, stride, padding, dilation, groups, act, act_param, _, residual_after_act, x2,
+     _, _, _, _, x2_first) = node.args[:17]  # fmt: skip
+    wd = ops.dequantize_weight(weight, w_scale, 0, torch.float32)
+    bias = None if bias is None else bias.float()
+    xv = val(x)
+    n, c_x, h, w_ = (d if isinstance(d, int) else None for d in xv.shape)
+    c_in = int(weight.shape[1]) * int(groups)
+    if (
+        native is not None
+        and use_winograd
+        and winograd.applies(wd, stride, dilation, groups)
+        and h is not None
+        and w_ is not None
+        and winograd.worthwhile(c_in, int(wd.shape[0]), h, w_, native.wide_vectors, n or 1)
+    ):
+        conv = winograd.WinogradConv2d(native, wd, bias, padding, act, act_param,
+                                       residual_after_act)  # fmt: skip
+        return conv, "int8 conv2d on fp32 Winograd (no VNNI: int8 sums would saturate)"
+    x2_channels = None
+    size = tuple(xv.shape)
+    if x2 is not None and isinstance(c_x, int):
+        c_second = c_in - c_x if not x2_first else c_x  # the sources come in order
+        c_first = c_in - c_second
+        x2_channels = c_second
+        size = (xv.shape[0], c_first, *xv.shape[2:])
+    conv = PackedConv2d(
+        wd, bias, stride, padding, dilation, groups, act, act_param, residual_after_act,
+        "none", False, None, None, False, input_size=size, x2_channels=x2_channels,
+    )  # fmt: skip
+    return conv, _QCONV_KINDS["fp32"]
 
 
 _QCONV_KINDS = {
@@ -813,8 +868,8 @@ def lower(
             else:
                 fn = ops.conv2d_impl
         elif t is segfast_ops.qconv2d.default and int8.available():
-            fn, args = _qconv2d_step(gm, node)
-            lowered[_QCONV_KINDS[fn.mode]] += 1
+            fn, args, kind = _qconv2d_step(gm, node, native, use_winograd)
+            lowered[kind] += 1
         elif t is segfast_ops.qconv_transpose2d.default:
             fn, args = _qconv_transpose_step(gm, node)
             lowered[_QCONV_TRANSPOSE_KINDS[fn.mode]] += 1
@@ -912,7 +967,7 @@ def _int8_outputs(qconvs: dict[fx.Node, Any]) -> int:
         if not fn.can_store_quantized or node.args[residual_at] is not None or not node.users:
             continue
         quant = _int8_readers_scale(node, qconvs)
-        if quant is not None:
+        if quant is not None and fn.can_store_at(quant[1]):
             fn.store_quantized(*quant)
             count += 1
     return count
@@ -920,8 +975,9 @@ def _int8_outputs(qconvs: dict[fx.Node, Any]) -> int:
 
 def _int8_readers_scale(node: fx.Node, qconvs: dict[fx.Node, Any]) -> tuple[float, int] | None:
     """The one (scale, zero point) at which every reader of ``node`` quantizes it, when
-    every reader is an int8 conv on oneDNN's int8 kernel (zero point 128) reading it as
-    its input (not as a residual; not as a second source it resizes); else None."""
+    every reader is an int8 conv on oneDNN's int8 kernel (zero point 128, or 0 for an
+    input proven ≥ 0 where int8 sums saturate) reading it as its input (not as a
+    residual; not as a second source it resizes); else None."""
     scales = set()
     for user in node.users:
         if is_call(user, ops.to_nhwc):  # the layout pass's no-op on NHWC (uint8 too)
@@ -931,7 +987,7 @@ def _int8_readers_scale(node: fx.Node, qconvs: dict[fx.Node, Any]) -> tuple[floa
             scales.add(quant)
             continue
         reader = qconvs.get(user)
-        if reader is None or reader.mode != "int8":
+        if reader is None or reader.mode not in ("int8", "int8-nonneg"):
             return None
         residual_at, x2_at = _INT8_READS[user.target]
         if user.args[residual_at] is node:
@@ -960,8 +1016,11 @@ def _quantized_upsamples(
     """An fp32 bilinear upsample whose readers are all int8 convs at one scale
     (DeepLab v3+'s decoder: ASPP output → ×4 → depthwise) runs ``sf_resize_q8``: the
     readers' quantization of the resize, written as uint8 — a quarter of the bytes,
-    and no quantize pass over the fp32 map. Returns the new pending list and how many."""
-    if native is None or not qconvs:
+    and no quantize pass over the fp32 map. Returns the new pending list and how many.
+    Only with AVX-512 (``native.wide_vectors``): on the AVX2 EPYC the kernel's 16-float
+    vectors made it 2.5–3× slower than ATen's resize and the readers' quantize pass
+    together (256 ch, 32² → 128²: 5.3–7.7 against 2.6–2.9 ms, 2026-12-07)."""
+    if native is None or not native.wide_vectors or not qconvs:
         return pending, 0
     out, count = [], 0
     for node, fn, args, kwargs in pending:

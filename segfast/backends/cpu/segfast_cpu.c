@@ -58,7 +58,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 18; }
+int sf_abi_version(void) { return 19; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1792,6 +1792,26 @@ void sf_quantize_u8(const float* restrict x, int64_t rows, int64_t C, int64_t xs
       float v = nearbyintf(xr[c] / scale);
       v = v < lo ? lo : (v > 127.f ? 127.f : v);
       orow[c] = (uint8_t)(int32_t)(v + z);
+    }
+  }
+}
+
+/* Rows of C floats quantized to int8 at `scale` and back: out = clamp(round(x / scale),
+ * −128, 127) · scale, round half to even — bit-identical to
+ * segfast.compiler.ops.fake_quant. Layout as sf_quantize_u8 (NHWC pixel rows; `out` may
+ * be a channel slice of a joined input). The int8 convs that run on oneDNN's fp32
+ * convolution (CPUs whose int8 sums would saturate) read this: one pass instead of
+ * PyTorch's four. */
+void sf_fake_quant(const float* restrict x, int64_t rows, int64_t C, int64_t xs, float scale,
+                   float* restrict out, int64_t os) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + r * xs;
+    float* orow = out + r * os;
+    for (int64_t c = 0; c < C; c++) {
+      float v = nearbyintf(xr[c] / scale);
+      v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+      orow[c] = v * scale;
     }
   }
 }
