@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from int8_cpu import randomise_bn  # benchmarks/ is on sys.path when run as a script
+from int8_cpu import cpu_description, randomise_bn  # benchmarks/ is on sys.path as a script
 from torch import nn
 
 import segfast
@@ -105,8 +104,7 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
             ).host_s
     ms = {name: 1e3 * median(s) for name, s in samples.items()}
     base = ms["ORT fp32"]
-    device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{title} — {device}")
+    print(f"\n{title} — {cpu_description()}")
     print(f"{'engine':28s} {'p50 ms':>8s} {'× ORT fp32':>10s} {'rel-L2 vs eager':>16s}")
     for name in order:
         print(f"{name:28s} {ms[name]:8.1f} {base / ms[name]:10.2f} {err[name]:16.1e}")
@@ -127,8 +125,7 @@ def main() -> None:
     results = [run(k.strip(), args.rounds, args.iters) for k in args.models.split(",")]
     if args.json:
         doc = {
-            "device": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads",
+            "device": cpu_description(),
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"),
             "results": results,

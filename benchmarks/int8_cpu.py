@@ -39,6 +39,31 @@ MODELS = {
 }
 
 
+def cpu_description() -> str:
+    """This CPU's name and the instruction sets that decide the CPU path, and threads:
+    results differ between AVX-512 (+VNNI, BF16) and AVX2-only machines."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine()):
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    if "avx512f" in flags:
+        isa = "AVX-512" + "".join(
+            f" {label}" for flag, label in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"))
+            if flag in flags
+        )  # fmt: skip
+    elif "avx2" in flags:
+        isa = "AVX2, no AVX-512" + (" (AVX-VNNI)" if "avx_vnni" in flags else "")
+    else:
+        isa = "no AVX2" if flags else "ISA unknown"
+    return f"{name} ({isa}), {torch.get_num_threads()} threads"
+
+
 def smooth(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
@@ -152,9 +177,7 @@ def run(key: str, rounds: int, iters: int) -> dict[str, Any]:
             ).host_s
     ms = {name: 1e3 * median(s) for name, s in samples.items()}
     base = ms["ORT fp32"]
-    print(
-        f"\n{title} — {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    print(f"\n{title} — {cpu_description()}")
     print(f"{'engine':28s} {'p50 ms':>8s} {'× ORT fp32':>10s} {'masks vs fp32':>14s}")
     for name in order:
         print(f"{name:28s} {ms[name]:8.1f} {base / ms[name]:10.2f} {100 * agreement[name]:13.2f}%")
@@ -182,7 +205,7 @@ def main() -> None:
     results = [run(k.strip(), args.rounds, args.iters) for k in args.models.split(",")]
     if args.json:
         doc = {
-            "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "device": cpu_description(),
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"),
             "results": results,
