@@ -522,7 +522,7 @@ class QConvTranspose2d:
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         x = ops.to_nhwc(x)
         if self.pointwise is None:
-            return self.conv(ops.fake_quant(x.float(), self.x_scale), residual)
+            return self.conv(fake_quant_nhwc(x, self.x_scale), residual)
         if residual is None or self.residual_after_act:
             y = self._scatter(self.pointwise(x))
             return y if residual is None else y.add_(residual)
