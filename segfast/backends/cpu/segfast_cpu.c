@@ -267,6 +267,32 @@ static inline __attribute__((always_inline)) sf_v8 sf_act8(sf_v8 v, int act, flo
   }
 }
 
+/* The first n ≤ 8 lanes (the rest of a load are zeros): AVX2 masked loads and stores. */
+static inline __attribute__((always_inline)) sf_v8 sf_load8(const float* p, int n) {
+  if (n == 8) return *(const sf_v8*)p;
+#ifdef __AVX2__
+  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return (sf_v8)_mm256_maskload_ps(p, m);
+#else
+  sf_v8 v = {0};
+  for (int c = 0; c < n; ++c) v[c] = p[c];
+  return v;
+#endif
+}
+
+static inline __attribute__((always_inline)) void sf_store8(float* p, sf_v8 v, int n) {
+  if (n == 8) {
+    *(sf_v8*)p = v;
+    return;
+  }
+#ifdef __AVX2__
+  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_maskstore_ps(p, m, (__m256)v);
+#else
+  for (int c = 0; c < n; ++c) p[c] = v[c];
+#endif
+}
+
 /* Eight output pixels × 8 channels: acc[r] += Σ_kw w[kw] · b[(r·SW + kw·D)·8], b a
  * packed row (8 floats a column, zero-padded); the KW weights stay in registers and
  * every input operand is at a constant offset (SW, D, KW constants: 8 + KW ≤ 15
@@ -629,7 +655,8 @@ int sf_conv_few(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_
  * t = (r - r0)*ntw + tw. Tile (th, tw) reads input rows 4*th - ph + i and columns
  * 4*tw - pw + j, i, j in 0..5 (zero outside the image).
  * V[xi][t][c_off + c], xi = 6a + b, holds (Bᵀ d B)[a][b] for channel c; row length Ctot.
- * One work item: one tile × 16 channels, all in vector registers. */
+ * One work item: one tile × one register of channels (16 lanes with AVX-512, 8 on
+ * AVX2), all in vector registers. */
 
 /* Bᵀ applied to six vectors (one column or row of a tile). */
 #define SF_BT(o, d0, d1, d2, d3, d4, d5)                     \
@@ -675,6 +702,25 @@ static inline __attribute__((always_inline)) void sf_store(float* p, sf_v16 v, i
 #endif
   }
 }
+
+/* One register of fp32 lanes: 16 with AVX-512, 8 without (AVX2). Kernels whose
+ * work is a few vectors at a time (the Winograd transforms, the SE gate) use it: on AVX2
+ * a 16-lane vector is two registers, a tile of them spills, and GCC lowers some of its
+ * unaligned loads through memcpy (measured on the AVX2 EPYC: the SE gate 2.5–5×
+ * slower than PyTorch's composite; the Winograd transforms ~45–70 % of a layer). */
+#ifdef __AVX512F__
+typedef sf_v16 sf_vn;
+#define SF_NL 16
+#define sf_load_n sf_load
+#define sf_store_n sf_store
+#define sf_act_n sf_act_v
+#else
+typedef sf_v8 sf_vn;
+#define SF_NL 8
+#define sf_load_n sf_load8
+#define sf_store_n sf_store8
+#define sf_act_n sf_act8
+#endif
 
 /* bf16 <-> fp32 where a kernel reads or writes bf16 and computes in fp32: a bf16 is
  * the top half of an fp32; stores round to nearest even, NaN stays a quiet NaN. */
@@ -733,36 +779,36 @@ void sf_wino_in(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_
                 int64_t ph, int64_t pw, int64_t nth, int64_t ntw, int64_t r0, int64_t r1,
                 float* restrict V) {
   const int64_t T = (r1 - r0) * ntw;
-  const int64_t ncb = (C + SF_CB - 1) / SF_CB;
+  const int64_t ncb = (C + SF_NL - 1) / SF_NL;
   (void)N;
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < T * ncb; ++job) {
     const int64_t t = job / ncb, cb = job % ncb;
     const int64_t gr = r0 + t / ntw, tw = t % ntw, n = gr / nth, th = gr % nth;
-    const int64_t c0 = cb * SF_CB;
-    const int cn = (int)((C - c0) < SF_CB ? (C - c0) : SF_CB);
-    const sf_v16 zero = {0};
-    sf_v16 d[6][6];
+    const int64_t c0 = cb * SF_NL;
+    const int cn = (int)((C - c0) < SF_NL ? (C - c0) : SF_NL);
+    const sf_vn zero = {0};
+    sf_vn d[6][6];
     for (int i = 0; i < 6; ++i) {
       const int64_t yy = th * 4 - ph + i;
       for (int j = 0; j < 6; ++j) {
         const int64_t xx = tw * 4 - pw + j;
         d[i][j] = (yy < 0 || yy >= H || xx < 0 || xx >= W)
                       ? zero
-                      : sf_load(x + n * xsn + yy * xsh + xx * xsw + c0, cn);
+                      : sf_load_n(x + n * xsn + yy * xsh + xx * xsw + c0, cn);
       }
     }
-    sf_v16 s[6][6]; /* s = Bᵀ d, column by column */
+    sf_vn s[6][6]; /* s = Bᵀ d, column by column */
     for (int j = 0; j < 6; ++j) {
-      sf_v16 o[6];
+      sf_vn o[6];
       SF_BT(o, d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]);
       for (int a = 0; a < 6; ++a) s[a][j] = o[a];
     }
     for (int a = 0; a < 6; ++a) { /* (s B) row by row, stored per xi */
-      sf_v16 o[6];
+      sf_vn o[6];
       SF_BT(o, s[a][0], s[a][1], s[a][2], s[a][3], s[a][4], s[a][5]);
       for (int b = 0; b < 6; ++b)
-        sf_store(V + ((int64_t)(a * 6 + b) * T + t) * Ctot + c_off + c0, o[b], cn);
+        sf_store_n(V + ((int64_t)(a * 6 + b) * T + t) * Ctot + c_off + c0, o[b], cn);
     }
   }
 }
@@ -775,35 +821,35 @@ void sf_wino_out(const float* restrict M, int64_t N, int64_t Ho, int64_t Wo, int
                  int act, float act_param,
                  float* restrict y, int64_t ysn, int64_t ysh, int64_t ysw) {
   const int64_t T = (r1 - r0) * ntw;
-  const int64_t ncb = (K + SF_CB - 1) / SF_CB;
+  const int64_t ncb = (K + SF_NL - 1) / SF_NL;
   (void)N;
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < T * ncb; ++job) {
     const int64_t t = job / ncb, cb = job % ncb;
     const int64_t gr = r0 + t / ntw, tw = t % ntw, n = gr / nth, th = gr % nth;
-    const int64_t k0 = cb * SF_CB;
-    const int kn = (int)((K - k0) < SF_CB ? (K - k0) : SF_CB);
-    sf_v16 s[4][6]; /* s = Aᵀ m, column by column */
+    const int64_t k0 = cb * SF_NL;
+    const int kn = (int)((K - k0) < SF_NL ? (K - k0) : SF_NL);
+    sf_vn s[4][6]; /* s = Aᵀ m, column by column */
     for (int b = 0; b < 6; ++b) {
-      sf_v16 m[6], o[4];
-      for (int a = 0; a < 6; ++a) m[a] = sf_load(M + ((int64_t)(a * 6 + b) * T + t) * K + k0, kn);
+      sf_vn m[6], o[4];
+      for (int a = 0; a < 6; ++a) m[a] = sf_load_n(M + ((int64_t)(a * 6 + b) * T + t) * K + k0, kn);
       SF_AT(o, m[0], m[1], m[2], m[3], m[4], m[5]);
       for (int p = 0; p < 4; ++p) s[p][b] = o[p];
     }
-    const sf_v16 bb = bias ? sf_load(bias + k0, kn) : (sf_v16){0};
+    const sf_vn bb = bias ? sf_load_n(bias + k0, kn) : (sf_vn){0};
     for (int p = 0; p < 4; ++p) {
       const int64_t yy = th * 4 + p;
       if (yy >= Ho) break;
-      sf_v16 o[4]; /* (s A) row by row */
+      sf_vn o[4]; /* (s A) row by row */
       SF_AT(o, s[p][0], s[p][1], s[p][2], s[p][3], s[p][4], s[p][5]);
       for (int q = 0; q < 4; ++q) {
         const int64_t xx = tw * 4 + q;
         if (xx >= Wo) break;
-        sf_v16 v = o[q] + bb;
-        if (res && !res_after_act) v += sf_load(res + n * rsn + yy * rsh + xx * rsw + k0, kn);
-        v = sf_act_v(v, act, act_param);
-        if (res && res_after_act) v += sf_load(res + n * rsn + yy * rsh + xx * rsw + k0, kn);
-        sf_store(y + n * ysn + yy * ysh + xx * ysw + k0, v, kn);
+        sf_vn v = o[q] + bb;
+        if (res && !res_after_act) v += sf_load_n(res + n * rsn + yy * rsh + xx * rsw + k0, kn);
+        v = sf_act_n(v, act, act_param);
+        if (res && res_after_act) v += sf_load_n(res + n * rsn + yy * rsh + xx * rsw + k0, kn);
+        sf_store_n(y + n * ysn + yy * ysh + xx * ysw + k0, v, kn);
       }
     }
   }
@@ -1816,17 +1862,6 @@ void sf_fake_quant(const float* restrict x, int64_t rows, int64_t C, int64_t xs,
   }
 }
 
-/* The SE gate's fp32 loops on one register's worth of lanes: 16 with AVX-512; 8 on
- * AVX2, where GCC lowers a 16-lane vector's unaligned loads through memory (memcpy)
- * and the kernel ran 2.5–5× slower than PyTorch's composite (measured, AVX2 EPYC). */
-#ifdef __AVX512F__
-typedef sf_v16 sf_vse;
-#define SF_SE_W 16
-#else
-typedef sf_v8 sf_vse;
-#define SF_SE_W 8
-#endif
-
 /* Squeeze-excitation gate: out[n, k] = act2(b2[k] + Σ_j w2t[j, k] · act1(b1[j] + Σ_c
  * w1[j, c] · mean_p x[n, p, c])) — or the first stage alone when w2t is NULL (C2 = C1).
  * x: N images of HW pixels, pixel stride xs and image stride xsn (elements), channels
@@ -1861,11 +1896,11 @@ void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t
     } else {
       const float* xf = (const float*)x + n * xsn + c0;
       if (lanes == SF_CB) {
-        sf_vse acc[SF_CB / SF_SE_W] = {{0.f}};
+        sf_vn acc[SF_CB / SF_NL] = {{0.f}};
         for (int64_t p = 0; p < HW; p++)
-          for (int v = 0; v < SF_CB / SF_SE_W; v++)
-            acc[v] += *(const sf_vse*)(xf + p * xs + v * SF_SE_W);
-        for (int l = 0; l < SF_CB; l++) sums[l] = acc[l / SF_SE_W][l % SF_SE_W];
+          for (int v = 0; v < SF_CB / SF_NL; v++)
+            acc[v] += *(const sf_vn*)(xf + p * xs + v * SF_NL);
+        for (int l = 0; l < SF_CB; l++) sums[l] = acc[l / SF_NL][l % SF_NL];
       } else {
         for (int64_t p = 0; p < HW; p++)
           for (int l = 0; l < lanes; l++) sums[l] += xf[p * xs + l];
@@ -1878,11 +1913,11 @@ void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t
     float* h = w2t ? hidden : out + n * C1;
     for (int64_t j = 0; j < C1; j++) {  /* dot products along C, a register at a time */
       const float* wr = w1 + j * C;
-      sf_vse a = {0.f};
+      sf_vn a = {0.f};
       int64_t c = 0;
-      for (; c + SF_SE_W <= C; c += SF_SE_W) a += *(const sf_vse*)(wr + c) * *(const sf_vse*)(m + c);
+      for (; c + SF_NL <= C; c += SF_NL) a += *(const sf_vn*)(wr + c) * *(const sf_vn*)(m + c);
       float v = 0.f;
-      for (int l = 0; l < SF_SE_W; l++) v += a[l];
+      for (int l = 0; l < SF_NL; l++) v += a[l];
       for (; c < C; c++) v += wr[c] * m[c];
       h[j] = sf_act(v + (b1 ? b1[j] : 0.f), act1, p1);
     }
@@ -1893,7 +1928,7 @@ void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t
       const float hj = hidden[j];
       const float* wr = w2t + j * C2;
       int64_t k = 0;
-      for (; k + SF_SE_W <= C2; k += SF_SE_W) *(sf_vse*)(o + k) += hj * *(const sf_vse*)(wr + k);
+      for (; k + SF_NL <= C2; k += SF_NL) *(sf_vn*)(o + k) += hj * *(const sf_vn*)(wr + k);
       for (; k < C2; k++) o[k] += hj * wr[k];
     }
     for (int64_t k = 0; k < C2; k++) o[k] = sf_act(o[k], act2, p2);
