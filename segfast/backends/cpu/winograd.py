@@ -133,7 +133,10 @@ def worthwhile(
     - AVX2 only (AMD EPYC, no AVX-512), where oneDNN's direct kernels are weaker:
       C·K/(C + K) ≥ 27 wins (64→48 at 64²: 1.13–1.25×; 96→48: 1.21–1.35×; 96→64:
       1.30–1.39×; 192→64 at 32²: 2.0×), ≤ 24 breaks even or loses (96→32 at 128²:
-      0.92–1.05×; 48→32: 0.85–0.91×; 16→32: 0.47×).
+      0.92–1.05×; 48→32: 0.85–0.91×; 16→32: 0.47×). Measured again (2026-12-07)
+      after the transforms moved to 8-lane vectors there (they had spilled: 2–4×
+      faster now): the same line — 64→48 at 64² 1.14×, 64→64 at 32² 1.42×, 96→32
+      and 64→32 at 128² 1.00×, 32→32 at 128² 0.78×, 16→16 at 256² 0.54×.
     """
     if tile_count(n, h, w) < MIN_TILES:
         return False
