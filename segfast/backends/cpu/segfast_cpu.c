@@ -710,12 +710,14 @@ static inline __attribute__((always_inline)) void sf_store(float* p, sf_v16 v, i
  * slower than PyTorch's composite; the Winograd transforms ~45–70 % of a layer). */
 #ifdef __AVX512F__
 typedef sf_v16 sf_vn;
+typedef sf_i16 sf_in;
 #define SF_NL 16
 #define sf_load_n sf_load
 #define sf_store_n sf_store
 #define sf_act_n sf_act_v
 #else
 typedef sf_v8 sf_vn;
+typedef sf_i8 sf_in;
 #define SF_NL 8
 #define sf_load_n sf_load8
 #define sf_store_n sf_store8
@@ -1124,16 +1126,16 @@ static void sf_row_logits(const sf_rowout* o, int64_t n, int64_t oh, const float
 static void sf_row_argmax(const sf_rowout* o, int64_t n, int64_t oh, const float* r0,
                           const float* r1, float lh0, float lh) {
   const int64_t C = o->C, H = o->H, W = o->W;
-  for (int64_t w0 = 0; w0 < W; w0 += 16) { /* 16 pixels at a time, channels in turn */
-    const int m = (W - w0) < 16 ? (int)(W - w0) : 16;
-    sf_v16 best = lh0 * *(const sf_v16*)(r0 + w0) + lh * *(const sf_v16*)(r1 + w0);
-    sf_i16 arg = {0};
+  for (int64_t w0 = 0; w0 < W; w0 += SF_NL) { /* a register of pixels, channels in turn */
+    const int m = (W - w0) < SF_NL ? (int)(W - w0) : SF_NL;
+    sf_vn best = lh0 * *(const sf_vn*)(r0 + w0) + lh * *(const sf_vn*)(r1 + w0);
+    sf_in arg = {0};
     for (int64_t c = 1; c < C; ++c) { /* reads up to 15 past a row: allocated slack */
-      const sf_v16 t = lh0 * *(const sf_v16*)(r0 + c * W + w0) +
-                       lh * *(const sf_v16*)(r1 + c * W + w0);
-      const sf_i16 gt = t > best;
-      best = sf_select(gt, t, best);
-      arg = (arg & ~gt) | (((sf_i16){0} + (int32_t)c) & gt);
+      const sf_vn t = lh0 * *(const sf_vn*)(r0 + c * W + w0) +
+                      lh * *(const sf_vn*)(r1 + c * W + w0);
+      const sf_in gt = t > best;
+      best = (sf_vn)(((sf_in)t & gt) | ((sf_in)best & ~gt));
+      arg = (arg & ~gt) | (((sf_in){0} + (int32_t)c) & gt);
     }
     const int64_t at = (n * H + oh) * W + w0;
     for (int j = 0; j < m; ++j) {
