@@ -45,7 +45,8 @@ MODELS = {
                 "DeepLab v3+ MobileNetV2, 512²"),
 }  # fmt: skip
 AVX2_KINDS = ("depthwise conv2d (segfast kernel, 8-lane)",
-              "conv2d with 1–4 output channels (segfast kernel)")  # fmt: skip
+              "conv2d with 1–4 output channels (segfast kernel)",
+              "conv2d 1×1 as one GEMM (MKL; no AVX-512)")  # fmt: skip
 
 
 class EagerChannelsLast:

@@ -20,7 +20,9 @@ Lowering walks the fused ``GraphModule`` once, in order:
   :class:`~.resize_dw.UpsampleSeparableConv2d`); a bilinear
   upsample of the logits that ends the graph writes them NCHW, and the
   ``segfast.head`` argmax takes the mask from the (resized) logits without
-  writing full-resolution logits (:mod:`.resize`);
+  writing full-resolution logits (:mod:`.resize`); on CPUs without AVX-512, dense 1×1
+  convs (and gated ones, the gate folded into the weight) run as one MKL GEMM over the
+  pixel rows (:mod:`.gemm1x1`), faster than oneDNN's 1×1 kernels there;
 - ``max_pool2d_with_indices`` whose indices nobody reads becomes
   ``max_pool2d`` (the indices are a second full-size int64 write);
 - ``segfast.head`` calls its composite implementation directly (no custom-op
@@ -47,7 +49,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import int8, invres, narrow, se_gate, winograd
+from segfast.backends.cpu import gemm1x1, int8, invres, narrow, se_gate, winograd
 from segfast.backends.cpu.depthwise import (
     ACT_CODES,
     NativeDepthwiseConv2d,
@@ -286,6 +288,14 @@ def _conv2d_step(
         ):  # fmt: skip
             conv = narrow.FewOutputConv2d(native, weight, bias, padding, act, act_param)
             return conv, (x,), "conv2d with 1–4 output channels (segfast kernel)"
+        if (
+            _eight_lane(native, use_avx2)
+            and x2 is None
+            and gemm1x1.available()
+            and gemm1x1.applies(weight, stride, padding, dilation, groups)
+        ):
+            conv = gemm1x1.GemmConv1x1(weight, bias, act, act_param, residual_after_act)
+            return conv, (x, residual), _GEMM_1X1
         c_in = int(weight.shape[1])
         if (
             direct
@@ -340,18 +350,31 @@ class GatedPackedConv2d:
         return self.conv(torch.mul(x, gate), residual)
 
 
-def _gated_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple] | None:
+_GEMM_1X1 = "conv2d 1×1 as one GEMM (MKL; no AVX-512)"
+_GATED_GEMM_1X1 = "conv2d 1×1 of x · SE gate, the gate folded into the weight (MKL; no AVX-512)"
+
+
+def _gated_step(
+    gm: fx.GraphModule, node: fx.Node, native: Native | None = None, use_avx2: bool = True
+) -> tuple[Callable, tuple, str] | None:
     (x, gate, w, b, stride, padding, dilation, groups, act, act_param, residual,
      residual_after_act) = node.args  # fmt: skip
     constants = _onednn_constants(gm, w, b, act, act_param)
     if constants is None:
         return None
     weight, bias = constants
+    if (
+        _eight_lane(native, use_avx2)
+        and gemm1x1.available()
+        and gemm1x1.applies(weight, stride, padding, dilation, groups)
+    ):
+        gemm = gemm1x1.GatedGemmConv1x1(weight, bias, act, act_param, residual_after_act)
+        return gemm, (x, gate, residual), _GATED_GEMM_1X1
     conv = PackedConv2d(
         weight, bias, stride, padding, dilation, groups, act, act_param, residual_after_act,
         "none", False, None, None, False, input_size=tuple(val(x).shape),
     )  # fmt: skip
-    return GatedPackedConv2d(conv), (x, gate, residual)
+    return GatedPackedConv2d(conv), (x, gate, residual), "conv2d of x · SE gate (oneDNN, packed)"
 
 
 def _se_gate_step(
@@ -776,7 +799,8 @@ def lower(
     or None to run every convolution on oneDNN; ``use_winograd``: whether 3×3
     layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_avx2``: whether
     convs with 1–4 output channels may take ``sf_conv_few`` and, where AVX-512 is
-    absent, depthwise layers ``sf_dwconv8`` (needs ``native``).
+    absent, depthwise layers ``sf_dwconv8`` and dense 1×1 convs one MKL GEMM
+    (:mod:`.gemm1x1`; needs ``native``, which says whether AVX-512 is there).
     """
     nodes = list(gm.graph.nodes)
     slot_of: dict[fx.Node, int] = {}
@@ -887,9 +911,11 @@ def lower(
                 lowered["head: [resize +] argmax (segfast kernel)"] += 1
             else:
                 fn = ops.head_impl
-        elif t is segfast_ops.conv2d_gated.default and (step := _gated_step(gm, node)):
-            fn, args = step
-            lowered["conv2d of x · SE gate (oneDNN, packed)"] += 1
+        elif t is segfast_ops.conv2d_gated.default and (
+            step := _gated_step(gm, node, native, use_avx2)
+        ):
+            fn, args, kind = step
+            lowered[kind] += 1
         elif (
             t is segfast_ops.se_gate.default
             and native is not None
