@@ -641,6 +641,29 @@ def test_without_exact_int8_sums_signed_convs_run_the_fp32_plans_conv(monkeypatc
     _close_to_unstored(eng, ref, m, data[:3])  # Winograd's fp32 rounding moves ties
 
 
+def test_without_exact_int8_sums_a_signed_1x1_runs_the_fp32_plans_gemm(monkeypatch):
+    """Where AVX-512 is absent the fp32 plan runs 1×1 convs as one MKL GEMM; an int8
+    1×1 over a signed map runs that GEMM on its fake-quantized input."""
+    from segfast.backends.cpu import gemm1x1
+    from segfast.backends.cpu import native as cpu_native
+
+    _no_exact_int8(monkeypatch)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 24, 1), nn.ReLU(),
+                      nn.Conv2d(24, 4, 1)).eval()  # fmt: skip
+    data = [smooth(1, 3, 20, 28, seed=i) for i in range(8)]
+    eng = _int8_logits(m, data)
+    lowered = eng._runner.details["lowered"]
+    native = cpu_native.load()
+    key = "int8 conv2d 1×1 on one fp32 GEMM (MKL; no VNNI: int8 sums would saturate)"
+    gemm_here = native is not None and not native.wide_vectors and gemm1x1.available()
+    assert lowered.get(key, 0) == (1 if gemm_here else 0), lowered
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
+    ref = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                          output="logits", options={"no_cpu_plan": True})  # fmt: skip
+    _close_to_unstored(eng, ref, m, data[:3])
+
+
 # -- compile / quantize -----------------------------------------------------------------
 
 

@@ -6,8 +6,9 @@ here, PyTorch's ``addmm`` (MKL's sgemm, the bias added by it) followed by the
 activation in place beat oneDNN's prepacked 1×1 convolution on every layer tried,
 interleaved in one process (2026-12-07, 2 threads, ms): 16→64 at 128² 1.45 → 0.62,
 64→32 at 32² 0.15 → 0.10, 128→64 at 16² 0.15 → 0.09, 64→16 at 64² 0.22 → 0.16, and
-1.05–1.2× on the large ones (24→144 at 128², 96→576 at 32², 960→160 at 16²). Where
-AVX-512 is, oneDNN's kernels are the faster ones and the plan keeps them.
+1.05–1.2× on larger ones — but repeated runs showed large maps swinging either way
+(see :data:`MAX_OUTPUT`), so only outputs up to 2 MB take it. Where AVX-512 is,
+oneDNN's kernels are the faster ones and the plan keeps them.
 
 A squeeze-excitation gate in front of the conv (``conv(x · g)``, g per image and
 channel) folds into the weight: ``(x · g) @ W = x @ (g ⊙ W)`` — a [C, K] scaling per
@@ -40,6 +41,23 @@ def applies(weight: Tensor, stride: Any, padding: Any, dilation: Any, groups: in
         and all(int(p) == 0 for p in padding)
         and all(int(d) == 1 for d in dilation)
     )
+
+
+# Outputs up to this many floats (2 MB) take the GEMM. Measured on the AVX2 EPYC,
+# interleaved, three repeats (oneDNN ÷ GEMM): 64→32 at 32² 1.24–1.31, 128→64 at 16²
+# 1.27–1.41, 64→16 at 64² 1.03–1.12, 80→480 at 32² (hardswish) 1.02–1.12, 960→128 at
+# 32² 0.95–1.02; larger maps swing either way between runs (16→64 at 128² and 256²:
+# 0.80–1.90, 24→72 at 128²: 0.81–0.95), where oneDNN's fused activation saves a pass
+# over the output: they stay on oneDNN.
+MAX_OUTPUT = 512 * 1024
+
+
+def worthwhile(n: int | None, h: int | None, w: int | None, k: int) -> bool:
+    """Whether a 1×1 conv with ``k`` outputs over ``n`` maps of ``h × w`` (the example's
+    static sizes; None where dynamic) takes the GEMM: small outputs only."""
+    if n is None or h is None or w is None:
+        return False
+    return n * h * w * k <= MAX_OUTPUT
 
 
 def available() -> bool:

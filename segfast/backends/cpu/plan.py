@@ -172,6 +172,11 @@ def _onednn_constants(
     return weight, bias
 
 
+def _static_dims(v: Any) -> tuple[int | None, int | None, int | None]:
+    """(N, H, W) of a 4-D value, None for each symbolic one."""
+    return tuple(d if isinstance(d, int) else None for d in (v.shape[0], *v.shape[2:]))  # type: ignore[return-value]
+
+
 def _static_width(node: Any) -> int | None:
     """A node's width (last axis), or None where it is symbolic."""
     w = val(node).shape[-1]
@@ -293,6 +298,7 @@ def _conv2d_step(
             and x2 is None
             and gemm1x1.available()
             and gemm1x1.applies(weight, stride, padding, dilation, groups)
+            and gemm1x1.worthwhile(*_static_dims(xv), int(weight.shape[0]))
         ):
             conv = gemm1x1.GemmConv1x1(weight, bias, act, act_param, residual_after_act)
             return conv, (x, residual), _GEMM_1X1
@@ -367,6 +373,7 @@ def _gated_step(
         _eight_lane(native, use_avx2)
         and gemm1x1.available()
         and gemm1x1.applies(weight, stride, padding, dilation, groups)
+        and gemm1x1.worthwhile(*_static_dims(val(x)), int(weight.shape[0]))
     ):
         gemm = gemm1x1.GatedGemmConv1x1(weight, bias, act, act_param, residual_after_act)
         return gemm, (x, gate, residual), _GATED_GEMM_1X1
@@ -411,7 +418,11 @@ def _conv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, t
 
 
 def _qconv2d_step(
-    gm: fx.GraphModule, node: fx.Node, native: Native | None = None, use_winograd: bool = True
+    gm: fx.GraphModule,
+    node: fx.Node,
+    native: Native | None = None,
+    use_winograd: bool = True,
+    use_avx2: bool = True,
 ) -> tuple[Callable, tuple, str]:
     (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
      x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first, x_scale, w_scale) = node.args  # fmt: skip
@@ -421,7 +432,7 @@ def _qconv2d_step(
     mode = int8.choose_mode(nonneg)
     fp32_conv, kind = None, _QCONV_KINDS[mode]
     if mode == "fp32":
-        fp32_conv, kind = _int8_on_fp32(node, native, use_winograd, weight, scales, bias)
+        fp32_conv, kind = _int8_on_fp32(node, native, use_winograd, use_avx2, weight, scales, bias)
     conv = int8.PackedQConv2d(
         weight, scales, bias, stride, padding, dilation, groups, act, act_param,
         residual_after_act, (x2_resize, x2_align, x2_sh, x2_sw, x2_first), x_scale,
@@ -434,6 +445,7 @@ def _int8_on_fp32(
     node: fx.Node,
     native: Native | None,
     use_winograd: bool,
+    use_avx2: bool,
     weight: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
@@ -441,8 +453,9 @@ def _int8_on_fp32(
     """The fp32 conv an int8 conv runs on where this CPU's int8 sums would saturate:
     the one the fp32 plan would run for the layer — Winograd where it would take it
     (the int8 conv's own oneDNN int8 kernel is ~2× its fp32 direct conv on AVX2, so a
-    Winograd layer loses nothing), else oneDNN's packed fp32 conv; two sources are
-    joined by the conv (split-K), not concatenated. Called as ``conv(x, residual,
+    Winograd layer loses nothing), a 1×1 as one MKL GEMM where AVX-512 is absent
+    (:mod:`.gemm1x1`), else oneDNN's packed fp32 conv; two sources are joined by the
+    conv (split-K), not concatenated. Called as ``conv(x, residual,
     x2)`` with the sources quantized, in order and resized (see
     :class:`segfast.backends.cpu.int8.PackedQConv2d`)."""
     (x, _, _, stride, padding, dilation, groups, act, act_param, _, residual_after_act, x2,
@@ -463,6 +476,15 @@ def _int8_on_fp32(
         conv = winograd.WinogradConv2d(native, wd, bias, padding, act, act_param,
                                        residual_after_act)  # fmt: skip
         return conv, "int8 conv2d on fp32 Winograd (no VNNI: int8 sums would saturate)"
+    if (
+        x2 is None
+        and _eight_lane(native, use_avx2)
+        and gemm1x1.available()
+        and gemm1x1.applies(wd, stride, padding, dilation, groups)
+        and gemm1x1.worthwhile(n, h, w_, int(wd.shape[0]))
+    ):
+        gemm = gemm1x1.GemmConv1x1(wd, bias, act, act_param, residual_after_act)
+        return gemm, "int8 conv2d 1×1 on one fp32 GEMM (MKL; no VNNI: int8 sums would saturate)"
     x2_channels = None
     size = tuple(xv.shape)
     if x2 is not None and isinstance(c_x, int):
@@ -892,7 +914,7 @@ def lower(
             else:
                 fn = ops.conv2d_impl
         elif t is segfast_ops.qconv2d.default and int8.available():
-            fn, args, kind = _qconv2d_step(gm, node, native, use_winograd)
+            fn, args, kind = _qconv2d_step(gm, node, native, use_winograd, use_avx2)
             lowered[kind] += 1
         elif t is segfast_ops.qconv_transpose2d.default:
             fn, args = _qconv_transpose_step(gm, node)
