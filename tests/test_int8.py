@@ -367,13 +367,14 @@ def test_int8_transposed_conv_matches_the_composite(
             conv.store_quantized(0.1, 128)
 
 
-def _int8_logits(model, data):
+def _int8_logits(model, data, options=None):
     """An all-int8 logits engine on the CPU plan (no fallback; the bar low: these tests
     compare plans, not the contract)."""
     cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
     return segfast.compile(
-        model, data[0], backend="torch", precision="int8", calibration=cal, output="logits"
-    )
+        model, data[0], backend="torch", precision="int8", calibration=cal, output="logits",
+        options=options or {},
+    )  # fmt: skip
 
 
 def _close_to_unstored(eng, plain, model, inputs) -> None:
@@ -635,9 +636,7 @@ def test_without_exact_int8_sums_signed_convs_run_the_fp32_plans_conv(monkeypatc
     if native is not None:
         assert winograd.worthwhile(96, 96, 32, 40, native.wide_vectors)  # AVX2 and AVX-512
         assert lowered[key] == 1, lowered
-    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
-    ref = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
-                          output="logits", options={"no_cpu_plan": True})  # fmt: skip
+    ref = _int8_logits(m, data, options={"no_cpu_plan": True})  # the composite ops
     _close_to_unstored(eng, ref, m, data[:3])  # Winograd's fp32 rounding moves ties
 
 
@@ -658,9 +657,7 @@ def test_without_exact_int8_sums_a_signed_1x1_runs_the_fp32_plans_gemm(monkeypat
     key = "int8 conv2d 1×1 on one fp32 GEMM (MKL; no VNNI: int8 sums would saturate)"
     gemm_here = native is not None and not native.wide_vectors and gemm1x1.available()
     assert lowered.get(key, 0) == (1 if gemm_here else 0), lowered
-    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.01)
-    ref = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
-                          output="logits", options={"no_cpu_plan": True})  # fmt: skip
+    ref = _int8_logits(m, data, options={"no_cpu_plan": True})  # the composite ops
     _close_to_unstored(eng, ref, m, data[:3])
 
 
