@@ -304,7 +304,7 @@ class PackedQConv2d:
             size = [size[0], int(weight.shape[1]) * self.groups, size[2], size[3]]
         if mode == "fp32":
             # the sources are resized and put in order here; the conv joins them
-            if fp32_conv is None:  # a two-source input: joined by concatenation
+            if fp32_conv is None:  # oneDNN's fp32 conv (two sources: concatenated)
                 fp32_conv = PackedConv2d(
                     ops.dequantize_weight(weight, self.w_scale, 0, torch.float32), self.bias,
                     stride, padding, dilation, groups, act, act_param, residual_after_act,
@@ -323,7 +323,8 @@ class PackedQConv2d:
     @property
     def can_store_quantized(self) -> bool:
         """Whether this conv can write its output as uint8 (:meth:`store_quantized`)
-        at some zero point: oneDNN's int8 kernel and an activation it fuses."""
+        at all: oneDNN's int8 kernel and an activation it fuses (zero point 128 takes
+        any such; zero point 0 fewer, see :meth:`can_store_at`)."""
         return self.can_store_at(_ZP)
 
     def can_store_at(self, zp: int) -> bool:

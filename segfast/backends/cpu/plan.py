@@ -177,6 +177,20 @@ def _static_dims(v: Any) -> tuple[int | None, int | None, int | None]:
     return tuple(d if isinstance(d, int) else None for d in (v.shape[0], *v.shape[2:]))  # type: ignore[return-value]
 
 
+def _gemm_1x1(
+    native: Native | None, use_avx2: bool, weight: torch.Tensor, stride: Any, padding: Any,
+    dilation: Any, groups: int, x_value: Any,
+) -> bool:  # fmt: skip
+    """Whether a conv of ``weight`` over ``x_value`` (its fake tensor) runs as one MKL
+    GEMM (:mod:`.gemm1x1`): no AVX-512, a dense 1×1, a small static output."""
+    return (
+        _eight_lane(native, use_avx2)
+        and gemm1x1.available()
+        and gemm1x1.applies(weight, stride, padding, dilation, groups)
+        and gemm1x1.worthwhile(*_static_dims(x_value), int(weight.shape[0]))
+    )
+
+
 def _static_width(node: Any) -> int | None:
     """A node's width (last axis), or None where it is symbolic."""
     w = val(node).shape[-1]
@@ -293,12 +307,8 @@ def _conv2d_step(
         ):  # fmt: skip
             conv = narrow.FewOutputConv2d(native, weight, bias, padding, act, act_param)
             return conv, (x,), "conv2d with 1–4 output channels (segfast kernel)"
-        if (
-            _eight_lane(native, use_avx2)
-            and x2 is None
-            and gemm1x1.available()
-            and gemm1x1.applies(weight, stride, padding, dilation, groups)
-            and gemm1x1.worthwhile(*_static_dims(xv), int(weight.shape[0]))
+        if x2 is None and _gemm_1x1(
+            native, use_avx2, weight, stride, padding, dilation, groups, xv
         ):
             conv = gemm1x1.GemmConv1x1(weight, bias, act, act_param, residual_after_act)
             return conv, (x, residual), _GEMM_1X1
@@ -369,12 +379,7 @@ def _gated_step(
     if constants is None:
         return None
     weight, bias = constants
-    if (
-        _eight_lane(native, use_avx2)
-        and gemm1x1.available()
-        and gemm1x1.applies(weight, stride, padding, dilation, groups)
-        and gemm1x1.worthwhile(*_static_dims(val(x)), int(weight.shape[0]))
-    ):
+    if _gemm_1x1(native, use_avx2, weight, stride, padding, dilation, groups, val(x)):
         gemm = gemm1x1.GatedGemmConv1x1(weight, bias, act, act_param, residual_after_act)
         return gemm, (x, gate, residual), _GATED_GEMM_1X1
     conv = PackedConv2d(
@@ -476,13 +481,7 @@ def _int8_on_fp32(
         conv = winograd.WinogradConv2d(native, wd, bias, padding, act, act_param,
                                        residual_after_act)  # fmt: skip
         return conv, "int8 conv2d on fp32 Winograd (no VNNI: int8 sums would saturate)"
-    if (
-        x2 is None
-        and _eight_lane(native, use_avx2)
-        and gemm1x1.available()
-        and gemm1x1.applies(wd, stride, padding, dilation, groups)
-        and gemm1x1.worthwhile(n, h, w_, int(wd.shape[0]))
-    ):
+    if x2 is None and _gemm_1x1(native, use_avx2, wd, stride, padding, dilation, groups, xv):
         gemm = gemm1x1.GemmConv1x1(wd, bias, act, act_param, residual_after_act)
         return gemm, "int8 conv2d 1×1 on one fp32 GEMM (MKL; no VNNI: int8 sums would saturate)"
     x2_channels = None
