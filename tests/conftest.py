@@ -8,6 +8,7 @@ only when CUDA is present.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -42,3 +43,29 @@ def _one_thread_per_xdist_worker() -> None:
     """
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+# Tests whose Triton kernels run under the interpreter with its integer-overflow
+# sanitizer on: the kernels' own tests. Elsewhere (whole models on the `triton`
+# backend, int8 engines, edge networks) it is off: on the tiny shapes these tests use no
+# index can come near 2**31, and the sanitizer (an int64 recomputation and an assert
+# after every integer add, sub and mul) was half of the interpreter's time there.
+_SANITIZED = ("tests/kernels/",)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_overflow_checks(request: pytest.FixtureRequest) -> None:
+    if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or not hasattr(options, "sanitize_overflow"):
+        return  # another Triton: leave its interpreter as it is
+    path = request.node.path.as_posix()
+    want = any(f"/{part}" in path for part in _SANITIZED)
+    if options.sanitize_overflow != want:
+        builder.options = dataclasses.replace(options, sanitize_overflow=want)

@@ -40,8 +40,21 @@ def _env(**extra: str) -> dict[str, str]:
         if not k.startswith(("PYTEST_", "XDIST", "GPU_SUITE_", "TRITON_INTERPRET"))
     }
     env["PYTHON"] = sys.executable
+    if not _segfast_from_this_tree():
+        # The script would `pip install -e` this tree into the environment running the
+        # tests (its way to make segfast importable on a GPU machine): a second checkout
+        # sharing one venv (a git worktree) had the venv's segfast re-pointed at it.
+        env["GPU_SUITE_IMPORT"] = "shim"
     env.update(extra)
     return env
+
+
+def _segfast_from_this_tree() -> bool:
+    """The script's own import check: segfast.kernels (mapped from kernels/ by an
+    editable install) comes from this tree."""
+    import segfast.kernels
+
+    return Path(segfast.kernels.__file__).resolve().is_relative_to(ROOT)
 
 
 def _run(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
