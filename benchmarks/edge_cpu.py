@@ -46,7 +46,8 @@ MODELS = {
 }  # fmt: skip
 AVX2_KINDS = ("depthwise conv2d (segfast kernel, 8-lane)",
               "conv2d with 1–4 output channels (segfast kernel)",
-              "conv2d 1×1 as one GEMM (MKL; no AVX-512)")  # fmt: skip
+              "conv2d 1×1 as one GEMM (MKL; no AVX-512)",
+              "inverted residual block (segfast kernel)")  # fmt: skip
 
 
 class EagerChannelsLast:

@@ -27,6 +27,15 @@ from segfast.backends.cpu.depthwise import ACT_CODES, nhwc_strides
 from segfast.backends.cpu.native import Native
 from segfast.compiler import ops
 
+# The vectors are one register of lanes (16 with AVX-512, 8 on AVX2; internal channel
+# widths are padded to whole vectors of the build, ``Native.lanes``). On 2 cores of an
+# AVX2 EPYC (torch 2.13) the 8-lane build against the plan's three calls there (MKL
+# GEMM / oneDNN 1×1s, oneDNN or sf_dwconv8 depthwise), single blocks: MobileNetV2's
+# 16→96→24 s2 at 256² 1.20×, 24→144→24 at 128² 1.19×, 64→384→64 at 32² 1.20×,
+# 32→192→32 at 64² 0.99×; MobileNetV3's 16→64→24 s2 at 256² 1.35×, 24→72→24 at 128²
+# 1.06×, 5×5 24→72→40 s2 1.03×; whole networks 1.04× (LR-ASPP MobileNetV3-Large, 4
+# blocks) and 1.05× (DeepLab v3+ MobileNetV2, 12 blocks) at 512². The same thresholds
+# hold there (the blocks below them measured even).
 # Measured on 2 cores of an AMD EPYC Zen 4 (torch 2.13): the kernel wins where
 # the expanded tensor is large and narrow (MobileNetV2 at 512²: 1.0–1.9× the
 # three oneDNN calls per block; at 1024×2048, where each expanded tensor is a
@@ -59,8 +68,8 @@ def _pad(t: Tensor, *size: int) -> Tensor:
     return out.contiguous()
 
 
-def _round16(c: int) -> int:
-    return (c + 15) // 16 * 16
+def _round_up(c: int, lanes: int) -> int:
+    return (c + lanes - 1) // lanes * lanes
 
 
 def worthwhile(c_expanded: int, h: int | None, w: int | None, ring_rows: int) -> bool:
@@ -68,7 +77,7 @@ def worthwhile(c_expanded: int, h: int | None, w: int | None, ring_rows: int) ->
     of ``c_expanded × h × w`` (fp32) and a depthwise conv reaching ``ring_rows``
     rows. ``None``: a dynamic size, taken as large (the kernel's advantage grows
     with the map) with a ring that stays in the caches."""
-    cp = _round16(c_expanded)
+    cp = _round_up(c_expanded, 16)
     big = 1 << 30
     return (
         c_expanded <= MAX_EXPANDED_CHANNELS
@@ -120,9 +129,11 @@ class NativeInvertedResidual:
         self.expand, self.depthwise, self.project = expand, depthwise, project
         self.residual_after_act = bool(residual_after_act)
         self.c_in, self.ce, self.kh, self.kw = c_in, int(ce), int(kh), int(kw)
-        self.cp = _round16(self.ce)
+        # internal widths: whole vectors of this build (16 lanes with AVX-512, 8 on AVX2)
+        lanes = native.lanes
+        self.cp = _round_up(self.ce, lanes)
         self.co = int(project.weight.shape[0])
-        self.cop = _round16(self.co)
+        self.cop = _round_up(self.co, lanes)
 
         def bias(conv: Conv, n: int, size: int) -> Tensor:
             b = conv.bias if conv.bias is not None else torch.zeros(n)

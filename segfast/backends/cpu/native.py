@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 19
+ABI_VERSION = 20
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -128,18 +128,25 @@ class Native:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        # The direct kernels (inverted residual blocks, atrous depthwise, narrow convs, the
-        # fused upsample + depthwise/separable) hold 16-float vectors in registers: one
-        # AVX-512 register each. Without AVX-512 every vector is two AVX2 registers of
-        # 16, the kernels spill, and oneDNN is faster (DeepLab v3+ MobileNetV2 at 512² on
-        # an AVX2 EPYC: 738 ms with them, 175 ms without); Winograd and the heads win
-        # either way. The plan asks this before using the direct kernels.
+        # The direct kernels (atrous depthwise, narrow convs, the fused upsample +
+        # depthwise/separable) hold 16-float vectors in registers: one AVX-512 register
+        # each. Without AVX-512 every vector is two AVX2 registers of 16, the kernels
+        # spill, and oneDNN is faster (DeepLab v3+ MobileNetV2 at 512² on an AVX2 EPYC:
+        # 738 ms with them, 175 ms without). Winograd, the heads, the SE gate and the
+        # inverted residual blocks use one register of lanes (``lanes``) and run on
+        # either. The plan asks this before using the 16-lane direct kernels.
         flags = set(_cpu_flags().split())
         self.wide_vectors = "avx512f" in flags
         # sf_dwconv8 (8-lane vectors, one AVX2 register) is the depthwise kernel for
         # CPUs without AVX-512; it needs AVX2 and FMA to beat oneDNN (see
         # depthwise.vec8_worthwhile).
         self.avx2 = {"avx2", "fma"} <= flags
+        # fp32 lanes of one register in this build (16 with AVX-512, 8 without): the
+        # width sf_invres wants its padded channel counts to be a multiple of.
+        lanes = lib.sf_lanes
+        lanes.restype = _INT
+        lanes.argtypes = []
+        self.lanes = int(lanes())
         self.dwconv2d = lib.sf_dwconv2d
         self.dwconv2d.restype = None
         self.dwconv2d.argtypes = (

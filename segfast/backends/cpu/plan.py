@@ -11,7 +11,7 @@ Lowering walks the fused ``GraphModule`` once, in order:
   (:mod:`.winograd`), heavy convolutions with 17–24 output channels (a class
   head) compute 24 lanes instead of oneDNN's 32 (:mod:`.narrow`), MobileNetV2's ``[1×1 expand →] depthwise → 1×1 project
   (+ residual)`` blocks with a large, narrow expanded tensor run as one kernel
-  that never writes it (:mod:`.invres`), depthwise convolutions with atrous paddings oneDNN
+  that never writes it (:mod:`.invres`; with AVX-512 and on AVX2), depthwise convolutions with atrous paddings oneDNN
   handles slowly run on :mod:`.depthwise`, and a depthwise convolution whose
   input is a large bilinear upsample read by nothing else computes the upsample
   band by band (:mod:`.resize_dw`) instead of reading it from memory — and
@@ -842,7 +842,8 @@ def lower(
         del fused[dw], into[dw]  # bf16 upsample → depthwise alone stays on oneDNN
     absorbed = {n for nodes in into.values() for n in nodes}
     claimed = set(into) | set(separable)
-    blocks = _inverted_residuals(gm, claimed) if direct else {}
+    # sf_invres is width-generic (one register of lanes): with AVX-512 and on AVX2
+    blocks = _inverted_residuals(gm, claimed) if direct or _eight_lane(native, use_avx2) else {}
     folded = _pads_into_depthwise(gm, native, use_avx2)
     absorbed.update(conv.args[0] for conv in folded)  # the pads: their convs read past them
     for expand, dw in blocks.values():

@@ -58,7 +58,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 19; }
+int sf_abi_version(void) { return 20; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -723,6 +723,10 @@ typedef sf_i8 sf_in;
 #define sf_store_n sf_store8
 #define sf_act_n sf_act8
 #endif
+
+/* The fp32 lanes of one register in this build (SF_NL): the width kernels that pad
+ * channels to whole vectors (sf_invres) want their callers to pad to. */
+int sf_lanes(void) { return SF_NL; }
 
 /* bf16 <-> fp32 where a kernel reads or writes bf16 and computes in fp32: a bf16 is
  * the top half of an fp32; stores round to nearest even, NaN stays a quiet NaN. */
@@ -1454,29 +1458,30 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
  * and read the depthwise output. Here each thread walks a contiguous run of output
  * rows keeping a ring of the R = (KH-1)·dh + 1 expanded rows its taps reach (in L2);
  * only the block's input and output touch memory. Internal rows have Cp channels
- * (the expanded width rounded up to 16, weights and biases zero-padded).
+ * (the expanded width rounded up to a multiple of the vector width SF_NL — 16 lanes
+ * with AVX-512, 8 on AVX2 — weights and biases zero-padded).
  * Reference: segfast/backends/cpu/invres.py. */
 
-/* out[m][n] = act(bias[n] + Σ_k a[m·as + k]·B[k·Np + n]) (+ res), n in [n0, n0 + 16·NV) ∩ [0, N):
+/* out[m][n] = act(bias[n] + Σ_k a[m·as + k]·B[k·Np + n]) (+ res), n in [n0, n0 + SF_NL·NV) ∩ [0, N):
  * MR pixels × NV vectors of accumulators in registers; B's rows are zero-padded to Np. */
 /* Bias + accumulators → act → (+ residual) → out, all NV vectors inside [0, N). */
 #define SF_GEMM_EPI(MR, NV, ACT)                                                                  \
   do {                                                                                            \
     int cn[NV];                                                                                   \
-    for (int v = 0; v < NV; ++v) cn[v] = N - n0 - 16 * v >= 16 ? 16 : (int)(N - n0 - 16 * v);    \
+    for (int v = 0; v < NV; ++v) cn[v] = N - n0 - SF_NL * v >= SF_NL ? SF_NL : (int)(N - n0 - SF_NL * v);    \
     if (res) {                                                                                    \
       for (int m = 0; m < MR; ++m)                                                                \
         for (int v = 0; v < NV; ++v) {                                                            \
-          const sf_v16 r = sf_load(res + m * rs + n0 + 16 * v, cn[v]);                            \
-          sf_v16 o = res_after_act ? acc[m][v] : acc[m][v] + r;                                   \
+          const sf_vn r = sf_load_n(res + m * rs + n0 + SF_NL * v, cn[v]);                            \
+          sf_vn o = res_after_act ? acc[m][v] : acc[m][v] + r;                                   \
           o = ACT;                                                                                \
-          sf_store(out + m * os + n0 + 16 * v, res_after_act ? o + r : o, cn[v]);                 \
+          sf_store_n(out + m * os + n0 + SF_NL * v, res_after_act ? o + r : o, cn[v]);                 \
         }                                                                                         \
     } else {                                                                                      \
       for (int m = 0; m < MR; ++m)                                                                \
         for (int v = 0; v < NV; ++v) {                                                            \
-          sf_v16 o = acc[m][v];                                                                   \
-          sf_store(out + m * os + n0 + 16 * v, ACT, cn[v]);                                       \
+          sf_vn o = acc[m][v];                                                                   \
+          sf_store_n(out + m * os + n0 + SF_NL * v, ACT, cn[v]);                                       \
         }                                                                                         \
     }                                                                                             \
   } while (0)
@@ -1486,15 +1491,15 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
       const float* restrict a, int64_t as, int64_t K, const float* restrict B, int64_t Np,        \
       const float* restrict bias, int64_t n0, int64_t N, float* restrict out, int64_t os,         \
       const float* restrict res, int64_t rs, int res_after_act, int act, float ap) {              \
-    sf_v16 acc[MR][NV];                                                                           \
+    sf_vn acc[MR][NV];                                                                           \
     for (int v = 0; v < NV; ++v) {                                                                \
-      const sf_v16 b = *(const sf_v16*)(bias + n0 + 16 * v);                                      \
+      const sf_vn b = *(const sf_vn*)(bias + n0 + SF_NL * v);                                      \
       for (int m = 0; m < MR; ++m) acc[m][v] = b;                                                 \
     }                                                                                             \
     const float* bp = B + n0;                                                                     \
     for (int64_t k = 0; k < K; ++k, bp += Np) {                                                   \
-      sf_v16 bv[NV];                                                                              \
-      for (int v = 0; v < NV; ++v) bv[v] = *(const sf_v16*)(bp + 16 * v);                         \
+      sf_vn bv[NV];                                                                              \
+      for (int v = 0; v < NV; ++v) bv[v] = *(const sf_vn*)(bp + SF_NL * v);                         \
       for (int m = 0; m < MR; ++m) {                                                              \
         const float am = a[m * as + k]; /* splat by the vector extension */                       \
         for (int v = 0; v < NV; ++v) acc[m][v] += am * bv[v];                                     \
@@ -1502,30 +1507,34 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
     }                                                                                             \
     if (act <= 2) { /* one epilogue per activation (the last vector may be partial) */          \
       switch (act) {                                                                              \
-        case 1: SF_GEMM_EPI(MR, NV, sf_relu_v(o)); return;                                        \
-        case 2: SF_GEMM_EPI(MR, NV, sf_min6_v(sf_relu_v(o))); return;                             \
+        case 1: SF_GEMM_EPI(MR, NV, sf_act_n(o, 1, 0.f)); return;                                        \
+        case 2: SF_GEMM_EPI(MR, NV, sf_act_n(o, 2, 0.f)); return;                             \
         default: SF_GEMM_EPI(MR, NV, o); return;                                                  \
       }                                                                                           \
     }                                                                                             \
     for (int m = 0; m < MR; ++m) {                                                                \
       for (int v = 0; v < NV; ++v) {                                                              \
-        const int64_t c = n0 + 16 * v;                                                            \
+        const int64_t c = n0 + SF_NL * v;                                                            \
         if (c >= N) break;                                                                        \
-        const int cn = N - c < 16 ? (int)(N - c) : 16;                                            \
-        sf_v16 o = acc[m][v];                                                                     \
-        if (res && !res_after_act) o += sf_load(res + m * rs + c, cn);                            \
-        o = sf_act_v(o, act, ap);                                                                 \
-        if (res && res_after_act) o += sf_load(res + m * rs + c, cn);                             \
-        sf_store(out + m * os + c, o, cn);                                                        \
+        const int cn = N - c < SF_NL ? (int)(N - c) : SF_NL;                                            \
+        sf_vn o = acc[m][v];                                                                     \
+        if (res && !res_after_act) o += sf_load_n(res + m * rs + c, cn);                            \
+        o = sf_act_n(o, act, ap);                                                                 \
+        if (res && res_after_act) o += sf_load_n(res + m * rs + c, cn);                             \
+        sf_store_n(out + m * os + c, o, cn);                                                        \
       }                                                                                           \
     }                                                                                             \
   }
+#ifdef __AVX512F__
 SF_GEMM_TILE(6, 4)
 SF_GEMM_TILE(8, 3)
 SF_GEMM_TILE(12, 2)
-SF_GEMM_TILE(12, 1)
 SF_GEMM_TILE(1, 4)
 SF_GEMM_TILE(1, 3)
+#else
+SF_GEMM_TILE(6, 2)
+#endif
+SF_GEMM_TILE(12, 1)
 SF_GEMM_TILE(1, 2)
 SF_GEMM_TILE(1, 1)
 #undef SF_GEMM_TILE
@@ -1542,24 +1551,38 @@ static void sf_gemm_rows(const float* restrict a, int64_t P, int64_t as, int64_t
                          int res_after_act, int act, float ap) {
   /* chunks of ≤ 4 vectors: with 6, GCC folded the weight loads into the FMAs (24
    * accumulators + 6 weights + a broadcast leave no spare register) and the tile
-   * became load-bound — 160→960→160 at 32²: 0.84× oneDNN with 6, 0.97× with 4. */
-  const int64_t nvt = Np / 16;
-  const int64_t chunks = (nvt + 3) / 4;
+   * became load-bound — 160→960→160 at 32²: 0.84× oneDNN with 6, 0.97× with 4.
+   * With 8 lanes (AVX2: 16 registers) chunks of ≤ 2 vectors, 6 pixels × 2 vectors or
+   * 12 × 1 (12 accumulators + the weights + a broadcast). Only the vectors that hold
+   * one of the N outputs are computed. */
+#ifdef __AVX512F__
+  const int64_t maxv = 4;
+#else
+  const int64_t maxv = 2;
+#endif
+  const int64_t nvt = (N + SF_NL - 1) / SF_NL;
+  const int64_t chunks = (nvt + maxv - 1) / maxv;
   int64_t v0 = 0;
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int nv = (int)(nvt / chunks + (ch < nvt % chunks));
-    const int64_t n0 = 16 * v0;
+    const int64_t n0 = SF_NL * v0;
     int64_t p = 0;
     switch (nv) {
+#ifdef __AVX512F__
       case 4: for (; p + 6 <= P; p += 6) SF_TILE(6, 4); break;
       case 3: for (; p + 8 <= P; p += 8) SF_TILE(8, 3); break;
       case 2: for (; p + 12 <= P; p += 12) SF_TILE(12, 2); break;
+#else
+      case 2: for (; p + 6 <= P; p += 6) SF_TILE(6, 2); break;
+#endif
       default: for (; p + 12 <= P; p += 12) SF_TILE(12, 1); break;
     }
     for (; p < P; ++p) {
       switch (nv) {
+#ifdef __AVX512F__
         case 4: SF_TILE(1, 4); break;
         case 3: SF_TILE(1, 3); break;
+#endif
         case 2: SF_TILE(1, 2); break;
         default: SF_TILE(1, 1); break;
       }
@@ -1580,24 +1603,24 @@ static inline void sf_thread_rows(int64_t rows, int64_t* r0, int64_t* r1) {
   *r1 = *r0 + per < rows ? *r0 + per : rows;
 }
 
-/* Eight output pixels × 16 channels of one depthwise row, every tap inside the map. */
+/* Eight output pixels × one vector of channels of one depthwise row, every tap inside the map. */
 static inline __attribute__((always_inline)) void sf_ir_dw_px8(
     const float* const* rp, const int64_t* kidx, int64_t nk, const float* restrict wd, int64_t KW,
     int64_t Cp, int64_t c, int64_t iw0, int64_t sw, int64_t dw, int act, float ap,
     const float* restrict bd, float* restrict out) {
-  sf_v16 acc[8];
-  const sf_v16 b = *(const sf_v16*)(bd + c);
+  sf_vn acc[8];
+  const sf_vn b = *(const sf_vn*)(bd + c);
   for (int p = 0; p < 8; ++p) acc[p] = b;
   for (int64_t i = 0; i < nk; ++i) {
     const float* xr = rp[i] + iw0 * Cp + c;
     const float* wr = wd + kidx[i] * KW * Cp + c;
     for (int64_t kw = 0; kw < KW; ++kw) {
-      const sf_v16 wv = *(const sf_v16*)(wr + kw * Cp);
+      const sf_vn wv = *(const sf_vn*)(wr + kw * Cp);
       const float* xp = xr + kw * dw * Cp;
-      for (int p = 0; p < 8; ++p) acc[p] += wv * *(const sf_v16*)(xp + p * sw * Cp);
+      for (int p = 0; p < 8; ++p) acc[p] += wv * *(const sf_vn*)(xp + p * sw * Cp);
     }
   }
-  for (int p = 0; p < 8; ++p) *(sf_v16*)(out + p * Cp + c) = sf_act_v(acc[p], act, ap);
+  for (int p = 0; p < 8; ++p) *(sf_vn*)(out + p * Cp + c) = sf_act_n(acc[p], act, ap);
 }
 
 /* dwrow[ow][0:Cp] = act(bd + Σ taps wd·x) over the valid rows rp[i] (tap row kidx[i]). */
@@ -1616,13 +1639,13 @@ static void sf_ir_dw_row(const float* const* rp, const int64_t* kidx, int64_t nk
     const int64_t iw0 = ow * sw - pw;
     float* out = dwrow + ow * Cp;
     if (KW == 3 && sw == 1 && dw == 1) {
-      for (int64_t c = 0; c < Cp; c += 16)
+      for (int64_t c = 0; c < Cp; c += SF_NL)
         sf_ir_dw_px8(rp, kidx, nk, wd, 3, Cp, c, iw0, 1, 1, act, ap, bd, out);
     } else if (KW == 3 && sw == 2 && dw == 1) {
-      for (int64_t c = 0; c < Cp; c += 16)
+      for (int64_t c = 0; c < Cp; c += SF_NL)
         sf_ir_dw_px8(rp, kidx, nk, wd, 3, Cp, c, iw0, 2, 1, act, ap, bd, out);
     } else {
-      for (int64_t c = 0; c < Cp; c += 16)
+      for (int64_t c = 0; c < Cp; c += SF_NL)
         sf_ir_dw_px8(rp, kidx, nk, wd, KW, Cp, c, iw0, sw, dw, act, ap, bd, out);
     }
   }
@@ -1632,24 +1655,25 @@ static void sf_ir_dw_row(const float* const* rp, const int64_t* kidx, int64_t nk
       o = ow - 1;
       continue;
     }
-    for (int64_t c = 0; c < Cp; c += 16) {
-      sf_v16 acc = *(const sf_v16*)(bd + c);
+    for (int64_t c = 0; c < Cp; c += SF_NL) {
+      sf_vn acc = *(const sf_vn*)(bd + c);
       for (int64_t i = 0; i < nk; ++i) {
         for (int64_t kw = 0; kw < KW; ++kw) {
           const int64_t iw = o * sw - pw + kw * dw;
           if (iw < 0 || iw >= W) continue;
-          acc += *(const sf_v16*)(wd + (kidx[i] * KW + kw) * Cp + c) *
-                 *(const sf_v16*)(rp[i] + iw * Cp + c);
+          acc += *(const sf_vn*)(wd + (kidx[i] * KW + kw) * Cp + c) *
+                 *(const sf_vn*)(rp[i] + iw * Cp + c);
         }
       }
-      *(sf_v16*)(dwrow + o * Cp + c) = sf_act_v(acc, act, ap);
+      *(sf_vn*)(dwrow + o * Cp + c) = sf_act_n(acc, act, ap);
     }
   }
 }
 
 /* we == NULL: no expansion (the depthwise conv reads x, Cin ≤ Cp). Ce: the real expanded
  * width (≤ Cp). wd: [KH][KW][Cp]; we: [Cin][Cp]; wp: [Ce][Cop]; biases padded likewise.
- * Returns 0; -1 when a thread's scratch could not be allocated; -2 for KH > MAX_KH. */
+ * Returns 0; -1 when a thread's scratch could not be allocated; -2 for KH > MAX_KH; -3
+ * when Cp or Cop is not a multiple of SF_NL (sf_lanes()). */
 int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
               int64_t xsn, int64_t xsh, int64_t xsw,
               const float* restrict we, const float* restrict be, int act_e, float ap_e,
@@ -1663,6 +1687,7 @@ int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t 
               const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw,
               int res_after_act) {
   if (KH > MAX_KH) return -2;
+  if (Cp % SF_NL || Cop % SF_NL) return -3; /* padded widths: whole vectors */
   const int64_t R = (KH - 1) * dh + 1;
   const int64_t rows = N * Ho;
   const int64_t row_len = W * Cp;

@@ -376,8 +376,8 @@ def test_bf16_without_onednn_bf16_runs_plain_pytorch(monkeypatch):
 @pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
 def test_without_avx512_the_direct_kernels_stay_off(monkeypatch):
     """Where 16-float vectors take two registers (no AVX-512) the plan keeps Winograd and
-    the head but leaves inverted residual blocks, atrous depthwise and narrow convs to
-    oneDNN, and says so."""
+    the head but leaves the 16-lane direct kernels (atrous depthwise, narrow convs, the
+    upsample fusions) to oneDNN, and says so."""
     monkeypatch.setattr(native.load(), "wide_vectors", False)
     monkeypatch.setattr(native.load(), "avx2", True)
     torch.manual_seed(0)
@@ -385,7 +385,7 @@ def test_without_avx512_the_direct_kernels_stay_off(monkeypatch):
     x = torch.randn(1, 3, 64, 64)
     eng = segfast.compile(m, x, backend="torch", output="logits")
     lowered = eng._runner.details["lowered"]
-    assert not [k for k in lowered if "inverted residual" in k or "atrous" in k]
+    assert not [k for k in lowered if "atrous" in k]
     # the 8-lane kernel takes the ASPP's atrous depthwise convs (rates 6, 12, 18) and,
     # the tiny net's maps being ≤ 16 wide, its other stride-1 depthwise convs
     assert lowered["depthwise conv2d (segfast kernel, 8-lane)"] == 15
@@ -395,6 +395,30 @@ def test_without_avx512_the_direct_kernels_stay_off(monkeypatch):
     monkeypatch.setattr(native.load(), "wide_vectors", True)  # the same model with them
     again = segfast.compile(m, x, backend="torch", output="logits")
     assert [k for k in again._runner.details["lowered"] if "atrous" in k]
+
+
+@pytest.mark.narrow_vectors
+@pytest.mark.skipif(not HAS_LIB, reason="needs segfast's CPU kernels")
+def test_without_avx512_inverted_residual_blocks_still_fuse(monkeypatch):
+    """sf_invres holds one register of lanes (8 on AVX2): without AVX-512 the plan still
+    fuses MobileNetV2's blocks where worthwhile, and not with ``avx2_kernels`` off."""
+    from segfast.backends.cpu import invres
+
+    monkeypatch.setattr(native.load(), "wide_vectors", False)
+    monkeypatch.setattr(native.load(), "avx2", True)
+    monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)  # the tiny net's small maps too
+    torch.manual_seed(0)
+    m = models.create("deeplabv3plus_mobilenetv2", tiny=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    eng = segfast.compile(m, x, backend="torch", output="logits")
+    lowered = eng._runner.details["lowered"]
+    assert lowered["inverted residual block (segfast kernel)"] >= 5, lowered
+    report = segfast.check(eng, m, [x, torch.randn(1, 3, 64, 64)])
+    assert report.passed, report
+    assert max(a.rel_l2 for a in report.accuracy) <= 1e-5
+    off = segfast.compile(m, x, backend="torch", output="logits",
+                          options={"avx2_kernels": False})  # fmt: skip
+    assert "inverted residual block (segfast kernel)" not in off._runner.details["lowered"]
 
 
 @pytest.mark.narrow_vectors
