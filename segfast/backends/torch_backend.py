@@ -46,7 +46,7 @@ class TorchBackend(Backend):
         )
         if cpu_plan:
             from segfast.backends.cpu import native as cpu_native
-            from segfast.backends.cpu.memory import DYNAMIC_LIMIT, keep_large_allocations
+            from segfast.backends.cpu.memory import MIN_BYTES, keep_large_allocations
             from segfast.backends.cpu.plan import lower
 
             kernels = None
@@ -66,9 +66,9 @@ class TorchBackend(Backend):
                 use_winograd=bool(req.options.get("winograd", True)),
                 use_avx2=bool(req.options.get("avx2_kernels", True)),
             )
-            if req.options.get("keep_memory", True) and _largest_activation(gm) > DYNAMIC_LIMIT:
+            if req.options.get("keep_memory", True) and _largest_activation(gm) >= MIN_BYTES:
                 _, why = keep_large_allocations()
-                notes.append("large activations: " + why)
+                notes.append("activation memory: " + why)
             details["lowered"] = dict(plan.lowered)
             notes.append(
                 "CPU plan: " + ", ".join(f"{k} ×{n}" for k, n in sorted(plan.lowered.items()))

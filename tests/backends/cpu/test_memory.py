@@ -62,7 +62,7 @@ def test_thresholds_set_once(fresh, monkeypatch, accept):
 class Wide(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(3, 40, 3, padding=1)  # 40 × 480 × 480 × 4 B = 37 MB > 32 MiB
+        self.a = nn.Conv2d(3, 40, 3, padding=1)  # 40 × 170 × 170 × 4 B = 4.6 MB ≥ 1 MiB
         self.b = nn.Conv2d(40, 2, 1)
 
     def forward(self, x):
@@ -74,15 +74,15 @@ def test_engine_with_large_activations_keeps_them(fresh, monkeypatch):
     libc = _FakeLibc(True)
     monkeypatch.setattr(memory, "_libc", lambda: libc)
     model = Wide().eval()
-    x = torch.randn(1, 3, 480, 480)
+    x = torch.randn(1, 3, 170, 170)
     eng = segfast.compile(model, x, backend="torch")
-    assert "large activations: glibc keeps freed blocks" in eng.summary()
+    assert "activation memory: glibc keeps freed blocks" in eng.summary()
     assert libc.calls
     assert segfast.check(eng, model, x).passed
     memory.keep_large_allocations.cache_clear()
     libc.calls.clear()
     eng = segfast.compile(model, x, backend="torch", options={"keep_memory": False})
-    assert "large activations" not in eng.summary()
+    assert "activation memory" not in eng.summary()
     assert not libc.calls
-    small = segfast.compile(model, torch.randn(1, 3, 64, 64), backend="torch")
-    assert "large activations" not in small.summary()
+    small = segfast.compile(model, torch.randn(1, 3, 64, 64), backend="torch")  # 655 KB
+    assert "activation memory" not in small.summary()
