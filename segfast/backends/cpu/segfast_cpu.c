@@ -1468,60 +1468,60 @@ int sf_up_taps(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t 
 #define SF_GEMM_EPI(MR, NV, ACT)                                                                  \
   do {                                                                                            \
     int cn[NV];                                                                                   \
-    for (int v = 0; v < NV; ++v) cn[v] = N - n0 - SF_NL * v >= SF_NL ? SF_NL : (int)(N - n0 - SF_NL * v);    \
+    for (int v = 0; v < NV; ++v) cn[v] = N - n0 - SF_NL * v >= SF_NL ? SF_NL : (int)(N - n0 - SF_NL * v); \
     if (res) {                                                                                    \
       for (int m = 0; m < MR; ++m)                                                                \
         for (int v = 0; v < NV; ++v) {                                                            \
-          const sf_vn r = sf_load_n(res + m * rs + n0 + SF_NL * v, cn[v]);                            \
-          sf_vn o = res_after_act ? acc[m][v] : acc[m][v] + r;                                   \
+          const sf_vn r = sf_load_n(res + m * rs + n0 + SF_NL * v, cn[v]);                        \
+          sf_vn o = res_after_act ? acc[m][v] : acc[m][v] + r;                                    \
           o = ACT;                                                                                \
-          sf_store_n(out + m * os + n0 + SF_NL * v, res_after_act ? o + r : o, cn[v]);                 \
+          sf_store_n(out + m * os + n0 + SF_NL * v, res_after_act ? o + r : o, cn[v]);            \
         }                                                                                         \
     } else {                                                                                      \
       for (int m = 0; m < MR; ++m)                                                                \
         for (int v = 0; v < NV; ++v) {                                                            \
-          sf_vn o = acc[m][v];                                                                   \
-          sf_store_n(out + m * os + n0 + SF_NL * v, ACT, cn[v]);                                       \
+          sf_vn o = acc[m][v];                                                                    \
+          sf_store_n(out + m * os + n0 + SF_NL * v, ACT, cn[v]);                                  \
         }                                                                                         \
     }                                                                                             \
   } while (0)
 
-#define SF_GEMM_TILE(MR, NV)                                                                     \
+#define SF_GEMM_TILE(MR, NV)                                                                      \
   static void sf_gemm_tile_##MR##_##NV(                                                           \
       const float* restrict a, int64_t as, int64_t K, const float* restrict B, int64_t Np,        \
       const float* restrict bias, int64_t n0, int64_t N, float* restrict out, int64_t os,         \
       const float* restrict res, int64_t rs, int res_after_act, int act, float ap) {              \
-    sf_vn acc[MR][NV];                                                                           \
+    sf_vn acc[MR][NV];                                                                            \
     for (int v = 0; v < NV; ++v) {                                                                \
-      const sf_vn b = *(const sf_vn*)(bias + n0 + SF_NL * v);                                      \
+      const sf_vn b = *(const sf_vn*)(bias + n0 + SF_NL * v);                                     \
       for (int m = 0; m < MR; ++m) acc[m][v] = b;                                                 \
     }                                                                                             \
     const float* bp = B + n0;                                                                     \
     for (int64_t k = 0; k < K; ++k, bp += Np) {                                                   \
-      sf_vn bv[NV];                                                                              \
-      for (int v = 0; v < NV; ++v) bv[v] = *(const sf_vn*)(bp + SF_NL * v);                         \
+      sf_vn bv[NV];                                                                               \
+      for (int v = 0; v < NV; ++v) bv[v] = *(const sf_vn*)(bp + SF_NL * v);                       \
       for (int m = 0; m < MR; ++m) {                                                              \
         const float am = a[m * as + k]; /* splat by the vector extension */                       \
         for (int v = 0; v < NV; ++v) acc[m][v] += am * bv[v];                                     \
       }                                                                                           \
     }                                                                                             \
-    if (act <= 2) { /* one epilogue per activation (the last vector may be partial) */          \
+    if (act <= 2) { /* one epilogue per activation (the last vector may be partial) */            \
       switch (act) {                                                                              \
-        case 1: SF_GEMM_EPI(MR, NV, sf_act_n(o, 1, 0.f)); return;                                        \
-        case 2: SF_GEMM_EPI(MR, NV, sf_act_n(o, 2, 0.f)); return;                             \
+        case 1: SF_GEMM_EPI(MR, NV, sf_act_n(o, 1, 0.f)); return;                                 \
+        case 2: SF_GEMM_EPI(MR, NV, sf_act_n(o, 2, 0.f)); return;                                 \
         default: SF_GEMM_EPI(MR, NV, o); return;                                                  \
       }                                                                                           \
     }                                                                                             \
     for (int m = 0; m < MR; ++m) {                                                                \
       for (int v = 0; v < NV; ++v) {                                                              \
-        const int64_t c = n0 + SF_NL * v;                                                            \
+        const int64_t c = n0 + SF_NL * v;                                                         \
         if (c >= N) break;                                                                        \
-        const int cn = N - c < SF_NL ? (int)(N - c) : SF_NL;                                            \
-        sf_vn o = acc[m][v];                                                                     \
-        if (res && !res_after_act) o += sf_load_n(res + m * rs + c, cn);                            \
+        const int cn = N - c < SF_NL ? (int)(N - c) : SF_NL;                                      \
+        sf_vn o = acc[m][v];                                                                      \
+        if (res && !res_after_act) o += sf_load_n(res + m * rs + c, cn);                          \
         o = sf_act_n(o, act, ap);                                                                 \
-        if (res && res_after_act) o += sf_load_n(res + m * rs + c, cn);                             \
-        sf_store_n(out + m * os + c, o, cn);                                                        \
+        if (res && res_after_act) o += sf_load_n(res + m * rs + c, cn);                           \
+        sf_store_n(out + m * os + c, o, cn);                                                      \
       }                                                                                           \
     }                                                                                             \
   }
@@ -1540,8 +1540,8 @@ SF_GEMM_TILE(1, 1)
 #undef SF_GEMM_TILE
 #undef SF_GEMM_EPI
 
-#define SF_TILE(MR, NV)                                                                       \
-  sf_gemm_tile_##MR##_##NV(a + p * as, as, K, B, Np, bias, n0, N, out + p * os, os,              \
+#define SF_TILE(MR, NV)                                                                           \
+  sf_gemm_tile_##MR##_##NV(a + p * as, as, K, B, Np, bias, n0, N, out + p * os, os,               \
                res ? res + p * rs : 0, rs, res_after_act, act, ap)
 
 /* The 1×1 convolution of P pixels (a row): out[p][0:N] from a[p][0:K]. */
