@@ -38,8 +38,6 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 KEEP_BYTES = 1 << 30
-# Above this glibc always mmaps (its dynamic threshold's ceiling on 64-bit).
-DYNAMIC_LIMIT = 32 << 20
 # An engine with an activation this large gets the thresholds (smaller ones fault a
 # few pages a frame at most; tiny test models leave the process as it was).
 MIN_BYTES = 1 << 20
