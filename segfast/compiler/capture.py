@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
 from segfast._warnings import quiet_torch_internals
+from segfast.compiler import decompose
 from segfast.errors import InputError, UnsupportedModelError
 
 aten = torch.ops.aten
@@ -211,9 +212,7 @@ def capture(
     axes = dynamic_axes(dynamic)
     if program is not None:
         ranges = dynamic_ranges(program, axes)
-        with quiet_torch_internals():
-            decomposed = program.run_decompositions(decomposition_table())
-        return Captured(program, decomposed.module(), ranges)
+        return Captured(program, lower_to_core(program), ranges)
     model = model.eval()
     try:
         with torch.no_grad(), quiet_torch_internals():
@@ -232,6 +231,16 @@ def capture(
         ) from exc
     _own_state(program)
     ranges = dynamic_ranges(program, axes)
+    return Captured(program, lower_to_core(program), ranges)
+
+
+def lower_to_core(program: ExportedProgram) -> fx.GraphModule:
+    """The unlifted core-ATen graph of ``program``: rewritten node by node where
+    :func:`segfast.compiler.decompose.lower` can do that exactly, else through
+    ``run_decompositions`` (a re-trace: seconds on a large graph)."""
+    table = decomposition_table()
     with quiet_torch_internals():
-        decomposed = program.run_decompositions(decomposition_table())
-    return Captured(program, decomposed.module(), ranges)
+        fast = decompose.lower(program, table, KEEP_WHOLE)
+        if fast is not None:
+            return fast
+        return program.run_decompositions(table).module()
