@@ -191,3 +191,54 @@ def test_the_program_is_left_as_exported():
     before = str(program.graph)
     assert decompose.lower(program, decomposition_table(), KEEP_WHOLE) is not None
     assert str(program.graph) == before
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn, *mods: nn.Module):
+        super().__init__()
+        self.fn, self.mods = fn, nn.ModuleList(mods)
+
+    def forward(self, x):
+        return self.fn(self.mods, x)
+
+
+# (forward, modules, rewritten exactly?) on a [2, 4, 9, 11] input
+LAYERS = {
+    "in-place chain": (lambda m, x: m[0](x).relu_().mul_(2).sub_(0.5).clamp_(-0.1, 0.9),
+                       [nn.Conv2d(4, 4, 3, padding=1)], True),
+    "in-place residual": (lambda m, x: F.relu_(m[0](x).add_(m[1](x))),
+                          [nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)], True),
+    "pad with a value": (lambda m, x: m[0](F.pad(x, (1, 2, 0, 1), value=0.5)),
+                         [nn.Conv2d(4, 4, 3)], True),
+    "transposed, output padding, groups": (
+        lambda m, x: m[0](x),
+        [nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)], True),
+    "dilated grouped conv": (lambda m, x: m[0](x),
+                             [nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4, bias=False)],
+                             True),
+    "max pool, ceil mode": (lambda m, x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), [], True),
+    "norms without affine": (lambda m, x: m[1](m[0](x)),
+                             [nn.BatchNorm2d(4, affine=False), nn.GroupNorm(2, 4, affine=False)],
+                             True),
+    "adaptive pool 3×3": (lambda m, x: F.adaptive_avg_pool2d(x, 3), [], True),
+    "SE gate, in-place hardsigmoid": (
+        lambda m, x: x * F.hardsigmoid(F.adaptive_avg_pool2d(x, 1), inplace=True), [], True),
+    "padding='same'": (lambda m, x: m[0](x), [nn.Conv2d(4, 4, 3, padding="same")], False),
+    "instance norm": (lambda m, x: m[0](x), [nn.InstanceNorm2d(4)], False),
+    "softmax": (lambda m, x: torch.softmax(x, 1), [], False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers_lower_exactly_or_not_at_all(name):
+    fn, mods, exact = LAYERS[name]
+    model = _Fn(fn, *mods).eval()
+    x = torch.randn(2, 4, 9, 11)
+    program = _export(model, x)
+    fast = decompose.lower(program, decomposition_table(), KEEP_WHOLE)
+    assert (fast is not None) == exact
+    slow = program.run_decompositions(decomposition_table()).module()
+    with torch.no_grad():
+        assert torch.equal(lower_to_core(program)(x), slow(x))
+    if exact:
+        assert _signature(fast) == _signature(slow)
