@@ -9,7 +9,9 @@ the tiny DeepLab v3+ 1.5 s with a static input and 3.8 s with a dynamic height a
 
 Those graphs need only a handful of one-to-one rewrites: ``conv2d`` → ``convolution``,
 ``batch_norm`` (inference) → ``_native_batch_norm_legit_no_training``, ``max_pool2d`` →
-``max_pool2d_with_indices``, in-place activations → their functional form, and so on.
+``max_pool2d_with_indices``, ``linear`` on a matrix → ``addmm`` of the transposed weight,
+``reshape`` of a contiguous tensor → ``view``, in-place activations → their functional
+form, and so on.
 :func:`lower` does exactly those rewrites on ``program.module()`` and keeps every op that
 ``run_decompositions`` keeps; it gives up (returns ``None``, and the caller runs
 ``run_decompositions``) on the first node it does not know to be exact: an op it has no
@@ -100,9 +102,17 @@ def _static_int(v: Any) -> int:
     return int(v)
 
 
-# -- rewrites: each returns [(op, args, kwargs)] with the value of the original node at
-# -- index `result` (0: the op's output itself; "getitem0": item 0 of a tuple output) ------
+# -- rewrites: each returns (op, args, result): the node's value is the op's output
+# -- ("same") or item 0 of its tuple output ("getitem0"); an argument may be an _Emit, a
+# -- node inserted first (linear's transposed weight) ---------------------------------------
 Rewrite = tuple[OpOverload, tuple[Any, ...], str]
+
+
+class _Emit:
+    """An op call to insert before the rewritten node, used as one of its arguments."""
+
+    def __init__(self, op: OpOverload, args: tuple[Any, ...]) -> None:
+        self.op, self.args = op, args
 
 
 def _conv2d(node: fx.Node) -> Rewrite:
@@ -181,7 +191,43 @@ def _group_norm(node: fx.Node) -> Rewrite:
     return aten.native_group_norm.default, (x, w, b, n, c, hw, groups, eps), "getitem0"
 
 
+def _softmax(node: fx.Node) -> Rewrite:
+    op = node.target
+    x, dim, dtype = _full_args(node, op)
+    if dtype is not None:
+        raise _GiveUp(f"{op} with a dtype")
+    inner = aten._softmax.default if op is aten.softmax.int else aten._log_softmax.default
+    return inner, (x, dim, False), "same"
+
+
+def _linear(node: fx.Node) -> Rewrite:
+    x, w, b = _full_args(node, aten.linear.default)
+    xv = _val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
+        raise _GiveUp("linear on other than a matrix")  # ATen reshapes around mm there
+    wt = _Emit(aten.permute.default, (w, [1, 0]))
+    if b is None:
+        return aten.mm.default, (x, wt), "same"
+    return aten.addmm.default, (b, x, wt), "same"
+
+
+def _reshape(node: fx.Node) -> Rewrite:
+    x, shape = _full_args(node, aten.reshape.default)
+    xv = _val(x)
+    try:
+        contiguous = isinstance(xv, torch.Tensor) and xv.is_contiguous()
+    except Exception as exc:  # a data-dependent stride question
+        raise _GiveUp("unknown layout") from exc
+    if not contiguous:
+        raise _GiveUp("reshape of a non-contiguous tensor")  # may copy
+    return aten.view.default, (x, shape), "same"
+
+
 _REWRITES: dict[OpOverload, Callable[[fx.Node], Rewrite]] = {
+    aten.softmax.int: _softmax,
+    aten.log_softmax.int: _softmax,
+    aten.linear.default: _linear,
+    aten.reshape.default: _reshape,
     aten.conv2d.default: _conv2d,
     aten.conv_transpose2d.input: _conv_transpose2d,
     aten.batch_norm.default: _batch_norm,
@@ -295,8 +341,9 @@ def _plan(gm: fx.GraphModule, table: dict[Any, Any], keep: frozenset[Any]) -> li
         rule = _REWRITES.get(op)
         if rule is not None:
             new_op, args, result = rule(node)
-            if not _kept(new_op, table, keep):
-                raise _GiveUp(f"{op} lowers to {new_op}, which would be decomposed further")
+            for step in (new_op, *(a.op for a in args if isinstance(a, _Emit))):
+                if not _kept(step, table, keep):
+                    raise _GiveUp(f"{op} lowers to {step}, which would be decomposed further")
             plan.append((node, new_op, args, {}, result))
             fresh.add(node)
             continue
@@ -322,6 +369,16 @@ def _tuple_value(op: OpOverload, args: tuple[Any, ...], out: Any, cache: dict) -
     return _fake_run(op, args)
 
 
+def _emit(graph: fx.Graph, node: fx.Node, arg: Any, replaced: dict[fx.Node, fx.Node]) -> Any:
+    if not isinstance(arg, _Emit):
+        return arg
+    args = fx.node.map_arg(arg.args, lambda n: replaced.get(n, n))
+    step = graph.call_function(arg.op, args)
+    step.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    step.meta["val"] = _fake_run(arg.op, args)
+    return step
+
+
 def _apply(gm: fx.GraphModule, plan: list[Any]) -> None:
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}
@@ -330,6 +387,7 @@ def _apply(gm: fx.GraphModule, plan: list[Any]) -> None:
         args = fx.node.map_arg(args, lambda n: replaced.get(n, n))
         kwargs = fx.node.map_arg(kwargs, lambda n: replaced.get(n, n))
         with graph.inserting_before(node):
+            args = tuple(_emit(graph, node, a, replaced) for a in args)
             new = graph.call_function(op, args, kwargs)
             meta = {k: v for k, v in node.meta.items() if k != "val"}
             if result == "getitem0":

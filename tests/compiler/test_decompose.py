@@ -225,7 +225,12 @@ LAYERS = {
         lambda m, x: x * F.hardsigmoid(F.adaptive_avg_pool2d(x, 1), inplace=True), [], True),
     "padding='same'": (lambda m, x: m[0](x), [nn.Conv2d(4, 4, 3, padding="same")], False),
     "instance norm": (lambda m, x: m[0](x), [nn.InstanceNorm2d(4)], False),
-    "softmax": (lambda m, x: torch.softmax(x, 1), [], False),
+    "softmax, log-softmax": (lambda m, x: torch.softmax(x, 1) + torch.log_softmax(x, 1), [],
+                             True),
+    "SE gate of Linear layers": (
+        lambda m, x: x * torch.sigmoid(m[1](m[0](x.mean((2, 3))).relu())).reshape(2, 4, 1, 1),
+        [nn.Linear(4, 2), nn.Linear(2, 4, bias=False)], True),
+    "flatten": (lambda m, x: x.flatten(2).sum(2), [], False),
 }  # fmt: skip
 
 
