@@ -18,8 +18,9 @@ form, and so on.
 rule for, an in-place op whose input is read again or aliased, a batch norm in training
 mode, a symbolic shape where a rule needs a concrete one. What it produces is the graph
 ``run_decompositions`` produces — the same ops with the same arguments, checked op for op
-on the zoo and the edge networks by ``tests/compiler/test_decompose.py`` — so the passes
-see no difference.
+on the zoo and the edge networks by ``tests/compiler/test_decompose.py``; the one
+difference, a GroupNorm whose sizes are symbolic reading them off its input with
+``sym_size`` nodes, gives the same values — so the passes see no difference.
 """
 
 from __future__ import annotations
@@ -94,12 +95,6 @@ def _full_args(node: fx.Node, op: OpOverload) -> list[Any]:
         else:
             raise _GiveUp(f"{op} lacks argument {a.name}")
     return out
-
-
-def _static_int(v: Any) -> int:
-    if isinstance(v, torch.SymInt):
-        raise _GiveUp("a symbolic size where a concrete one is needed")
-    return int(v)
 
 
 # -- rewrites: each returns (op, args, result): the node's value is the op's output
@@ -179,16 +174,26 @@ def _pad(node: fx.Node) -> Rewrite:
     return aten.constant_pad_nd.default, (x, pad, 0.0 if value is None else value), "same"
 
 
+def _size(x: fx.Node, dim: int) -> Any:
+    """Size ``dim`` of ``x``: an int, or a ``sym_size`` node where it is symbolic."""
+    s = _val(x).shape[dim]
+    return s if isinstance(s, int) else _Emit(aten.sym_size.int, (x, dim))
+
+
 def _group_norm(node: fx.Node) -> Rewrite:
     x, groups, w, b, eps, _cudnn = _full_args(node, aten.group_norm.default)
     xv = _val(x)
     if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
         raise _GiveUp("group_norm input")
-    n, c = _static_int(xv.shape[0]), _static_int(xv.shape[1])
-    hw = 1
-    for s in xv.shape[2:]:
-        hw *= _static_int(s)
-    return aten.native_group_norm.default, (x, w, b, n, c, hw, groups, eps), "getitem0"
+    hw: Any = 1  # H × W, as an int or as nodes multiplying symbolic sizes
+    for d in range(2, xv.dim()):
+        s = _size(x, d)
+        if isinstance(hw, int) and isinstance(s, int):
+            hw *= s
+        else:
+            hw = s if isinstance(hw, int) and hw == 1 else _Emit(operator.mul, (hw, s))
+    args = (x, w, b, _size(x, 0), _size(x, 1), hw, groups, eps)
+    return aten.native_group_norm.default, args, "getitem0"
 
 
 def _softmax(node: fx.Node) -> Rewrite:
@@ -341,8 +346,8 @@ def _plan(gm: fx.GraphModule, table: dict[Any, Any], keep: frozenset[Any]) -> li
         rule = _REWRITES.get(op)
         if rule is not None:
             new_op, args, result = rule(node)
-            for step in (new_op, *(a.op for a in args if isinstance(a, _Emit))):
-                if not _kept(step, table, keep):
+            for step in (new_op, *_emitted_ops(args)):
+                if step not in _SHAPE_ARITHMETIC and not _kept(step, table, keep):
                     raise _GiveUp(f"{op} lowers to {step}, which would be decomposed further")
             plan.append((node, new_op, args, {}, result))
             fresh.add(node)
@@ -370,13 +375,29 @@ def _tuple_value(op: OpOverload, args: tuple[Any, ...], out: Any, cache: dict) -
 
 
 def _emit(graph: fx.Graph, node: fx.Node, arg: Any, replaced: dict[fx.Node, fx.Node]) -> Any:
+    """``arg`` with each :class:`_Emit` in it inserted as a node (before ``node``)."""
+    if isinstance(arg, list | tuple):
+        return type(arg)(_emit(graph, node, a, replaced) for a in arg)
+    if isinstance(arg, fx.Node):
+        return replaced.get(arg, arg)
     if not isinstance(arg, _Emit):
         return arg
-    args = fx.node.map_arg(arg.args, lambda n: replaced.get(n, n))
+    args = tuple(_emit(graph, node, a, replaced) for a in arg.args)
     step = graph.call_function(arg.op, args)
     step.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-    step.meta["val"] = _fake_run(arg.op, args)
+    if arg.op in _SHAPE_OPS or arg.op in _SHAPE_ARITHMETIC:  # sizes: plain (Sym)int math
+        step.meta["val"] = arg.op(*fx.node.map_aggregate(args, _val))
+    else:
+        step.meta["val"] = _fake_run(arg.op, args)
     return step
+
+
+def _emitted_ops(args: Any) -> list[Any]:
+    if isinstance(args, list | tuple):
+        return [op for a in args for op in _emitted_ops(a)]
+    if isinstance(args, _Emit):
+        return [args.op, *_emitted_ops(args.args)]
+    return []
 
 
 def _apply(gm: fx.GraphModule, plan: list[Any]) -> None:
@@ -384,10 +405,9 @@ def _apply(gm: fx.GraphModule, plan: list[Any]) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
     stats: dict[Any, tuple[Any, ...]] = {}
     for node, op, args, kwargs, result in plan:
-        args = fx.node.map_arg(args, lambda n: replaced.get(n, n))
         kwargs = fx.node.map_arg(kwargs, lambda n: replaced.get(n, n))
         with graph.inserting_before(node):
-            args = tuple(_emit(graph, node, a, replaced) for a in args)
+            args = _emit(graph, node, tuple(args), replaced)
             new = graph.call_function(op, args, kwargs)
             meta = {k: v for k, v in node.meta.items() if k != "val"}
             if result == "getitem0":

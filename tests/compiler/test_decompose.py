@@ -247,3 +247,26 @@ def test_layers_lower_exactly_or_not_at_all(name):
         assert torch.equal(lower_to_core(program)(x), slow(x))
     if exact:
         assert _signature(fast) == _signature(slow)
+
+
+def test_group_norm_with_symbolic_sizes():
+    """GroupNorm's N, C and H×W come from the input's symbolic sizes (``sym_size`` nodes
+    where the re-trace derives them from the graph input's): same values, the fusions
+    still fire, and the engine matches eager at other sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+        nn.Conv2d(8, 3, 1),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 16, 24)
+    axes = ("batch", "height", "width")
+    program = _export(model, x, axes)
+    assert decompose.lower(program, decomposition_table(), KEEP_WHOLE) is not None
+    eng = segfast.compile(model, x, backend="torch", dynamic=axes)
+    assert eng.info.fusions.get("group_norm") == 2
+    assert eng.info.fusions.get("norm_act") == 2
+    for shape in [(2, 3, 16, 24), (1, 3, 33, 17), (3, 3, 20, 40)]:
+        y = torch.randn(shape)
+        with torch.no_grad():
+            assert_close(eng(y), model(y), atol=1e-5, rtol=1e-4)
