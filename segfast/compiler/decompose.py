@@ -252,17 +252,18 @@ def _returns_fresh(op: Any) -> bool:
 def _functional(op: OpOverload) -> OpOverload | None:
     """The out-of-place overload of an in-place ``op`` (``relu_`` → ``relu``), if any."""
     schema = op._schema
-    name = op._schema.name.split("::")[-1]
+    name = schema.name.split("::")[-1]
     if not name.endswith("_") or name.startswith("_"):
         return None
-    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    if len(written) != 1 or schema.arguments[0] is not written[0]:
+    arguments = schema.arguments
+    written = [i for i, a in enumerate(arguments) if a.alias_info and a.alias_info.is_write]
+    if written != [0]:  # only ``self`` is written
         return None
     packet = getattr(aten, name[:-1], None)
     overload = getattr(packet, op._overloadname, None) if packet is not None else None
     if not isinstance(overload, OpOverload) or overload._schema.is_mutable:
         return None
-    if len(overload._schema.arguments) != len(schema.arguments):
+    if len(overload._schema.arguments) != len(arguments):
         return None
     return overload
 
