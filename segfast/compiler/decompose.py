@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
+from torch._dispatch.python import enable_python_dispatcher
 from torch._ops import OpOverload
 from torch.export import ExportedProgram
+
+from segfast.compiler.graph import fake_mode_of
 
 aten = torch.ops.aten
 
@@ -268,27 +270,18 @@ def _functional(op: OpOverload) -> OpOverload | None:
     return overload
 
 
-def _fake_run(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
-    """``op`` on the fake tensor values of its arguments: the value of a new node."""
+def _fake_run(
+    mode: Any, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> Any:
+    """``op`` on the fake tensor values of its arguments (the value of a new node), as
+    :func:`segfast.compiler.graph.infer_val` computes one."""
     vals = fx.node.map_aggregate(args, _val)
     kvals = fx.node.map_aggregate(kwargs or {}, _val)
-    flat = [v for v in _leaves((vals, kvals)) if isinstance(v, torch.Tensor)]
-    mode = detect_fake_mode(flat)
-    if mode is None:
-        raise _GiveUp("no fake tensor values on the graph")
-    with mode:
+    with enable_python_dispatcher(), mode:
         return op(*vals, **kvals)
 
 
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, list | tuple):
-        return [leaf for t in tree for leaf in _leaves(t)]
-    if isinstance(tree, dict):
-        return [leaf for t in tree.values() for leaf in _leaves(t)]
-    return [tree]
-
-
-def _same_result(functional: OpOverload, node: fx.Node) -> bool:
+def _same_result(mode: Any, functional: OpOverload, node: fx.Node) -> bool:
     """Whether ``functional`` on ``node``'s arguments gives a tensor of the in-place
     result's dtype and shape (an in-place op never changes either; its functional form
     can promote or broadcast)."""
@@ -304,11 +297,11 @@ def _same_result(functional: OpOverload, node: fx.Node) -> bool:
         for v in others
     ):
         return True  # no promotion, no broadcast: no need to ask the fake tensors
-    new = _fake_run(functional, tuple(node.args), dict(node.kwargs))
+    new = _fake_run(mode, functional, tuple(node.args), dict(node.kwargs))
     return isinstance(new, torch.Tensor) and new.dtype == out.dtype and new.shape == out.shape
 
 
-def _plan(gm: fx.GraphModule, table: dict[Any, Any], keep: frozenset[Any]) -> list[Any]:
+def _plan(gm: fx.GraphModule, table: dict[Any, Any], keep: frozenset[Any], mode: Any) -> list[Any]:
     """What to do with each node, or raise :class:`_GiveUp` before anything changes."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     fresh: set[fx.Node] = set()  # nodes whose tensor is not a view of anything
@@ -339,7 +332,7 @@ def _plan(gm: fx.GraphModule, table: dict[Any, Any], keep: frozenset[Any]) -> li
                     continue
                 if order[user] > order[node] or not _returns_fresh(user.target):
                     raise _GiveUp(f"{op} writes to a tensor read again or aliased")
-            if not _same_result(functional, node):
+            if not _same_result(mode, functional, node):
                 raise _GiveUp(f"{op} out of place changes dtype or shape")
             plan.append((node, functional, tuple(node.args), dict(node.kwargs), "same"))
             fresh.add(node)
@@ -360,7 +353,7 @@ def _plan(gm: fx.GraphModule, table: dict[Any, Any], keep: frozenset[Any]) -> li
     return plan
 
 
-def _tuple_value(op: OpOverload, args: tuple[Any, ...], out: Any, cache: dict) -> Any:
+def _tuple_value(mode: Any, op: OpOverload, args: tuple[Any, ...], out: Any, cache: dict) -> Any:
     """The fake value of a tuple-returning ``op`` whose item 0 is ``out``.
 
     An inference batch norm's other two outputs are empty: their values depend only on
@@ -370,26 +363,28 @@ def _tuple_value(op: OpOverload, args: tuple[Any, ...], out: Any, cache: dict) -
         vals = [_val(a) for a in args[:5]]
         key = tuple((v.dtype, v.device) if isinstance(v, torch.Tensor) else None for v in vals)
         if key not in cache:
-            cache[key] = tuple(_fake_run(op, args)[1:])
+            cache[key] = tuple(_fake_run(mode, op, args)[1:])
         return (out, *cache[key])
-    return _fake_run(op, args)
+    return _fake_run(mode, op, args)
 
 
-def _emit(graph: fx.Graph, node: fx.Node, arg: Any, replaced: dict[fx.Node, fx.Node]) -> Any:
+def _emit(
+    mode: Any, graph: fx.Graph, node: fx.Node, arg: Any, replaced: dict[fx.Node, fx.Node]
+) -> Any:
     """``arg`` with each :class:`_Emit` in it inserted as a node (before ``node``)."""
     if isinstance(arg, list | tuple):
-        return type(arg)(_emit(graph, node, a, replaced) for a in arg)
+        return type(arg)(_emit(mode, graph, node, a, replaced) for a in arg)
     if isinstance(arg, fx.Node):
         return replaced.get(arg, arg)
     if not isinstance(arg, _Emit):
         return arg
-    args = tuple(_emit(graph, node, a, replaced) for a in arg.args)
+    args = tuple(_emit(mode, graph, node, a, replaced) for a in arg.args)
     step = graph.call_function(arg.op, args)
     step.meta.update({k: v for k, v in node.meta.items() if k != "val"})
     if arg.op in _SHAPE_OPS or arg.op in _SHAPE_ARITHMETIC:  # sizes: plain (Sym)int math
         step.meta["val"] = arg.op(*fx.node.map_aggregate(args, _val))
     else:
-        step.meta["val"] = _fake_run(arg.op, args)
+        step.meta["val"] = _fake_run(mode, arg.op, args)
     return step
 
 
@@ -401,19 +396,19 @@ def _emitted_ops(args: Any) -> list[Any]:
     return []
 
 
-def _apply(gm: fx.GraphModule, plan: list[Any]) -> None:
+def _apply(gm: fx.GraphModule, plan: list[Any], mode: Any) -> None:
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}
     stats: dict[Any, tuple[Any, ...]] = {}
     for node, op, args, kwargs, result in plan:
         kwargs = fx.node.map_arg(kwargs, lambda n: replaced.get(n, n))
         with graph.inserting_before(node):
-            args = _emit(graph, node, tuple(args), replaced)
+            args = _emit(mode, graph, node, tuple(args), replaced)
             new = graph.call_function(op, args, kwargs)
             meta = {k: v for k, v in node.meta.items() if k != "val"}
             if result == "getitem0":
                 new.meta.update(meta)
-                new.meta["val"] = _tuple_value(op, args, node.meta.get("val"), stats)
+                new.meta["val"] = _tuple_value(mode, op, args, node.meta.get("val"), stats)
                 item = graph.call_function(operator.getitem, (new, 0))
                 item.meta.update(meta)
                 item.meta["val"] = node.meta.get("val")
@@ -437,7 +432,10 @@ def lower(
     ``keep`` are the ops removed from the default table (kept whole)."""
     gm = program.module()  # a copy: giving up at any point leaves the program as it was
     try:
-        _apply(gm, _plan(gm, table, frozenset(keep)))
+        mode = fake_mode_of(gm)
+        if mode is None:
+            return None  # no fake values to build new ones from
+        _apply(gm, _plan(gm, table, frozenset(keep), mode), mode)
     except Exception:  # _GiveUp, or e.g. another torch's fake tensors refusing a value:
         return None  # re-trace (the tests assert the rewrite fires on the zoo: nothing hides)
     return gm
