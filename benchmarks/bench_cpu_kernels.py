@@ -233,3 +233,46 @@ def test_class_head(benchmark, classes, impl):
         return
     packed = _packed(w, b, x, 1, act="none")
     _measure(benchmark, lambda: packed(x), flops=2 * 128 * 128 * 256 * 9 * classes)
+
+
+# (C_up, C_skip, C_out, source H) of smp U-Net decoder convs: a ×2 nearest upsample
+# [joined with a skip] → 3×3 (EfficientNet-B0 encoder at 256²; resnet34's at 512²)
+SUBPIXEL = {"64+32-32-64": (64, 32, 32, 64), "32-16-128": (32, 0, 16, 128),
+            "64+64-32-128": (64, 64, 32, 128), "128-64-64": (128, 0, 128, 64)}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["segfast", "onednn", "winograd"])
+@pytest.mark.parametrize("case", list(SUBPIXEL))
+def test_nearest_upsample_conv(benchmark, case, impl):
+    """The conv of a ×2 nearest upsample at the source resolution (four 2×2 phase convs
+    on oneDNN + sf_subpixel2) against the upsampled conv on oneDNN (the two-source
+    form: the skip joined, the upsample on the fly) and on Winograd. FLOPs: the
+    upsampled conv's."""
+    from segfast.backends.cpu.subpixel import NearestUpConv3x3
+
+    cu, cs, k, h = SUBPIXEL[case]
+    low, w, b = (
+        _nhwc(1, cu, h, h),
+        torch.randn(k, cu + cs, 3, 3) / (9 * (cu + cs)) ** 0.5,
+        torch.randn(k),
+    )
+    skip = _nhwc(1, cs, 2 * h, 2 * h) if cs else None
+    full = (1, cu + cs, 2 * h, 2 * h)
+    mode, scales = ("nearest", 2.0) if cs else ("none", None)
+    if impl == "segfast":
+        conv = NearestUpConv3x3(LIB, w, b, "relu", 0.0, cu, True, "nearest", (2.0, 2.0),
+                                up_size=tuple(low.shape), skip_size=None if skip is None else tuple(skip.shape))  # fmt: skip
+        fn = lambda: conv(skip, None, low)  # noqa: E731
+    else:
+        if impl == "onednn":
+            conv = PackedConv2d(w, b, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, False, mode, False,
+                                scales, scales, True, input_size=full,
+                                x2_channels=cu if cs else None)  # fmt: skip
+        else:
+            conv = WinogradConv2d(LIB, w, b, (1, 1), "relu", 0.0, False, mode, False, scales,
+                                  scales, True)  # fmt: skip
+        if cs:
+            fn = lambda: conv(skip, None, low)  # noqa: E731
+        else:
+            fn = lambda: conv(F.interpolate(low, scale_factor=2.0, mode="nearest"))  # noqa: E731
+    _measure(benchmark, fn, flops=2 * 4 * h * h * (cu + cs) * k * 9)

@@ -25,7 +25,7 @@ from segfast.errors import BackendUnavailable, SlowPrecisionWarning
 
 class TorchBackend(Backend):
     name = "torch"
-    options = ("no_cpu_plan", "cpu_kernels", "winograd", "avx2_kernels", "keep_memory")
+    options = ("no_cpu_plan", "cpu_kernels", "winograd", "avx2_kernels", "subpixel", "keep_memory")
     uses_graph = True
     description = "fused graph on PyTorch ops (prepacked oneDNN convolutions on the CPU)"
 
@@ -65,6 +65,7 @@ class TorchBackend(Backend):
                 native=kernels,
                 use_winograd=bool(req.options.get("winograd", True)),
                 use_avx2=bool(req.options.get("avx2_kernels", True)),
+                use_subpixel=bool(req.options.get("subpixel", True)),
             )
             if req.options.get("keep_memory", True) and _largest_activation(gm) >= MIN_BYTES:
                 _, why = keep_large_allocations()

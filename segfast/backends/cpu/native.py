@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 20
+ABI_VERSION = 21
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -215,6 +215,11 @@ class Native:
         self.se_gate.argtypes = (
             [_PTR, _INT] + [_I64] * 5 + [_PTR, _PTR, _I64, _INT, _FLOAT, _PTR, _PTR, _I64, _INT]
             + [_FLOAT, _PTR, _PTR, _PTR]
+        )  # fmt: skip
+        self.subpixel2 = lib.sf_subpixel2
+        self.subpixel2.restype = None
+        self.subpixel2.argtypes = (
+            [_PTR] + [_I64] * 7 + [_PTR] + [_I64] * 3 + [_PTR, _INT, _FLOAT, _PTR] + [_I64] * 3
         )  # fmt: skip
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT

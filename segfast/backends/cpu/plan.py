@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import gemm1x1, int8, invres, narrow, se_gate, winograd
+from segfast.backends.cpu import gemm1x1, int8, invres, narrow, se_gate, subpixel, winograd
 from segfast.backends.cpu.depthwise import (
     ACT_CODES,
     NativeDepthwiseConv2d,
@@ -250,6 +250,88 @@ def _plain_depthwise_of(gm: fx.GraphModule, conv: fx.Node, x: fx.Node) -> bool:
     return w is not None and b_ok and is_depthwise(w, a[6])
 
 
+_SUBPIXEL = "conv2d 3×3 of a ×2 nearest upsample, at the source resolution (segfast kernel)"
+
+
+def _twice(low: Any, full: Any) -> bool:
+    """Whether ``full``'s H×W can be ``low``'s ×2 (static sizes must be; symbolic
+    ones are checked on every call)."""
+    for a, b in zip(low.shape[2:], full.shape[2:], strict=True):
+        if isinstance(a, int) and isinstance(b, int) and b != 2 * a:
+            return False
+    return True
+
+
+def _nearest_up_convs(
+    gm: fx.GraphModule, native: Native | None, use_winograd: bool, use_avx2: bool
+) -> dict[fx.Node, tuple[fx.Node, list[fx.Node]]]:
+    """Single-source convs that read a ×2 nearest upsample alone and take
+    :mod:`.subpixel` (smp U-Net's last decoder block): conv → (the upsample's input,
+    the upsample and its layout fix, which the conv absorbs). Convs with 1–4 or (with
+    AVX-512) 17–24 outputs keep their own kernels (sf_conv_few, sf_conv_narrow): not
+    measured against this."""
+    found: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = {}
+    if native is None:
+        return found
+    for node in gm.graph.nodes:
+        if not (is_call(node, segfast_ops.conv2d.default) or is_call(node, ops.conv2d_impl)):
+            continue
+        (x, w, b, stride, padding, dilation, groups, act, act_param, residual, _, x2,
+         *_) = node.args  # fmt: skip
+        if x2 is not None or residual is not None or not isinstance(x, fx.Node):
+            continue
+        absorbed = []
+        up = x
+        if is_call(up, ops.to_nhwc) and len(up.users) == 1:
+            absorbed.append(up)
+            up = up.args[0]
+        rs = resample_of(up) if isinstance(up, fx.Node) else None
+        if rs is None or len(up.users) != 1 or not isinstance(rs.input, fx.Node):
+            continue
+        constants = _onednn_constants(gm, w, b, act, act_param)
+        if constants is None:
+            continue
+        weight = constants[0]
+        if not subpixel.applies(weight, stride, padding, dilation, groups, rs.mode,
+                                (rs.scale_h, rs.scale_w), act):  # fmt: skip
+            continue
+        low, full = val(rs.input), val(up)
+        # the size must follow from the input: scale factors 2, or static sizes ×2
+        scaled = rs.scale_h is not None and rs.scale_w is not None
+        static = all(isinstance(d, int) for d in (*low.shape[2:], *full.shape[2:]))
+        if not (scaled or static) or not _twice(low, full):
+            continue
+        c_in, k = int(weight.shape[1]), int(weight.shape[0])
+        if (k <= 4 and _few_output(native, use_avx2)) or (native.wide_vectors and 17 <= k <= 24):
+            continue
+        h, w_ = (d if isinstance(d, int) else 1 << 30 for d in full.shape[2:])
+        n = full.shape[0] if isinstance(full.shape[0], int) else 1
+        wino = (
+            use_winograd
+            and winograd.applies(weight, stride, dilation, groups)
+            and winograd.worthwhile(c_in, k, h, w_, native.wide_vectors, n)
+        )
+        if subpixel.preferred(c_in, 0, k, wino):
+            found[node] = (rs.input, [up, *absorbed])
+    return found
+
+
+def _subpixel_step(
+    gm: fx.GraphModule, native: Native, node: fx.Node, src: fx.Node
+) -> tuple[Callable, tuple]:
+    (x, w, b, _, _, _, _, act, act_param, *_) = node.args
+    constants = _onednn_constants(gm, w, b, act, act_param)
+    assert constants is not None  # checked by _nearest_up_convs
+    weight, bias = constants
+    rs = resample_of(x.args[0] if is_call(x, ops.to_nhwc) else x)
+    assert rs is not None
+    conv = subpixel.NearestUpConv3x3(
+        native, weight, bias, act, act_param, int(weight.shape[1]), True, rs.mode,
+        (rs.scale_h, rs.scale_w), up_size=tuple(val(src).shape),
+    )  # fmt: skip
+    return conv, (None, None, src)
+
+
 def _conv2d_step(
     gm: fx.GraphModule,
     node: fx.Node,
@@ -257,6 +339,7 @@ def _conv2d_step(
     use_winograd: bool,
     use_avx2: bool = True,
     folded_pad: tuple[fx.Node, tuple[int, int, int, int]] | None = None,
+    use_subpixel: bool = True,
 ) -> tuple[Callable, tuple, str] | None:
     (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
      x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first) = node.args  # fmt: skip
@@ -326,11 +409,27 @@ def _conv2d_step(
             return conv, (x,), "conv2d with 17–24 output channels (segfast kernel)"
         h, w_ = (d if isinstance(d, int) else 1 << 30 for d in xv.shape[2:])
         n = xv.shape[0] if isinstance(xv.shape[0], int) else 1  # a dynamic batch: maybe 1
-        if (
+        wino = (
             use_winograd
             and winograd.applies(weight, stride, dilation, groups)
             and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_, native.wide_vectors, n)
-        ):
+        )
+        if (
+            use_subpixel
+            and x2 is not None
+            and residual is None
+            and subpixel.applies(weight, stride, padding, dilation, groups, x2_resize,
+                                 (x2_sh, x2_sw), act)
+            and _twice(val(x2), xv)
+            and subpixel.preferred(int(x2_channels), c_in - int(x2_channels),
+                                   int(weight.shape[0]), wino)
+        ):  # fmt: skip
+            conv = subpixel.NearestUpConv3x3(
+                native, weight, bias, act, act_param, int(x2_channels), bool(x2_first),
+                x2_resize, (x2_sh, x2_sw), up_size=tuple(val(x2).shape), skip_size=tuple(xv.shape),
+            )  # fmt: skip
+            return conv, (x, residual, x2), _SUBPIXEL + " two-source"
+        if wino:
             conv = winograd.WinogradConv2d(
                 native, weight, bias, padding, act, act_param, residual_after_act,
                 x2_resize, x2_align, x2_sh, x2_sw, x2_first,
@@ -813,6 +912,7 @@ def lower(
     native: Native | None = None,
     use_winograd: bool = True,
     use_avx2: bool = True,
+    use_subpixel: bool = True,
 ) -> Plan:
     """Lower the fused graph (on the CPU) into a :class:`Plan`.
 
@@ -821,7 +921,9 @@ def lower(
     layers may take Winograd F(4×4, 3×3) (needs ``native``); ``use_avx2``: whether
     convs with 1–4 output channels may take ``sf_conv_few`` and, where AVX-512 is
     absent, depthwise layers ``sf_dwconv8`` and dense 1×1 convs one MKL GEMM
-    (:mod:`.gemm1x1`; needs ``native``, which says whether AVX-512 is there).
+    (:mod:`.gemm1x1`; needs ``native``, which says whether AVX-512 is there);
+    ``use_subpixel``: whether 3×3 convs of a ×2 nearest upsample may run at the
+    source resolution (:mod:`.subpixel`; needs ``native``).
     """
     nodes = list(gm.graph.nodes)
     slot_of: dict[fx.Node, int] = {}
@@ -850,6 +952,9 @@ def lower(
         absorbed.add(dw)
         if expand is not None:
             absorbed.add(expand)
+    up_convs = _nearest_up_convs(gm, native, use_winograd, use_avx2) if use_subpixel else {}
+    for _, ups in up_convs.values():
+        absorbed.update(ups)
     out_node = next(n for n in nodes if n.op == "output")
     final = _output_upsample(out_node.args[0]) if native is not None else None
     if final is not None:
@@ -901,13 +1006,18 @@ def lower(
         elif node in fused:
             fn, args = _resize_dw_step(gm, native, node, fused[node])
             lowered["bilinear upsample + depthwise conv2d (segfast kernel)"] += 1
+        elif node in up_convs:
+            fn, args = _subpixel_step(gm, native, node, up_convs[node][0])
+            lowered[_SUBPIXEL] += 1
         elif final is not None and node is final[0]:
             rs = resample_of(node)
             fn = NativeResize(native, rs.align_corners, (rs.scale_h, rs.scale_w)).logits
             args = (rs.input, list(rs.size_for_graph()))
             lowered["bilinear upsample of the logits, NCHW out (segfast kernel)"] += 1
         elif t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
-            step = _conv2d_step(gm, node, native, use_winograd, use_avx2, folded.get(node))
+            step = _conv2d_step(
+                gm, node, native, use_winograd, use_avx2, folded.get(node), use_subpixel
+            )
             if step is not None:
                 fn, args, kind = step
                 lowered[kind] += 1

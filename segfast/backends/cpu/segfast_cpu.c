@@ -58,7 +58,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 20; }
+int sf_abi_version(void) { return 21; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1959,5 +1959,44 @@ void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t
       for (; k < C2; k++) o[k] += hj * wr[k];
     }
     for (int64_t k = 0; k < C2; k++) o[k] = sf_act(o[k], act2, p2);
+  }
+}
+
+/* ---- 3×3 convolution of a ×2 nearest upsample, computed at the source resolution ----
+ * Under a ×2 nearest upsample every output pixel of a 3×3 conv (stride 1, padding 1)
+ * reads only 2×2 source pixels: output row 2i+a reads source rows {i-1, i} (a = 0:
+ * its taps 0 | 1+2) or {i, i+1} (a = 1: taps 0+1 | 2), columns alike. So the four
+ * phases (a, b) are four 2×2 convs of the source — 16 multiply-adds per source pixel
+ * and channel pair instead of 36 — which oneDNN computes as one 2×2 conv with 4·K
+ * outputs and padding 1: Z[n, i+a, j+b, (2a+b)·K + k] is phase (a, b)'s output at
+ * (i, j). This kernel interleaves the phases:
+ *   y[n, 2i+a, 2j+b, k] = act(bias[k] + Z[n, i+a, j+b, (2a+b)·K + k] (+ S[n, 2i+a, 2j+b, k]))
+ * S: the conv of the other (full-resolution) source of a two-source conv, or NULL; y
+ * may be S itself (each element is read once, then written). Z is [N, h+1, w+1, 4K],
+ * S and y [N, 2h, 2w, K], all with channel stride 1. Reference:
+ * segfast/backends/cpu/subpixel.py. */
+void sf_subpixel2(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
+                  int64_t zsh, int64_t zsw, int64_t K, const float* S, int64_t ssn,
+                  int64_t ssh, int64_t ssw, const float* restrict bias, int act, float ap,
+                  float* y, int64_t ysn, int64_t ysh, int64_t ysw) {
+  const int64_t rows = N * 2 * h;
+#pragma omp parallel for schedule(static) if (rows * w * K > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = r / (2 * h), oh = r % (2 * h), i = oh >> 1, a = oh & 1;
+    const float* zr = Z + n * zsn + (i + a) * zsh;
+    const float* sr = S ? S + n * ssn + oh * ssh : 0;
+    float* yr = y + n * ysn + oh * ysh;
+    for (int64_t ow = 0; ow < 2 * w; ++ow) {
+      const int64_t j = ow >> 1, b = ow & 1;
+      const float* zp = zr + (j + b) * zsw + (2 * a + b) * K;
+      const float* sp = sr ? sr + ow * ssw : 0;
+      float* yp = yr + ow * ysw;
+      for (int64_t k = 0; k < K; k += SF_NL) {
+        const int cn = K - k < SF_NL ? (int)(K - k) : SF_NL;
+        sf_vn v = sf_load_n(zp + k, cn) + sf_load_n(bias + k, cn);
+        if (sp) v += sf_load_n(sp + k, cn);
+        sf_store_n(yp + k, sf_act_n(v, act, ap), cn);
+      }
+    }
   }
 }
