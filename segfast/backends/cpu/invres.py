@@ -9,6 +9,11 @@ taps reach (a ring of ``(KH-1)·dilation + 1`` rows, in L2), so memory sees the
 block's input and output only. The 1×1 convolutions are register-tiled
 GEMMs over one row of pixels (6–12 pixels × 16–64 channels of accumulators).
 
+The same rows without the projection are the front of a squeeze-excitation block
+(EfficientNet's MBConv, MobileNetV3's bneck with SE: ``project=None``): the depthwise
+output is written once and its channel means summed from the rows on the way, for
+the SE gate (``sf_invres_front``).
+
 Worth it where the expanded tensor is large next to the work: see
 :func:`worthwhile` (measured on 2 cores of an AMD EPYC Zen 4, torch 2.13).
 Reference: :func:`reference` (the three composite convolutions segfast's graph
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,15 +93,21 @@ def worthwhile(c_expanded: int, h: int | None, w: int | None, ring_rows: int) ->
 
 
 class NativeInvertedResidual:
-    """``project(depthwise(expand(x))) (+ residual)``; called as ``block(x, residual)``."""
+    """``project(depthwise(expand(x))) (+ residual)``; called as ``block(x, residual)``.
+
+    ``project=None``: the front of a squeeze-excitation block (``sf_invres_front``) —
+    ``block(x)`` returns ``(d, pooled)``: ``d = depthwise(expand(x))`` and its mean over
+    H×W, ``[N, C]`` fp32, summed from the rows as they are computed (for
+    :meth:`~.se_gate.NativeSEGate.from_pooled`), so the expanded tensor is never written
+    and the gate does not read ``d`` again."""
 
     def __init__(
         self,
         native: Native,
         expand: Conv | None,
         depthwise: Conv,
-        project: Conv,
-        residual_after_act: bool,
+        project: Conv | None,
+        residual_after_act: bool = False,
     ) -> None:
         for conv in (expand, depthwise, project):
             if conv is None:
@@ -121,7 +133,7 @@ class NativeInvertedResidual:
         c_in = int(expand.weight.shape[1]) if expand is not None else int(ce)
         if expand is not None and int(expand.weight.shape[0]) != ce:
             raise ValueError("expand's output channels differ from the depthwise conv's")
-        if int(project.weight.shape[1]) != ce:
+        if project is not None and int(project.weight.shape[1]) != ce:
             raise ValueError("project's input channels differ from the depthwise conv's")
         if kh > MAX_KERNEL_ROWS:
             raise ValueError(f"depthwise kernel has {kh} rows, the kernel takes {MAX_KERNEL_ROWS}")
@@ -132,7 +144,7 @@ class NativeInvertedResidual:
         # internal widths: whole vectors of this build (16 lanes with AVX-512, 8 on AVX2)
         lanes = native.lanes
         self.cp = _round_up(self.ce, lanes)
-        self.co = int(project.weight.shape[0])
+        self.co = int(project.weight.shape[0]) if project is not None else self.ce
         self.cop = _round_up(self.co, lanes)
 
         def bias(conv: Conv, n: int, size: int) -> Tensor:
@@ -145,8 +157,10 @@ class NativeInvertedResidual:
         wd = depthwise.weight.detach().reshape(self.ce, self.kh, self.kw).permute(1, 2, 0)
         self.wd = _pad(wd, self.kh, self.kw, self.cp)
         self.bd = bias(depthwise, self.ce, self.cp)
-        self.wp = _pad(project.weight.detach().reshape(self.co, self.ce).t(), self.ce, self.cop)
-        self.bp = bias(project, self.co, self.cop)
+        if project is not None:
+            wp = project.weight.detach().reshape(self.co, self.ce).t()
+            self.wp = _pad(wp, self.ce, self.cop)
+            self.bp = bias(project, self.co, self.cop)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         d = self.depthwise
@@ -155,11 +169,14 @@ class NativeInvertedResidual:
             ops._conv_out_size(w, self.kw, d.stride[1], d.padding[1], d.dilation[1]),
         )
 
-    def _composite(self, x: Tensor, residual: Tensor | None) -> Tensor:
+    def _composite(self, x: Tensor, residual: Tensor | None) -> Any:
+        if self.project is None:
+            d = reference_front(x, self.expand, self.depthwise)
+            return d, d.float().mean((2, 3))
         return reference(x, self.expand, self.depthwise, self.project, residual,
                          self.residual_after_act)  # fmt: skip
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Any:
         if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.c_in:
             return self._composite(x, residual)
         n, _, h, w = x.shape
@@ -167,6 +184,10 @@ class NativeInvertedResidual:
         if ho < 1 or wo < 1 or x.numel() == 0:
             return self._composite(x, residual)
         x = ops.to_nhwc(x)
+        if self.project is None:
+            if residual is not None:
+                raise ValueError("the front of an SE block takes no residual")
+            return self._front(x, n, h, w, ho, wo)
         if residual is not None:
             if residual.dtype != x.dtype or tuple(residual.shape) != (n, self.co, ho, wo):
                 return self._composite(x, residual)
@@ -188,11 +209,32 @@ class NativeInvertedResidual:
             *(nhwc_strides(residual) if residual is not None else (0, 0, 0)),
             int(self.residual_after_act),
         )  # fmt: skip
-        if rc == -1:
-            raise MemoryError("sf_invres could not allocate its per-thread rows")
-        if rc != 0:
-            raise RuntimeError(f"sf_invres refused the call (code {rc})")
+        _check(rc, "sf_invres")
         return y
+
+    def _front(self, x: Tensor, n: int, h: int, w: int, ho: int, wo: int) -> tuple[Tensor, Tensor]:
+        y = torch.empty((n, self.ce, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+        pooled = torch.empty((n, self.ce), dtype=torch.float32)
+        e, d = self.expand, self.depthwise
+        rc = self.native.invres_front(
+            x.data_ptr(), n, h, w, self.c_in, *nhwc_strides(x),
+            0 if e is None else self.we.data_ptr(), 0 if e is None else self.be.data_ptr(),
+            ACT_CODES[e.act] if e is not None else 0, e.act_param if e is not None else 0.0,
+            self.ce, self.cp,
+            self.wd.data_ptr(), self.bd.data_ptr(), self.kh, self.kw,
+            d.stride[0], d.stride[1], d.padding[0], d.padding[1], d.dilation[0], d.dilation[1],
+            ACT_CODES[d.act], d.act_param,
+            y.data_ptr(), ho, wo, *nhwc_strides(y), pooled.data_ptr(),
+        )  # fmt: skip
+        _check(rc, "sf_invres_front")
+        return y, pooled
+
+
+def _check(rc: int, name: str) -> None:
+    if rc == -1:
+        raise MemoryError(f"{name} could not allocate its per-thread rows")
+    if rc != 0:
+        raise RuntimeError(f"{name} refused the call (code {rc})")
 
 
 def _conv(x: Tensor, c: Conv, residual: Tensor | None = None, after: bool = False) -> Tensor:
@@ -209,9 +251,13 @@ def reference(
     residual_after_act: bool = False,
 ) -> Tensor:
     """What :class:`NativeInvertedResidual` computes, as three composite convolutions."""
-    h = x if expand is None else _conv(x, expand)
-    h = _conv(h, depthwise)
+    h = reference_front(x, expand, depthwise)
     return _conv(h, project, residual, residual_after_act)
+
+
+def reference_front(x: Tensor, expand: Conv | None, depthwise: Conv) -> Tensor:
+    """The front of an SE block (``project=None``): ``depthwise(expand(x))``."""
+    return _conv(x if expand is None else _conv(x, expand), depthwise)
 
 
 def conv_spec(

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("segfast_cpu.c")
-ABI_VERSION = 21
+ABI_VERSION = 22
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _OMP_LIBS = re.compile(r"lib(gomp|iomp\d*|omp)[-.\w]*\.so")
 
@@ -192,6 +192,13 @@ class Native:
             + [_PTR, _PTR] + [_I64] * 8 + [_INT, _FLOAT]
             + [_PTR, _PTR] + [_I64] * 2 + [_INT, _FLOAT]
             + [_PTR] + [_I64] * 5 + [_PTR] + [_I64] * 3 + [_INT]
+        )  # fmt: skip
+        self.invres_front = lib.sf_invres_front
+        self.invres_front.restype = _INT
+        self.invres_front.argtypes = (
+            [_PTR] + [_I64] * 7 + [_PTR, _PTR, _INT, _FLOAT] + [_I64] * 2
+            + [_PTR, _PTR] + [_I64] * 8 + [_INT, _FLOAT]
+            + [_PTR] + [_I64] * 5 + [_PTR]
         )  # fmt: skip
         self.conv_narrow = lib.sf_conv_narrow
         self.conv_narrow.restype = _INT

@@ -87,3 +87,23 @@ class NativeSEGate:
             pooled.data_ptr(), hidden.data_ptr(), out.data_ptr(),
         )  # fmt: skip
         return out.to(p.dtype).view(n, self.c2, 1, 1)
+
+    def from_pooled(self, pooled: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The gate from the map's mean over H×W, ``[N, C]`` fp32, already taken (by
+        :class:`~.invres.NativeInvertedResidual`'s SE-block front) → [N, C2, 1, 1]."""
+        n, c = pooled.shape
+        if c != self.c or pooled.dtype != torch.float32 or not pooled.is_contiguous():
+            raise ValueError(f"need [N, {self.c}] contiguous fp32 means, got "
+                             f"{tuple(pooled.shape)} {pooled.dtype}")  # fmt: skip
+        if n == 0:
+            return torch.empty((0, self.c2, 1, 1), dtype=dtype)
+        hidden = torch.empty(self.c1, dtype=torch.float32)
+        out = torch.empty((n, self.c2), dtype=torch.float32)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.native.se_gate(
+            None, 0, n, 1, c, c, c,
+            self.w1.data_ptr(), ptr(self.b1), self.c1, *self.act1,
+            ptr(self.w2t), ptr(self.b2), self.c2, *self.act2,
+            pooled.data_ptr(), hidden.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        return out.to(dtype).view(n, self.c2, 1, 1)

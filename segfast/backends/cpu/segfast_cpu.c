@@ -58,7 +58,7 @@ static inline float sf_act(float v, int act, float p) {
   }
 }
 
-int sf_abi_version(void) { return 21; }
+int sf_abi_version(void) { return 22; }
 
 /* Per-thread scratch buffers that grow and are kept: a kernel's temporary memory
  * comes from here, not from malloc per call. Large mallocs are fresh mmaps whose
@@ -1670,36 +1670,39 @@ static void sf_ir_dw_row(const float* const* rp, const int64_t* kidx, int64_t nk
   }
 }
 
-/* we == NULL: no expansion (the depthwise conv reads x, Cin ≤ Cp). Ce: the real expanded
- * width (≤ Cp). wd: [KH][KW][Cp]; we: [Cin][Cp]; wp: [Ce][Cop]; biases padded likewise.
- * Returns 0; -1 when a thread's scratch could not be allocated; -2 for KH > MAX_KH; -3
- * when Cp or Cop is not a multiple of SF_NL (sf_lanes()). */
-int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
-              int64_t xsn, int64_t xsh, int64_t xsw,
-              const float* restrict we, const float* restrict be, int act_e, float ap_e,
-              int64_t Ce, int64_t Cp,
-              const float* restrict wd, const float* restrict bd, int64_t KH, int64_t KW,
-              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-              int act_d, float ap_d,
-              const float* restrict wp, const float* restrict bp, int64_t Co, int64_t Cop,
-              int act_p, float ap_p,
-              float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
-              const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw,
-              int res_after_act) {
+/* The block's rows. wp != NULL: project each depthwise row into y (sf_invres). wp ==
+ * NULL, the front of a squeeze-excitation block (sf_invres_front): y gets the depthwise
+ * rows themselves (Ce channels) and `part` — [threads][N][Cp] floats, zeroed — each
+ * thread's per-image channel sums of them, for the SE gate's mean. */
+static int sf_invres_rows(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
+                          int64_t xsn, int64_t xsh, int64_t xsw,
+                          const float* restrict we, const float* restrict be, int act_e,
+                          float ap_e, int64_t Ce, int64_t Cp,
+                          const float* restrict wd, const float* restrict bd, int64_t KH,
+                          int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                          int64_t dw, int act_d, float ap_d,
+                          const float* restrict wp, const float* restrict bp, int64_t Co,
+                          int64_t Cop, int act_p, float ap_p,
+                          float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh,
+                          int64_t ysw, const float* restrict res, int64_t rsn, int64_t rsh,
+                          int64_t rsw, int res_after_act, float* restrict part, int threads) {
   if (KH > MAX_KH) return -2;
-  if (Cp % SF_NL || Cop % SF_NL) return -3; /* padded widths: whole vectors */
+  if (Cp % SF_NL || (wp && Cop % SF_NL)) return -3; /* padded widths: whole vectors */
   const int64_t R = (KH - 1) * dh + 1;
   const int64_t rows = N * Ho;
   const int64_t row_len = W * Cp;
   const int direct = !we && Cin == Cp && xsw == Cp;
+  /* the front writes its depthwise rows straight into y where y's pixels are Cp wide */
+  const int in_place = !wp && Ce == Cp && ysw == Cp;
   int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     int64_t r0, r1;
     sf_thread_rows(rows, &r0, &r1);
     float* ring = (float*)sf_scratch(SF_SLOT_RING, (size_t)(direct ? 16 : R * row_len) * sizeof(float));
     float* dwrow = (float*)sf_scratch(SF_SLOT_DWROW, (size_t)(Wo * Cp) * sizeof(float));
     int64_t* tag = (int64_t*)sf_scratch(SF_SLOT_TAGS, (size_t)R * sizeof(int64_t));
+    float* mine = part ? part + (int64_t)omp_get_thread_num() * N * Cp : 0;
     if (!ring || !dwrow || !tag) {
 #pragma omp atomic write
       failed = 1;
@@ -1730,15 +1733,91 @@ int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t 
             }
           }
         }
+        float* yrow = y + n * ysn + oh * ysh;
+        float* drow = in_place ? yrow : dwrow;
         /* depthwise: one output row, all Cp channels */
-        sf_ir_dw_row(rp, kidx, nk, W, Cp, wd, bd, KW, sw, pw, dw, act_d, ap_d, dwrow, Wo);
-        /* project: the output row, with the residual */
-        sf_gemm_rows(dwrow, Wo, Cp, Ce, wp, Cop, bp, Co, y + n * ysn + oh * ysh, ysw,
-                     res ? res + n * rsn + oh * rsh : 0, rsw, res_after_act, act_p, ap_p);
+        sf_ir_dw_row(rp, kidx, nk, W, Cp, wd, bd, KW, sw, pw, dw, act_d, ap_d, drow, Wo);
+        if (wp) { /* project: the output row, with the residual */
+          sf_gemm_rows(drow, Wo, Cp, Ce, wp, Cop, bp, Co, yrow, ysw,
+                       res ? res + n * rsn + oh * rsh : 0, rsw, res_after_act, act_p, ap_p);
+          continue;
+        }
+        /* front: the row's channel sums (and the row itself into y) */
+        float* acc = mine + n * Cp;
+        for (int64_t c = 0; c < Cp; c += SF_NL) {
+          sf_vn s = *(const sf_vn*)(acc + c);
+          for (int64_t o = 0; o < Wo; ++o) s += *(const sf_vn*)(drow + o * Cp + c);
+          *(sf_vn*)(acc + c) = s;
+        }
+        if (!in_place)
+          for (int64_t o = 0; o < Wo; ++o)
+            for (int64_t c = 0; c < Ce; c += SF_NL)
+              sf_store_n(yrow + o * ysw + c, *(const sf_vn*)(drow + o * Cp + c),
+                         Ce - c < SF_NL ? (int)(Ce - c) : SF_NL);
       }
     }
   }
   return failed ? -1 : 0;
+}
+
+/* we == NULL: no expansion (the depthwise conv reads x, Cin ≤ Cp). Ce: the real expanded
+ * width (≤ Cp). wd: [KH][KW][Cp]; we: [Cin][Cp]; wp: [Ce][Cop]; biases padded likewise.
+ * Returns 0; -1 when a thread's scratch could not be allocated; -2 for KH > MAX_KH; -3
+ * when Cp or Cop is not a multiple of SF_NL (sf_lanes()). */
+int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
+              int64_t xsn, int64_t xsh, int64_t xsw,
+              const float* restrict we, const float* restrict be, int act_e, float ap_e,
+              int64_t Ce, int64_t Cp,
+              const float* restrict wd, const float* restrict bd, int64_t KH, int64_t KW,
+              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+              int act_d, float ap_d,
+              const float* restrict wp, const float* restrict bp, int64_t Co, int64_t Cop,
+              int act_p, float ap_p,
+              float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh, int64_t ysw,
+              const float* restrict res, int64_t rsn, int64_t rsh, int64_t rsw,
+              int res_after_act) {
+  if (!wp) return -3;
+  return sf_invres_rows(x, N, H, W, Cin, xsn, xsh, xsw, we, be, act_e, ap_e, Ce, Cp, wd, bd,
+                        KH, KW, sh, sw, ph, pw, dh, dw, act_d, ap_d, wp, bp, Co, Cop, act_p,
+                        ap_p, y, Ho, Wo, ysn, ysh, ysw, res, rsn, rsh, rsw, res_after_act, 0,
+                        omp_get_max_threads());
+}
+
+/* The front of a squeeze-excitation block (EfficientNet's MBConv, MobileNetV3's bneck
+ * with SE): [1×1 expand →] depthwise, written to y [N, Ho, Wo, Ce] (channel stride 1),
+ * and the SE gate's mean over Ho×Wo of every (image, channel) into pooled [N][Ce] —
+ * from the rows as they are computed, so the expanded tensor is never written and the
+ * gate does not read the depthwise output again. Sums per thread over its run of rows,
+ * added in thread order (deterministic for a thread count). Returns as sf_invres, or
+ * -1 when the partial sums could not be allocated. */
+int sf_invres_front(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
+                    int64_t xsn, int64_t xsh, int64_t xsw,
+                    const float* restrict we, const float* restrict be, int act_e, float ap_e,
+                    int64_t Ce, int64_t Cp,
+                    const float* restrict wd, const float* restrict bd, int64_t KH, int64_t KW,
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                    int act_d, float ap_d,
+                    float* restrict y, int64_t Ho, int64_t Wo, int64_t ysn, int64_t ysh,
+                    int64_t ysw, float* restrict pooled) {
+  const int threads = omp_get_max_threads();
+  float* part = 0;
+  if (posix_memalign((void**)&part, 64, (size_t)threads * N * Cp * sizeof(float)) != 0)
+    return -1;
+  for (int64_t i = 0; i < (int64_t)threads * N * Cp; ++i) part[i] = 0.f;
+  const int rc = sf_invres_rows(x, N, H, W, Cin, xsn, xsh, xsw, we, be, act_e, ap_e, Ce, Cp,
+                                wd, bd, KH, KW, sh, sw, ph, pw, dh, dw, act_d, ap_d, 0, 0, 0, 0,
+                                0, 0.f, y, Ho, Wo, ysn, ysh, ysw, 0, 0, 0, 0, 0, part, threads);
+  if (rc == 0) {
+    const float inv = 1.f / (float)(Ho * Wo);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < Ce; ++c) {
+        float s = 0.f;
+        for (int t = 0; t < threads; ++t) s += part[((int64_t)t * N + n) * Cp + c];
+        pooled[n * Ce + c] = s * inv;
+      }
+  }
+  free(part);
+  return rc;
 }
 
 /* ---- Convolution with 17–24 output channels (a segmentation head: 19 or 21 classes) ----
@@ -1896,14 +1975,15 @@ void sf_fake_quant(const float* restrict x, int64_t rows, int64_t C, int64_t xs,
  * transposed, [C1, C2], so both products run along contiguous vectors. Sums
  * in fp32. The mean runs in parallel over blocks of SF_CB channels (one thread reads
  * its own 64-byte run of every pixel); the two small matrix-vector products after it
- * on one thread. `pooled`: N·C floats of scratch, `hidden`: C1. Reference:
+ * on one thread. `pooled`: N·C floats of scratch, `hidden`: C1; x == NULL: `pooled`
+ * holds the N·C means already (sf_invres_front's). Reference:
  * segfast.compiler.ops.se_gate_impl. */
 void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t C, int64_t xs,
                 int64_t xsn, const float* restrict w1, const float* restrict b1, int64_t C1,
                 int act1, float p1, const float* restrict w2t, const float* restrict b2,
                 int64_t C2, int act2, float p2, float* restrict pooled, float* restrict hidden,
                 float* restrict out) {
-  const int64_t nb = (C + SF_CB - 1) / SF_CB;
+  const int64_t nb = x ? (C + SF_CB - 1) / SF_CB : 0; /* no map: pooled holds the means */
   const float inv = 1.f / (float)HW;
 #pragma omp parallel for schedule(static) if (N * HW * C > 32768)
   for (int64_t t = 0; t < N * nb; t++) {
