@@ -58,7 +58,8 @@ def test_front_is_the_convs_and_their_mean(n, c_in, c_exp, hw, k, stride, dil, e
     ref = reference_front(x, e, d)
     assert_nhwc_close(y, ref, 5e-6)
     # the mean of every (image, channel): padded channels (sigmoid(0) = 0.5) never leak in
-    assert pooled.shape == (n, ref.shape[1]) and pooled.dtype == torch.float32
+    assert pooled.shape == (n, ref.shape[1])
+    assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled, ref.mean((2, 3)), rtol=2e-5, atol=2e-6)
 
 
@@ -70,7 +71,8 @@ def test_front_is_deterministic_and_takes_any_layout():
     block = NativeInvertedResidual(lib, e, d, None)
     y1, p1 = block(x)
     y2, p2 = block(x)
-    assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    assert torch.equal(y1, y2)
+    assert torch.equal(p1, p2)
     ref = reference_front(x, e, d)
     assert_nhwc_close(y1, ref, 5e-6)
     torch.testing.assert_close(p1, ref.mean((2, 3)), rtol=2e-5, atol=2e-6)
@@ -85,7 +87,8 @@ def test_front_falls_back_and_refuses_a_residual():
     torch.testing.assert_close(p, reference_front(x, e, d).mean((2, 3)))
     empty = torch.randn(0, 8, 6, 6)  # no images: the composite convolutions
     y, p = block(empty)
-    assert y.shape == (0, 32, 3, 3) and p.shape == (0, 32)
+    assert y.shape == (0, 32, 3, 3)
+    assert p.shape == (0, 32)
     with pytest.raises(RuntimeError):
         block(torch.randn(1, 9, 6, 6))  # wrong channel count: PyTorch's own error
     with pytest.raises(ValueError, match="no residual"):
