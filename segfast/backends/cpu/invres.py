@@ -171,6 +171,8 @@ class NativeInvertedResidual:
 
     def _composite(self, x: Tensor, residual: Tensor | None) -> Any:
         if self.project is None:
+            if residual is not None:
+                raise ValueError("the front of an SE block takes no residual")
             d = reference_front(x, self.expand, self.depthwise)
             return d, d.float().mean((2, 3))
         return reference(x, self.expand, self.depthwise, self.project, residual,
@@ -186,7 +188,7 @@ class NativeInvertedResidual:
         x = ops.to_nhwc(x)
         if self.project is None:
             if residual is not None:
-                raise ValueError("the front of an SE block takes no residual")
+                return self._composite(x, residual)  # (raises)
             return self._front(x, n, h, w, ho, wo)
         if residual is not None:
             if residual.dtype != x.dtype or tuple(residual.shape) != (n, self.co, ho, wo):

@@ -262,14 +262,55 @@ def _twice(low: Any, full: Any) -> bool:
     return True
 
 
+def _few_or_narrow(
+    native: Native, use_avx2: bool, weight: torch.Tensor, stride: Any, dilation: Any,
+    groups: int, act: str, x_value: Any,
+) -> str | None:  # fmt: skip
+    """Which of segfast's few-output kernels takes a single-source conv without a
+    residual over ``x_value`` (its fake tensor): ``"few"`` (``sf_conv_few``, 1–4
+    outputs), ``"narrow"`` (``sf_conv_narrow``, 17–24 outputs, AVX-512) or None — the
+    conditions :func:`_conv2d_step` tests."""
+    if act not in ACT_CODES:
+        return None
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    if (
+        _few_output(native, use_avx2)
+        and narrow.few_applies(weight, stride, dilation, groups)
+        and narrow.few_worthwhile(
+            int(weight.shape[1]),
+            kh,
+            kw,
+            width if isinstance(width := x_value.shape[-1], int) else None,
+        )
+    ):
+        return "few"
+    if (
+        native.wide_vectors
+        and narrow.applies(weight, stride, groups)
+        and narrow.worthwhile(int(weight.shape[1]), kh, kw,
+                              *(d if isinstance(d, int) else None for d in x_value.shape[2:]))
+    ):  # fmt: skip
+        return "narrow"
+    return None
+
+
+def _own_kernel(
+    native: Native, use_avx2: bool, weight: torch.Tensor, stride: Any, dilation: Any,
+    groups: int, act: str, x_value: Any,
+) -> bool:  # fmt: skip
+    return (
+        _few_or_narrow(native, use_avx2, weight, stride, dilation, groups, act, x_value) is not None
+    )
+
+
 def _nearest_up_convs(
     gm: fx.GraphModule, native: Native | None, use_winograd: bool, use_avx2: bool
 ) -> dict[fx.Node, tuple[fx.Node, list[fx.Node]]]:
     """Single-source convs that read a ×2 nearest upsample alone and take
     :mod:`.subpixel` (smp U-Net's last decoder block): conv → (the upsample's input,
-    the upsample and its layout fix, which the conv absorbs). Convs with 1–4 or (with
-    AVX-512) 17–24 outputs keep their own kernels (sf_conv_few, sf_conv_narrow): not
-    measured against this."""
+    the upsample and its layout fix, which the conv absorbs). A conv that
+    ``sf_conv_few`` (1–4 outputs) or ``sf_conv_narrow`` (17–24, AVX-512) would take
+    keeps that kernel: not measured against this."""
     found: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = {}
     if native is None:
         return found
@@ -302,7 +343,7 @@ def _nearest_up_convs(
         if not (scaled or static) or not _twice(low, full):
             continue
         c_in, k = int(weight.shape[1]), int(weight.shape[0])
-        if (k <= 4 and _few_output(native, use_avx2)) or (native.wide_vectors and 17 <= k <= 24):
+        if _own_kernel(native, use_avx2, weight, stride, dilation, groups, act, full):
             continue
         h, w_ = (d if isinstance(d, int) else 1 << 30 for d in full.shape[2:])
         n = full.shape[0] if isinstance(full.shape[0], int) else 1
@@ -418,6 +459,7 @@ def _conv2d_step(
             use_subpixel
             and x2 is not None
             and residual is None
+            and c_in > int(x2_channels)
             and subpixel.applies(weight, stride, padding, dilation, groups, x2_resize,
                                  (x2_sh, x2_sw), act)
             and _twice(val(x2), xv)

@@ -1763,7 +1763,7 @@ static int sf_invres_rows(const float* restrict x, int64_t N, int64_t H, int64_t
 /* we == NULL: no expansion (the depthwise conv reads x, Cin ≤ Cp). Ce: the real expanded
  * width (≤ Cp). wd: [KH][KW][Cp]; we: [Cin][Cp]; wp: [Ce][Cop]; biases padded likewise.
  * Returns 0; -1 when a thread's scratch could not be allocated; -2 for KH > MAX_KH; -3
- * when Cp or Cop is not a multiple of SF_NL (sf_lanes()). */
+ * when Cp or Cop is not a multiple of SF_NL (sf_lanes()) or wp is NULL. */
 int sf_invres(const float* restrict x, int64_t N, int64_t H, int64_t W, int64_t Cin,
               int64_t xsn, int64_t xsh, int64_t xsw,
               const float* restrict we, const float* restrict be, int act_e, float ap_e,

@@ -79,8 +79,9 @@ def applies(
 
 def preferred(up_channels: int, skip_channels: int, out_channels: int, winograd: bool) -> bool:
     """Whether this beats the conv the plan would run otherwise: oneDNN's direct conv
-    always (measured 1.3–2.7× on an AVX2 EPYC, 2 cores: 32→16 at 256² 4.5 → 2.4 ms,
-    64+32→32 at 128² 7.0 → 4.6); Winograd F(4×4, 3×3) — which saves 4× the
+    from 4 upsampled channels (measured 1.3–2.7× on an AVX2 EPYC, 2 cores: 32→16 at
+    256² 4.5 → 2.4 ms, 64+32→32 at 128² 7.0 → 4.6; 8→16 1.26×, 4→16 1.13×, 3→16
+    0.91×); Winograd F(4×4, 3×3) — which saves 4× the
     multiply-adds on every channel, against 2.25× on the upsampled ones here — only
     where the skip source is a small share and the layer is narrow (Winograd's
     transforms weigh most): C·K/(C+K) ≤ 64 with at most a ninth of the input channels
@@ -88,6 +89,8 @@ def preferred(up_channels: int, skip_channels: int, out_channels: int, winograd:
     64² 1.48×, 96→96 at 64² 1.39×; par or slower with a larger skip share (128+64→64
     at 64²: 0.99–1.01×, 96+96→96: 0.87×) or wider layers (256→256 at 32²: 0.97×,
     256+40→128 at 32²: 0.81×)."""
+    if up_channels < 4:  # 3→16 at 128²: 0.91× (oneDNN's 2×2 conv of 3 channels); 4→16 1.13×
+        return False
     if not winograd:
         return True
     c = up_channels + skip_channels
@@ -142,14 +145,24 @@ class NearestUpConv3x3:
                 False, "none", False, None, None, False, input_size=skip_size,
             )  # fmt: skip
         self.bias = torch.zeros(k) if bias is None else bias.detach().float().contiguous()
-        # what a call it cannot take runs: the conv of the joined, upsampled input
-        sh, sw = scales
-        full = None if skip_size is None else [skip_size[0], c, *skip_size[2:]]
-        self.fallback = PackedConv2d(
-            weight, bias, [1, 1], [1, 1], [1, 1], 1, act, act_param, False,
-            mode if self.cs else "none", False, sh, sw, up_first,
-            input_size=full, x2_channels=self.cu if self.cs else None,
-        )  # fmt: skip
+        # what a call it cannot take runs — the conv of the joined, upsampled input —
+        # packed on first use (a static engine never needs it)
+        self._weight, self._bias, self._skip_size = weight, bias, skip_size
+        self._fallback_conv: PackedConv2d | None = None
+
+    @property
+    def fallback(self) -> PackedConv2d:
+        if self._fallback_conv is None:
+            sh, sw = self.scales
+            c = self.cu + self.cs
+            size = self._skip_size
+            full = None if size is None else [size[0], c, *size[2:]]
+            self._fallback_conv = PackedConv2d(
+                self._weight, self._bias, [1, 1], [1, 1], [1, 1], 1, self.act, self.act_param,
+                False, self.mode if self.cs else "none", False, sh, sw, self.up_first,
+                input_size=full, x2_channels=self.cu if self.cs else None,
+            )  # fmt: skip
+        return self._fallback_conv
 
     def _fallback(self, x: Tensor | None, residual: Tensor | None, x2: Tensor) -> Tensor:
         if self.cs:

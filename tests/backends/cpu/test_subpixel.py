@@ -86,12 +86,15 @@ def test_what_it_cannot_take_runs_the_upsampled_conv():
     b = torch.randn(8, generator=g)
     two = subpixel.NearestUpConv3x3(lib, wt, b, "relu", 0.0, 8, True, "nearest", (None, None))
     low = _nhwc(torch.randn(1, 8, 5, 6, generator=g))
+    two(_nhwc(torch.randn(1, 4, 10, 12, generator=g)), None, low)
+    assert two._fallback_conv is None  # the calls it takes never pack the upsampled conv
     # the skip is not ×2 of the source (an odd size upsampled to the skip's): the
     # graph's own resize to that size, then the conv
     skip = _nhwc(torch.randn(1, 4, 11, 12, generator=g))
     want = ops.conv2d_impl(skip, wt, b, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, None, False,
                            low, "nearest", False, None, None, True)  # fmt: skip
     torch.testing.assert_close(two(skip, None, low), want, rtol=1e-5, atol=1e-5)
+    assert two._fallback_conv is not None  # packed on first use
     # a residual
     skip = _nhwc(torch.randn(1, 4, 10, 12, generator=g))
     r = torch.randn(1, 8, 10, 12, generator=g)
@@ -131,6 +134,7 @@ def test_applies_only_to_what_it_computes():
 
 def test_preferred_over_winograd_only_where_measured():
     assert subpixel.preferred(512, 256, 256, winograd=False)  # beats the direct conv
+    assert not subpixel.preferred(3, 0, 16, winograd=False)  # an RGB-wide source: no gain
     assert subpixel.preferred(64, 0, 64, winograd=True)
     assert subpixel.preferred(128, 0, 128, winograd=True)
     assert not subpixel.preferred(256, 0, 256, winograd=True)  # wide: Winograd
@@ -211,3 +215,30 @@ def test_plan_with_dynamic_sizes_falls_back_where_the_skip_is_not_twice():
         report = segfast.check(eng, model, torch.randn(*shape))
         assert report.passed, (shape, report)
         assert max(a.rel_l2 for a in report.accuracy) <= 1e-5, shape
+
+
+class UpToFewClasses(nn.Module):
+    """An upsample into a 3×3 conv with one output (a binary head at full resolution)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _block(3, 16)
+        self.head = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(F.interpolate(self.body(x), scale_factor=2.0, mode="nearest"))
+
+
+def test_plan_leaves_few_output_convs_on_their_kernel():
+    torch.manual_seed(13)
+    model = _randomised(UpToFewClasses())
+    x = torch.randn(1, 3, 24, 40)
+    eng = segfast.compile(model, x, backend="torch")
+    lowered = eng._runner.details["lowered"]
+    if native.load().avx2:  # sf_conv_few takes it (AVX2 + FMA)
+        assert lowered["conv2d with 1–4 output channels (segfast kernel)"] == 1
+        assert KIND not in lowered
+    else:
+        assert lowered[KIND] == 1
+    report = segfast.check(eng, model, x)
+    assert report.passed, report
