@@ -867,7 +867,9 @@ def _se_fronts(
     map again — where :func:`.invres.worthwhile` says the ring pays (measured on the
     AVX2 EPYC against the plan's three calls: 16→96 s2 at 128² 1.35–1.37×, 24→144 at
     64² 1.26–1.66×, 24→72 5×5 s2 at 128² 1.14–1.16×, 40→120 5×5 at 64² 1.06–1.35×;
-    the wide late stages it turns down lost, 0.63–1.04×).
+    the wide late stages it turns down lost, 0.63–1.04×). Symbolic sizes count as
+    large, as for the inverted residual blocks: a dynamic engine also fuses the
+    ≤ 384-channel blocks on small maps (240 channels at 32²: 0.98–1.03×, par).
     {depthwise: (expand or None, the gate node, the gated conv, the gate's kernel)}."""
     out: dict[fx.Node, tuple[fx.Node | None, fx.Node, fx.Node, se_gate.NativeSEGate]] = {}
     for dw in gm.graph.nodes:
