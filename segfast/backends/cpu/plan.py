@@ -253,6 +253,12 @@ def _plain_depthwise_of(gm: fx.GraphModule, conv: fx.Node, x: fx.Node) -> bool:
 _SUBPIXEL = "conv2d 3×3 of a ×2 nearest upsample, at the source resolution (segfast kernel)"
 
 
+def _pixels(v: Any) -> int | None:
+    """H·W of a 4-D value, None where either is symbolic."""
+    h, w = v.shape[2:]
+    return h * w if isinstance(h, int) and isinstance(w, int) else None
+
+
 def _twice(low: Any, full: Any) -> bool:
     """Whether ``full``'s H×W can be ``low``'s ×2 (static sizes must be; symbolic
     ones are checked on every call)."""
@@ -352,7 +358,7 @@ def _nearest_up_convs(
             and winograd.applies(weight, stride, dilation, groups)
             and winograd.worthwhile(c_in, k, h, w_, native.wide_vectors, n)
         )
-        if subpixel.preferred(c_in, 0, k, wino):
+        if subpixel.preferred(c_in, 0, k, wino, _pixels(low)):
             found[node] = (rs.input, [up, *absorbed])
     return found
 
@@ -464,7 +470,7 @@ def _conv2d_step(
                                  (x2_sh, x2_sw), act)
             and _twice(val(x2), xv)
             and subpixel.preferred(int(x2_channels), c_in - int(x2_channels),
-                                   int(weight.shape[0]), wino)
+                                   int(weight.shape[0]), wino, _pixels(val(x2)))
         ):  # fmt: skip
             conv = subpixel.NearestUpConv3x3(
                 native, weight, bias, act, act_param, int(x2_channels), bool(x2_first),

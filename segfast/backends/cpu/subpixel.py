@@ -77,7 +77,13 @@ def applies(
     )
 
 
-def preferred(up_channels: int, skip_channels: int, out_channels: int, winograd: bool) -> bool:
+def preferred(
+    up_channels: int,
+    skip_channels: int,
+    out_channels: int,
+    winograd: bool,
+    source_pixels: int | None = None,
+) -> bool:
     """Whether this beats the conv the plan would run otherwise: oneDNN's direct conv
     from 4 upsampled channels (measured 1.3–2.7× on an AVX2 EPYC, 2 cores: 32→16 at
     256² 4.5 → 2.4 ms, 64+32→32 at 128² 7.0 → 4.6; 8→16 1.26×, 4→16 1.13×, 3→16
@@ -88,13 +94,19 @@ def preferred(up_channels: int, skip_channels: int, out_channels: int, winograd:
     from the skip. Measured there against Winograd: 64→64 at 128² 1.55×, 128→128 at
     64² 1.48×, 96→96 at 64² 1.39×; par or slower with a larger skip share (128+64→64
     at 64²: 0.99–1.01×, 96+96→96: 0.87×) or wider layers (256→256 at 32²: 0.97×,
-    256+40→128 at 32²: 0.81×)."""
+    256+40→128 at 32²: 0.81×), and on small maps, where Winograd's work stays in cache:
+    from a source of at least 32×32 pixels (``source_pixels``; None: dynamic, taken as
+    large) — 128→128 from 16² 0.90×, from 8² 0.96×, 64→64 from 16² 0.98×."""
     if up_channels < 4:  # 3→16 at 128²: 0.91× (oneDNN's 2×2 conv of 3 channels); 4→16 1.13×
         return False
     if not winograd:
         return True
     c = up_channels + skip_channels
-    return 9 * skip_channels <= up_channels and c * out_channels <= 64 * (c + out_channels)
+    return (
+        9 * skip_channels <= up_channels
+        and c * out_channels <= 64 * (c + out_channels)
+        and (source_pixels is None or source_pixels >= 32 * 32)
+    )
 
 
 class NearestUpConv3x3:

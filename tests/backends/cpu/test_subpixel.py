@@ -139,6 +139,9 @@ def test_preferred_over_winograd_only_where_measured():
     assert subpixel.preferred(128, 0, 128, winograd=True)
     assert not subpixel.preferred(256, 0, 256, winograd=True)  # wide: Winograd
     assert not subpixel.preferred(128, 64, 64, winograd=True)  # a large skip share
+    assert subpixel.preferred(128, 0, 128, winograd=True, source_pixels=32 * 32)
+    assert not subpixel.preferred(128, 0, 128, winograd=True, source_pixels=16 * 16)  # in cache
+    assert subpixel.preferred(16, 0, 16, winograd=False, source_pixels=8 * 8)  # vs direct: always
 
 
 def _block(c, o):
