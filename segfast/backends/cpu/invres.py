@@ -195,15 +195,9 @@ class NativeInvertedResidual:
                 return self._composite(x, residual)
             residual = ops.to_nhwc(residual)
         y = torch.empty((n, self.co, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-        e, d, p = self.expand, self.depthwise, self.project
+        p = self.project
         rc = self.native.invres(
-            x.data_ptr(), n, h, w, self.c_in, *nhwc_strides(x),
-            0 if e is None else self.we.data_ptr(), 0 if e is None else self.be.data_ptr(),
-            ACT_CODES[e.act] if e is not None else 0, e.act_param if e is not None else 0.0,
-            self.ce, self.cp,
-            self.wd.data_ptr(), self.bd.data_ptr(), self.kh, self.kw,
-            d.stride[0], d.stride[1], d.padding[0], d.padding[1], d.dilation[0], d.dilation[1],
-            ACT_CODES[d.act], d.act_param,
+            *self._front_args(x, n, h, w),
             self.wp.data_ptr(), self.bp.data_ptr(), self.co, self.cop,
             ACT_CODES[p.act], p.act_param,
             y.data_ptr(), ho, wo, *nhwc_strides(y),
@@ -214,11 +208,10 @@ class NativeInvertedResidual:
         _check(rc, "sf_invres")
         return y
 
-    def _front(self, x: Tensor, n: int, h: int, w: int, ho: int, wo: int) -> tuple[Tensor, Tensor]:
-        y = torch.empty((n, self.ce, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-        pooled = torch.empty((n, self.ce), dtype=torch.float32)
+    def _front_args(self, x: Tensor, n: int, h: int, w: int) -> tuple:
+        """The arguments sf_invres and sf_invres_front share: input, expand, depthwise."""
         e, d = self.expand, self.depthwise
-        rc = self.native.invres_front(
+        return (
             x.data_ptr(), n, h, w, self.c_in, *nhwc_strides(x),
             0 if e is None else self.we.data_ptr(), 0 if e is None else self.be.data_ptr(),
             ACT_CODES[e.act] if e is not None else 0, e.act_param if e is not None else 0.0,
@@ -226,7 +219,14 @@ class NativeInvertedResidual:
             self.wd.data_ptr(), self.bd.data_ptr(), self.kh, self.kw,
             d.stride[0], d.stride[1], d.padding[0], d.padding[1], d.dilation[0], d.dilation[1],
             ACT_CODES[d.act], d.act_param,
-            y.data_ptr(), ho, wo, *nhwc_strides(y), pooled.data_ptr(),
+        )  # fmt: skip
+
+    def _front(self, x: Tensor, n: int, h: int, w: int, ho: int, wo: int) -> tuple[Tensor, Tensor]:
+        y = torch.empty((n, self.ce, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+        pooled = torch.empty((n, self.ce), dtype=torch.float32)
+        rc = self.native.invres_front(
+            *self._front_args(x, n, h, w), y.data_ptr(), ho, wo, *nhwc_strides(y),
+            pooled.data_ptr(),
         )  # fmt: skip
         _check(rc, "sf_invres_front")
         return y, pooled

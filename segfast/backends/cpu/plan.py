@@ -800,6 +800,29 @@ def _pointwise_conv(
     return a[2] is None or _const(gm, a[2], dtypes) is not None
 
 
+def _ring_front(
+    gm: fx.GraphModule, dw: fx.Node, kh: int, taken: set[fx.Node]
+) -> tuple[fx.Node | None, bool]:
+    """For a depthwise conv ``dw`` (``kh`` kernel rows) that starts a block of the
+    inverted-residual kernel: the 1×1 expand conv it may absorb (read only by ``dw``,
+    no residual, one source, not in ``taken``) or None, and whether the kernel's ring
+    of expanded rows pays for the depthwise input (:func:`.invres.worthwhile`)."""
+    expand = dw.args[0]
+    if not (
+        isinstance(expand, fx.Node)
+        and expand not in taken
+        and len(expand.users) == 1
+        and _pointwise_conv(gm, expand)
+        and expand.args[9] is None
+        and expand.args[11] is None
+    ):
+        expand = None
+    src = val(dw.args[0])
+    h, w_ = (d if isinstance(d, int) else None for d in src.shape[2:])
+    ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
+    return expand, invres.worthwhile(int(src.shape[1]), h, w_, ring_rows)
+
+
 def _inverted_residuals(
     gm: fx.GraphModule, taken: set[fx.Node]
 ) -> dict[fx.Node, tuple[fx.Node | None, fx.Node]]:
@@ -822,21 +845,8 @@ def _inverted_residuals(
         kh = int(val(dw.args[1]).shape[2])
         if kh > invres.MAX_KERNEL_ROWS:
             continue
-        expand = dw.args[0]
-        if not (
-            isinstance(expand, fx.Node)
-            and expand not in out
-            and expand not in taken
-            and len(expand.users) == 1
-            and _pointwise_conv(gm, expand)
-            and expand.args[9] is None
-            and expand.args[11] is None
-        ):
-            expand = None
-        src = val(dw.args[0])
-        h, w_ = (d if isinstance(d, int) else None for d in src.shape[2:])
-        ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
-        if invres.worthwhile(int(src.shape[1]), h, w_, ring_rows):
+        expand, worth = _ring_front(gm, dw, kh, taken | set(out))
+        if worth:
             out[node] = (expand, dw)
     return out
 
@@ -900,20 +910,8 @@ def _se_fronts(
         kh = int(val(dw.args[1]).shape[2])
         if step is None or kh > invres.MAX_KERNEL_ROWS:
             continue
-        expand = dw.args[0]
-        if not (
-            isinstance(expand, fx.Node)
-            and expand not in taken
-            and len(expand.users) == 1
-            and _pointwise_conv(gm, expand)
-            and expand.args[9] is None
-            and expand.args[11] is None
-        ):
-            expand = None
-        src = val(dw.args[0])
-        h, w_ = (d if isinstance(d, int) else None for d in src.shape[2:])
-        ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
-        if invres.worthwhile(int(src.shape[1]), h, w_, ring_rows):
+        expand, worth = _ring_front(gm, dw, kh, taken)
+        if worth:
             out[dw] = (expand, gate, conv, step[0])
     return out
 
