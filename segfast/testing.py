@@ -106,3 +106,15 @@ def write_noise_video(
         for p in s.encode(None):
             c.mux(p)
     return Path(path)
+
+
+def randomised_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm running statistics (mean in
+    [-0.3, 0.3], variance in [0.5, 2], from torch's global generator), so BN folding and
+    every kernel after it see more than the identity a fresh BatchNorm computes."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()

@@ -14,7 +14,7 @@ from segfast.backends.cpu import invres, native
 from segfast.backends.cpu.invres import NativeInvertedResidual, conv_spec, reference_front
 from segfast.backends.cpu.se_gate import NativeSEGate
 from segfast.models.edge import Bneck
-from segfast.testing import assert_nhwc_close
+from segfast.testing import assert_nhwc_close, randomised_bn
 
 KIND = "squeeze-excitation block front: [1×1 expand →] depthwise + the gate's mean (segfast kernel)"
 
@@ -136,17 +136,9 @@ class TinySE(nn.Module):
         return self.head(last[3](last[2](d))) + d.mean((1,), keepdim=True)
 
 
-def _randomised(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
 def test_plan_fuses_se_fronts_and_matches_eager(monkeypatch):
     torch.manual_seed(9)
-    model = _randomised(TinySE())
+    model = randomised_bn(TinySE())
     x = torch.randn(2, 3, 38, 46)
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)  # fuse even these small maps
     eng = segfast.compile(model, x, backend="torch")
@@ -163,7 +155,7 @@ def test_plan_fuses_se_fronts_and_matches_eager(monkeypatch):
 
 def test_plan_leaves_a_front_whose_map_is_read_elsewhere(monkeypatch):
     torch.manual_seed(10)
-    model = _randomised(TinySE(tap=True))
+    model = randomised_bn(TinySE(tap=True))
     x = torch.randn(1, 3, 30, 34)
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
     eng = segfast.compile(model, x, backend="torch")
@@ -174,7 +166,7 @@ def test_plan_leaves_a_front_whose_map_is_read_elsewhere(monkeypatch):
 
 def test_plan_fuses_se_fronts_with_dynamic_shapes(monkeypatch):
     torch.manual_seed(11)
-    model = _randomised(TinySE())
+    model = randomised_bn(TinySE())
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
     eng = segfast.compile(model, torch.randn(1, 3, 40, 36), backend="torch", dynamic=True)
     assert eng._runner.details["lowered"][KIND] == 4

@@ -12,6 +12,7 @@ from torch import nn
 import segfast
 from segfast.backends.cpu import native, subpixel
 from segfast.compiler import ops
+from segfast.testing import randomised_bn
 
 KIND = "conv2d 3×3 of a ×2 nearest upsample, at the source resolution (segfast kernel)"
 
@@ -182,18 +183,10 @@ class TinyUnetDecoder(nn.Module):
         return self.head(d)
 
 
-def _randomised(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
 @pytest.mark.parametrize("skip_first", [False, True])
 def test_plan_takes_the_decoder_convs_and_matches_eager(skip_first):
     torch.manual_seed(11)
-    model = _randomised(TinyUnetDecoder(skip_first))
+    model = randomised_bn(TinyUnetDecoder(skip_first))
     x = torch.randn(2, 3, 40, 56)
     eng = segfast.compile(model, x, backend="torch")
     lowered = eng._runner.details["lowered"]
@@ -211,7 +204,7 @@ def test_plan_with_dynamic_sizes_falls_back_where_the_skip_is_not_twice():
     """Upsampled to the skip's size: at 64×64 every skip is ×2, at 50×70 the 7×9 →
     13×18 join is not (the fallback runs the graph's own resize)."""
     torch.manual_seed(12)
-    model = _randomised(TinyUnetDecoder(size_from_skip=True))
+    model = randomised_bn(TinyUnetDecoder(size_from_skip=True))
     eng = segfast.compile(model, torch.randn(1, 3, 64, 64), backend="torch", dynamic=True)
     assert eng._runner.details["lowered"][KIND + " two-source"] == 2
     for shape in [(1, 3, 64, 64), (1, 3, 50, 70), (1, 3, 32, 48)]:
@@ -234,7 +227,7 @@ class UpToFewClasses(nn.Module):
 
 def test_plan_leaves_few_output_convs_on_their_kernel():
     torch.manual_seed(13)
-    model = _randomised(UpToFewClasses())
+    model = randomised_bn(UpToFewClasses())
     x = torch.randn(1, 3, 24, 40)
     eng = segfast.compile(model, x, backend="torch")
     lowered = eng._runner.details["lowered"]
