@@ -268,45 +268,31 @@ def _twice(low: Any, full: Any) -> bool:
     return True
 
 
-def _few_or_narrow(
-    native: Native, use_avx2: bool, weight: torch.Tensor, stride: Any, dilation: Any,
-    groups: int, act: str, x_value: Any,
-) -> str | None:  # fmt: skip
-    """Which of segfast's few-output kernels takes a single-source conv without a
-    residual over ``x_value`` (its fake tensor): ``"few"`` (``sf_conv_few``, 1–4
-    outputs), ``"narrow"`` (``sf_conv_narrow``, 17–24 outputs, AVX-512) or None — the
-    conditions :func:`_conv2d_step` tests."""
-    if act not in ACT_CODES:
-        return None
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
-    if (
-        _few_output(native, use_avx2)
-        and narrow.few_applies(weight, stride, dilation, groups)
-        and narrow.few_worthwhile(
-            int(weight.shape[1]),
-            kh,
-            kw,
-            width if isinstance(width := x_value.shape[-1], int) else None,
-        )
-    ):
-        return "few"
-    if (
-        native.wide_vectors
-        and narrow.applies(weight, stride, groups)
-        and narrow.worthwhile(int(weight.shape[1]), kh, kw,
-                              *(d if isinstance(d, int) else None for d in x_value.shape[2:]))
-    ):  # fmt: skip
-        return "narrow"
-    return None
-
-
 def _own_kernel(
     native: Native, use_avx2: bool, weight: torch.Tensor, stride: Any, dilation: Any,
     groups: int, act: str, x_value: Any,
 ) -> bool:  # fmt: skip
+    """Whether one of segfast's few-output kernels takes a single-source conv without a
+    residual over ``x_value`` (its fake tensor): ``sf_conv_few`` (1–4 outputs) or
+    ``sf_conv_narrow`` (17–24 outputs, AVX-512) — the conditions :func:`_conv2d_step`
+    tests."""
+    if act not in ACT_CODES:
+        return False
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    width = x_value.shape[-1]
+    if (
+        _few_output(native, use_avx2)
+        and narrow.few_applies(weight, stride, dilation, groups)
+        and narrow.few_worthwhile(int(weight.shape[1]), kh, kw,
+                                  width if isinstance(width, int) else None)
+    ):  # fmt: skip
+        return True
     return (
-        _few_or_narrow(native, use_avx2, weight, stride, dilation, groups, act, x_value) is not None
-    )
+        native.wide_vectors
+        and narrow.applies(weight, stride, groups)
+        and narrow.worthwhile(int(weight.shape[1]), kh, kw,
+                              *(d if isinstance(d, int) else None for d in x_value.shape[2:]))
+    )  # fmt: skip
 
 
 def _nearest_up_convs(
