@@ -62,7 +62,7 @@ from segfast.backends.cpu.resize import NativeResize
 from segfast.backends.cpu.resize_dw import MIN_BYTES, ResizeDepthwiseConv2d, UpsampleSeparableConv2d
 from segfast.compiler import ops
 from segfast.compiler.graph import get_tensor, is_call, val
-from segfast.compiler.patterns import resample_of, zero_pad_sides
+from segfast.compiler.patterns import Resample, resample_of, zero_pad_sides
 
 aten = torch.ops.aten
 segfast_ops = torch.ops.segfast
@@ -268,42 +268,61 @@ def _twice(low: Any, full: Any) -> bool:
     return True
 
 
-def _own_kernel(
+def _takes_few(
     native: Native, use_avx2: bool, weight: torch.Tensor, stride: Any, dilation: Any,
     groups: int, act: str, x_value: Any,
 ) -> bool:  # fmt: skip
-    """Whether one of segfast's few-output kernels takes a single-source conv without a
-    residual over ``x_value`` (its fake tensor): ``sf_conv_few`` (1–4 outputs) or
-    ``sf_conv_narrow`` (17–24 outputs, AVX-512) — the conditions :func:`_conv2d_step`
-    tests."""
-    if act not in ACT_CODES:
-        return False
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    """Whether ``sf_conv_few`` (1–4 outputs) runs a single-source conv without a
+    residual over ``x_value`` (its fake tensor)."""
     width = x_value.shape[-1]
-    if (
+    return (
         _few_output(native, use_avx2)
+        and act in ACT_CODES
         and narrow.few_applies(weight, stride, dilation, groups)
-        and narrow.few_worthwhile(int(weight.shape[1]), kh, kw,
-                                  width if isinstance(width, int) else None)
-    ):  # fmt: skip
-        return True
+        and narrow.few_worthwhile(int(weight.shape[1]), int(weight.shape[2]),
+                                  int(weight.shape[3]), width if isinstance(width, int) else None)
+    )  # fmt: skip
+
+
+def _takes_narrow(
+    native: Native, weight: torch.Tensor, stride: Any, groups: int, act: str, x_value: Any
+) -> bool:
+    """Whether ``sf_conv_narrow`` (17–24 outputs, AVX-512) runs a single-source conv
+    without a residual over ``x_value``."""
     return (
         native.wide_vectors
+        and act in ACT_CODES
         and narrow.applies(weight, stride, groups)
-        and narrow.worthwhile(int(weight.shape[1]), kh, kw,
+        and narrow.worthwhile(int(weight.shape[1]), int(weight.shape[2]), int(weight.shape[3]),
                               *(d if isinstance(d, int) else None for d in x_value.shape[2:]))
+    )  # fmt: skip
+
+
+def _takes_winograd(
+    native: Native, use_winograd: bool, weight: torch.Tensor, stride: Any, dilation: Any,
+    groups: int, x_value: Any,
+) -> bool:  # fmt: skip
+    """Whether a conv over ``x_value`` takes Winograd F(4×4, 3×3) (symbolic sizes count
+    as large, a dynamic batch as 1)."""
+    h, w = (d if isinstance(d, int) else 1 << 30 for d in x_value.shape[2:])
+    n = x_value.shape[0] if isinstance(x_value.shape[0], int) else 1
+    return (
+        use_winograd
+        and winograd.applies(weight, stride, dilation, groups)
+        and winograd.worthwhile(int(weight.shape[1]), int(weight.shape[0]), h, w,
+                                native.wide_vectors, n)
     )  # fmt: skip
 
 
 def _nearest_up_convs(
     gm: fx.GraphModule, native: Native | None, use_winograd: bool, use_avx2: bool
-) -> dict[fx.Node, tuple[fx.Node, list[fx.Node]]]:
+) -> dict[fx.Node, tuple[Resample, list[fx.Node]]]:
     """Single-source convs that read a ×2 nearest upsample alone and take
-    :mod:`.subpixel` (smp U-Net's last decoder block): conv → (the upsample's input,
-    the upsample and its layout fix, which the conv absorbs). A conv that
+    :mod:`.subpixel` (smp U-Net's last decoder block): conv → (the upsample, and the
+    upsample node with its layout fix, which the conv absorbs). A conv that
     ``sf_conv_few`` (1–4 outputs) or ``sf_conv_narrow`` (17–24, AVX-512) would take
     keeps that kernel: not measured against this."""
-    found: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = {}
+    found: dict[fx.Node, tuple[Resample, list[fx.Node]]] = {}
     if native is None:
         return found
     for node in gm.graph.nodes:
@@ -334,35 +353,26 @@ def _nearest_up_convs(
         static = all(isinstance(d, int) for d in (*low.shape[2:], *full.shape[2:]))
         if not (scaled or static) or not _twice(low, full):
             continue
-        c_in, k = int(weight.shape[1]), int(weight.shape[0])
-        if _own_kernel(native, use_avx2, weight, stride, dilation, groups, act, full):
-            continue
-        h, w_ = (d if isinstance(d, int) else 1 << 30 for d in full.shape[2:])
-        n = full.shape[0] if isinstance(full.shape[0], int) else 1
-        wino = (
-            use_winograd
-            and winograd.applies(weight, stride, dilation, groups)
-            and winograd.worthwhile(c_in, k, h, w_, native.wide_vectors, n)
-        )
-        if subpixel.preferred(c_in, 0, k, wino, _pixels(low)):
-            found[node] = (rs.input, [up, *absorbed])
+        if _takes_few(native, use_avx2, weight, stride, dilation, groups, act, full) or (
+            _takes_narrow(native, weight, stride, groups, act, full)
+        ):
+            continue  # their own kernels: not measured against this
+        wino = _takes_winograd(native, use_winograd, weight, stride, dilation, groups, full)
+        if subpixel.preferred(int(weight.shape[1]), 0, int(weight.shape[0]), wino, _pixels(low)):
+            found[node] = (rs, [up, *absorbed])
     return found
 
 
 def _subpixel_step(
-    gm: fx.GraphModule, native: Native, node: fx.Node, src: fx.Node
+    gm: fx.GraphModule, native: Native, node: fx.Node, rs: Resample
 ) -> tuple[Callable, tuple]:
-    (x, w, b, _, _, _, _, act, act_param, *_) = node.args
-    constants = _onednn_constants(gm, w, b, act, act_param)
-    assert constants is not None  # checked by _nearest_up_convs
-    weight, bias = constants
-    rs = resample_of(x.args[0] if is_call(x, ops.to_nhwc) else x)
-    assert rs is not None
+    (_, w, b, _, _, _, _, act, act_param, *_) = node.args
+    weight, bias = _onednn_constants(gm, w, b, act, act_param)  # type: ignore[misc]
     conv = subpixel.NearestUpConv3x3(
         native, weight, bias, act, act_param, int(weight.shape[1]), True, rs.mode,
-        (rs.scale_h, rs.scale_w), up_size=tuple(val(src).shape),
+        (rs.scale_h, rs.scale_w), up_size=tuple(val(rs.input).shape),
     )  # fmt: skip
-    return conv, (None, None, src)
+    return conv, (None, None, rs.input)
 
 
 def _conv2d_step(
@@ -413,14 +423,10 @@ def _conv2d_step(
                                          act_param, residual_after_act, vec8=True)  # fmt: skip
             return conv, (x, residual), "depthwise conv2d (segfast kernel, 8-lane)"
         if (
-            _few_output(native, use_avx2)
-            and x2 is None
+            x2 is None
             and residual is None
-            and act in ACT_CODES
-            and narrow.few_applies(weight, stride, dilation, groups)
-            and narrow.few_worthwhile(int(weight.shape[1]), int(weight.shape[2]),
-                                      int(weight.shape[3]), _static_width(x))
-        ):  # fmt: skip
+            and _takes_few(native, use_avx2, weight, stride, dilation, groups, act, xv)
+        ):
             conv = narrow.FewOutputConv2d(native, weight, bias, padding, act, act_param)
             return conv, (x,), "conv2d with 1–4 output channels (segfast kernel)"
         if x2 is None and _gemm_1x1(
@@ -430,23 +436,13 @@ def _conv2d_step(
             return conv, (x, residual), _GEMM_1X1
         c_in = int(weight.shape[1])
         if (
-            direct
-            and x2 is None
+            x2 is None
             and residual is None
-            and act in ACT_CODES
-            and narrow.applies(weight, stride, groups)
-            and narrow.worthwhile(c_in, int(weight.shape[2]), int(weight.shape[3]),
-                                  *(d if isinstance(d, int) else None for d in xv.shape[2:]))
-        ):  # fmt: skip
+            and _takes_narrow(native, weight, stride, groups, act, xv)
+        ):
             conv = narrow.NarrowConv2d(native, weight, bias, padding, dilation, act, act_param)
             return conv, (x,), "conv2d with 17–24 output channels (segfast kernel)"
-        h, w_ = (d if isinstance(d, int) else 1 << 30 for d in xv.shape[2:])
-        n = xv.shape[0] if isinstance(xv.shape[0], int) else 1  # a dynamic batch: maybe 1
-        wino = (
-            use_winograd
-            and winograd.applies(weight, stride, dilation, groups)
-            and winograd.worthwhile(c_in, int(weight.shape[0]), h, w_, native.wide_vectors, n)
-        )
+        wino = _takes_winograd(native, use_winograd, weight, stride, dilation, groups, xv)
         if (
             use_subpixel
             and x2 is not None

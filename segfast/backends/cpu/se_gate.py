@@ -77,16 +77,23 @@ class NativeSEGate:
         ):
             return ops.se_gate_impl(p, *self.raw)
         pooled = torch.empty(n * c, dtype=torch.float32)
+        return self._run(p.data_ptr(), int(p.dtype == torch.bfloat16), n, h * w, sw, sn, pooled,
+                         p.dtype)  # fmt: skip
+
+    def _run(self, x: int | None, bf16: int, n: int, hw: int, xs: int, xsn: int, pooled: Tensor,
+             dtype: torch.dtype) -> Tensor:  # fmt: skip
+        """sf_se_gate over ``n`` images: of the map at ``x`` or, when None, of the means
+        already in ``pooled``."""
         hidden = torch.empty(self.c1, dtype=torch.float32)
         out = torch.empty((n, self.c2), dtype=torch.float32)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         self.native.se_gate(
-            p.data_ptr(), int(p.dtype == torch.bfloat16), n, h * w, c, sw, sn,
+            x, bf16, n, hw, self.c, xs, xsn,
             self.w1.data_ptr(), ptr(self.b1), self.c1, *self.act1,
             ptr(self.w2t), ptr(self.b2), self.c2, *self.act2,
             pooled.data_ptr(), hidden.data_ptr(), out.data_ptr(),
         )  # fmt: skip
-        return out.to(p.dtype).view(n, self.c2, 1, 1)
+        return out.to(dtype).view(n, self.c2, 1, 1)
 
     def from_pooled(self, pooled: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The gate from the map's mean over H×W, ``[N, C]`` fp32, already taken (by
@@ -97,13 +104,4 @@ class NativeSEGate:
                              f"{tuple(pooled.shape)} {pooled.dtype}")  # fmt: skip
         if n == 0:
             return torch.empty((0, self.c2, 1, 1), dtype=dtype)
-        hidden = torch.empty(self.c1, dtype=torch.float32)
-        out = torch.empty((n, self.c2), dtype=torch.float32)
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        self.native.se_gate(
-            None, 0, n, 1, c, c, c,
-            self.w1.data_ptr(), ptr(self.b1), self.c1, *self.act1,
-            ptr(self.w2t), ptr(self.b2), self.c2, *self.act2,
-            pooled.data_ptr(), hidden.data_ptr(), out.data_ptr(),
-        )  # fmt: skip
-        return out.to(dtype).view(n, self.c2, 1, 1)
+        return self._run(None, 0, n, 1, c, c, pooled, dtype)
