@@ -50,7 +50,7 @@ from segfast.compiler.guards import Guards, in_domain, program_guards, refuse_pi
 from segfast.compiler.heads import append_head, require_logits, select_primary_output
 from segfast.compiler.patterns import FUSIONS
 from segfast.compiler.pipeline import run_passes
-from segfast.compiler.quant import QuantizedLayer, quantizable, quantize_graph
+from segfast.compiler.quant import QuantizedLayer, cast_float_part, quantizable, quantize_graph
 from segfast.errors import BackendUnavailable, EngineFileError, InputError, UnsupportedModelError
 from segfast.outputs import OUTPUTS, WithHead
 from segfast.precision import DTYPE_NAMES, resolve_precision
@@ -489,20 +489,30 @@ def _int8(
             f"convolutions on the CPU), triton, and {', '.join(INT8_EXPORT_BACKENDS)} (a Q/DQ "
             "ONNX file)"
         )
+    stored = req.options.get("int8")
+    if stored is not None and req.calibration is None:
+        float_dtype = _stored_float_part(stored, be, req, info)
+    else:
+        float_dtype = int8.float_part_dtype(
+            int8.as_calibration(req.calibration).float_precision, be.name, req.device
+        )
+    info.int8_float = DTYPE_NAMES[float_dtype]
+    float_req = dataclasses.replace(req, dtype=float_dtype)
     runs_graph = graph is not None
     if graph is None:
         graph = _fused_graph(req, get_backend("torch"))
 
     def runner_for(g: fx.GraphModule, layers: list[QuantizedLayer], verify: bool = True) -> Runner:
         if runs_graph:
-            return _runner(be, req, g, domain, info)
+            if float_dtype != torch.float32:
+                cast_float_part(g, float_dtype)  # g is this attempt's own copy
+            return _runner(be, float_req, g, domain, info)
         model_req = dataclasses.replace(
             req, int8_layers=int8.module_ranges(layers, req.model), verify_export=verify
         )
         return _runner(be, model_req, None, None, info)
 
     names = [n.name for n in graph.graph.nodes if quantizable(n)]
-    stored = req.options.get("int8")
     if stored is not None and req.calibration is None:
         if len(stored["amax"]) != len(names):
             raise EngineFileError(
@@ -545,8 +555,22 @@ def _int8(
     req.options["int8"] = {
         "amax": [built.amax[n] for n in names],
         "keep": {str(names.index(x.name)): x.reason for x in built.layers if not x.int8},
+        "float": info.int8_float,
     }
     return built.artefact
+
+
+def _stored_float_part(stored: dict, be: Backend, req: _Request, info: EngineInfo) -> torch.dtype:
+    """An engine file's float part, where this backend and device run it; else fp32 (the
+    contract was judged with the stored one: fp32 is the more accurate), noted."""
+    name = stored.get("float", "fp32")  # files written before float parts existed: fp32
+    if name not in DTYPE_NAMES.values():
+        raise EngineFileError(f"the stored int8 float precision {name!r} is not one segfast knows")
+    try:
+        return int8.float_part_dtype(name, be.name, req.device)
+    except (UnsupportedModelError, BackendUnavailable) as exc:
+        info.notes.append(f"int8: float layers in fp32 here, not the file's {name} ({exc})")
+        return torch.float32
 
 
 INT8_EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run the model's Q/DQ ONNX file
@@ -718,8 +742,13 @@ def quantize(
         model, example_input, input_shape, precision="int8", output=output, dynamic=False,
         device=device, threshold=threshold, options=None, calibration=calibration,
     )  # fmt: skip
-    fp_graph = _fused_graph(req, get_backend("torch"))
     cal = int8.as_calibration(req.calibration)
+    if cal.float_precision not in (None, "fp32"):
+        raise InputError(
+            f"float_precision={cal.float_precision!r} is an engine's: segfast.quantize runs "
+            "the quantized graph's composite in fp32; give it to segfast.compile"
+        )
+    fp_graph = _fused_graph(req, get_backend("torch"))
     cal_sets, held, labels = int8.split_holdout(cal, req.inputs, req.axes, req.device)
     with torch.no_grad():
         num_classes = _num_classes(req.model, WithHead(req.model, "logits")(*req.inputs))

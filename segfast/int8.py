@@ -37,6 +37,7 @@ from segfast.compiler.quant.apply import quantize_weight
 from segfast.compiler.quant.observers import METHODS
 from segfast.errors import InputError, UnsupportedModelError
 from segfast.metrics import INT8_MAX_METRIC_DROP, INT8_MIN_AGREEMENT, class_masks
+from segfast.precision import DTYPES
 
 segfast_ops = torch.ops.segfast
 
@@ -59,6 +60,11 @@ class Calibration:
         min_agreement: share of pixels whose class must match the fp32 model's.
         max_float_layers: the share of quantizable layers the fallback may keep in
             floating point before the build fails.
+        float_precision: what int8 does not cover runs in — the fallback layers, the
+            head, resizes, pools, residual adds: "fp32", "fp16" or "bf16". Default: fp16
+            on a CUDA GPU (``triton`` and ``torch``), fp32 elsewhere; fp16/bf16 are for
+            the ``triton`` and ``torch`` backends on a GPU (the CPU's int8 plan and the
+            Q/DQ ONNX files keep fp32; see :func:`float_part_dtype`).
     """
 
     inputs: Any
@@ -69,8 +75,14 @@ class Calibration:
     min_agreement: float = INT8_MIN_AGREEMENT
     max_metric_drop: float = INT8_MAX_METRIC_DROP
     max_float_layers: float = 0.5
+    float_precision: str | None = None
 
     def __post_init__(self) -> None:
+        if self.float_precision is not None and self.float_precision not in DTYPES:
+            raise InputError(
+                f"float_precision must be one of {tuple(DTYPES)} (or None: fp16 on a GPU, "
+                f"fp32 elsewhere), got {self.float_precision!r}"
+            )
         if self.method not in METHODS:
             raise InputError(f"calibration method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 < self.min_agreement <= 1.0:
@@ -88,6 +100,41 @@ def as_calibration(calibration: Any) -> Calibration:
             "of input tensors or a segfast.Calibration): random data calibrates nothing useful"
         )
     return calibration if isinstance(calibration, Calibration) else Calibration(calibration)
+
+
+GPU_FLOAT_BACKENDS = ("triton", "torch")  # run an int8 graph whose float part is fp16/bf16
+
+
+def float_part_dtype(requested: str | None, backend: str, device: torch.device) -> torch.dtype:
+    """The dtype an int8 engine runs its floating-point part in (fallback layers, head,
+    resizes, pools, adds) on ``backend`` and ``device``.
+
+    ``None`` picks fp16 where the graph runs on a CUDA GPU (``triton``, ``torch``) —
+    TensorRT's ``--int8 --fp16`` — and fp32 elsewhere. fp16/bf16 asked for where they
+    are not built is an error, not a silent fp32: the CPU plan's int8 convolutions
+    (oneDNN) read and write fp32, and the Q/DQ ONNX files of ``onnxruntime`` and
+    ``tensorrt`` keep their float layers fp32 (an fp16 Q/DQ export is not built).
+    The triton backend runs fp16 on the CPU under Triton's interpreter (tests).
+    """
+    if requested is None:
+        gpu = device.type == "cuda" and backend in GPU_FLOAT_BACKENDS
+        return torch.float16 if gpu else torch.float32
+    dtype = DTYPES[requested]
+    if dtype == torch.float32:
+        return dtype
+    if backend not in GPU_FLOAT_BACKENDS:
+        raise UnsupportedModelError(
+            f"float_precision={requested!r}: the {backend} backend's int8 engines run the "
+            "Q/DQ ONNX file, whose float layers are fp32 (an fp16/bf16 Q/DQ export is not "
+            "built); use float_precision='fp32' there, or the triton backend on a GPU"
+        )
+    if backend == "torch" and device.type != "cuda":
+        raise UnsupportedModelError(
+            f"float_precision={requested!r}: int8 engines on the CPU run their float layers "
+            "in fp32 (oneDNN's int8 convolutions there read and write fp32; a bf16 float "
+            "part is not built); use float_precision='fp32'"
+        )
+    return dtype
 
 
 def _as_tensor(item: Any, what: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import segfast
-from segfast import Calibration, InputError, UnsupportedModelError, models
+from segfast import Calibration, InputError, UnsupportedModelError, int8, models
 from segfast.backends.cpu import int8 as cpu_int8
 from segfast.compiler import ops
 from segfast.compiler.quant.apply import quantize_weight
@@ -22,6 +22,9 @@ from segfast.compiler.quant.observers import (
     PercentileObserver,
     make_observer,
 )
+from segfast.kernels._common import interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def smooth(n: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -828,6 +831,151 @@ def test_a_contract_that_cannot_be_met_fails_with_the_figures():
     assert "misses its contract" in msg
     assert "mask agreement" in msg
     assert "Most sensitive layers" in msg
+
+
+# -- the float part: fp16/bf16 on a GPU ----------------------------------------------------
+
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpreting()),
+    reason="the triton backend needs a GPU or TRITON_INTERPRET=1",
+)
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _as_close_to_the_model(half, full, model, inputs) -> None:
+    """The fp16 float part's int8 engine is as close to the fp32 model as the fp32 float
+    part's. Not close to *it*: fp16 rounding moves some values across int8 rounding
+    boundaries, a fresh draw of int8's own error (tiny U-Net: 3–7 % rel-L2 apart, each
+    3–7 % from the model), so each is held to the model, as the contract holds it."""
+    from segfast.outputs import WithHead
+
+    ref = WithHead(model, "logits")
+    for x in inputs:
+        with torch.no_grad():
+            r = ref(x)
+        a, b = half(x), full(x)
+        assert _rel_l2(a, r) <= 1.2 * _rel_l2(b, r) + 1e-3
+        agree_a = float((a.argmax(1) == r.argmax(1)).float().mean())
+        agree_b = float((b.argmax(1) == r.argmax(1)).float().mean())
+        assert agree_a >= agree_b - 0.01
+
+
+@needs_triton
+def test_the_float_part_runs_in_fp16_on_triton(tmp_path):
+    """float_precision="fp16": the fallback conv, the clamp and the int8 convs' outputs
+    are fp16 (Triton's fp16 conv for the fallback layer), the int8 weights' scales stay
+    fp32; the same int8 decisions, and as close to the fp32 model as the fp32 float
+    part; an engine file keeps it."""
+    m = _offset_model().to(DEVICE)
+    data = [x.to(DEVICE) for x in regions(8)]
+    built = {
+        fp: segfast.compile(
+            m,
+            data[0],
+            backend="triton",
+            precision="int8",
+            output="logits",
+            calibration=Calibration(data, float_precision=fp),
+        )
+        for fp in ("fp16", "fp32")
+    }
+    half, full = built["fp16"], built["fp32"]
+    for eng in (half, full):  # the fallback fired in both: b alone stays floating point
+        assert [x["source"] for x in eng.info.int8_layers if not x["int8"]] == ["b.weight"]
+    assert half.info.int8_float == "fp16"
+    assert half.dtype == torch.float16
+    assert "the rest in fp16; kept in floating point (fp16)" in half.summary()
+    assert "the rest in fp32" in full.summary()
+    gm = half._runner.details["graph"]
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    fallback = [n for n in calls if getattr(n.target, "__name__", "") == "_conv2d"]
+    assert len(fallback) == 1
+    consts = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    assert consts[fallback[0].args[1].target].dtype == torch.float16
+    scales = [n for n in gm.graph.nodes if n.op == "get_attr" and n.name.endswith("w_scale")]
+    assert len(scales) == 4
+    assert all(consts[n.target].dtype == torch.float32 for n in scales)
+    for x in (data[3], data[7]):  # held-out inputs
+        assert half(x).dtype == torch.float16
+        assert full(x).dtype == torch.float32
+    _as_close_to_the_model(half, full, m, [data[3], data[7]])
+    assert segfast.check(half, m, data[3::4]).passed
+    loaded = segfast.load(half.save(tmp_path / "q16.segfast"))
+    assert loaded.info.int8_float == "fp16"
+    assert loaded.dtype == torch.float16
+    assert torch.equal(loaded(data[3]), half(data[3]))
+
+
+@needs_triton
+def test_the_fp16_float_part_covers_the_unets_upconvs_and_head():
+    """The tiny U-Net at fp16 around int8: its up-convs (int8 composite), max-pools,
+    concats and fused head take fp16; as close to the model as the fp32 float part."""
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval().to(DEVICE)
+    data = [x.to(DEVICE) for x in sets(6, (1, 1, 16, 16))]
+    cal = {"min_agreement": 0.9, "max_float_layers": 0.0}
+    half, full = (
+        segfast.compile(
+            m,
+            data[0],
+            backend="triton",
+            precision="int8",
+            output="logits",
+            calibration=Calibration(data[:4], holdout=data[4:], float_precision=fp, **cal),
+        )
+        for fp in ("fp16", "fp32")
+    )
+    assert half(data[1]).dtype == torch.float16
+    _as_close_to_the_model(half, full, m, [data[1], data[5]])
+
+
+def test_where_the_float_part_runs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert int8.float_part_dtype(None, "triton", cuda) == torch.float16
+    assert int8.float_part_dtype(None, "torch", cuda) == torch.float16
+    assert int8.float_part_dtype(None, "tensorrt", cuda) == torch.float32
+    assert int8.float_part_dtype(None, "torch", cpu) == torch.float32
+    assert int8.float_part_dtype(None, "triton", cpu) == torch.float32  # the interpreter
+    assert int8.float_part_dtype("bf16", "triton", cuda) == torch.bfloat16
+    assert int8.float_part_dtype("fp16", "triton", cpu) == torch.float16
+    assert int8.float_part_dtype("fp32", "onnxruntime", cpu) == torch.float32
+    with pytest.raises(UnsupportedModelError, match="Q/DQ ONNX file, whose float layers"):
+        int8.float_part_dtype("fp16", "tensorrt", cuda)
+    with pytest.raises(UnsupportedModelError, match="on the CPU run their float layers in fp32"):
+        int8.float_part_dtype("bf16", "torch", cpu)
+    with pytest.raises(InputError, match="float_precision must be one of"):
+        Calibration([torch.zeros(1)], float_precision="int4")
+
+
+def test_a_float_part_that_is_not_built_is_refused_before_calibrating():
+    m = _offset_model()
+    data = regions(8)
+    for backend, fp in (("torch", "fp16"), ("onnxruntime", "fp16"), ("torch", "bf16")):
+        with pytest.raises(UnsupportedModelError, match=f"float_precision='{fp}'"):
+            segfast.compile(m, data[0], backend=backend, precision="int8",
+                            calibration=Calibration(data, float_precision=fp))  # fmt: skip
+    with pytest.raises(InputError, match="is an engine's"):
+        segfast.quantize(m, data[0], calibration=Calibration(data, float_precision="fp16"))
+
+
+def test_a_stored_float_part_this_device_lacks_loads_in_fp32():
+    from types import SimpleNamespace
+
+    from segfast.api import _stored_float_part
+    from segfast.backends import get_backend
+    from segfast.runtime.engine import EngineInfo
+
+    info = EngineInfo("torch", "int8", "logits", "cpu", [])
+    req = SimpleNamespace(device=torch.device("cpu"))
+    got = _stored_float_part({"float": "fp16"}, get_backend("torch"), req, info)
+    assert got == torch.float32
+    assert "float layers in fp32 here, not the file's fp16" in info.notes[-1]
+    assert _stored_float_part({}, get_backend("torch"), req, info) == torch.float32
+    with pytest.raises(segfast.EngineFileError, match="float precision"):
+        _stored_float_part({"float": "fp8"}, get_backend("torch"), req, info)
 
 
 def test_int8_engine_file_round_trip(tmp_path):

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
                 "note: int8 calibrates on 8 random input sets (timing only — give --calibration "
                 "with real inputs for meaningful int8 accuracy)"
             )
+    if args.int8_float is not None and "int8" not in precisions:
+        raise ValueError("--int8-float is for int8 rows: add int8 to --precision")
+    if calibration is not None and args.int8_float is not None:
+        calibration = segfast.Calibration(calibration, float_precision=args.int8_float)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     progress: Any = None
     tasks: dict[str, Any] = {}
@@ -127,6 +131,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--calibration", default=None,
         help="int8: a .npy file (N×C×H×W) or a folder of .npy inputs to calibrate on; without "
         "it, int8 calibrates on extra random inputs (speed only: not a real calibration)",
+    )  # fmt: skip
+    p.add_argument(
+        "--int8-float", choices=("fp32", "fp16", "bf16"), default=None,
+        help="int8: what the layers int8 does not cover run in (fallback layers, head, "
+        "resizes); default fp16 on a GPU (triton, torch), fp32 elsewhere",
     )  # fmt: skip
     p.add_argument("--output", choices=("logits", "probs", "mask"), default="logits")
     p.add_argument(

@@ -24,7 +24,7 @@ import torch
 
 from segfast.backends.base import Runner
 from segfast.errors import EngineFileError, InputError
-from segfast.precision import compute_dtype
+from segfast.precision import DTYPES, compute_dtype
 from segfast.stats import format_bytes
 
 
@@ -62,6 +62,8 @@ class EngineInfo:
     choice: list[dict[str, Any]] = field(default_factory=list)  # auto: what was measured
     # int8 engines: every quantizable layer (name, kind, amax, int8, reason, sensitivity)
     int8_layers: list[dict[str, Any]] = field(default_factory=list)
+    # int8 engines: what the rest runs in (fallback layers, head, resizes): fp32/fp16/bf16
+    int8_float: str = "fp32"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +115,8 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.info.precision == "int8":  # the float part's dtype: what the output has
+            return DTYPES[self.info.int8_float]
         return compute_dtype(self.info.precision)
 
     @property
@@ -214,7 +218,8 @@ class Engine:
             floats = [x for x in i.int8_layers if not x["int8"]]
             lines.append(
                 f"int8: {len(i.int8_layers) - len(floats)} of {len(i.int8_layers)} convolutions "
-                "on int8" + (", kept in floating point:" if floats else "")
+                f"on int8, the rest in {i.int8_float}"
+                + (f"; kept in floating point ({i.int8_float}):" if floats else "")
             )
             for x in floats:
                 lines.append(f"  {x['name']:28s} {x['kind']:32s} {x['reason']}")

@@ -151,6 +151,18 @@ def test_cli_bench(tmp_path, capsys):
     assert out_png.exists()
 
 
+def test_cli_bench_int8_float_part(capsys):
+    """--int8-float reaches the int8 rows' compile (where it is not built, the row says
+    why) and is refused without int8 rows."""
+    assert main(["bench", "unet", "--tiny", "--precision", "fp32", "--int8-float", "fp16"]) != 0
+    assert "--int8-float is for int8 rows" in capsys.readouterr().err
+    rc = main(["bench", "unet", "--tiny", "--size", "32x32", "--backends", "torch",
+               "--precision", "int8", "--int8-float", "bf16", "--warmup", "1", "--iters", "1",
+               "--rounds", "1", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert "float_precision='bf16': int8 engines on the CPU" in capsys.readouterr().out
+
+
 def test_cli_bench_user_model(tmp_path):
     f = tmp_path / "net.py"
     f.write_text(

@@ -5,22 +5,32 @@ engine accepts any floating input dtype."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
+from torch import fx
 
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import fake_mode_of, get_tensor, infer_val, set_constant, val
 
 aten = torch.ops.aten
+_ENTRY = "segfast_entry_cast"  # the input's cast at the entry: a later cast_graph retargets it
 
 
 def run(ctx: PassContext) -> None:
-    gm = ctx.gm
+    cast_graph(ctx.gm, ctx.dtype)
+
+
+def cast_graph(gm: fx.GraphModule, dtype: torch.dtype, keep: Collection[str] = ()) -> None:
+    """Cast ``gm``'s floating constants to ``dtype`` (but the get_attr nodes named in
+    ``keep``) and its floating inputs at the entry, in place. Values of the nodes
+    downstream are not recomputed (the pipeline's ``refresh_values`` does that)."""
     mode = None
     for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and ctx.dtype != torch.float32:
+        if node.op == "get_attr" and dtype != torch.float32 and node.name not in keep:
             t = get_tensor(gm, node)
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != ctx.dtype:
-                cast = t.detach().to(ctx.dtype)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+                cast = t.detach().to(dtype)
                 set_constant(gm, str(node.target), cast)
                 mode = mode or fake_mode_of(gm)
                 node.meta["val"] = mode.from_tensor(cast, static_shapes=True)
@@ -32,14 +42,14 @@ def run(ctx: PassContext) -> None:
             if (
                 len(users) == 1
                 and users[0].target is aten._to_copy.default
-                and "dtype" not in users[0].kwargs
+                and ("dtype" not in users[0].kwargs or users[0].meta.get(_ENTRY))
             ):
-                users[0].kwargs = {**users[0].kwargs, "dtype": ctx.dtype}
+                users[0].kwargs = {**users[0].kwargs, "dtype": dtype}
+                users[0].meta[_ENTRY] = True
                 continue
             with gm.graph.inserting_after(node):
-                cast_node = gm.graph.call_function(
-                    aten._to_copy.default, (node,), {"dtype": ctx.dtype}
-                )
+                cast_node = gm.graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+            cast_node.meta[_ENTRY] = True
             for u in users:
                 u.replace_input_with(node, cast_node)
             infer_val(gm, cast_node)

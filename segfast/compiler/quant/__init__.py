@@ -18,11 +18,17 @@ TensorRT's explicit-quantization rules put Q/DQ pairs:
   point.
 
 Layers named in ``keep_float`` stay floating point (the accuracy guard's fallback).
+:func:`cast_float_part` then runs that floating-point part in fp16/bf16 on a GPU.
 """
 
 from __future__ import annotations
 
-from segfast.compiler.quant.apply import QuantizedLayer, quantizable, quantize_graph
+from segfast.compiler.quant.apply import (
+    QuantizedLayer,
+    cast_float_part,
+    quantizable,
+    quantize_graph,
+)
 from segfast.compiler.quant.calibrate import calibrate
 from segfast.compiler.quant.observers import METHODS, make_observer
 
@@ -30,6 +36,7 @@ __all__ = [
     "METHODS",
     "QuantizedLayer",
     "calibrate",
+    "cast_float_part",
     "make_observer",
     "quantizable",
     "quantize_graph",

@@ -13,6 +13,8 @@ import torch
 from torch import fx
 
 from segfast.compiler.graph import add_constant, constant_source, get_tensor, infer_val
+from segfast.compiler.passes.precision import cast_graph
+from segfast.compiler.pipeline import prune_constants, refresh_values
 
 segfast = torch.ops.segfast
 INT8_MAX = 127
@@ -121,5 +123,27 @@ def quantize_graph(
         infer_val(gm, new)
         layer.int8 = True
     gm.graph.eliminate_dead_code()
+    prune_constants(gm)  # the float weights int8 replaced: not kept beside their int8 copy
     gm.recompile()
     return layers
+
+
+_INT8_OPS = (segfast.qconv2d.default, segfast.qconv_transpose2d.default)
+
+
+def cast_float_part(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Run what int8 does not cover in ``dtype`` (fp16/bf16 on a GPU), in place: the
+    float convs (the guard's fallback layers), the head, resizes, pools, residual adds.
+
+    Every floating constant and the input are cast as an fp16/bf16 engine's are; the
+    int8 convs then read and write ``dtype`` (quantizing from it, their int32 sums
+    dequantized and biased in fp32, rounded once on store). Their per-channel weight
+    scales stay fp32: the int8 kernels and the composite read them as fp32."""
+    scales = {
+        n.args[-1].name
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in _INT8_OPS and isinstance(n.args[-1], fx.Node)
+    }
+    cast_graph(gm, dtype, keep=scales)
+    refresh_values(gm)
+    gm.recompile()
