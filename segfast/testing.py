@@ -84,6 +84,38 @@ def assert_low_precision_close(
         )
 
 
+def assert_no_worse_than(
+    out: torch.Tensor,
+    baseline: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    factor: float = 1.2,
+    floor: float = 1e-3,
+    mask_slack: float = 0.01,
+) -> None:
+    """``out`` is about as close to ``ref`` as ``baseline`` is: rel-L2 at most ``factor`` ×
+    the baseline's + ``floor``, and class masks (argmax over dim 1) agreeing with the
+    reference's on at most ``mask_slack`` fewer pixels. For variants of an approximate
+    engine (an int8 engine's float part in fp16 against it in fp32) that need not be
+    close to each other, only to the model."""
+    err_out = compare(out.float(), ref.float(), class_dim=None)
+    err_base = compare(baseline.float(), ref.float(), class_dim=None)
+    bound = factor * err_base.rel_l2 + floor
+    if err_out.nonfinite or err_out.rel_l2 > bound:
+        raise AssertionError(
+            f"rel-L2 {err_out.rel_l2:.3g} to the reference exceeds {factor}× the baseline's "
+            f"{err_base.rel_l2:.3g} + {floor:g}; non-finite: {err_out.nonfinite}"
+        )
+    r = ref.argmax(1)
+    agree_out = float((out.argmax(1) == r).float().mean())
+    agree_base = float((baseline.argmax(1) == r).float().mean())
+    if agree_out < agree_base - mask_slack:
+        raise AssertionError(
+            f"masks agree with the reference on {agree_out:.2%} of pixels, the baseline's on "
+            f"{agree_base:.2%} (slack {mask_slack:.0%})"
+        )
+
+
 def write_noise_video(
     path: str | os.PathLike[str], frames: int, hw: tuple[int, int], *, seed: int = 0,
     fps: int = 10,

@@ -13,7 +13,7 @@ import segfast
 from segfast import BackendUnavailable, Calibration, models
 from segfast.kernels._common import interpreting
 from segfast.outputs import WithHead
-from segfast.testing import assert_close
+from segfast.testing import assert_close, assert_no_worse_than
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreting()),
@@ -202,6 +202,37 @@ def test_int8_engine_runs_the_qconv_kernel(name, lowered, kept):
         # identical integers: fp32 rounding of the dequantization only
         assert float((a - b).norm() / b.norm()) <= 1e-5
         assert float((a.argmax(1) == b.argmax(1)).double().mean()) >= 0.995
+
+
+@pytest.mark.parametrize("fp", ["fp16", pytest.param("bf16", marks=pytest.mark.gpu)])
+def test_int8_float_part_in_half_precision(fp):
+    """Calibration(float_precision=...): the U-Net's int8 convs read and write ``fp``,
+    its int8 up-convs (composite), max-pools, two-source concats and fused head run in
+    it; as close to the model as the fp32 float part's engine (not to that engine: the
+    rounding moves values across int8 rounding boundaries — a fresh draw of int8's own
+    error). bf16 only on a GPU (the interpreter's bf16 arithmetic is wrong)."""
+    model = _model("unet")
+    data = [_smooth(i, 1, 16) for i in range(6)]
+    kw = {"min_agreement": 0.9, "max_float_layers": 0.0}
+    half, full = (
+        segfast.compile(
+            model,
+            data[0],
+            backend="triton",
+            precision="int8",
+            output="logits",
+            calibration=Calibration(data[:4], holdout=data[4:], float_precision=p, **kw),
+        )
+        for p in (fp, "fp32")
+    )
+    assert half.info.int8_float == fp
+    assert f"the rest in {fp}" in half.summary()
+    ref = WithHead(model, "logits")
+    for x in (data[1], data[5]):
+        out = half(x)
+        assert out.dtype == getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[fp])
+        with torch.no_grad():
+            assert_no_worse_than(out.cpu(), full(x).cpu(), ref(x).cpu())
 
 
 def test_int8_engine_runs_nonfinite_inputs_through_the_model():
