@@ -156,10 +156,7 @@ def check(
                 reasons.append(f"rel-L2 {acc.rel_l2:.3g} > {FP32_MAX_REL:g}")
         else:
             try:
-                with torch.inference_mode():
-                    lowp = lowp_model(
-                        *(t.to(engine.dtype) if t.is_floating_point() else t for t in s)
-                    )
+                lowp = _lowp_run(lowp_model, s, engine.dtype)
             except RuntimeError as exc:  # e.g. a constant the model makes in fp32 meets fp16
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 reasons.append(
@@ -185,6 +182,22 @@ def check(
     report.passed = not reasons
     report.reason = "; ".join(dict.fromkeys(reasons))
     return report
+
+
+def _lowp_run(lowp_model: nn.Module, s: tuple[torch.Tensor, ...], dtype: torch.dtype) -> Any:
+    """PyTorch's own run of the model in ``dtype`` (its weights cast, floating inputs
+    cast). A model that makes fp32 values itself — ``x.float() / 255`` of uint8 frames —
+    fails there (fp32 meets fp16 weights) and runs again under autocast to ``dtype``,
+    which casts such values where they meet the weights (segfast's engines cast them
+    where they are made)."""
+    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in s)
+    try:
+        with torch.inference_mode():
+            return lowp_model(*inputs)
+    except RuntimeError:
+        device = next((t.device.type for t in s), "cpu")
+        with torch.inference_mode(), torch.autocast(device, dtype=dtype):
+            return lowp_model(*inputs)
 
 
 def _run_at_its_batch(engine: Any, s: tuple[torch.Tensor, ...]) -> torch.Tensor:

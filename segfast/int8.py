@@ -35,9 +35,9 @@ from segfast.compiler import ops
 from segfast.compiler.quant import QuantizedLayer, calibrate, quantize_graph
 from segfast.compiler.quant.apply import quantize_weight
 from segfast.compiler.quant.observers import METHODS
-from segfast.errors import InputError, UnsupportedModelError
+from segfast.errors import BackendUnavailable, InputError, UnsupportedModelError
 from segfast.metrics import INT8_MAX_METRIC_DROP, INT8_MIN_AGREEMENT, class_masks
-from segfast.precision import DTYPES
+from segfast.precision import DTYPE_NAMES, DTYPES, resolve_precision
 
 segfast_ops = torch.ops.segfast
 
@@ -78,11 +78,14 @@ class Calibration:
     float_precision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.float_precision is not None and self.float_precision not in DTYPES:
-            raise InputError(
-                f"float_precision must be one of {tuple(DTYPES)} (or None: fp16 on a GPU, "
-                f"fp32 elsewhere), got {self.float_precision!r}"
-            )
+        if self.float_precision is not None:
+            try:  # "fp16", "half", "float16", torch.float16 → "fp16"
+                self.float_precision = DTYPE_NAMES[resolve_precision(self.float_precision)]
+            except ValueError:
+                raise InputError(
+                    f"float_precision must be one of {tuple(DTYPES)} (or None: fp16 on a "
+                    f"GPU, fp32 elsewhere), got {self.float_precision!r}"
+                ) from None
         if self.method not in METHODS:
             raise InputError(f"calibration method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 < self.min_agreement <= 1.0:
@@ -127,6 +130,11 @@ def float_part_dtype(requested: str | None, backend: str, device: torch.device) 
             f"float_precision={requested!r}: the {backend} backend's int8 engines run the "
             "Q/DQ ONNX file, whose float layers are fp32 (an fp16/bf16 Q/DQ export is not "
             "built); use float_precision='fp32' there, or the triton backend on a GPU"
+        )
+    if backend == "triton" and device.type != "cuda" and dtype == torch.bfloat16:
+        raise BackendUnavailable(
+            "float_precision='bf16': bf16 arithmetic is wrong in Triton's CPU interpreter; "
+            "a bf16 float part on triton needs a GPU"
         )
     if backend == "torch" and device.type != "cuda":
         raise UnsupportedModelError(

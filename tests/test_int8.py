@@ -919,6 +919,44 @@ def test_no_worse_than_holds_a_variant_to_the_reference():
         assert_no_worse_than(flipped, base, ref, factor=100.0)
 
 
+class _Uint8Frames(nn.Module):
+    """uint8 frames normalised inside the model; one conv reads a map that is zero
+    throughout calibration, so int8 keeps it in floating point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.z = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x.float() / 255.0))
+        return self.head(y + self.z(torch.relu(-y)))
+
+
+@needs_triton
+def test_an_integer_input_the_model_makes_float_takes_the_float_part():
+    """x.float() / 255 of uint8 frames: the model's own cast makes fp16, so the float
+    layer after it (fp16 weights) reads fp16 and the engine's output is fp16."""
+    torch.manual_seed(0)
+    m = _Uint8Frames().eval().to(DEVICE)
+    frames = [
+        (torch.sigmoid(smooth(1, 3, 16, 16, seed=i)) * 255).to(torch.uint8).to(DEVICE)
+        for i in range(6)
+    ]
+    eng = segfast.compile(
+        m, frames[0], backend="triton", precision="int8", output="logits",
+        calibration=Calibration(frames[:4], holdout=frames[4:], float_precision="fp16"),
+    )  # fmt: skip
+    floats = [x["reason"] for x in eng.info.int8_layers if not x["int8"]]
+    assert floats == ["its input was zero throughout calibration"]
+    out = eng(frames[5])
+    assert out.dtype == torch.float16
+    with torch.no_grad():
+        ref = m(frames[5])
+    assert _rel_l2(out, ref) <= 0.05
+
+
 def test_where_the_float_part_runs():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert int8.float_part_dtype(None, "triton", cuda) == torch.float16
@@ -929,6 +967,10 @@ def test_where_the_float_part_runs():
     assert int8.float_part_dtype("bf16", "triton", cuda) == torch.bfloat16
     assert int8.float_part_dtype("fp16", "triton", cpu) == torch.float16
     assert int8.float_part_dtype("fp32", "onnxruntime", cpu) == torch.float32
+    with pytest.raises(segfast.BackendUnavailable, match="interpreter"):
+        int8.float_part_dtype("bf16", "triton", cpu)  # before calibrating, not after
+    assert Calibration([torch.zeros(1)], float_precision="half").float_precision == "fp16"
+    assert Calibration([torch.zeros(1)], float_precision=torch.bfloat16).float_precision == "bf16"
     with pytest.raises(UnsupportedModelError, match="Q/DQ ONNX file, whose float layers"):
         int8.float_part_dtype("fp16", "tensorrt", cuda)
     with pytest.raises(UnsupportedModelError, match="on the CPU run their float layers in fp32"):
@@ -961,6 +1003,9 @@ def test_a_stored_float_part_this_device_lacks_loads_in_fp32():
     assert got == torch.float32
     assert "float layers in fp32 here, not the file's fp16" in info.notes[-1]
     assert _stored_float_part({}, get_backend("torch"), req, info) == torch.float32
+    # a GPU's bf16 file loaded under Triton's interpreter
+    assert _stored_float_part({"float": "bf16"}, get_backend("triton"), req, info) == torch.float32
+    assert "not the file's bf16" in info.notes[-1]
     with pytest.raises(segfast.EngineFileError, match="float precision"):
         _stored_float_part({"float": "fp8"}, get_backend("torch"), req, info)
 

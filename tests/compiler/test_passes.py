@@ -503,6 +503,29 @@ def test_low_precision_graph(precision):
     assert segfast.check(eng, model, [x]).passed
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("turn", ["cast", "divide"])
+def test_low_precision_integer_input_the_model_makes_float(precision, turn):
+    """uint8 frames the model makes float itself (``x.float() / 255``, or ``x / 255``:
+    true division promotes to fp32): that result is the engine's dtype, so the conv
+    after it reads what its weights are."""
+
+    class Frames(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv((x.float() if turn == "cast" else x) / 255.0)
+
+    model = Frames().eval()
+    x = torch.randint(0, 256, (1, 3, 9, 9), dtype=torch.uint8)
+    eng = _compile(model, x, precision=precision)
+    out = eng(x)
+    assert out.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert segfast.check(eng, model, [x]).passed
+
+
 def test_layout_is_channels_last():
     model = ConvBN().eval()
     x = torch.randn(1, 4, 9, 9)

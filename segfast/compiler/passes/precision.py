@@ -1,7 +1,8 @@
 """Precision: run the graph in fp32, fp16 or bf16. Floating constants are cast
 once (after BN folding, which is done in float64); floating inputs are cast at
 the graph's entry (merged into the layout conversion when there is one), so an
-engine accepts any floating input dtype."""
+engine accepts any floating input dtype. Integer inputs the model turns into floats
+itself (``x.float() / 255`` of uint8 frames) become ``dtype`` where they turn."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def run(ctx: PassContext) -> None:
 
 def cast_graph(gm: fx.GraphModule, dtype: torch.dtype, keep: Collection[str] = ()) -> None:
     """Cast ``gm``'s floating constants to ``dtype`` (but the get_attr nodes named in
-    ``keep``) and its floating inputs at the entry, in place. Values of the nodes
-    downstream are not recomputed (the pipeline's ``refresh_values`` does that)."""
+    ``keep``) and its floating inputs at the entry, in place; where an op makes fp32 out
+    of integers only (the model's own ``x.float()`` or ``x / 255`` of a uint8 input),
+    its result becomes ``dtype`` too. Values of the nodes downstream are not recomputed
+    (the pipeline's ``refresh_values`` does that)."""
+    if dtype != torch.float32:
+        _cast_where_integers_turn_float(gm, dtype)
     mode = None
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and dtype != torch.float32 and node.name not in keep:
@@ -53,3 +58,27 @@ def cast_graph(gm: fx.GraphModule, dtype: torch.dtype, keep: Collection[str] = (
             for u in users:
                 u.replace_input_with(node, cast_node)
             infer_val(gm, cast_node)
+
+
+def _cast_where_integers_turn_float(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """An op whose tensor inputs are all integer and whose result is fp32 (a cast, or
+    true division promoting to the default dtype) makes ``dtype`` instead: a cast's own
+    dtype is retargeted, any other op gets a cast after it."""
+    for node in list(gm.graph.nodes):
+        v = val(node) if node.op == "call_function" else None
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32:
+            continue
+        ins = [val(a) for a in node.all_input_nodes]
+        if not ins or not all(isinstance(t, torch.Tensor) and not t.is_floating_point()
+                              for t in ins):  # fmt: skip
+            continue
+        if node.target is aten._to_copy.default:
+            node.kwargs = {**node.kwargs, "dtype": dtype}
+            infer_val(gm, node)
+            continue
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            cast_node = gm.graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+        for u in users:
+            u.replace_input_with(node, cast_node)
+        infer_val(gm, cast_node)

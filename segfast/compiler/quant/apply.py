@@ -136,9 +136,11 @@ def cast_float_part(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     float convs (the guard's fallback layers), the head, resizes, pools, residual adds.
 
     Every floating constant and the input are cast as an fp16/bf16 engine's are; the
-    int8 convs then read and write ``dtype`` (quantizing from it, their int32 sums
-    dequantized and biased in fp32, rounded once on store). Their per-channel weight
-    scales stay fp32: the int8 kernels and the composite read them as fp32."""
+    int8 convs then read and write ``dtype``, quantizing from it. Triton's int8 kernels
+    dequantize and bias their exact int32 sums in fp32 and round once on store; the
+    composite (the torch backend on CUDA, Triton's int8 transposed and grouped convs)
+    fake-quantizes in ``dtype`` — the weight dequantized to it, the conv run in it.
+    Per-channel weight scales stay fp32: the kernels and the composite read them so."""
     scales = {
         n.args[-1].name
         for n in gm.graph.nodes
