@@ -557,7 +557,15 @@ def _int8(
         "keep": {str(names.index(x.name)): x.reason for x in built.layers if not x.int8},
         "float": info.int8_float,
     }
+    _keep_int8_w7(req, built.artefact)
     return built.artefact
+
+
+def _keep_int8_w7(req: _Request, runner: Runner) -> None:
+    """The CPU plan's 7-bit-weight choice, as judged, into the engine file's options:
+    loaded on another CPU the engine runs the weights the contract was checked with."""
+    if runner.details.get("int8_w7") is not None:
+        req.options["int8_w7"] = runner.details["int8_w7"]
 
 
 def _stored_float_part(stored: dict, be: Backend, req: _Request, info: EngineInfo) -> torch.dtype:

@@ -538,9 +538,9 @@ def test_nonnegative_is_proven_from_the_ops():
     lowered = details["lowered"]
     if cpu_int8.exact_u8_range():
         assert lowered["int8 conv2d (oneDNN)"] == 5
-    else:  # the ones proven >= 0 stay int8 with zero point 0; the others run fp32
+    else:  # the ones proven >= 0 stay int8 with zero point 0; the others 7-bit weights
         assert sum(v for k, v in lowered.items() if "zero point 0" in k) == 3
-        assert sum(v for k, v in lowered.items() if "saturate" in k) == 2
+        assert sum(v for k, v in lowered.items() if "7-bit weights" in k) == 2
 
 
 def test_nonnegative_looks_through_the_layout_fix():
@@ -588,7 +588,8 @@ def test_without_exact_int8_sums_the_plan_stores_for_zero_point_0_readers(monkey
     torch.manual_seed(0)
     m = InvertedChain().eval()
     data = [smooth(1, 3, 32, 40, seed=i) for i in range(8)]
-    eng = _int8_logits(m, data)
+    eight_bit = {"int8_w7": False}  # the signed convs on fp32 (7-bit weights: below)
+    eng = _int8_logits(m, data, options=eight_bit)
     lowered = eng._runner.details["lowered"]
     key = "int8 conv storing int8 (requantized for its int8 readers)"
     # expand (relu6) → depthwise and depthwise (relu6) → project: readers proven >= 0,
@@ -598,7 +599,7 @@ def test_without_exact_int8_sums_the_plan_stores_for_zero_point_0_readers(monkey
     assert lowered["int8 conv2d (oneDNN, input >= 0: zero point 0)"] == 4, lowered
     assert sum(v for k, v in lowered.items() if "saturate" in k) == 3, lowered
     monkeypatch.setattr(cpu_plan, "_int8_outputs", lambda qconvs: 0)
-    plain = _int8_logits(m, data)
+    plain = _int8_logits(m, data, options=eight_bit)
     assert key not in plain._runner.details["lowered"]
     _close_to_unstored(eng, plain, m, data[:3])
 
@@ -623,10 +624,11 @@ class SignedSources(nn.Module):
 
 
 def test_without_exact_int8_sums_signed_convs_run_the_fp32_plans_conv(monkeypatch):
-    """An int8 conv over a signed map runs the conv the fp32 plan would (Winograd where
-    it would take it; two sources joined by split-K, in either order) on its input
-    quantized and dequantized in one pass: the composite's numbers but for fp32
-    rounding (which moves rounding ties in the int8 convs after it)."""
+    """With 8-bit weights kept (``int8_w7`` off), an int8 conv over a signed map runs
+    the conv the fp32 plan would (Winograd where it would take it; two sources joined
+    by split-K, in either order) on its input quantized and dequantized in one pass:
+    the composite's numbers but for fp32 rounding (which moves rounding ties in the
+    int8 convs after it)."""
     from segfast.backends.cpu import native as cpu_native
     from segfast.backends.cpu import winograd
 
@@ -634,7 +636,7 @@ def test_without_exact_int8_sums_signed_convs_run_the_fp32_plans_conv(monkeypatc
     torch.manual_seed(0)
     m = SignedSources().eval()
     data = [smooth(1, 3, 32, 40, seed=i) for i in range(8)]
-    eng = _int8_logits(m, data)
+    eng = _int8_logits(m, data, options={"int8_w7": False})
     lowered = eng._runner.details["lowered"]
     native = cpu_native.load()
     key = "int8 conv2d on fp32 Winograd (no VNNI: int8 sums would saturate)"
@@ -656,7 +658,7 @@ def test_without_exact_int8_sums_a_signed_1x1_runs_the_fp32_plans_gemm(monkeypat
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 24, 1), nn.ReLU(),
                       nn.Conv2d(24, 4, 1)).eval()  # fmt: skip
     data = [smooth(1, 3, 20, 28, seed=i) for i in range(8)]
-    eng = _int8_logits(m, data)
+    eng = _int8_logits(m, data, options={"int8_w7": False})
     lowered = eng._runner.details["lowered"]
     native = cpu_native.load()
     key = "int8 conv2d 1×1 on one fp32 GEMM (MKL; no VNNI: int8 sums would saturate)"
@@ -664,6 +666,118 @@ def test_without_exact_int8_sums_a_signed_1x1_runs_the_fp32_plans_gemm(monkeypat
     assert lowered.get(key, 0) == (1 if gemm_here else 0), lowered
     ref = _int8_logits(m, data, options={"no_cpu_plan": True})  # the composite ops
     _close_to_unstored(eng, ref, m, data[:3])
+
+
+# -- 7-bit weights: exact int8 sums without VNNI ----------------------------------------
+
+
+def test_7bit_weights_requantize_only_the_channels_that_need_it():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (5, 4, 3, 3), generator=g, dtype=torch.int16)
+    q[1] = torch.clamp(q[1], -40, 40)  # within ±63: kept as it is
+    q[2] = 0  # a channel of zeros
+    q[3, 0, 0, 0], q[3, 1:] = 127, 0  # one full-range tap
+    q = q.to(torch.int8)
+    s = torch.rand(5, generator=g) + 0.5
+    q7, s7 = cpu_int8.to_7bit(q, s)
+    assert q7.dtype == torch.int8
+    assert s7.dtype == torch.float32
+    assert int(q7.to(torch.int32).abs().max()) <= 63
+    assert torch.equal(q7[1], q[1])
+    assert float(s7[1]) == float(s[1])
+    assert torch.equal(q7[2], q[2])
+    assert int(q7[3, 0, 0, 0]) == 63
+    # each weight moves by at most half of its channel's new step
+    err = (q7.float() * s7.view(-1, 1, 1, 1) - q.float() * s.view(-1, 1, 1, 1)).abs()
+    assert bool((err <= 0.5 * s7.view(-1, 1, 1, 1) * (1 + 1e-5)).all())  # ties: exactly half
+
+
+@pytest.mark.skipif(not cpu_int8.available(), reason="PyTorch has no oneDNN int8 conv here")
+@pytest.mark.parametrize(("kernel", "c", "k", "two"), [(1, 64, 24, False), (3, 40, 16, False),
+                                                      (3, 24, 8, True)])  # fmt: skip
+def test_7bit_weights_are_exact_on_full_range_signed_inputs(kernel, c, k, two):
+    """The case 8-bit weights saturate on without VNNI — full-range signed inputs (u8 at
+    0 and 255) and weights at ±127 — runs exactly on 7-bit weights: oneDNN's int8 conv
+    equals the composite with the same 7-bit weights (fp32 rounding only)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, c, 9, 11, generator=g) * 4).contiguous(memory_format=torch.channels_last)
+    x_scale = 0.02  # |x| / 0.02 far past 127: most of the input saturates at −128 / 127
+    w = torch.randn(k, c, kernel, kernel, generator=g)
+    w[:, :, kernel // 2, kernel // 2] = torch.where(w[:, :, 0, 0] > 0, 5.0, -5.0)  # ±127 taps
+    wq, ws = quantize_weight(w, 0)
+    b = torch.randn(k, generator=g)
+    spec = ("none", False, None, None, False) if not two else ("none", False, None, None, True)
+    conv = cpu_int8.PackedQConv2d(
+        wq, ws, b, [1, 1], [kernel // 2] * 2, [1, 1], 1, "none", 0.0, False, spec, x_scale,
+        mode="int8-w7",
+    )  # fmt: skip
+    assert conv.mode == "int8-w7"
+    q7, s7 = cpu_int8.to_7bit(wq, ws)
+    if two:  # x2 first: the joined input is cat([x2, x])
+        a, b2 = x[:, : c // 2], x[:, c // 2 :]
+        out = conv(b2, None, a)
+    else:
+        out = conv(x)
+    ref = ops.qconv2d_impl(x, q7, b, [1, 1], [kernel // 2] * 2, [1, 1], 1, "none", 0.0, None,
+                           False, None, "none", False, None, None, False, x_scale, s7)  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # the same weights at 8 bits would not be: oneDNN's sums saturate without VNNI
+    if not cpu_int8.exact_u8_range():
+        full = cpu_int8.PackedQConv2d(
+            wq, ws, b, [1, 1], [kernel // 2] * 2, [1, 1], 1, "none", 0.0, False, spec, x_scale,
+            mode="int8",
+        )  # fmt: skip
+        ref8 = ops.qconv2d_impl(x, wq, b, [1, 1], [kernel // 2] * 2, [1, 1], 1, "none", 0.0,
+                                None, False, None, "none", False, None, None, False, x_scale,
+                                ws)  # fmt: skip
+        got8 = full(b2, None, a) if two else full(x)
+        assert float((got8 - ref8).abs().max()) > 1e-2 * float(ref8.abs().max())
+
+
+def test_the_plan_runs_signed_dense_convs_on_7bit_weights(monkeypatch, tmp_path):
+    """int8_w7 (on by default where int8 sums saturate): dense convs over signed maps take
+    oneDNN's int8 kernel on 7-bit weights, depthwise ones do not; the engine meets the
+    contract; the choice is an engine-file option, so a loaded engine runs the weights
+    it was judged with."""
+    from segfast.backends.torch_backend import _int8_w7
+
+    _no_exact_int8(monkeypatch)
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),  # signed out
+        nn.Conv2d(16, 24, 1),  # dense, signed in: 7-bit
+        nn.Conv2d(24, 24, 3, padding=1, groups=24),  # depthwise, signed in: fp32
+        nn.Conv2d(24, 16, 3, padding=1), nn.ReLU(),  # dense, signed in: 7-bit
+        nn.Conv2d(16, 4, 1),  # input >= 0: zero point 0
+    ).eval()  # fmt: skip
+    data = [smooth(1, 3, 20, 28, seed=i) for i in range(8)]
+    # every conv int8 (a random 4-class net at 20×28: masks agree on ~99 %, either grid)
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.95)
+    eng = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                          output="logits")  # fmt: skip
+    lowered = eng._runner.details["lowered"]
+    assert lowered.get("int8 conv2d (oneDNN, 7-bit weights: exact without VNNI)") == 3, lowered
+    assert lowered.get("int8 conv2d (oneDNN, input >= 0: zero point 0)") == 1, lowered
+    assert sum(v for k_, v in lowered.items() if "fp32" in k_) == 1, lowered  # the depthwise
+    assert eng.source.options["int8_w7"] is True
+    assert segfast.check(eng, m, data[3::4]).passed
+    eight = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                            output="logits", options={"int8_w7": False})  # fmt: skip
+    assert "7-bit" not in " ".join(eight._runner.details["lowered"])
+    assert eight.source.options["int8_w7"] is False
+    with torch.inference_mode():
+        for x in data[3::4]:
+            r = m(x)
+            e7 = float((eng(x) - r).norm() / r.norm())
+            e8 = float((eight(x) - r).norm() / r.norm())
+            assert e7 <= 3 * e8 + 1e-3  # a coarser weight grid, not a wrong sum
+    loaded = segfast.load(eng.save(tmp_path / "w7.segfast"))
+    assert loaded._runner.details["lowered"] == lowered
+    assert torch.equal(loaded(data[3]), eng(data[3]))
+    # the default where sums are exact (VNNI): 8-bit weights; a graph without int8: none
+    monkeypatch.setattr(cpu_int8, "exact_u8_range", lambda: True)
+    assert _int8_w7(eng._runner.details["graph"], None) is False
+    assert _int8_w7(eng._runner.details["graph"], True) is True
 
 
 # -- compile / quantize -----------------------------------------------------------------
@@ -1090,7 +1204,7 @@ def test_onnxruntime_int8_engine_matches_the_torch_one():
     data = sets(8, (1, 1, 32, 32))
     cal = Calibration(data, max_float_layers=1.0, min_agreement=0.9)
     t = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
-                        output="mask")  # fmt: skip
+                        output="mask", options={"int8_w7": False})  # fmt: skip
     o = segfast.compile(m, data[0], backend="onnxruntime", precision="int8", calibration=cal,
                         output="mask")  # fmt: skip
     assert "int8 graph" in o.summary()

@@ -25,7 +25,10 @@ from segfast.errors import BackendUnavailable, SlowPrecisionWarning
 
 class TorchBackend(Backend):
     name = "torch"
-    options = ("no_cpu_plan", "cpu_kernels", "winograd", "avx2_kernels", "subpixel", "keep_memory")
+    options = (
+        "no_cpu_plan", "cpu_kernels", "winograd", "avx2_kernels", "subpixel", "keep_memory",
+        "int8_w7",
+    )  # fmt: skip
     uses_graph = True
     description = "fused graph on PyTorch ops (prepacked oneDNN convolutions on the CPU)"
 
@@ -60,12 +63,16 @@ class TorchBackend(Backend):
                         "inverted residual blocks, SE gates, heads) where they beat oneDNN"
                     )
                 notes.append("segfast CPU kernels: " + note)
+            w7 = _int8_w7(gm, req.options.get("int8_w7"))
+            if w7 is not None:  # an int8 graph: the choice goes into the engine file
+                details["int8_w7"] = w7
             plan = lower(
                 gm,
                 native=kernels,
                 use_winograd=bool(req.options.get("winograd", True)),
                 use_avx2=bool(req.options.get("avx2_kernels", True)),
                 use_subpixel=bool(req.options.get("subpixel", True)),
+                int8_w7=bool(w7),
             )
             if req.options.get("keep_memory", True) and _largest_activation(gm) >= MIN_BYTES:
                 _, why = keep_large_allocations()
@@ -119,6 +126,21 @@ class TorchBackend(Backend):
                 notes.append(msg)
                 warnings.warn(msg, SlowPrecisionWarning, stacklevel=2)
         return Runner(run_graph, notes=notes, details=details)
+
+
+def _int8_w7(gm: torch.fx.GraphModule, asked: Any) -> bool | None:
+    """Whether the CPU plan runs int8 convs with possibly negative inputs on 7-bit
+    weights (:func:`segfast.backends.cpu.int8.to_7bit`): as ``asked`` (the ``int8_w7``
+    option, which an engine file keeps), else where this CPU's int8 sums would saturate
+    on them (no VNNI). None for a graph without int8 convs."""
+    qops = (torch.ops.segfast.qconv2d.default, torch.ops.segfast.qconv_transpose2d.default)
+    if not any(n.op == "call_function" and n.target in qops for n in gm.graph.nodes):
+        return None
+    if asked is not None:
+        return bool(asked)
+    from segfast.backends.cpu import int8 as cpu_int8
+
+    return cpu_int8.available() and not cpu_int8.exact_u8_range()
 
 
 def _largest_activation(gm: torch.fx.GraphModule) -> int:

@@ -26,7 +26,16 @@ running one conv whose sums would saturate. Where they would:
   zero point 0 instead — ``u8`` in [0, 127], and a pair sum is at most
   2 × 127 × 127 = 32258, exact; its producer can store that uint8 directly (relu or
   relu6 clamped at 127 steps in oneDNN's post-op);
-- any other conv runs fp32 on its input quantized and dequantized in one pass
+- any other dense conv runs oneDNN's int8 kernel at zero point 128 with **7-bit
+  weights** (``"int8-w7"``, the torch backend's ``int8_w7`` option, on by default
+  there): each output channel's int8 weight requantized to ±63
+  (:func:`to_7bit`), so a pair sum is at most 2 × 255 × 63 = 32130, exact — 1.6–2.8×
+  the fp32 conv below, at a coarser weight grid that the int8 contract judges like any
+  other (the engine is built, then checked); an engine file keeps the choice, so a file
+  judged with 7-bit weights runs them on any CPU (exact on VNNI too) and one judged
+  with 8-bit weights keeps them;
+- depthwise and grouped convs with such inputs, and every such conv with ``int8_w7``
+  off, run fp32 on their input quantized and dequantized in one pass
   (:func:`fake_quant_into`) with the dequantized weight — the conv the fp32 plan would
   run for the layer (Winograd where it takes it), the same numbers to fp32 rounding,
   at fp32 speed.
@@ -67,6 +76,9 @@ _POST_OPS: dict[str, tuple[str, list[float]]] = {
     "relu6": ("hardtanh", [0.0, 6.0]),
     "silu": ("swish", []),
 }
+
+
+INT8_MODES = ("int8", "int8-nonneg", "int8-w7")  # the modes that run oneDNN's int8 kernel
 
 
 def available() -> bool:
@@ -224,16 +236,36 @@ def quantize_u8(x: Tensor, scale: float, zp: int = _ZP) -> Tensor:
     return quantize_into(x, scale, torch.empty_like(x, dtype=torch.uint8), zp)
 
 
-def choose_mode(nonneg: bool) -> str:
+W7_MAX = 63  # 7-bit weights: a u8 × s8 pair sum is at most 2 · 255 · 63 = 32130 < 2**15
+
+
+def to_7bit(weight: Tensor, w_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """An int8 weight (±127, per output channel along axis 0, scales ``w_scale``) on
+    a 7-bit grid: each channel whose largest |q| exceeds 63 is requantized to
+    ``round(q / f)`` at scale ``w_scale · f``, ``f = max|q| / 63`` (ties to even);
+    channels within ±63 are kept as they are. Returns (int8 weight, fp32 scales)."""
+    dims = tuple(range(1, weight.dim()))
+    amax = weight.to(torch.int32).abs().amax(dim=dims).float()
+    f = torch.clamp(amax / W7_MAX, min=1.0)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    q = torch.clamp(torch.round(weight.float() / f.view(shape)), -W7_MAX, W7_MAX)
+    return q.to(torch.int8), (w_scale.float() * f).contiguous()
+
+
+def choose_mode(nonneg: bool, w7: bool = False) -> str:
     """How :class:`PackedQConv2d` runs a conv on this CPU: ``"int8"`` where oneDNN's
     int8 sums are exact over full-range inputs (:func:`exact_u8_range`), else
-    ``"int8-nonneg"`` for an input proven ≥ 0 (``nonneg``), else ``"fp32"``.
+    ``"int8-nonneg"`` for an input proven ≥ 0 (``nonneg``), else ``"int8-w7"`` where
+    7-bit weights are allowed (``w7``: dense convs of an engine built with them — then
+    on every CPU, so that a file runs the numbers it was judged with), else ``"fp32"``.
 
     Depthwise convs were measured too (AVX2 EPYC, 2026-12-07): oneDNN's int8
     depthwise kernels are exact on full-range inputs there (one channel at a time, no
     pair sums), but with zero point 128 they are slower than its fp32 depthwise conv
     (96 ch 3×3 at 128²: 1.43 against 0.9–1.2 ms before the quantize pass; at zero
     point 0: 0.62), so a signed depthwise input takes ``"fp32"`` like any other."""
+    if w7 and not nonneg:
+        return "int8-w7"
     if exact_u8_range():
         return "int8"
     return "int8-nonneg" if nonneg else "fp32"
@@ -255,8 +287,10 @@ class PackedQConv2d:
 
     ``mode``: ``"int8"`` (oneDNN's int8 convolution, zero point 128: exact on this CPU),
     ``"int8-nonneg"`` (zero point 0 for an input the graph proves ≥ 0: exact on CPUs
-    whose int8 pair sums saturate), ``"fp32"`` (an fp32 convolution of the quantized
-    input with the dequantized weight: where int8 would saturate). The plan passes
+    whose int8 pair sums saturate), ``"int8-w7"`` (zero point 128 with the weight
+    requantized to 7 bits, :func:`to_7bit`: exact on any CPU), ``"fp32"`` (an fp32
+    convolution of the quantized input with the dequantized weight: where int8 would
+    saturate). The plan passes
     ``nonneg`` (:func:`nonnegative`); :func:`choose_mode` decides the rest. In
     ``"fp32"`` mode each source is quantized and dequantized in one pass
     (:func:`fake_quant_into`) and ``fp32_conv`` runs — the plan passes the conv the
@@ -287,9 +321,11 @@ class PackedQConv2d:
     ) -> None:
         if mode is None:
             mode = choose_mode(nonneg)
-        if mode not in ("int8", "int8-nonneg", "fp32"):
-            raise ValueError(f"mode must be int8, int8-nonneg or fp32, got {mode!r}")
+        if mode not in ("int8", "int8-nonneg", "int8-w7", "fp32"):
+            raise ValueError(f"mode must be int8, int8-nonneg, int8-w7 or fp32, got {mode!r}")
         self.mode = mode
+        if mode == "int8-w7":
+            weight, w_scale = to_7bit(weight, w_scale)
         self.zp = 0 if mode == "int8-nonneg" else _ZP
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.groups = int(groups)
@@ -332,7 +368,7 @@ class PackedQConv2d:
         ``zp``: 128 (readers on oneDNN's full-range int8) after any activation oneDNN
         fuses; 0 (readers taking [0, 127]: CPUs without VNNI) after relu or relu6
         only, clamped at 127 steps in the same post-op."""
-        if self.mode not in ("int8", "int8-nonneg") or self.post is None:
+        if self.mode not in INT8_MODES or self.post is None:
             return False
         return zp == _ZP or (zp == 0 and self.act in ("relu", "relu6"))
 

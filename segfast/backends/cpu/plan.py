@@ -557,13 +557,16 @@ def _qconv2d_step(
     native: Native | None = None,
     use_winograd: bool = True,
     use_avx2: bool = True,
+    int8_w7: bool = False,
 ) -> tuple[Callable, tuple, str]:
     (x, w, b, stride, padding, dilation, groups, act, act_param, residual, residual_after_act,
      x2, x2_resize, x2_align, x2_sh, x2_sw, x2_first, x_scale, w_scale) = node.args  # fmt: skip
     weight, scales = get_tensor(gm, w), get_tensor(gm, w_scale)
     bias = None if b is None else get_tensor(gm, b)
     nonneg = int8.nonnegative(x) and (x2 is None or int8.nonnegative(x2))
-    mode = int8.choose_mode(nonneg)
+    # 7-bit weights for dense convs only: oneDNN's int8 depthwise at zero point 128 is
+    # slower than its fp32 one (see int8.choose_mode)
+    mode = int8.choose_mode(nonneg, w7=int8_w7 and int(groups) == 1)
     fp32_conv, kind = None, _QCONV_KINDS[mode]
     if mode == "fp32":
         fp32_conv, kind = _int8_on_fp32(node, native, use_winograd, use_avx2, weight, scales, bias)
@@ -630,17 +633,22 @@ def _int8_on_fp32(
 _QCONV_KINDS = {
     "int8": "int8 conv2d (oneDNN)",
     "int8-nonneg": "int8 conv2d (oneDNN, input >= 0: zero point 0)",
+    "int8-w7": "int8 conv2d (oneDNN, 7-bit weights: exact without VNNI)",
     "fp32": "int8 conv2d on oneDNN fp32 (this CPU's int8 sums would saturate: no VNNI)",
 }
 
 
-def _qconv_transpose_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Callable, tuple]:
+def _qconv_transpose_step(
+    gm: fx.GraphModule, node: fx.Node, int8_w7: bool = False
+) -> tuple[Callable, tuple]:
     (x, w, b, stride, padding, output_padding, dilation, groups, act, act_param, residual,
      residual_after_act, x_scale, w_scale) = node.args  # fmt: skip
+    nonneg = int8.nonnegative(x)
     conv = int8.QConvTranspose2d(
         get_tensor(gm, w), get_tensor(gm, w_scale), None if b is None else get_tensor(gm, b),
         stride, padding, output_padding, dilation, groups, act, act_param, residual_after_act,
-        x_scale, input_size=tuple(val(x).shape), nonneg=int8.nonnegative(x),
+        x_scale, input_size=tuple(val(x).shape), nonneg=nonneg,
+        mode=int8.choose_mode(nonneg, w7=int8_w7 and int(groups) == 1),
     )  # fmt: skip
     return conv, (x, residual)
 
@@ -650,6 +658,10 @@ _QCONV_TRANSPOSE_KINDS = {
     "int8-nonneg": (
         "int8 conv_transpose2d, kernel = stride: 1×1 int8 conv + depth-to-space "
         "(oneDNN, input >= 0: zero point 0)"
+    ),
+    "int8-w7": (
+        "int8 conv_transpose2d, kernel = stride: 1×1 int8 conv + depth-to-space "
+        "(oneDNN, 7-bit weights: exact without VNNI)"
     ),
     "fp32": "int8-input conv_transpose2d (oneDNN fp32, dequantized weight)",
 }
@@ -1031,6 +1043,7 @@ def lower(
     use_winograd: bool = True,
     use_avx2: bool = True,
     use_subpixel: bool = True,
+    int8_w7: bool = False,
 ) -> Plan:
     """Lower the fused graph (on the CPU) into a :class:`Plan`.
 
@@ -1041,7 +1054,10 @@ def lower(
     absent, depthwise layers ``sf_dwconv8`` and dense 1×1 convs one MKL GEMM
     (:mod:`.gemm1x1`; needs ``native``, which says whether AVX-512 is there);
     ``use_subpixel``: whether 3×3 convs of a ×2 nearest upsample may run at the
-    source resolution (:mod:`.subpixel`; needs ``native``).
+    source resolution (:mod:`.subpixel`; needs ``native``); ``int8_w7``: whether dense
+    int8 convs whose input may be negative run oneDNN's int8 kernel with 7-bit weights
+    (:func:`segfast.backends.cpu.int8.to_7bit`) — on every CPU, so an engine judged with
+    them keeps them.
     """
     nodes = list(gm.graph.nodes)
     slot_of: dict[fx.Node, int] = {}
@@ -1158,10 +1174,10 @@ def lower(
             else:
                 fn = ops.conv2d_impl
         elif t is segfast_ops.qconv2d.default and int8.available():
-            fn, args, kind = _qconv2d_step(gm, node, native, use_winograd, use_avx2)
+            fn, args, kind = _qconv2d_step(gm, node, native, use_winograd, use_avx2, int8_w7)
             lowered[kind] += 1
         elif t is segfast_ops.qconv_transpose2d.default:
-            fn, args = _qconv_transpose_step(gm, node)
+            fn, args = _qconv_transpose_step(gm, node, int8_w7)
             lowered[_QCONV_TRANSPOSE_KINDS[fn.mode]] += 1
         elif t is segfast_ops.conv_transpose2d.default or t is ops.conv_transpose2d_impl:
             step = _conv_transpose_step(gm, node)
@@ -1281,7 +1297,7 @@ def _int8_readers_scale(node: fx.Node, qconvs: dict[fx.Node, Any]) -> tuple[floa
             scales.add(quant)
             continue
         reader = qconvs.get(user)
-        if reader is None or reader.mode not in ("int8", "int8-nonneg"):
+        if reader is None or reader.mode not in int8.INT8_MODES:
             return None
         residual_at, x2_at = _INT8_READS[user.target]
         if user.args[residual_at] is node:
