@@ -491,6 +491,8 @@ def _int8(
         )
     stored = req.options.get("int8")
     if stored is not None and req.calibration is None:
+        # files from before int8_w7 existed were judged with 8-bit weights everywhere
+        req.options.setdefault("int8_w7", False)
         float_dtype = _stored_float_part(stored, be, req, info)
     else:
         float_dtype = int8.float_part_dtype(

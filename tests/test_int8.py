@@ -774,6 +774,10 @@ def test_the_plan_runs_signed_dense_convs_on_7bit_weights(monkeypatch, tmp_path)
     loaded = segfast.load(eng.save(tmp_path / "w7.segfast"))
     assert loaded._runner.details["lowered"] == lowered
     assert torch.equal(loaded(data[3]), eng(data[3]))
+    # a file from before int8_w7 (its stored ranges, no choice): judged on 8-bit weights
+    older = segfast.compile(m, data[0], backend="torch", precision="int8", output="logits",
+                            options={"int8": eng.source.options["int8"]})  # fmt: skip
+    assert "7-bit" not in " ".join(older._runner.details["lowered"])
     # the default where sums are exact (VNNI): 8-bit weights; a graph without int8: none
     monkeypatch.setattr(cpu_int8, "exact_u8_range", lambda: True)
     assert _int8_w7(eng._runner.details["graph"], None) is False
