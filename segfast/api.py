@@ -541,10 +541,27 @@ def _int8(
         # extra ONNX Runtime comparison (measured ~2.9 s each on a tiny U-Net).
         nonlocal attempts
         attempts += 1
-        runner = runner_for(g, layers, verify=attempts == 1)
-        trial = Engine(runner, dataclasses.replace(info, notes=[]))
+        report, runner = trial(g, layers, attempts == 1)
+        if not report.passed and runner.details.get("int8_w7") and auto_w7:
+            # 7-bit weights (no VNNI) missed the contract: 8-bit weights on fp32 convs for
+            # maps that may be negative are tried before any layer falls back to float
+            req.options["int8_w7"] = False  # this build's and every later attempt's
+            info.notes.append(
+                f"int8: with 7-bit weights (no VNNI) the engine missed the contract ({report}); "
+                "8-bit weights from here (int8_w7=False: fp32 convs for maps that may be "
+                "negative)"
+            )
+            report, runner = trial(g, layers, False)
+        return report, runner
+
+    # the CPU plan's own choice of 7-bit weights (not the user's, not an engine file's)
+    auto_w7 = runs_graph and be.name == "torch" and req.options.get("int8_w7") is None
+
+    def trial(g: fx.GraphModule, layers: list[QuantizedLayer], verify: bool):
+        runner = runner_for(g, layers, verify=verify)
+        engine = Engine(runner, dataclasses.replace(info, notes=[]))
         report = check(
-            trial, req.model, held, labels=labels, min_agreement=cal.min_agreement,
+            engine, req.model, held, labels=labels, min_agreement=cal.min_agreement,
             max_metric_drop=cal.max_metric_drop,
         )  # fmt: skip
         return report, runner
@@ -819,7 +836,12 @@ def _auto(req: _Request, t0: float) -> Engine:
         except (BackendUnavailable, UnsupportedModelError) as exc:
             choice.append({"backend": name, "ms": None, "reason": str(exc).splitlines()[0]})
             continue
-        report = check(eng, req.model, [req.inputs])
+        if req.int8 and req.calibration is not None:  # judged by the calibration's bounds
+            cal = int8.as_calibration(req.calibration)
+            report = check(eng, req.model, [req.inputs], min_agreement=cal.min_agreement,
+                           max_metric_drop=cal.max_metric_drop)  # fmt: skip
+        else:
+            report = check(eng, req.model, [req.inputs])
         if not report.passed:
             choice.append(
                 {

@@ -445,7 +445,9 @@ def module_ranges(
 
 class GraphEngine:
     """An int8 fused graph seen as an engine by :func:`segfast.check` (composite
-    implementations: the semantics every backend's int8 kernels implement)."""
+    implementations: what the int8 kernels compute with 8-bit weights; the CPU plan
+    without VNNI runs convs over maps that may be negative on 7-bit weights instead,
+    unless ``int8_w7=False``)."""
 
     precision = "int8"
 
@@ -465,8 +467,10 @@ class GraphEngine:
 class QuantizedModel:
     """What :func:`segfast.quantize` decided, usable on its own.
 
-    Call it to run the int8 graph (its composite implementation: the exact meaning of
-    the quantized engine, on any device, at floating-point speed); ``summary()`` lists
+    Call it to run the int8 graph (its composite implementation: the meaning of the
+    quantized engine with 8-bit weights — the Q/DQ file's, Triton's; the CPU plan
+    without VNNI takes 7-bit weights where inputs may be negative unless
+    ``int8_w7=False`` — on any device, at floating-point speed); ``summary()`` lists
     every layer; ``export_onnx(path)`` writes the Q/DQ ONNX file ONNX Runtime and
     TensorRT build int8 engines from; ``compile`` it with ``segfast.compile(model, x,
     precision="int8", calibration=...)`` for a fast engine.

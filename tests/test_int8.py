@@ -784,6 +784,38 @@ def test_the_plan_runs_signed_dense_convs_on_7bit_weights(monkeypatch, tmp_path)
     assert _int8_w7(eng._runner.details["graph"], True) is True
 
 
+def test_the_guard_tries_8bit_weights_before_falling_back_layers(monkeypatch):
+    """When the all-int8 engine misses the contract on 7-bit weights (here: a 7-bit grid
+    made useless on purpose — its weights halved), the guard rebuilds it on 8-bit weights
+    before keeping any layer in floating point, and says so; a user's explicit
+    int8_w7=True is not overridden."""
+    _no_exact_int8(monkeypatch)
+    real = cpu_int8.to_7bit
+
+    def halved(weight, w_scale):
+        q, s = real(weight, w_scale)
+        return q, s * 0.5
+
+    monkeypatch.setattr(cpu_int8, "to_7bit", halved)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                      nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()  # fmt: skip
+    data = [smooth(1, 3, 20, 28, seed=i) for i in range(8)]
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.95)
+    eng = segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                          output="logits")  # fmt: skip
+    assert eng.source.options["int8_w7"] is False
+    assert "7-bit" not in " ".join(eng._runner.details["lowered"])
+    assert "with 7-bit weights (no VNNI) the engine missed the contract" in eng.summary()
+    assert all(x["int8"] for x in eng.info.int8_layers)
+    with pytest.raises(UnsupportedModelError, match="misses its contract"):
+        segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                        output="logits", options={"int8_w7": True})  # fmt: skip
+    with pytest.raises(ValueError, match="int8_w7"):
+        segfast.compile(m, data[0], backend="torch", precision="int8", calibration=cal,
+                        output="logits", options={"int8_w7": "false"})  # fmt: skip
+
+
 # -- compile / quantize -----------------------------------------------------------------
 
 
@@ -1214,6 +1246,19 @@ def test_onnxruntime_int8_engine_matches_the_torch_one():
     assert "int8 graph" in o.summary()
     agree = np.mean([float((t(x) == o(x)).float().mean()) for x in data])
     assert agree >= 0.995
+
+
+def test_auto_judges_int8_candidates_by_the_calibrations_bounds():
+    """auto's own check of each int8 candidate uses the Calibration's bounds (here 90 %),
+    not the default 99 % the random tiny U-Net's all-int8 engine misses."""
+    torch.manual_seed(0)
+    m = models.create("unet", tiny=True).eval()
+    data = sets(8, (1, 1, 32, 32))
+    cal = Calibration(data, max_float_layers=0.0, min_agreement=0.9)
+    eng = segfast.compile(m, data[0], backend="auto", precision="int8", calibration=cal,
+                          output="mask", options={"candidates": ["torch"]})  # fmt: skip
+    assert eng.backend == "torch"
+    assert segfast.check(eng, m, [data[0]], min_agreement=0.9).passed
 
 
 def test_backends_without_int8_say_so():

@@ -133,6 +133,8 @@ def _int8_w7(gm: torch.fx.GraphModule, asked: Any) -> bool | None:
     weights (:func:`segfast.backends.cpu.int8.to_7bit`): as ``asked`` (the ``int8_w7``
     option, which an engine file keeps), else where this CPU's int8 sums would saturate
     on them (no VNNI). None for a graph without int8 convs."""
+    if asked is not None and not isinstance(asked, bool):
+        raise ValueError(f"options['int8_w7'] must be True, False or None, got {asked!r}")
     qops = (torch.ops.segfast.qconv2d.default, torch.ops.segfast.qconv_transpose2d.default)
     if not any(n.op == "call_function" and n.target in qops for n in gm.graph.nodes):
         return None
