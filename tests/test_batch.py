@@ -197,6 +197,7 @@ def test_batch_outputs_equal_run_and_segment_large_and_a_rerun_does_nothing(
                           video_output="png")  # fmt: skip
     assert (again.done, again.failed, again.skipped, again.failed_before) == (0, 0, 7, 1)
     assert again.units == 0
+    assert again.actors == 0  # nothing to do: no actor loads an engine
     assert len(_records(out)) == 8
     assert stamps() == before  # nothing rewritten
 
@@ -205,6 +206,7 @@ def test_batch_outputs_equal_run_and_segment_large_and_a_rerun_does_nothing(
     third = segfast.batch(engine_file, inputs, out, actors=2, overlap=OVERLAP,
                           video_output="png")  # fmt: skip
     assert (third.done, third.skipped) == (1, 6)
+    assert third.actors == 1  # one unit: one actor, not the two asked for
     _check_outputs(out, inputs, engine_file, ["a.png"])
 
 

@@ -320,10 +320,12 @@ def run_batch(
                     ray.init(num_cpus=num_cpus, include_dashboard=False,
                              log_to_driver=not quiet_ray)  # fmt: skip
             n_actors = actors or _default_actors(ray, cpus_per_actor, gpus_per_actor)
-            report.actors = n_actors
             units, large = _plan(runnable, out_dir, scratch, opts, tile_grid, n_actors,
                                  band_rows, record)  # fmt: skip
             report.units = len(units)
+            # no more actors than units: each one loads an engine before its first unit
+            n_actors = min(n_actors, len(units))
+            report.actors = n_actors
             by_index = {it.index: it for it in runnable}
             if units:
                 _execute(ray, make_engine, units, large, by_index, opts, n_actors,

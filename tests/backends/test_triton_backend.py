@@ -219,16 +219,20 @@ def test_int8_float_part_in_half_precision(fp):
     model = _model("unet")
     data = [_smooth(i, 1, 16) for i in range(6)]
     kw = {"min_agreement": 0.9, "max_float_layers": 0.0}
+    # the fp32 float part's engine: the torch backend's, on 8-bit weights — the same
+    # integers as Triton's fp32 one (test_int8_engine_runs_the_qconv_kernel), built
+    # without the interpreter
     half, full = (
         segfast.compile(
             model,
             data[0],
-            backend="triton",
+            backend=b,
             precision="int8",
             output="logits",
             calibration=Calibration(data[:4], holdout=data[4:], float_precision=p, **kw),
+            options={"int8_w7": False} if b == "torch" else None,
         )
-        for p in (fp, "fp32")
+        for b, p in (("triton", fp), ("torch", "fp32"))
     )
     assert half.info.int8_float == fp
     assert f"the rest in {fp}" in half.summary()
