@@ -11,8 +11,9 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 PY := $(VENV)/bin/python
 # Two xdist workers, a test module to one worker: its expensive fixtures (the `segfast
-# serve` service, a Ray cluster) start once, not once per worker.
-PYTEST_FLAGS ?= -n 2 --dist loadscope
+# serve` service, a Ray cluster) start once, not once per worker; the longest modules
+# first (tests/conftest.py, from tests/module_seconds.json), not the most numerous.
+PYTEST_FLAGS ?= -n 2 --dist loadscope --no-loadscope-reorder
 
 .PHONY: setup test lint format demo bench clean
 

@@ -9,7 +9,9 @@ only when CUDA is present.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,36 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Seconds each test module took in a cold-cache `make test` on CI's kind of machine
+# (`python tests/module_seconds.py LOG` writes it from a `--durations=0` log). Only a
+# scheduling hint: under pytest-xdist the modules are handed out longest first, so the
+# last module a worker starts is a short one. Handed out in collection order, the Ray
+# batch tests and the kernel compile check (minutes each) came last and one worker
+# idled for minutes while the other finished them.
+_MODULE_SECONDS = Path(__file__).with_name("module_seconds.json")
+_SECONDS_PER_UNKNOWN_TEST = 0.5
+
+
+def _longest_modules_first(items: list[pytest.Item]) -> None:
+    try:
+        known: dict[str, float] = json.loads(_MODULE_SECONDS.read_text())
+    except (OSError, ValueError):
+        known = {}
+    counts: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        counts[module] = counts.get(module, 0) + 1
+
+    def cost(item: pytest.Item) -> float:
+        module = item.nodeid.split("::", 1)[0]
+        return known.get(module, _SECONDS_PER_UNKNOWN_TEST * counts[module])
+
+    items.sort(key=lambda item: -cost(item))  # stable: a module's tests keep their order
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _longest_modules_first(items)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
@@ -46,11 +77,12 @@ def _one_thread_per_xdist_worker() -> None:
 
 
 # Tests whose Triton kernels run under the interpreter with its integer-overflow
-# sanitizer on: the kernels' own tests. Elsewhere (whole models on the `triton`
-# backend, int8 engines, edge networks) it is off: on the tiny shapes these tests use no
-# index can come near 2**31, and the sanitizer (an int64 recomputation and an assert
-# after every integer add, sub and mul) was half of the interpreter's time there.
-_SANITIZED = ("tests/kernels/",)
+# sanitizer on: the convolution kernels' own tests (the most index arithmetic, and the
+# int64-offset variant). Elsewhere it is off: on the tiny shapes tests use no index can
+# come near 2**31, and the sanitizer (an int64 recomputation and an assert after every
+# integer add, sub and mul) was half of the interpreter's time on whole models and a
+# fifth of it on the other kernels' tests (CI time).
+_SANITIZED = ("tests/kernels/test_conv2d.py",)
 
 
 @pytest.fixture(autouse=True)

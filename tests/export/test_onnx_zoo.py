@@ -59,7 +59,14 @@ def test_static_export_matches_eager(name, tmp_path):
     assert_matches(run_onnx(exp.path, *inputs), eager(model, "logits", *inputs))
 
 
-@pytest.mark.parametrize("name", SEGMENTATION)
+# DeepLab v3+ on MobileNetV2 is left out of the sweep (35 s of CI's time: torch.export and
+# torch.onnx trace its 17 blocks symbolically): its head is swept on ResNet-50, its
+# backbone's ops are in the static export above and its dynamic torch.export in
+# tests/models/test_zoo.py.
+DYNAMIC_SWEEP = [n for n in SEGMENTATION if n != "deeplabv3plus_mobilenetv2"]
+
+
+@pytest.mark.parametrize("name", DYNAMIC_SWEEP)
 def test_dynamic_export_matches_eager_at_other_sizes(name, tmp_path):
     model = models.create(name, tiny=True).eval()
     output = DYNAMIC_OUTPUT[name]
