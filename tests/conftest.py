@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,16 +37,11 @@ def _longest_modules_first(items: list[pytest.Item]) -> None:
         known: dict[str, float] = json.loads(_MODULE_SECONDS.read_text())
     except (OSError, ValueError):
         known = {}
-    counts: dict[str, int] = {}
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        counts[module] = counts.get(module, 0) + 1
-
-    def cost(item: pytest.Item) -> float:
-        module = item.nodeid.split("::", 1)[0]
-        return known.get(module, _SECONDS_PER_UNKNOWN_TEST * counts[module])
-
-    items.sort(key=lambda item: -cost(item))  # stable: a module's tests keep their order
+    modules = [item.nodeid.split("::", 1)[0] for item in items]
+    counts = Counter(modules)
+    cost = {m: known.get(m, _SECONDS_PER_UNKNOWN_TEST * n) for m, n in counts.items()}
+    order = sorted(range(len(items)), key=lambda i: -cost[modules[i]])  # stable
+    items[:] = [items[i] for i in order]  # a module's tests keep their order
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

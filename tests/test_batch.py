@@ -1,4 +1,4 @@
-"""`segfast batch` for real on a local Ray instance (2 CPUs, 2 actors): a folder of
+"""`segfast batch` for real on a local Ray instance (2 CPUs, 1–2 actors): a folder of
 PNGs, videos, a 1024×1024 tiled TIFF and a .npy array segmented into outputs equal to
 what `segfast run` and `segment_large` give; a corrupt file reported; a rerun that does
 nothing; a worker killed mid-job with nothing lost or duplicated; a job interrupted
