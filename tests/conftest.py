@@ -9,6 +9,8 @@ only when CUDA is present.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import os
 from collections import Counter
@@ -79,6 +81,92 @@ def _one_thread_per_xdist_worker() -> None:
 # integer add, sub and mul) was half of the interpreter's time on whole models and a
 # fifth of it on the other kernels' tests (CI time).
 _SANITIZED = ("tests/kernels/test_conv2d.py",)
+
+
+def _patch_the_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` (``inspect.getmembers`` over tl,
+    tl.tensor and tl.math: ~2 ms) at every launch *and at every call of a @triton.jit
+    helper inside it* — for every program of the grid. The launch's patch already covers
+    the helpers (the language modules are the same objects), and the helpers' patches
+    are never restored (they only set again what the launch set), so inside a launch a
+    helper whose language modules the launch patched skips it. What runs is unchanged;
+    a third of some tests' interpreter time was this re-patching (CI time). Another
+    Triton whose interpreter lacks these names is left as it is."""
+    try:
+        from triton import language as tl
+        from triton.runtime import interpreter as interp
+    except ImportError:
+        return
+    patch_lang = getattr(interp, "_patch_lang", None)
+    executor = getattr(interp, "GridExecutor", None)
+    scope_type = getattr(interp, "_LangPatchScope", None)
+    if patch_lang is None or executor is None or scope_type is None:
+        return
+    if getattr(patch_lang, "_segfast_once_per_launch", False):
+        return
+    launch: dict[str, object] = {"active": False, "patched": frozenset()}
+
+    def langs_of(fn) -> frozenset[int]:
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    def once_per_launch(fn):
+        langs = langs_of(fn)
+        if launch["active"] and langs <= launch["patched"]:
+            return scope_type()  # nothing set, nothing to restore
+        scope = patch_lang(fn)
+        if launch["active"]:
+            launch["patched"] = launch["patched"] | langs
+        return scope
+
+    once_per_launch._segfast_once_per_launch = True
+    run_grid = executor.__call__
+
+    def call(self, *args, **kwargs):
+        launch["active"], launch["patched"] = True, frozenset()
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            launch["active"], launch["patched"] = False, frozenset()
+
+    interp._patch_lang = once_per_launch
+    executor.__call__ = call
+
+
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_launch()
+
+
+def _scan_torchlib_once() -> None:
+    """Every ``torch.onnx.export`` builds its registry from onnxscript's torchlib, and
+    onnxscript's ``get_torchlib_ops`` re-parses the source of its ~500 functions each
+    time (``inspect.getsource`` + ``ast.parse``, only to read each one's domain): 1.2 s of
+    every export, 73 exports in the suite (CI time). The list it returns (name, the
+    registry's own function objects, domain) does not change within a process, so the
+    tests scan once and hand each export a fresh copy of the list. Another torch or
+    onnxscript without these names is left as it is."""
+    try:
+        from torch.onnx._internal import _lazy_import
+    except ImportError:
+        return
+    lazy = getattr(_lazy_import, "onnxscript_apis", None)
+    name = getattr(lazy, "_name", None)  # a _LazyModule; the module itself has __name__
+    try:
+        module = importlib.import_module(name or lazy.__name__)
+    except (ImportError, AttributeError):
+        return  # no onnxscript: the ONNX tests skip
+    scan = getattr(module, "get_torchlib_ops", None)
+    if scan is None or getattr(scan, "_segfast_once", False):
+        return
+    once = functools.cache(scan)
+
+    def get_torchlib_ops():
+        return list(once())
+
+    get_torchlib_ops._segfast_once = True
+    module.get_torchlib_ops = get_torchlib_ops
+
+
+_scan_torchlib_once()
 
 
 @pytest.fixture(autouse=True)

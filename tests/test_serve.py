@@ -107,7 +107,11 @@ def service(engine_file, tmp_path_factory):
     finally:
         proc.send_signal(signal.SIGINT)  # the command shuts Serve and Ray down
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)  # (Serve's shutdown on 2 busy cores can take a minute: not waited for)
+            # Serve shuts down in ~4 s on a quiet machine, a minute or more on 2 busy
+            # cores: not waited for (it was 20 s of CI's time at the end of a worker).
+            # Serve's actors run in process groups of their own; with Ray's daemons gone
+            # they exit by themselves within seconds.
+            proc.wait(5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything of Ray's still there
 

@@ -4,10 +4,11 @@ shared-memory overflow (``segfast.kernels.compile_check``; no GPU needed).
 The check runs in a child process: this suite runs Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest), under which the kernels are interpreted functions
 with a single interpreter config, while the check compiles the real JIT functions over
-the GPU autotune spaces. CI compiles the representative configs of every case (the
-hungriest config of every launch, every kernel in every dtype on every target and every
-code path in fp16 on sm_90, see ``compile_check.plan``);
-``python benchmarks/compile_targets.py`` sweeps every config.
+the GPU autotune spaces. CI compiles the hungriest config of every kernel in every dtype
+on every target (``--configs kernels``, 104 compiles) and drives every case's launcher;
+``python benchmarks/compile_targets.py --configs representative`` also compiles every
+code path in fp16 on sm_90 (176 compiles: ~100 CPU-s more than CI's 20 minutes had room
+for), and without ``--configs`` it sweeps every config.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def test_every_kernel_compiles_for_the_targets(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     report = tmp_path / "compile_check.json"
-    cmd = [sys.executable, "-m", "segfast.kernels.compile_check", "--configs", "representative",
+    cmd = [sys.executable, "-m", "segfast.kernels.compile_check", "--configs", "kernels",
            "--jobs", "2", "--problems-only", "--json", str(report)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert report.exists(), f"the compile check did not finish:\n{proc.stderr[-3000:]}"
@@ -68,7 +69,8 @@ def test_every_kernel_compiles_for_the_targets(tmp_path):
             d for case in cc.CASES for d in case.dtypes if case.module == kernel.split(".")[0]
         }
         assert {r["dtype"] for r in rows} == dtypes, kernel
-    assert {r["case"] for r in results} == {case.name for case in cc.CASES}
+    # every case was driven through its launcher: a capture error is a row with problems
+    assert not [r for r in results if (r.get("error") or "").startswith("capture:")]
 
     bad = [r for r in results if r["problems"]]
     assert not bad, f"{len(bad)} combinations fail on the targets:\n{proc.stdout}"
