@@ -16,6 +16,7 @@ import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 
 aten = torch.ops.aten
 
@@ -99,8 +100,16 @@ def constant_source(gm: fx.GraphModule, node: Any) -> str | None:
 
 
 def fake_mode_of(gm: fx.GraphModule) -> Any:
-    vals = [n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    """The fake mode of ``gm``'s values (the tracing context's or an active one first, as
+    ``detect_fake_mode`` has it). One fake value says which: every pass that adds a
+    constant or infers a value asks, and handing ``detect_fake_mode`` every value of the
+    graph each time made those passes quadratic (4 of the 16 s of an int8 DeepLab v3+
+    compile)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, FakeTensor):
+            return detect_fake_mode([v])
+    return detect_fake_mode([])
 
 
 def _to_fake(x: Any) -> Any:
