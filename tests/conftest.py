@@ -90,7 +90,7 @@ def _patch_the_language_once_per_launch() -> None:
     the helpers (the language modules are the same objects), and the helpers' patches
     are never restored (they only set again what the launch set), so inside a launch a
     helper whose language modules the launch patched skips it. What runs is unchanged;
-    a third of some tests' interpreter time was this re-patching (CI time). Another
+    up to a fifth of a test's interpreter time was this re-patching (CI time). Another
     Triton whose interpreter lacks these names is left as it is."""
     try:
         from triton import language as tl
