@@ -106,6 +106,7 @@ def _patch_the_language_once_per_launch() -> None:
         return
     launch: dict[str, object] = {"active": False, "patched": frozenset()}
 
+    @functools.cache  # asked at every helper call of every program: once per function
     def langs_of(fn) -> frozenset[int]:
         return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
 
