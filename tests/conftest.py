@@ -22,6 +22,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor compiles in a pool of worker processes, each importing torch (~4 CPU-s), in
+# every test process that compiles; the tests' graphs are tiny: compiled in-process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 # Seconds each test module took in a cold-cache `make test` on CI's kind of machine
@@ -55,6 +58,49 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- services that end with their module ---------------------------------------------
+# A Ray instance or a `segfast serve` service lives in a session fixture (pytest-xdist
+# tears module fixtures down whenever a worker runs out of queued tests, and starting
+# them again costs tens of seconds). Left up until the worker ends, though, it costs
+# CPU while every other module runs: an idle `segfast serve` (Ray, Serve's controller,
+# proxy and replica) keeps ~0.3 of a core busy, a bare local Ray ~0.1 — minutes of
+# CI's two cores. So a fixture hands its shutdown to ``at_module_end``, which runs it
+# when the last test of the module that started it has finished in this process (all
+# of a module's tests run in one process under ``--dist loadscope``; otherwise the
+# count never reaches zero and the session's teardown does it). Shutdowns must be
+# idempotent: the session teardown calls them again.
+_MODULE_END: dict[Path, list] = {}  # a test module's file -> its shutdowns
+_TESTS_LEFT: Counter | None = None  # a test module's file -> its tests not yet run here
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    global _TESTS_LEFT
+    if _TESTS_LEFT is None:
+        _TESTS_LEFT = Counter(i.path.resolve() for i in item.session.items)
+    module = item.path.resolve()
+    _TESTS_LEFT[module] -= 1
+    if _TESTS_LEFT[module] <= 0:
+        for shutdown in _MODULE_END.pop(module, []):
+            shutdown()
+
+
+@pytest.fixture(scope="session")
+def at_module_end():
+    """``at_module_end(__file__, fn)``: run ``fn`` once that test module has no test left
+    to run in this process (at once if it has none)."""
+
+    def register(module_file: str, shutdown) -> None:
+        module = Path(module_file).resolve()
+        if _TESTS_LEFT is not None and _TESTS_LEFT[module] <= 0:
+            shutdown()
+        else:
+            _MODULE_END.setdefault(module, []).append(shutdown)
+
+    return register
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +179,74 @@ def _patch_the_language_once_per_launch() -> None:
     executor.__call__ = call
 
 
+def _cheaper_interpreter_types() -> None:
+    """Triton's interpreter runs the language's type checking for real, in every op of
+    every program, and pays for bookkeeping there that compiling pays once:
+    ``broadcast_impl_value`` compares the operands' shapes (tuples) with the result's (a
+    list), always finds them different and broadcasts both operands of every binary op
+    to the shape they already have (two views, two tensors, two block types); every
+    block type is built anew (``with_element_ty``, and ``block_type.to_ir`` →
+    ``get_block_ty`` for every splat); ``_get_np_dtype`` rebuilds an 18-entry table at
+    every call. Here operands of one shape are returned as they are, block types
+    (element type and shape: immutable values) are made once, and numpy dtypes are
+    looked up by type name. What runs is unchanged; a Triton-backend test's time went
+    43 → 33 s (CI time). Another Triton without these names is left as it is."""
+    try:
+        from triton.language import core as tl_core
+        from triton.language import semantic
+        from triton.runtime import interpreter as interp
+    except ImportError:
+        return
+    sem = getattr(semantic, "TritonSemantic", None)
+    builder = getattr(interp, "InterpreterBuilder", None)
+    block_type = getattr(tl_core, "block_type", None)
+    if sem is None or builder is None or block_type is None:
+        return
+    broadcast = getattr(sem, "broadcast_impl_value", None)
+    if broadcast is None or getattr(broadcast, "_segfast_fast", False):
+        return
+
+    def broadcast_impl_value(self, lhs, rhs):
+        lt, rt = lhs.type, rhs.type
+        if lt.is_block() and rt.is_block() and lt.get_block_shapes() == rt.get_block_shapes():
+            return lhs, rhs
+        return broadcast(self, lhs, rhs)
+
+    broadcast_impl_value._segfast_fast = True
+    sem.broadcast_impl_value = broadcast_impl_value
+    types: dict[tuple, object] = {}
+
+    def block_of(dtype, shape):
+        key = (dtype, tuple(shape))
+        try:
+            ty = types.get(key)
+        except TypeError:  # an unhashable element type (a pointer): made each time
+            return block_type(dtype, shape)
+        if ty is None:
+            ty = types[key] = block_type(dtype, shape)
+        return ty
+
+    builder.get_block_ty = lambda self, dtype, shape: block_of(dtype, shape)
+    block_type.with_element_ty = lambda self, scalar_ty: block_of(scalar_ty, self.shape)
+    np_dtype = getattr(interp, "_get_np_dtype", None)
+    if np_dtype is not None:  # rebuilds a table of 18 types at every call
+        by_name: dict[str, object] = {}
+
+        def get_np_dtype(tt_dtype):
+            name = getattr(tt_dtype, "name", None)
+            found = by_name.get(name) if isinstance(name, str) else None
+            if found is None:
+                found = np_dtype(tt_dtype)
+                if isinstance(name, str):
+                    by_name[name] = found
+            return found
+
+        interp._get_np_dtype = get_np_dtype
+
+
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1":
     _patch_the_language_once_per_launch()
+    _cheaper_interpreter_types()
 
 
 def _scan_torchlib_once() -> None:

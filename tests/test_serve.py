@@ -76,8 +76,10 @@ def engine_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service(engine_file, tmp_path_factory):
-    """The service: `segfast serve` in its own process group (Ray's processes with it)."""
+def service(engine_file, tmp_path_factory, at_module_end):
+    """The service: `segfast serve` in its own process group (Ray's processes with it),
+    stopped as soon as this module's last test is done (idle, it keeps ~0.3 of a core
+    busy)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
@@ -89,6 +91,23 @@ def service(engine_file, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    stopped = []
+
+    def stop() -> None:
+        if stopped:
+            return
+        stopped.append(True)
+        proc.send_signal(signal.SIGINT)  # the command shuts Serve and Ray down
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            # Serve shuts down in ~4 s on a quiet machine, a minute or more on 2 busy
+            # cores: not waited for (it was 20 s of CI's time at the end of a worker).
+            # Serve's actors run in process groups of their own; with Ray's daemons gone
+            # they exit by themselves within seconds.
+            proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of Ray's still there
+
+    at_module_end(__file__, stop)
     try:
         deadline = time.time() + 240
         while True:
@@ -105,15 +124,7 @@ def service(engine_file, tmp_path_factory):
             time.sleep(1.0)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)  # the command shuts Serve and Ray down
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            # Serve shuts down in ~4 s on a quiet machine, a minute or more on 2 busy
-            # cores: not waited for (it was 20 s of CI's time at the end of a worker).
-            # Serve's actors run in process groups of their own; with Ray's daemons gone
-            # they exit by themselves within seconds.
-            proc.wait(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of Ray's still there
+        stop()
 
 
 @pytest.fixture(scope="module")
