@@ -227,6 +227,7 @@ class Native:
         self.subpixel2.restype = None
         self.subpixel2.argtypes = (
             [_PTR] + [_I64] * 7 + [_PTR] + [_I64] * 3 + [_PTR, _INT, _FLOAT, _PTR] + [_I64] * 3
+            + [_INT]
         )  # fmt: skip
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT

@@ -434,7 +434,6 @@ def _conv2d_step(
         ):
             conv = gemm1x1.GemmConv1x1(weight, bias, act, act_param, residual_after_act)
             return conv, (x, residual), _GEMM_1X1
-        c_in = int(weight.shape[1])
         if (
             x2 is None
             and residual is None
@@ -442,7 +441,11 @@ def _conv2d_step(
         ):
             conv = narrow.NarrowConv2d(native, weight, bias, padding, dilation, act, act_param)
             return conv, (x,), "conv2d with 17–24 output channels (segfast kernel)"
-        wino = _takes_winograd(native, use_winograd, weight, stride, dilation, groups, xv)
+    if native is not None and weight.dtype in subpixel.DTYPES:  # fp32 from above, or bf16
+        c_in = int(weight.shape[1])
+        wino = weight.dtype == torch.float32 and _takes_winograd(
+            native, use_winograd, weight, stride, dilation, groups, xv
+        )
         if (
             use_subpixel
             and x2 is not None

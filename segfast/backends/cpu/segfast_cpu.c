@@ -2053,30 +2053,52 @@ void sf_se_gate(const void* restrict x, int bf16, int64_t N, int64_t HW, int64_t
  *   y[n, 2i+a, 2j+b, k] = act(bias[k] + Z[n, i+a, j+b, (2a+b)·K + k] (+ S[n, 2i+a, 2j+b, k]))
  * S: the conv of the other (full-resolution) source of a two-source conv, or NULL; y
  * may be S itself (each element is read once, then written). Z is [N, h+1, w+1, 4K],
- * S and y [N, 2h, 2w, K], all with channel stride 1. Reference:
+ * S and y [N, 2h, 2w, K], all with channel stride 1; Z, S and y all fp32, or all bf16
+ * when bf16 is set (summed in fp32, y rounded once to nearest even). Reference:
  * segfast/backends/cpu/subpixel.py. */
-void sf_subpixel2(const float* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
-                  int64_t zsh, int64_t zsw, int64_t K, const float* S, int64_t ssn,
-                  int64_t ssh, int64_t ssw, const float* restrict bias, int act, float ap,
-                  float* y, int64_t ysn, int64_t ysh, int64_t ysw) {
-  const int64_t rows = N * 2 * h;
-#pragma omp parallel for schedule(static) if (rows * w * K > 32768)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = r / (2 * h), oh = r % (2 * h), i = oh >> 1, a = oh & 1;
-    const float* zr = Z + n * zsn + (i + a) * zsh;
-    const float* sr = S ? S + n * ssn + oh * ssh : 0;
-    float* yr = y + n * ysn + oh * ysh;
-    for (int64_t ow = 0; ow < 2 * w; ++ow) {
-      const int64_t j = ow >> 1, b = ow & 1;
-      const float* zp = zr + (j + b) * zsw + (2 * a + b) * K;
-      const float* sp = sr ? sr + ow * ssw : 0;
-      float* yp = yr + ow * ysw;
+static inline __attribute__((always_inline)) void sf_subpixel2_rows(
+    const void* restrict Z, const int bf16, int64_t h, int64_t w, int64_t zsn, int64_t zsh,
+    int64_t zsw, int64_t K, const void* S, int64_t ssn, int64_t ssh, int64_t ssw,
+    const float* restrict bias, int act, float ap, void* y, int64_t ysn, int64_t ysh,
+    int64_t ysw, int64_t r) {
+  const int64_t n = r / (2 * h), oh = r % (2 * h), i = oh >> 1, a = oh & 1;
+  const int64_t zr = n * zsn + (i + a) * zsh, sr = n * ssn + oh * ssh, yr = n * ysn + oh * ysh;
+  for (int64_t ow = 0; ow < 2 * w; ++ow) {
+    const int64_t j = ow >> 1, b = ow & 1;
+    const int64_t zp = zr + (j + b) * zsw + (2 * a + b) * K, sp = sr + ow * ssw,
+                  yp = yr + ow * ysw;
+    if (!bf16) {
       for (int64_t k = 0; k < K; k += SF_NL) {
         const int cn = K - k < SF_NL ? (int)(K - k) : SF_NL;
-        sf_vn v = sf_load_n(zp + k, cn) + sf_load_n(bias + k, cn);
-        if (sp) v += sf_load_n(sp + k, cn);
-        sf_store_n(yp + k, sf_act_n(v, act, ap), cn);
+        sf_vn v = sf_load_n((const float*)Z + zp + k, cn) + sf_load_n(bias + k, cn);
+        if (S) v += sf_load_n((const float*)S + sp + k, cn);
+        sf_store_n((float*)y + yp + k, sf_act_n(v, act, ap), cn);
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 16) {
+        const int cn = K - k < 16 ? (int)(K - k) : 16;
+        sf_v16 v = sf_load_any(Z, 1, zp + k, cn) + sf_load(bias + k, cn);
+        if (S) v += sf_load_any(S, 1, sp + k, cn);
+        sf_store_any(y, 1, yp + k, sf_act_v(v, act, ap), cn);
       }
     }
+  }
+}
+
+void sf_subpixel2(const void* restrict Z, int64_t N, int64_t h, int64_t w, int64_t zsn,
+                  int64_t zsh, int64_t zsw, int64_t K, const void* S, int64_t ssn,
+                  int64_t ssh, int64_t ssw, const float* restrict bias, int act, float ap,
+                  void* y, int64_t ysn, int64_t ysh, int64_t ysw, int bf16) {
+  const int64_t rows = N * 2 * h;
+  if (bf16) {
+#pragma omp parallel for schedule(static) if (rows * w * K > 32768)
+    for (int64_t r = 0; r < rows; ++r)
+      sf_subpixel2_rows(Z, 1, h, w, zsn, zsh, zsw, K, S, ssn, ssh, ssw, bias, act, ap, y, ysn,
+                        ysh, ysw, r);
+  } else {
+#pragma omp parallel for schedule(static) if (rows * w * K > 32768)
+    for (int64_t r = 0; r < rows; ++r)
+      sf_subpixel2_rows(Z, 0, h, w, zsn, zsh, zsw, K, S, ssn, ssh, ssw, bias, act, ap, y, ysn,
+                        ysh, ysw, r);
   }
 }

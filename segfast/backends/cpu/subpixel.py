@@ -13,10 +13,14 @@ outputs and padding 1 (phase ``(a, b)``'s output at ``(i, j)`` is that conv's at
 ``sf_subpixel2`` interleaves the phases into the output, adding that share, the bias
 and the activation in the same pass. The upsampled tensor is never written.
 
-Exact up to fp32 summation order (two kernel taps are summed in the weight).
-Reference: the conv of the upsampled, joined input (:func:`segfast.compiler.ops.conv2d_impl`);
-every call it cannot take (another dtype, sizes that are not exactly ×2, a residual,
-empty maps) runs that oneDNN conv.
+Exact up to fp32 summation order (two kernel taps are summed in the weight). In
+bf16 (an engine built with ``precision="bf16"``) the phase weights are summed in
+float64 and rounded once to bf16, oneDNN's convs write bf16, and ``sf_subpixel2`` sums
+the phase, the skip's share and the bias in fp32 and rounds once more — two bf16
+roundings where the upsampled conv has one. Reference: the conv of the upsampled,
+joined input (:func:`segfast.compiler.ops.conv2d_impl`); every call it cannot take
+(another dtype, sizes that are not exactly ×2, a residual, empty maps) runs that
+oneDNN conv.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from segfast.backends.cpu.onednn import PackedConv2d
 from segfast.compiler import ops
 
 MODES = ("nearest", "nearest-exact")  # identical at exactly ×2: source row ⌊o/2⌋
+DTYPES = (torch.float32, torch.bfloat16)  # the weight's, the sources' and the output's
 
 # Source rows each phase's 2×2 kernel row reads, as sums of 3×3 kernel rows.
 _PHASE_ROWS = (
@@ -65,7 +70,7 @@ def applies(
 ) -> bool:
     """Whether a conv of a ×2 nearest upsample can be computed at the source."""
     return (
-        weight.dtype == torch.float32
+        weight.dtype in DTYPES
         and tuple(weight.shape[2:]) == (3, 3)
         and [int(s) for s in stride] == [1, 1]
         and [int(p) for p in padding] == [1, 1]
@@ -136,11 +141,14 @@ class NearestUpConv3x3:
         skip_size: Sequence[Any] | None = None,
     ) -> None:
         if not applies(weight, [1, 1], [1, 1], [1, 1], 1, mode, scales, act):
-            raise ValueError("NearestUpConv3x3 takes fp32 3×3 convs of a ×2 nearest upsample")
+            raise ValueError(
+                "NearestUpConv3x3 takes fp32 or bf16 3×3 convs of a ×2 nearest upsample"
+            )
         k, c = int(weight.shape[0]), int(weight.shape[1])
         if not 0 < up_channels <= c:
             raise ValueError(f"up_channels must be in 1..{c}, got {up_channels}")
         self.native = native
+        self.dtype = weight.dtype
         self.k, self.cu, self.cs = k, int(up_channels), c - int(up_channels)
         self.act, self.act_param = act, float(act_param)
         self.mode, self.scales, self.up_first = mode, scales, bool(up_first)
@@ -192,10 +200,10 @@ class NearestUpConv3x3:
         n, c, h, w = x2.shape
         if (
             residual is not None
-            or x2.dtype != torch.float32
+            or x2.dtype != self.dtype
             or c != self.cu
             or n * h * w == 0
-            or (x is not None and (x.dtype != torch.float32
+            or (x is not None and (x.dtype != self.dtype
                                    or tuple(x.shape) != (n, self.cs, 2 * h, 2 * w)))
         ):  # fmt: skip
             return self._fallback(x, residual, x2)
@@ -204,10 +212,13 @@ class NearestUpConv3x3:
             y = ops.to_nhwc(self.skip(x))  # the skip's share; the result goes here too
             s: tuple[Any, ...] = (y.data_ptr(), *nhwc_strides(y))
         else:
-            y = torch.empty((n, self.k, 2 * h, 2 * w), memory_format=torch.channels_last)
+            y = torch.empty(
+                (n, self.k, 2 * h, 2 * w), dtype=self.dtype, memory_format=torch.channels_last
+            )
             s = (None, 0, 0, 0)
         self.native.subpixel2(
             z.data_ptr(), n, h, w, *nhwc_strides(z), self.k, *s, self.bias.data_ptr(),
             ACT_CODES[self.act], self.act_param, y.data_ptr(), *nhwc_strides(y),
+            int(self.dtype == torch.bfloat16),
         )  # fmt: skip
         return y

@@ -17,6 +17,9 @@ from segfast.testing import randomised_bn
 KIND = "conv2d 3×3 of a ×2 nearest upsample, at the source resolution (segfast kernel)"
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="segfast's CPU kernels not built")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not ops._mkldnn_ok(torch.bfloat16), reason="oneDNN has no bf16 convolutions on this CPU"
+)
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,34 @@ def test_conv_of_the_upsample_at_the_source(n, cu, cs, k, h, w, first, act):
     torch.testing.assert_close(out, _ref(skip, low, wt, b, act, first), rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn_bf16
+@pytest.mark.parametrize(
+    ("n", "cu", "cs", "k", "h", "w", "first"),
+    [(1, 3, 0, 1, 1, 1, True), (2, 5, 3, 7, 4, 9, False), (1, 17, 0, 13, 6, 5, True),
+     (3, 8, 16, 24, 3, 7, False), (1, 64, 24, 33, 16, 16, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("act", ["none", "relu", "silu", "hardswish"])
+def test_bf16_conv_of_the_upsample_at_the_source(n, cu, cs, k, h, w, first, act):
+    """bf16 (a bf16 engine's decoder): oneDNN's phase and skip convs in bf16, summed in
+    fp32 and rounded once by sf_subpixel2. Against the fp32 conv of the same bf16
+    operands: three roundings (the phase weights, the phase outputs, the result) — a
+    rel-L2 of ~2.7e-3 measured where oneDNN's bf16 conv of the upsample has ~1.7e-3; a
+    wrong phase or channel would be O(1)."""
+    g = torch.Generator().manual_seed(n * 1000 + cu * 10 + k)
+    low = _nhwc(torch.randn(n, cu, h, w, generator=g)).bfloat16()
+    skip = _nhwc(torch.randn(n, cs, 2 * h, 2 * w, generator=g)).bfloat16() if cs else None
+    wt = (torch.randn(k, cu + cs, 3, 3, generator=g) * 0.3).bfloat16()
+    b = torch.randn(k, generator=g).bfloat16()
+    conv = subpixel.NearestUpConv3x3(native.load(), wt, b, act, 0.1, cu, first, "nearest",
+                                     (2.0, 2.0))  # fmt: skip
+    out = conv(skip, None, low)
+    assert out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = _ref(None if skip is None else skip.float(), low.float(), wt.float(), b.float(), act,
+               first)  # fmt: skip
+    assert float((out.float() - ref).norm() / ref.norm()) <= 4e-3
+
+
 @pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
 def test_nchw_sources_no_bias_and_nearest_exact(mode):
     g = torch.Generator().manual_seed(3)
@@ -117,7 +148,8 @@ def test_applies_only_to_what_it_computes():
     w = torch.randn(4, 4, 3, 3)
     args = ([1, 1], [1, 1], [1, 1], 1, "nearest", (2.0, 2.0), "relu")
     assert subpixel.applies(w, *args)
-    assert not subpixel.applies(w.bfloat16(), *args)
+    assert subpixel.applies(w.bfloat16(), *args)
+    assert not subpixel.applies(w.half(), *args)
     assert not subpixel.applies(torch.randn(4, 4, 5, 5), *args)
     assert not subpixel.applies(w, [2, 2], *args[1:])
     assert not subpixel.applies(w, [1, 1], [0, 0], *args[2:])
@@ -198,6 +230,30 @@ def test_plan_takes_the_decoder_convs_and_matches_eager(skip_first):
     off = segfast.compile(model, x, backend="torch", options={"subpixel": False})
     assert not any(k.startswith(KIND) for k in off._runner.details["lowered"])
     torch.testing.assert_close(eng(x), off(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn_bf16
+def test_bf16_plan_takes_the_decoder_convs():
+    """A bf16 engine: every decoder conv of an upsample takes it (no Winograd in
+    bf16 to prefer), the result within bf16's tolerance of eager and close to the same
+    engine without it."""
+    torch.manual_seed(11)
+    model = randomised_bn(TinyUnetDecoder())
+    x = torch.randn(2, 3, 40, 56)
+    eng = segfast.compile(model, x, backend="torch", precision="bf16")
+    lowered = eng._runner.details["lowered"]
+    assert lowered[KIND + " two-source"] == 2
+    assert lowered[KIND] == 1
+    report = segfast.check(eng, model, [x, torch.randn(2, 3, 40, 56)])
+    assert report.passed, report
+    off = segfast.compile(model, x, backend="torch", precision="bf16",
+                          options={"subpixel": False})  # fmt: skip
+    assert not any(k.startswith(KIND) for k in off._runner.details["lowered"])
+    with torch.inference_mode():
+        ref = model(x)
+    for e in (eng, off):
+        y = e(x).float()
+        assert float((y - ref).norm() / ref.norm()) <= 5e-3  # measured 2.3e-3 both
 
 
 def test_plan_with_dynamic_sizes_falls_back_where_the_skip_is_not_twice():
