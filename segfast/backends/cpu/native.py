@@ -229,6 +229,9 @@ class Native:
             [_PTR] + [_I64] * 7 + [_PTR] + [_I64] * 3 + [_PTR, _INT, _FLOAT, _PTR] + [_I64] * 3
             + [_INT]
         )  # fmt: skip
+        self.to_nhwc = lib.sf_to_nhwc
+        self.to_nhwc.restype = None
+        self.to_nhwc.argtypes = [_PTR] + [_I64] * 8 + [_PTR, _INT]
         self.resize_dw = lib.sf_resize_dw
         self.resize_dw.restype = _INT
         self.resize_dw.argtypes = (

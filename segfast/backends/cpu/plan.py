@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import gemm1x1, int8, invres, narrow, se_gate, subpixel, winograd
+from segfast.backends.cpu import entry, gemm1x1, int8, invres, narrow, se_gate, subpixel, winograd
 from segfast.backends.cpu.depthwise import (
     ACT_CODES,
     NativeDepthwiseConv2d,
@@ -1208,6 +1208,13 @@ def lower(
         ):
             fn, args = step
             lowered["squeeze-excitation gate (segfast kernel)"] += 1
+        elif (
+            t is aten._to_copy.default
+            and native is not None
+            and entry.applies(kwargs, val(node).dtype, val(node).dim())
+        ):
+            fn, kwargs = entry.NativeToNHWC(native, val(node).dtype), {}
+            lowered["layout conversion to NHWC (segfast kernel)"] += 1
         elif t in _DIRECT:
             fn, kind = _DIRECT[t]
             lowered[kind] += 1
