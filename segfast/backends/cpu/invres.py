@@ -66,6 +66,18 @@ class Conv:
     groups: int
     act: str
     act_param: float
+    # (bottom, right) where they differ from ``padding`` (then top, left): a zero pad the
+    # plan folded in (efficientnet-pytorch's "same" padding before strided depthwise
+    # convs pads only the bottom and right)
+    pad_end: tuple[int, int] | None = None
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (t, left), (b, r) = self.padding, self.pad_end or self.padding
+        kh, kw = (int(k) for k in self.weight.shape[2:])
+        return (
+            ops._conv_out_size(h + t + b, kh, self.stride[0], 0, self.dilation[0]),
+            ops._conv_out_size(w + left + r, kw, self.stride[1], 0, self.dilation[1]),
+        )
 
 
 def _pad(t: Tensor, *size: int) -> Tensor:
@@ -125,7 +137,11 @@ class NativeInvertedResidual:
                 continue
             if tuple(conv.weight.shape[2:]) != (1, 1) or conv.groups != 1:
                 raise ValueError("expand and project must be 1×1 convolutions with groups=1")
-            if conv.stride != (1, 1) or conv.padding != (0, 0):
+            if (
+                conv.stride != (1, 1)
+                or conv.padding != (0, 0)
+                or conv.pad_end not in (None, (0, 0))
+            ):
                 raise ValueError("expand and project must have stride 1 and no padding")
         ce, one, kh, kw = depthwise.weight.shape
         if one != 1 or depthwise.groups != ce:
@@ -163,11 +179,7 @@ class NativeInvertedResidual:
             self.bp = bias(project, self.co, self.cop)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        d = self.depthwise
-        return (
-            ops._conv_out_size(h, self.kh, d.stride[0], d.padding[0], d.dilation[0]),
-            ops._conv_out_size(w, self.kw, d.stride[1], d.padding[1], d.dilation[1]),
-        )
+        return self.depthwise.out_size(h, w)
 
     def _composite(self, x: Tensor, residual: Tensor | None) -> Any:
         if self.project is None:
@@ -240,7 +252,11 @@ def _check(rc: int, name: str) -> None:
 
 
 def _conv(x: Tensor, c: Conv, residual: Tensor | None = None, after: bool = False) -> Tensor:
-    return ops.conv2d_one_source(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups,
+    padding = c.padding
+    if c.pad_end is not None and c.pad_end != c.padding:  # the graph's zero pad, then the conv
+        (t, left), (b, r) = c.padding, c.pad_end
+        x, padding = torch.nn.functional.pad(x, (left, r, t, b)), (0, 0)
+    return ops.conv2d_one_source(x, c.weight, c.bias, c.stride, padding, c.dilation, c.groups,
                                  c.act, c.act_param, residual, after)  # fmt: skip
 
 
@@ -271,6 +287,10 @@ def conv_spec(
     groups: int,
     act: str,
     act_param: float,
+    pad_end: Sequence[int] | None = None,
 ) -> Conv:
+    """``pad_end``: (bottom, right) where they differ from ``padding`` (top, left)."""
+    end = None if pad_end is None else (int(pad_end[0]), int(pad_end[1]))
     return Conv(weight, bias, (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1])),
-                (int(dilation[0]), int(dilation[1])), int(groups), str(act), float(act_param))  # fmt: skip
+                (int(dilation[0]), int(dilation[1])), int(groups), str(act), float(act_param),
+                end)  # fmt: skip

@@ -803,8 +803,9 @@ def _ring_front(
     """For a depthwise conv ``dw`` (``kh`` kernel rows) that starts a block of the
     inverted-residual kernel: the 1×1 expand conv it may absorb (read only by ``dw``,
     no residual, one source, not in ``taken``) or None, and whether the kernel's ring
-    of expanded rows pays for the depthwise input (:func:`.invres.worthwhile`)."""
-    expand = dw.args[0]
+    of expanded rows pays for the depthwise input (:func:`.invres.worthwhile`). A zero
+    pad between them (:func:`_padded_source`) is folded into the depthwise conv."""
+    source = expand = _padded_source(dw)[0]
     if not (
         isinstance(expand, fx.Node)
         and expand not in taken
@@ -814,7 +815,7 @@ def _ring_front(
         and expand.args[11] is None
     ):
         expand = None
-    src = val(dw.args[0])
+    src = val(source)
     h, w_ = (d if isinstance(d, int) else None for d in src.shape[2:])
     ring_rows = (kh - 1) * int(dw.args[5][0]) + 1
     return expand, invres.worthwhile(int(src.shape[1]), h, w_, ring_rows)
@@ -848,10 +849,34 @@ def _inverted_residuals(
     return out
 
 
+def _padded_source(dw: fx.Node) -> tuple[Any, tuple[int, int, int, int] | None]:
+    """What a depthwise conv of the inverted-residual kernel reads, and the zero pad it
+    folds in: ``(the pad's input, (top, bottom, left, right))`` where ``dw`` reads an
+    asymmetric zero pad that nothing else reads (the compiler folded the symmetric
+    ones into the conv; efficientnet-pytorch's "same" padding before every strided
+    depthwise conv pads the bottom and right only), else ``(dw's input, None)``. The
+    kernel reads zeros past the map anyway, so the padded copy — 96 channels at 256²
+    is 25 MB in smp's EfficientNet-B0 encoders at 512² — is never written, and the
+    expand conv before it can join the block."""
+    x = dw.args[0]
+    sides = zero_pad_sides(x)
+    if sides is None or len(x.users) != 1:
+        return x, None
+    return x.args[0], sides
+
+
 def _conv_spec(gm: fx.GraphModule, node: fx.Node) -> invres.Conv:
+    """The block's conv ``node``; a depthwise conv with its folded zero pad."""
     a = node.args
+    padding, end = [int(p) for p in a[4]], None
+    if not _pointwise_conv(gm, node):
+        _, sides = _padded_source(node)
+        if sides is not None:
+            top, bottom, left, right = sides
+            padding, end = [padding[0] + top, padding[1] + left], [
+                padding[0] + bottom, padding[1] + right]  # fmt: skip
     return invres.conv_spec(get_tensor(gm, a[1]), None if a[2] is None else get_tensor(gm, a[2]),
-                            a[3], a[4], a[5], a[6], a[7], a[8])  # fmt: skip
+                            a[3], padding, a[5], a[6], a[7], a[8], end)  # fmt: skip
 
 
 def _invres_step(
@@ -861,7 +886,7 @@ def _invres_step(
         native, None if expand is None else _conv_spec(gm, expand), _conv_spec(gm, dw),
         _conv_spec(gm, project), bool(project.args[10]),
     )  # fmt: skip
-    x = dw.args[0] if expand is None else expand.args[0]
+    x = _padded_source(dw)[0] if expand is None else expand.args[0]
     return block, (x, project.args[9])
 
 
@@ -919,7 +944,7 @@ def _se_front_step(
     front = invres.NativeInvertedResidual(
         native, None if expand is None else _conv_spec(gm, expand), _conv_spec(gm, dw), None
     )
-    return front, (dw.args[0] if expand is None else expand.args[0],)
+    return front, (_padded_source(dw)[0] if expand is None else expand.args[0],)
 
 
 class _PooledGate:
@@ -1083,16 +1108,21 @@ def lower(
     claimed = set(into) | set(separable)
     # sf_invres is width-generic (one register of lanes): with AVX-512 and on AVX2
     blocks = _inverted_residuals(gm, claimed) if direct or _eight_lane(native, use_avx2) else {}
-    folded = _pads_into_depthwise(gm, native, use_avx2)
     # SE blocks' fronts (expand → depthwise + the gate's mean): what no fusion above took
     fronts = {}
     if direct or _eight_lane(native, use_avx2):
-        taken = claimed | set(blocks) | set(folded)
+        taken = claimed | set(blocks)
         taken |= {n for pair in blocks.values() for n in pair if n is not None}
         fronts = _se_fronts(gm, native, taken)
     front_gates = {g: (dw, kernel) for dw, (_, g, _, kernel) in fronts.items()}
     front_readers = {conv for _, _, conv, _ in fronts.values()}
+    # a zero pad before a depthwise conv: folded into the block or front that took the
+    # conv, else (AVX2) into sf_dwconv8
+    ring_dws = {dw for _, dw in blocks.values()} | set(fronts)
+    folded = {c: v for c, v in _pads_into_depthwise(gm, native, use_avx2).items()
+              if c not in ring_dws}  # fmt: skip
     absorbed.update(conv.args[0] for conv in folded)  # the pads: their convs read past them
+    absorbed.update(dw.args[0] for dw in ring_dws if _padded_source(dw)[1] is not None)
     for expand, dw in blocks.values():
         absorbed.add(dw)
         if expand is not None:

@@ -173,3 +173,104 @@ def test_plan_fuses_se_fronts_with_dynamic_shapes(monkeypatch):
     for shape in [(1, 3, 40, 36), (1, 3, 30, 50), (1, 3, 17, 23)]:
         report = segfast.check(eng, model, torch.randn(*shape))
         assert report.passed, (shape, report)
+
+
+@pytest.mark.parametrize(("hw", "k", "sides"), [((17, 23), 3, (0, 1, 0, 1)),
+                                                 ((16, 16), 3, (0, 1, 0, 1)),
+                                                 ((13, 10), 5, (1, 2, 1, 2)),
+                                                 ((9, 12), 3, (2, 0, 1, 3))])  # fmt: skip
+@pytest.mark.parametrize("project", [False, True])
+def test_an_asymmetric_zero_pad_folds_into_the_depthwise_conv(hw, k, sides, project):
+    """efficientnet-pytorch's "same" padding (bottom and right only) as the kernel's
+    padding: against F.pad of the expanded map and an unpadded conv."""
+    torch.manual_seed(sum(hw) + k)
+    top, bottom, left, right = sides
+    e = conv_spec(torch.randn(40, 16, 1, 1) / 4, torch.randn(40) * 0.1, [1, 1], [0, 0], [1, 1],
+                  1, "silu", 0.0)  # fmt: skip
+    wd, bd = torch.randn(40, 1, k, k) / k, torch.randn(40) * 0.1
+    d = conv_spec(wd, bd, [2, 2], [top, left], [1, 1], 40, "silu", 0.0, pad_end=[bottom, right])
+    p = None
+    if project:
+        p = conv_spec(torch.randn(24, 40, 1, 1) / 6, torch.randn(24) * 0.1, [1, 1], [0, 0],
+                      [1, 1], 1, "none", 0.0)  # fmt: skip
+    x = torch.randn(2, 16, *hw).contiguous(memory_format=torch.channels_last)
+    h = torch.nn.functional.silu(torch.nn.functional.conv2d(x, e.weight, e.bias))
+    h = torch.nn.functional.pad(h, (left, right, top, bottom))
+    want = torch.nn.functional.silu(torch.nn.functional.conv2d(h, wd, bd, 2, groups=40))
+    block = NativeInvertedResidual(lib, e, d, p)
+    assert block.out_size(*hw) == tuple(want.shape[2:])
+    if project:
+        want = torch.nn.functional.conv2d(want, p.weight, p.bias)
+        assert_nhwc_close(block(x), want, 5e-6)
+        return
+    y, pooled = block(x)
+    assert_nhwc_close(y, want, 5e-6)
+    torch.testing.assert_close(pooled, want.mean((2, 3)), rtol=1e-5, atol=1e-5)
+    assert_nhwc_close(reference_front(x, e, d), want, 5e-6)  # the reference pads alike
+
+
+class SamePadded(nn.Module):
+    """efficientnet-pytorch's blocks as smp's "efficientnet-b0" encoder builds them: a
+    ZeroPad2d((0, 1, 0, 1)) between the expand conv and every stride-2 depthwise conv;
+    an MBConv with an SE gate and one without (an inverted residual block, 5×5 with
+    (1, 2, 1, 2)); ``shared``: the first pad also read by another conv (written, not
+    folded)."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.shared = shared
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.expand1 = nn.Sequential(nn.Conv2d(16, 96, 1, bias=False), nn.BatchNorm2d(96),
+                                     nn.SiLU())  # fmt: skip
+        self.pad1 = nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw1 = nn.Sequential(nn.Conv2d(96, 96, 3, 2, groups=96, bias=False),
+                                 nn.BatchNorm2d(96), nn.SiLU())  # fmt: skip
+        self.se1, self.se2 = nn.Conv2d(96, 4, 1), nn.Conv2d(4, 96, 1)
+        self.project1 = nn.Sequential(nn.Conv2d(96, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.expand2 = nn.Sequential(nn.Conv2d(24, 144, 1), nn.ReLU6())
+        self.pad2 = nn.ZeroPad2d((1, 2, 1, 2))
+        self.dw2 = nn.Sequential(nn.Conv2d(144, 144, 5, 2, groups=144), nn.ReLU6())
+        self.project2 = nn.Conv2d(144, 40, 1)
+        self.side = nn.Conv2d(96, 24, 3, 2)
+        self.head = nn.Conv2d(40, 3, 1)
+
+    def forward(self, x):
+        p = self.pad1(self.expand1(self.stem(x)))
+        d = self.dw1(p)
+        s = torch.sigmoid(self.se2(nn.functional.silu(self.se1(d.mean((2, 3), keepdim=True)))))
+        y = self.project1(d * s)
+        if self.shared:
+            y = y + self.side(p)
+        y = self.project2(self.dw2(self.pad2(self.expand2(y))))
+        return self.head(y)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_plan_folds_same_padding_into_blocks_and_fronts(monkeypatch, shared):
+    from segfast.backends.cpu import plan
+
+    plans = []
+    lower = plan.lower
+    monkeypatch.setattr(plan, "lower", lambda *a, **k: plans.append(lower(*a, **k)) or plans[-1])
+    monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
+    torch.manual_seed(12)
+    model = randomised_bn(SamePadded(shared))
+    x = torch.randn(2, 3, 40, 46)
+    eng = segfast.compile(model, x, backend="torch")
+    lowered = eng._runner.details["lowered"]
+    assert lowered[KIND] == 1  # shared: the front reads the written pad, without its expand
+    assert lowered["inverted residual block (segfast kernel)"] == 1
+    pads = [s for s in plans[-1].steps if s.fn is torch.ops.aten.constant_pad_nd.default]
+    assert len(pads) == (1 if shared else 0)  # a pad something else reads is written
+    report = segfast.check(eng, model, [x, torch.randn(2, 3, 40, 46)])
+    assert report.passed, report
+    assert max(a.rel_l2 for a in report.accuracy) <= 1e-5
+    if shared:
+        return
+    # dynamic sizes: odd and even maps under the same (0, 1, 0, 1) pad
+    eng = segfast.compile(model, x[:1], backend="torch", dynamic=True)
+    assert eng._runner.details["lowered"][KIND] == 1
+    for shape in [(1, 3, 40, 46), (1, 3, 33, 47), (1, 3, 17, 20)]:
+        report = segfast.check(eng, model, torch.randn(*shape))
+        assert report.passed, (shape, report)
+        assert max(a.rel_l2 for a in report.accuracy) <= 1e-5, shape
