@@ -967,6 +967,27 @@ class _OnTheMap:
         return self.fn(front[0], *args, **kwargs)
 
 
+# ops whose result is a view: its strides on size-1 dims are whatever the view made them
+_VIEWS = {
+    aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.permute.default,
+    aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.alias.default, aten.unflatten.int, aten.flatten.using_ints, aten.as_strided.default,
+}  # fmt: skip
+
+
+class _CanonicalStrides:
+    """A view op whose 4-D result gets its layout's canonical strides
+    (:func:`segfast.compiler.ops.canonical_strides`), so the PyTorch kernels reading it
+    take their channels_last paths."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return ops.canonical_strides(self.fn(*args, **kwargs))
+
+
 def _separable_step(
     gm: fx.GraphModule,
     native: Native,
@@ -1253,6 +1274,8 @@ def lower(
             lowered["max_pool2d (no indices)"] += 1
         if node in front_readers:  # the front's slot holds (map, means)
             fn = _OnTheMap(fn)
+        if t in _VIEWS and isinstance(val(node), torch.Tensor) and val(node).dim() == 4:
+            fn = _CanonicalStrides(fn)
         slot_of[node] = len(slot_of)
         pending.append((node, fn, args, kwargs))
 

@@ -514,3 +514,85 @@ def test_asymmetric_zero_pads_fold_into_8_lane_depthwise(monkeypatch):
         not in off._runner.details["lowered"]
     )
     assert segfast.check(off, m, [x]).passed
+
+
+def test_canonical_strides_of_views():
+    """A [1, H·W, C] token map permuted and reshaped to [1, C, H, W] is channels_last
+    with a batch stride of C: the same elements, re-strided canonically; other tensors
+    as they are."""
+    tok = torch.randn(1, 6 * 5, 7)
+    x = tok.permute(0, 2, 1).reshape(1, 7, 6, 5)
+    assert x.stride() == (7, 1, 35, 7)
+    y = ops.canonical_strides(x)
+    assert y.stride() == (210, 1, 35, 7)
+    assert y.data_ptr() == x.data_ptr()
+    assert torch.equal(y, x)
+    nchw = torch.randn(4, 1, 6, 5)[1:2].transpose(0, 1).reshape(1, 1, 6, 5)  # C = 1: both
+    assert ops.canonical_strides(nchw) is nchw
+    v = torch.randn(2, 7, 6, 5)[:1]  # NCHW, batch stride already canonical
+    assert ops.canonical_strides(v) is v
+    odd = torch.randn(1, 3, 8, 10)[..., ::2]  # neither layout
+    assert ops.canonical_strides(odd) is odd
+    assert ops.canonical_strides(tok) is tok  # not 4-D
+
+
+class TokenHead(nn.Module):
+    """SegFormer's all-MLP head: token maps [B, H·W, C] → Linear → [B, C, H, W] (a
+    permuted view) → bilinear to the largest map → concat of three → 1×1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.down = nn.Conv2d(16, 32, 3, 2, 1)
+        self.down2 = nn.Conv2d(32, 32, 3, 2, 1)
+        self.mlp1, self.mlp2, self.mlp3 = nn.Linear(16, 24), nn.Linear(32, 24), nn.Linear(32, 24)
+        self.fuse = nn.Conv2d(72, 5, 1)
+
+    def _tokens(self, f, mlp):
+        b, _, h, w = f.shape
+        t = mlp(f.flatten(2).transpose(1, 2))  # [B, H·W, 24]
+        return t.permute(0, 2, 1).reshape(b, -1, h, w)
+
+    def forward(self, x):
+        f1 = self.stem(x)
+        f2 = self.down(f1)
+        f3 = self.down2(f2)
+        a = self._tokens(f1, self.mlp1)
+        b = F.interpolate(self._tokens(f2, self.mlp2), size=a.shape[2:], mode="bilinear")
+        c = F.interpolate(self._tokens(f3, self.mlp3), size=a.shape[2:], mode="bilinear")
+        return self.fuse(torch.cat([c, b, a], 1))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_plan_gives_views_canonical_strides(monkeypatch, batch):
+    """The bilinear upsample of a permuted token map reads canonical channels_last
+    strides, so PyTorch runs (and writes) it channels_last; the result is eager's."""
+    from segfast.backends.cpu import plan as plan_mod
+
+    plans = []
+    lower = plan_mod.lower
+    monkeypatch.setattr(
+        plan_mod, "lower", lambda *a, **k: plans.append(lower(*a, **k)) or plans[-1]
+    )
+    torch.manual_seed(5)
+    model = TokenHead().eval()
+    x = torch.randn(batch, 3, 24, 40)
+    eng = segfast.compile(model, x, backend="torch")
+    report = segfast.check(eng, model, [x, torch.randn(batch, 3, 24, 40)])
+    assert report.passed, report
+    plan = plans[-1]
+    assert any(isinstance(s.fn, plan_mod._CanonicalStrides) for s in plan.steps)
+    # run the plan step by step: the upsample's input and output are NHWC
+    env: list = [None] * plan.n_slots
+    env[plan.inputs[0]] = x
+    seen = 0
+    for step in plan.steps:
+        args = step.args(env)
+        env[step.out] = step.fn(*args, **step.kwargs(env))
+        if step.fn is torch.ops.aten.upsample_bilinear2d.vec:
+            _, c, h, w = args[0].shape
+            assert args[0].stride() == (c * h * w, 1, w * c, c)
+            assert env[step.out].is_contiguous(memory_format=torch.channels_last)
+            assert not env[step.out].is_contiguous()
+            seen += 1
+    assert seen == 2
