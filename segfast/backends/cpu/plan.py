@@ -49,7 +49,17 @@ from typing import Any
 import torch
 from torch import fx
 
-from segfast.backends.cpu import entry, gemm1x1, int8, invres, narrow, se_gate, subpixel, winograd
+from segfast.backends.cpu import (
+    entry,
+    gemm1x1,
+    int8,
+    invres,
+    narrow,
+    resized_concat,
+    se_gate,
+    subpixel,
+    winograd,
+)
 from segfast.backends.cpu.depthwise import (
     ACT_CODES,
     NativeDepthwiseConv2d,
@@ -62,7 +72,7 @@ from segfast.backends.cpu.resize import NativeResize
 from segfast.backends.cpu.resize_dw import MIN_BYTES, ResizeDepthwiseConv2d, UpsampleSeparableConv2d
 from segfast.compiler import ops
 from segfast.compiler.graph import get_tensor, is_call, val
-from segfast.compiler.patterns import Resample, resample_of, zero_pad_sides
+from segfast.compiler.patterns import Resample, channel_concat, resample_of, zero_pad_sides
 
 aten = torch.ops.aten
 segfast_ops = torch.ops.segfast
@@ -361,6 +371,90 @@ def _nearest_up_convs(
         if subpixel.preferred(int(weight.shape[1]), 0, int(weight.shape[0]), wino, _pixels(low)):
             found[node] = (rs, [up, *absorbed])
     return found
+
+
+def _resized_concats(
+    gm: fx.GraphModule,
+) -> dict[fx.Node, tuple[list[Any], list[Any], list[resized_concat.Part], list[fx.Node]]]:
+    """1×1 convs of a channel concat with upsampled parts worth convolving at their
+    source resolution (:mod:`.resized_concat`): {conv: (each part's source, each
+    upsampled part's output size or None, the parts, the nodes the step absorbs — the
+    concat, the upsamples and their layout fixes)}. Every absorbed node has that one
+    reader."""
+    found = {}
+    for node in gm.graph.nodes:
+        if not is_call(node, segfast_ops.conv2d.default, ops.conv2d_impl):
+            continue
+        (x, w, b, stride, padding, dilation, groups, act, act_param, residual, _, x2,
+         *_) = node.args  # fmt: skip
+        if x2 is not None or residual is not None or not isinstance(x, fx.Node):
+            continue
+        constants = _onednn_constants(gm, w, b, act, act_param)
+        if constants is None:
+            continue
+        weight = constants[0]
+        if (
+            weight.dtype not in resized_concat.DTYPES
+            or tuple(weight.shape[2:]) != (1, 1)
+            or int(groups) != 1
+            or [int(v) for v in (*stride, *padding, *dilation)] != [1, 1, 0, 0, 1, 1]
+        ):
+            continue
+        absorbed = []
+        cat = x
+        if is_call(cat, ops.to_nhwc) and len(cat.users) == 1:
+            absorbed.append(cat)
+            cat = cat.args[0]
+        parts = channel_concat(cat) if isinstance(cat, fx.Node) else None
+        if parts is None or len(cat.users) != 1 or not all(isinstance(p, fx.Node) for p in parts):
+            continue
+        absorbed.append(cat)
+        out_pixels = _pixels(val(cat))
+        sources, sizes, specs = [], [], []
+        for p in parts:
+            chain, up = [], p
+            if is_call(up, ops.to_nhwc) and len(up.users) == 1:
+                chain, up = [up], up.args[0]
+            rs = resample_of(up) if isinstance(up, fx.Node) else None
+            size = rs.size_for_graph() if rs is not None else None
+            c = int(val(p).shape[1])
+            if (
+                rs is not None
+                and size is not None
+                and len(up.users) == 1
+                and isinstance(rs.input, fx.Node)
+                and resized_concat.worthwhile(c, _pixels(val(rs.input)), out_pixels)
+            ):
+                specs.append(resized_concat.Part(c, True, rs.mode, rs.align_corners,
+                                                 rs.scale_h, rs.scale_w))  # fmt: skip
+                sources.append(rs.input)
+                sizes.append(list(size))
+                absorbed += [up, *chain]
+            else:
+                specs.append(resized_concat.Part(c, False))
+                sources.append(p)
+                sizes.append(None)
+        if any(spec.resize for spec in specs) and len(set(absorbed)) == len(absorbed):
+            found[node] = (sources, sizes, specs, absorbed)
+    return found
+
+
+def _resized_concat_step(
+    gm: fx.GraphModule, node: fx.Node, spec: tuple[list[Any], list[Any], list[Any], list[Any]]
+) -> tuple[Callable, tuple]:
+    sources, sizes, parts, _ = spec
+    (_, w, b, _, _, _, _, act, act_param, *_) = node.args
+    weight, bias = _onednn_constants(gm, w, b, act, act_param)  # type: ignore[misc]
+    conv = resized_concat.ResizedConcatConv1x1(
+        weight, bias, act, act_param, parts, [tuple(val(s).shape) for s in sources]
+    )
+    args: list[Any] = []
+    for src, size in zip(sources, sizes, strict=True):
+        args += [src, size]
+    return conv, tuple(args)
+
+
+_RESIZED_CONCAT = "conv2d 1×1 of a concat of upsamples, at the sources' resolutions"
 
 
 def _subpixel_step(
@@ -1152,6 +1246,9 @@ def lower(
     up_convs = _nearest_up_convs(gm, native, use_winograd, use_avx2) if use_subpixel else {}
     for _, ups in up_convs.values():
         absorbed.update(ups)
+    resized_cats = _resized_concats(gm)
+    for _, _, _, nodes_in in resized_cats.values():
+        absorbed.update(nodes_in)
     out_node = next(n for n in nodes if n.op == "output")
     final = _output_upsample(out_node.args[0]) if native is not None else None
     if final is not None:
@@ -1218,6 +1315,9 @@ def lower(
             fn = NativeResize(native, rs.align_corners, (rs.scale_h, rs.scale_w)).logits
             args = (rs.input, list(rs.size_for_graph()))
             lowered["bilinear upsample of the logits, NCHW out (segfast kernel)"] += 1
+        elif node in resized_cats:
+            fn, args = _resized_concat_step(gm, node, resized_cats[node])
+            lowered[_RESIZED_CONCAT] += 1
         elif t is segfast_ops.conv2d.default or t is ops.conv2d_impl:
             step = _conv2d_step(
                 gm, node, native, use_winograd, use_avx2, folded.get(node), use_subpixel
