@@ -254,6 +254,14 @@ def test_bf16_plan_takes_the_decoder_convs():
     for e in (eng, off):
         y = e(x).float()
         assert float((y - ref).norm() / ref.norm()) <= 5e-3  # measured 2.3e-3 both
+    # dynamic sizes: where a join is not ×2 the upsampled bf16 conv runs
+    model = randomised_bn(TinyUnetDecoder(size_from_skip=True))
+    eng = segfast.compile(model, torch.randn(1, 3, 64, 64), backend="torch", precision="bf16",
+                          dynamic=True)  # fmt: skip
+    assert eng._runner.details["lowered"][KIND + " two-source"] == 2
+    for shape in [(1, 3, 64, 64), (1, 3, 50, 70)]:
+        report = segfast.check(eng, model, torch.randn(*shape))
+        assert report.passed, (shape, report)
 
 
 def test_plan_with_dynamic_sizes_falls_back_where_the_skip_is_not_twice():
