@@ -81,7 +81,15 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "smp_linknet_r18": (_smp("Linknet", "resnet18"), 'smp Linknet("resnet18")'),
     "smp_upernet_r18": (_smp("UPerNet", "resnet18"), 'smp UPerNet("resnet18")'),
     "smp_segformer_b0": (_smp("Segformer", "mit_b0"), 'smp Segformer("mit_b0")'),
+    # not in the default run (the table in the README): other encoders and heads
+    "smp_unet_mitb0": (_smp("Unet", "mit_b0"), 'smp Unet("mit_b0")'),
+    "smp_fpn_b0": (_smp("FPN", "efficientnet-b0"), 'smp FPN("efficientnet-b0")'),
+    "smp_dlv3_mnv2": (_smp("DeepLabV3", "mobilenet_v2"), 'smp DeepLabV3("mobilenet_v2")'),
+    "smp_linknet_b0": (_smp("Linknet", "efficientnet-b0"), 'smp Linknet("efficientnet-b0")'),
+    "smp_dpt_vit": (_smp("DPT", "tu-vit_small_patch16_224.augreg_in21k"), 'smp DPT(ViT-S/16)'),
 }  # fmt: skip
+DEFAULT = [k for k in MODELS if k not in {
+    "smp_unet_mitb0", "smp_fpn_b0", "smp_dlv3_mnv2", "smp_linknet_b0", "smp_dpt_vit"}]  # fmt: skip
 
 
 def run(key: str, size: int, rounds: int, iters: int) -> dict[str, Any]:
@@ -127,7 +135,7 @@ def run(key: str, size: int, rounds: int, iters: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT), help="any of: " + ",".join(MODELS))
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--iters", type=int, default=4)

@@ -40,6 +40,12 @@ FUSIONS: dict[str, Fusion] = {
             "cleanup",
         ),
         Fusion(
+            "empty_concat_part",
+            "cat([..., x with 0 channels, ...], dim)",
+            "the cat of the other parts (the part itself where one is left)",
+            "cleanup",
+        ),
+        Fusion(
             "stack_sum",
             "sum(stack(xs, d), d)",
             "a chain of adds, the terms a conv or resize can absorb last",

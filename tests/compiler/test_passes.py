@@ -181,6 +181,38 @@ def test_zero_pad_moves_into_the_conv(case, folds):
     _same(eng, model, x)
 
 
+class _EmptyPart(nn.Module):
+    """smp's U-Net on a mit_b* encoder: a 0-channel placeholder feature joined to the
+    decoder's upsample (``where`` first or last; ``alone``: the placeholder and one real
+    part, so the cat is that part; ``three``: two real parts remain)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.down = nn.Conv2d(3, 8, 3, 2, 1)
+        self.conv = nn.Conv2d(8 + (4 if where == "three" else 0), 5, 3, padding=1)
+        self.side = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        up = F.interpolate(self.down(x), scale_factor=2.0, mode="nearest")
+        empty = torch.empty(x.shape[0], 0, x.shape[2], x.shape[3], dtype=x.dtype)
+        parts = {"first": [empty, up], "last": [up, empty],
+                 "three": [up, empty, self.side(x)]}[self.where]  # fmt: skip
+        return self.conv(torch.cat(parts, 1))
+
+
+@pytest.mark.parametrize("where", ["first", "last", "three"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_concat_parts_are_dropped(where, backend):
+    torch.manual_seed(3)
+    model = _EmptyPart(where).eval()
+    x = torch.randn(2, 3, 12, 18)
+    eng = segfast.compile(model, x, backend=backend)
+    assert eng.info.fusions.get("empty_concat_part", 0) == 1
+    _same(eng, model, x)
+    _same(eng, model, torch.randn(2, 3, 12, 18))
+
+
 def test_unfusable_activation_stays_separate():
     class M(nn.Module):
         def __init__(self):

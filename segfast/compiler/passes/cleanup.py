@@ -4,14 +4,20 @@ convolutions into their padding (``pad_into_conv``: TensorFlow-style "same" padd
 ``Conv2dStaticSamePadding`` in efficientnet-pytorch / smp's ``efficientnet-b*``
 encoders, explicit ``F.pad`` before a conv). Exact: a zero border convolved is the
 conv's own zero padding. Asymmetric pads (stride-2 "same" at even sizes) stay.
+
+A ``cat`` part of size 0 along the cat's dim is dropped (``empty_concat_part``):
+segmentation_models_pytorch's U-Net on an encoder without a stride-2 stage (``mit_b*``)
+joins its decoder with a 0-channel placeholder, which the two-source conv prologue would
+otherwise split into a conv with a 0-channel weight (oneDNN refuses to pack one).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import fx
 
 from segfast.compiler.context import PassContext
-from segfast.compiler.graph import erase_dead, is_call
+from segfast.compiler.graph import erase_dead, is_call, val
 from segfast.compiler.patterns import zero_pad_sides
 
 aten = torch.ops.aten
@@ -60,6 +66,37 @@ def _pad_into_conv(ctx: PassContext, pad) -> None:  # type: ignore[no-untyped-de
     erase_dead(ctx.gm, [pad])
 
 
+def _drop_empty_parts(ctx: PassContext, cat) -> None:  # type: ignore[no-untyped-def]
+    """``cat`` without its parts of static size 0 along its dim (one part left: that part)."""
+    if not is_call(cat, aten.cat.default):
+        return
+    parts = list(cat.args[0])
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    out = val(cat)
+    if not isinstance(out, torch.Tensor) or not isinstance(dim, int):
+        return
+    dim %= out.dim()
+    kept, dropped = [], []
+    for p in parts:
+        v = val(p) if isinstance(p, fx.Node) else None
+        # a 1-D empty tensor is cat's legacy "skip me" (any shape): dropped too
+        size = v.shape[dim] if isinstance(v, torch.Tensor) and v.dim() == out.dim() else None
+        if isinstance(v, torch.Tensor) and (
+            (isinstance(size, int) and size == 0) or (v.dim() == 1 and v.shape[0] == 0)
+        ):
+            dropped.append(p)
+            continue
+        kept.append(p)
+    if len(kept) == len(parts) or not kept:
+        return
+    if len(kept) == 1 and val(kept[0]).shape == out.shape and val(kept[0]).dtype == out.dtype:
+        cat.replace_all_uses_with(kept[0])
+    else:
+        cat.args = (kept, *cat.args[1:])
+    ctx.record("empty_concat_part")
+    erase_dead(ctx.gm, [cat, *dropped])
+
+
 def run(ctx: PassContext) -> None:
     g = ctx.gm.graph
     for node in list(g.nodes):
@@ -68,3 +105,4 @@ def run(ctx: PassContext) -> None:
             erase_dead(ctx.gm, [node])
         else:
             _pad_into_conv(ctx, node)
+            _drop_empty_parts(ctx, node)
