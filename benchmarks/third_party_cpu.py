@@ -86,10 +86,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "smp_fpn_b0": (_smp("FPN", "efficientnet-b0"), 'smp FPN("efficientnet-b0")'),
     "smp_dlv3_mnv2": (_smp("DeepLabV3", "mobilenet_v2"), 'smp DeepLabV3("mobilenet_v2")'),
     "smp_linknet_b0": (_smp("Linknet", "efficientnet-b0"), 'smp Linknet("efficientnet-b0")'),
-    "smp_dpt_vit": (_smp("DPT", "tu-vit_small_patch16_224.augreg_in21k"), 'smp DPT(ViT-S/16)'),
 }  # fmt: skip
 DEFAULT = [k for k in MODELS if k not in {
-    "smp_unet_mitb0", "smp_fpn_b0", "smp_dlv3_mnv2", "smp_linknet_b0", "smp_dpt_vit"}]  # fmt: skip
+    "smp_unet_mitb0", "smp_fpn_b0", "smp_dlv3_mnv2", "smp_linknet_b0"}]  # fmt: skip
 
 
 def run(key: str, size: int, rounds: int, iters: int) -> dict[str, Any]:
