@@ -213,6 +213,39 @@ def test_empty_concat_parts_are_dropped(where, backend):
     _same(eng, model, torch.randn(2, 3, 12, 18))
 
 
+def test_empty_concat_parts_that_decide_the_dtype_or_are_inputs_stay():
+    """cat promotes across every part, empty ones too: an fp32 placeholder joined to
+    fp16 features makes fp32, so it stays. A 0-channel graph input is not dropped
+    from the engine's inputs."""
+
+    class Promotes(nn.Module):
+        def forward(self, x):
+            h = x.half()
+            return torch.cat([h, torch.empty(x.shape[0], 0, *x.shape[2:])], 1) * 2
+
+    x = torch.randn(1, 3, 4, 5)
+    eng = segfast.compile(Promotes().eval(), x, backend="torch")
+    assert eng.info.fusions.get("empty_concat_part", 0) == 0
+    y = eng(x)
+    assert y.dtype == torch.float32
+    assert_close(y, Promotes()(x))
+
+    class EmptyInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x, extra):
+            return self.conv(torch.cat([x, extra], 1))
+
+    model = EmptyInput().eval()
+    extra = torch.randn(1, 0, 6, 7)
+    x = torch.randn(1, 3, 6, 7)
+    eng = segfast.compile(model, (x, extra), backend="torch")
+    assert eng.info.fusions.get("empty_concat_part", 0) == 1
+    _same(eng, model, x, extra)
+
+
 def test_unfusable_activation_stays_separate():
     class M(nn.Module):
         def __init__(self):

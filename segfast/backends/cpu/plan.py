@@ -1234,8 +1234,9 @@ def lower(
     # a zero pad before a depthwise conv: folded into the block or front that took the
     # conv, else (AVX2) into sf_dwconv8
     ring_dws = {dw for _, dw in blocks.values()} | set(fronts)
+    # (a pad one of whose readers a ring kernel took stays written: that kernel reads it)
     folded = {c: v for c, v in _pads_into_depthwise(gm, native, use_avx2).items()
-              if c not in ring_dws}  # fmt: skip
+              if not any(u in ring_dws for u in c.args[0].users)}  # fmt: skip
     absorbed.update(conv.args[0] for conv in folded)  # the pads: their convs read past them
     absorbed.update(dw.args[0] for dw in ring_dws if _padded_source(dw)[1] is not None)
     for expand, dw in blocks.values():

@@ -81,20 +81,28 @@ def _drop_empty_parts(ctx: PassContext, cat) -> None:  # type: ignore[no-untyped
         v = val(p) if isinstance(p, fx.Node) else None
         # a 1-D empty tensor is cat's legacy "skip me" (any shape): dropped too
         size = v.shape[dim] if isinstance(v, torch.Tensor) and v.dim() == out.dim() else None
-        if isinstance(v, torch.Tensor) and (
-            (isinstance(size, int) and size == 0) or (v.dim() == 1 and v.shape[0] == 0)
+        if (
+            isinstance(v, torch.Tensor)
+            and v.dtype == out.dtype  # cat promotes across every part, empty ones too
+            and ((isinstance(size, int) and size == 0) or (v.dim() == 1 and v.shape[0] == 0))
         ):
             dropped.append(p)
             continue
         kept.append(p)
     if len(kept) == len(parts) or not kept:
         return
+    if any(
+        not isinstance(val(p), torch.Tensor) or val(p).dtype != out.dtype
+        for p in kept
+        if isinstance(p, fx.Node)
+    ):
+        return  # the kept parts alone would make another dtype
     if len(kept) == 1 and val(kept[0]).shape == out.shape and val(kept[0]).dtype == out.dtype:
         cat.replace_all_uses_with(kept[0])
     else:
         cat.args = (kept, *cat.args[1:])
     ctx.record("empty_concat_part")
-    erase_dead(ctx.gm, [cat, *dropped])
+    erase_dead(ctx.gm, [cat, *(p for p in dropped if p.op != "placeholder")])
 
 
 def run(ctx: PassContext) -> None:

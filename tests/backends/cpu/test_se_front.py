@@ -274,3 +274,41 @@ def test_plan_folds_same_padding_into_blocks_and_fronts(monkeypatch, shared):
         report = segfast.check(eng, model, torch.randn(*shape))
         assert report.passed, (shape, report)
         assert max(a.rel_l2 for a in report.accuracy) <= 1e-5, shape
+
+
+@pytest.mark.narrow_vectors
+def test_a_pad_read_by_a_front_and_another_depthwise_conv_stays_written(monkeypatch):
+    """AVX2's plan folds a pad read only by depthwise convs into sf_dwconv8; where one
+    of those convs is an SE front (which reads the written pad: the pad has two
+    readers), the pad must stay a step."""
+    monkeypatch.setattr(lib, "wide_vectors", False)
+    monkeypatch.setattr(lib, "avx2", True)
+    monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
+
+    class TwoReaders(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 32, 3, 2, 1)
+            self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+            self.dw_a = nn.Sequential(nn.Conv2d(32, 32, 3, 2, groups=32), nn.SiLU())
+            self.dw_b = nn.Conv2d(32, 32, 3, 2, groups=32)
+            self.se1, self.se2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+            self.project = nn.Conv2d(32, 16, 1)
+            self.side = nn.Conv2d(32, 16, 1)
+
+        def forward(self, x):
+            p = self.pad(self.stem(x))
+            d = self.dw_a(p)
+            g = torch.sigmoid(self.se2(torch.relu(self.se1(d.mean((2, 3), keepdim=True)))))
+            b = self.dw_b(p)  # read twice: not an inverted residual block
+            return self.project(d * g) + self.side(b) + b.mean(1, keepdim=True)
+
+    torch.manual_seed(13)
+    model = TwoReaders().eval()
+    x = torch.randn(1, 3, 40, 52)
+    eng = segfast.compile(model, x, backend="torch")
+    lowered = eng._runner.details["lowered"]
+    assert lowered[KIND] == 1
+    assert "depthwise conv2d (segfast kernel, 8-lane, pad folded)" not in lowered
+    report = segfast.check(eng, model, [x, torch.randn(1, 3, 40, 52)])
+    assert report.passed, report
