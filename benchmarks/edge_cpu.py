@@ -46,7 +46,7 @@ MODELS = {
 }  # fmt: skip
 AVX2_KINDS = ("depthwise conv2d (segfast kernel, 8-lane)",
               "conv2d with 1–4 output channels (segfast kernel)",
-              "conv2d 1×1 as one GEMM (MKL; no AVX-512)",
+              "conv2d 1×1 as one GEMM (MKL)",
               "inverted residual block (segfast kernel)")  # fmt: skip
 
 

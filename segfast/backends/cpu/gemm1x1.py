@@ -1,4 +1,4 @@
-"""1×1 convolutions as one GEMM on CPUs without AVX-512.
+"""1×1 convolutions as one GEMM: on CPUs without AVX-512, and small layers everywhere.
 
 A dense 1×1 conv (stride 1, no padding, one group) over an NHWC map is a matrix
 product: the map's pixels as rows, ``[N·H·W, C] @ [C, K]``. On the AVX2 EPYC measured
@@ -8,7 +8,8 @@ interleaved in one process (2026-12-07, 2 threads, ms): 16→64 at 128² 1.45 �
 64→32 at 32² 0.15 → 0.10, 128→64 at 16² 0.15 → 0.09, 64→16 at 64² 0.22 → 0.16, and
 1.05–1.2× on larger ones — but repeated runs showed large maps swinging either way
 (see :data:`MAX_OUTPUT`), so only outputs up to 2 MB take it. Where AVX-512 is,
-oneDNN's kernels are the faster ones and the plan keeps them.
+oneDNN's kernels are the faster ones but for small layers: each call of its packed conv
+costs ~30 µs however little it computes, MKL's GEMM a few (see :func:`small`).
 
 A squeeze-excitation gate in front of the conv (``conv(x · g)``, g per image and
 channel) folds into the weight: ``(x · g) @ W = x @ (g ⊙ W)`` — a [C, K] scaling per
@@ -58,6 +59,25 @@ def worthwhile(n: int | None, h: int | None, w: int | None, k: int) -> bool:
     if n is None or h is None or w is None:
         return False
     return n * h * w * k <= MAX_OUTPUT
+
+
+# Small layers (any CPU): at most this many multiply-adds and this many weights.
+# Measured on 2 cores of an AVX-512 Zen 4 EPYC (2026-12-07, oneDNN's packed conv ÷ this
+# GEMM, the activation included): 16→16 at 4² 2.77, 64→64 at 8² 2.03, 40→120 at 16²
+# 1.38, 120→40 at 16² 1.57, 96→24 and 24→96 at 32² 1.20, 64→64 at 32² 1.14, 128→128
+# at 16² 1.02; past these oneDNN wins or ties: 32→64 at 64² 1.00, 72→24 at 64² 0.89,
+# 128→128 at 32² 0.85, 960→160 at 4² 1.05 but 160→960 at 8² 0.91 (wide weights).
+SMALL_MACS = 4_500_000
+SMALL_WEIGHTS = 16_384
+
+
+def small(n: int | None, h: int | None, w: int | None, c: int, k: int) -> bool:
+    """Whether a 1×1 conv of ``c`` → ``k`` channels over ``n`` maps of ``h × w`` (static
+    sizes; None where dynamic) is small enough for the GEMM to beat oneDNN on a CPU with
+    AVX-512."""
+    if n is None or h is None or w is None:
+        return False
+    return c * k <= SMALL_WEIGHTS and n * h * w * c * k <= SMALL_MACS
 
 
 def available() -> bool:

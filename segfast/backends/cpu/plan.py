@@ -192,13 +192,20 @@ def _gemm_1x1(
     dilation: Any, groups: int, x_value: Any,
 ) -> bool:  # fmt: skip
     """Whether a conv of ``weight`` over ``x_value`` (its fake tensor) runs as one MKL
-    GEMM (:mod:`.gemm1x1`): no AVX-512, a dense 1×1, a small static output."""
-    return (
-        _eight_lane(native, use_avx2)
+    GEMM (:mod:`.gemm1x1`): a dense 1×1 with a static output that is small (no AVX-512:
+    up to 2 MB; with AVX-512: a small layer, :func:`.gemm1x1.small`)."""
+    if not (
+        native is not None
+        and use_avx2
         and gemm1x1.available()
         and gemm1x1.applies(weight, stride, padding, dilation, groups)
-        and gemm1x1.worthwhile(*_static_dims(x_value), int(weight.shape[0]))
-    )
+    ):
+        return False
+    n, h, w = _static_dims(x_value)
+    k, c = int(weight.shape[0]), int(weight.shape[1])
+    if _eight_lane(native, use_avx2):
+        return gemm1x1.worthwhile(n, h, w, k)
+    return native.wide_vectors and gemm1x1.small(n, h, w, c, k)
 
 
 def _static_width(node: Any) -> int | None:
@@ -592,8 +599,8 @@ class GatedPackedConv2d:
         return self.conv(torch.mul(x, gate), residual)
 
 
-_GEMM_1X1 = "conv2d 1×1 as one GEMM (MKL; no AVX-512)"
-_GATED_GEMM_1X1 = "conv2d 1×1 of x · SE gate, the gate folded into the weight (MKL; no AVX-512)"
+_GEMM_1X1 = "conv2d 1×1 as one GEMM (MKL)"
+_GATED_GEMM_1X1 = "conv2d 1×1 of x · SE gate, the gate folded into the weight (MKL)"
 
 
 def _gated_step(
