@@ -331,6 +331,14 @@ def _takes_winograd(
     )  # fmt: skip
 
 
+def _through_layout_fix(node: Any) -> tuple[Any, list[fx.Node]]:
+    """What ``node`` converts where it is the layout pass's ``to_nhwc`` read once, with
+    ``[node]`` (a fusion that reads past it absorbs it); else ``(node, [])``."""
+    if isinstance(node, fx.Node) and is_call(node, ops.to_nhwc) and len(node.users) == 1:
+        return node.args[0], [node]
+    return node, []
+
+
 def _nearest_up_convs(
     gm: fx.GraphModule, native: Native | None, use_winograd: bool, use_avx2: bool
 ) -> dict[fx.Node, tuple[Resample, list[fx.Node]]]:
@@ -349,11 +357,7 @@ def _nearest_up_convs(
          *_) = node.args  # fmt: skip
         if x2 is not None or residual is not None or not isinstance(x, fx.Node):
             continue
-        absorbed = []
-        up = x
-        if is_call(up, ops.to_nhwc) and len(up.users) == 1:
-            absorbed.append(up)
-            up = up.args[0]
+        up, absorbed = _through_layout_fix(x)
         rs = resample_of(up) if isinstance(up, fx.Node) else None
         if rs is None or len(up.users) != 1 or not isinstance(rs.input, fx.Node):
             continue
@@ -407,11 +411,7 @@ def _resized_concats(
             or [int(v) for v in (*stride, *padding, *dilation)] != [1, 1, 0, 0, 1, 1]
         ):
             continue
-        absorbed = []
-        cat = x
-        if is_call(cat, ops.to_nhwc) and len(cat.users) == 1:
-            absorbed.append(cat)
-            cat = cat.args[0]
+        cat, absorbed = _through_layout_fix(x)
         parts = channel_concat(cat) if isinstance(cat, fx.Node) else None
         if parts is None or len(cat.users) != 1 or not all(isinstance(p, fx.Node) for p in parts):
             continue
@@ -419,9 +419,7 @@ def _resized_concats(
         out_pixels = _pixels(val(cat))
         sources, sizes, specs = [], [], []
         for p in parts:
-            chain, up = [], p
-            if is_call(up, ops.to_nhwc) and len(up.users) == 1:
-                chain, up = [up], up.args[0]
+            up, chain = _through_layout_fix(p)
             rs = resample_of(up) if isinstance(up, fx.Node) else None
             size = rs.size_for_graph() if rs is not None else None
             c = int(val(p).shape[1])
