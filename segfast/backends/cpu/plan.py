@@ -964,11 +964,12 @@ def _padded_source(dw: fx.Node) -> tuple[Any, tuple[int, int, int, int] | None]:
     return x.args[0], sides
 
 
-def _conv_spec(gm: fx.GraphModule, node: fx.Node) -> invres.Conv:
-    """The block's conv ``node``; a depthwise conv with its folded zero pad."""
+def _conv_spec(gm: fx.GraphModule, node: fx.Node, fold_pad: bool = False) -> invres.Conv:
+    """The block's conv ``node``; ``fold_pad``: the depthwise conv, with the zero pad
+    it reads folded in (:func:`_padded_source`)."""
     a = node.args
     padding, end = [int(p) for p in a[4]], None
-    if not _pointwise_conv(gm, node):
+    if fold_pad:
         _, sides = _padded_source(node)
         if sides is not None:
             top, bottom, left, right = sides
@@ -982,7 +983,7 @@ def _invres_step(
     gm: fx.GraphModule, native: Native, project: fx.Node, expand: fx.Node | None, dw: fx.Node
 ) -> tuple[Callable, tuple]:
     block = invres.NativeInvertedResidual(
-        native, None if expand is None else _conv_spec(gm, expand), _conv_spec(gm, dw),
+        native, None if expand is None else _conv_spec(gm, expand), _conv_spec(gm, dw, True),
         _conv_spec(gm, project), bool(project.args[10]),
     )  # fmt: skip
     x = _padded_source(dw)[0] if expand is None else expand.args[0]
@@ -1041,7 +1042,10 @@ def _se_front_step(
     gm: fx.GraphModule, native: Native, dw: fx.Node, expand: fx.Node | None
 ) -> tuple[Callable, tuple]:
     front = invres.NativeInvertedResidual(
-        native, None if expand is None else _conv_spec(gm, expand), _conv_spec(gm, dw), None
+        native,
+        None if expand is None else _conv_spec(gm, expand),
+        _conv_spec(gm, dw, True),
+        None,
     )
     return front, (_padded_source(dw)[0] if expand is None else expand.args[0],)
 

@@ -33,10 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segfast.backends.cpu.onednn import PackedConv2d
+from segfast.backends.cpu.onednn import DTYPES, PackedConv2d
 from segfast.compiler import ops
 
-DTYPES = (torch.float32, torch.bfloat16)
 # A part moves after the conv only where that saves work: at least this many channels
 # (its conv's multiply-adds on the source pixels against one extra add pass over the
 # output's channels) and a source of at most a quarter of the output's pixels.

@@ -33,11 +33,10 @@ from torch import Tensor
 
 from segfast.backends.cpu.depthwise import ACT_CODES, nhwc_strides
 from segfast.backends.cpu.native import Native
-from segfast.backends.cpu.onednn import PackedConv2d
+from segfast.backends.cpu.onednn import DTYPES, PackedConv2d
 from segfast.compiler import ops
 
 MODES = ("nearest", "nearest-exact")  # identical at exactly ×2: source row ⌊o/2⌋
-DTYPES = (torch.float32, torch.bfloat16)  # the weight's, the sources' and the output's
 
 # Source rows each phase's 2×2 kernel row reads, as sums of 3×3 kernel rows.
 _PHASE_ROWS = (

@@ -97,7 +97,7 @@ def _drop_empty_parts(ctx: PassContext, cat) -> None:  # type: ignore[no-untyped
         if isinstance(p, fx.Node)
     ):
         return  # the kept parts alone would make another dtype
-    if len(kept) == 1 and val(kept[0]).shape == out.shape and val(kept[0]).dtype == out.dtype:
+    if len(kept) == 1 and val(kept[0]).shape == out.shape:
         cat.replace_all_uses_with(kept[0])
     else:
         cat.args = (kept, *cat.args[1:])

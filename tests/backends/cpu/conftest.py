@@ -10,6 +10,18 @@ import pytest
 from segfast.backends.cpu import native
 
 
+@pytest.fixture
+def lowered_plans(monkeypatch):
+    """Every :class:`~segfast.backends.cpu.plan.Plan` the torch backend lowers while the
+    test runs, in order (to look at its steps)."""
+    from segfast.backends.cpu import plan
+
+    plans = []
+    lower = plan.lower
+    monkeypatch.setattr(plan, "lower", lambda *a, **k: plans.append(lower(*a, **k)) or plans[-1])
+    return plans
+
+
 @pytest.fixture(autouse=True)
 def direct_kernels_everywhere(request, monkeypatch):
     if "narrow_vectors" in request.keywords:

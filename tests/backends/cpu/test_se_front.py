@@ -246,12 +246,7 @@ class SamePadded(nn.Module):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_plan_folds_same_padding_into_blocks_and_fronts(monkeypatch, shared):
-    from segfast.backends.cpu import plan
-
-    plans = []
-    lower = plan.lower
-    monkeypatch.setattr(plan, "lower", lambda *a, **k: plans.append(lower(*a, **k)) or plans[-1])
+def test_plan_folds_same_padding_into_blocks_and_fronts(monkeypatch, lowered_plans, shared):
     monkeypatch.setattr(invres, "MIN_EXPANDED_BYTES", 1)
     torch.manual_seed(12)
     model = randomised_bn(SamePadded(shared))
@@ -260,7 +255,7 @@ def test_plan_folds_same_padding_into_blocks_and_fronts(monkeypatch, shared):
     lowered = eng._runner.details["lowered"]
     assert lowered[KIND] == 1  # shared: the front reads the written pad, without its expand
     assert lowered["inverted residual block (segfast kernel)"] == 1
-    pads = [s for s in plans[-1].steps if s.fn is torch.ops.aten.constant_pad_nd.default]
+    pads = [s for s in lowered_plans[-1].steps if s.fn is torch.ops.aten.constant_pad_nd.default]
     assert len(pads) == (1 if shared else 0)  # a pad something else reads is written
     report = segfast.check(eng, model, [x, torch.randn(2, 3, 40, 46)])
     assert report.passed, report
