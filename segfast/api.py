@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -323,15 +324,17 @@ def _runner(
     graph: fx.GraphModule | None,
     domain: _Domain | None,
     info: EngineInfo,
+    reference: _Reference,
 ) -> Runner:
     """build → guard: the backend's runner, checking shapes against what export proved
-    and running non-finite inputs through the model where the kernels would drop NaN."""
+    and running non-finite inputs through the model as compiled where the kernels would
+    drop NaN."""
     runner = _build(be, req, graph, info)
     if domain is not None:
         runner = _guard(runner, domain)
     propagates = runner.propagates_nonfinite
     if not (be.propagates_nonfinite if propagates is None else propagates):
-        runner = _finite_or_reference(runner, req)
+        runner = _finite_or_reference(runner, req, reference)
     return runner
 
 
@@ -375,10 +378,57 @@ def _guard(runner: Runner, domain: _Domain) -> Runner:
     return dataclasses.replace(runner, fn=fn)
 
 
-def _finite_or_reference(runner: Runner, req: _Request) -> Runner:
-    """``runner`` for finite inputs; the eager model (fp32, with the head) for inputs
-    holding NaN or ±Inf, for backends whose kernels would turn them into numbers
-    (see :attr:`~segfast.backends.base.Backend.propagates_nonfinite`).
+class _Reference:
+    """The fp32 eager model *as it was at compile time*, with the head: what inputs
+    holding NaN/Inf run through on backends whose kernels would drop NaN.
+
+    Never the caller's live module: a later in-place change to it (a training step,
+    ``param.mul_``) must not reach an engine, and a model put back in train mode would
+    run BatchNorm on batch statistics and write the NaN into its running stats. Graph
+    backends hold the captured program (its weights copied at capture); it becomes a
+    module on the first non-finite input. Backends that run the model themselves
+    (ONNX Runtime, TensorRT) get a deep copy taken here, at build time — one copy of
+    the weights; a model that cannot be copied runs live, and the engine says so.
+    """
+
+    def __init__(self, req: _Request, captured: Captured | None, copy_model: bool) -> None:
+        self.output, self.threshold = req.output, req.threshold
+        self.notes: list[str] = []
+        self._program = captured.program if captured is not None else None
+        self._module: nn.Module | None = None
+        self._lock = threading.Lock()
+        if self._program is None and not copy_model:  # a backend that propagates NaN itself
+            self._module = req.model
+        elif self._program is None:
+            try:
+                with torch.no_grad():
+                    self._module = copy.deepcopy(req.model).eval()
+            except Exception as exc:  # any module: deepcopy runs its own __deepcopy__/pickling
+                self._module = req.model
+                self.notes.append(
+                    f"inputs holding NaN/Inf run the live model (it could not be copied: "
+                    f"{type(exc).__name__}): later changes to the model reach them"
+                )
+
+    def module(self) -> nn.Module:
+        if self._module is None:
+            with self._lock:
+                if self._module is None:
+                    assert self._program is not None
+                    with quiet_torch_internals():
+                        self._module = self._program.module()
+        return self._module
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return WithHead(self.module(), self.output, self.threshold)(*inputs)
+
+
+def _finite_or_reference(runner: Runner, req: _Request, reference: _Reference) -> Runner:
+    """``runner`` for finite inputs; the eager model as compiled (fp32, with the head;
+    see :class:`_Reference`) for inputs holding NaN or ±Inf, for backends whose kernels
+    would turn them into numbers (see
+    :attr:`~segfast.backends.base.Backend.propagates_nonfinite`).
 
     One reduction per floating-point input decides (its fp32 sum is non-finite when
     any element is; a sum that overflows on huge finite values takes the reference
@@ -386,7 +436,6 @@ def _finite_or_reference(runner: Runner, req: _Request) -> Runner:
     the input to be ready.
     """
     inner = runner.fn
-    reference = WithHead(req.model, req.output, req.threshold)
     dtype = req.dtype
 
     def fn(*inputs: torch.Tensor) -> torch.Tensor:
@@ -396,8 +445,7 @@ def _finite_or_reference(runner: Runner, req: _Request) -> Runner:
                 and not t.is_meta  # shapes only, no values
                 and not bool(torch.isfinite(t.sum(dtype=torch.float32)))
             ):
-                with torch.inference_mode():
-                    out = reference(*(x.float() if x.is_floating_point() else x for x in inputs))
+                out = reference(*(x.float() if x.is_floating_point() else x for x in inputs))
                 return out.to(dtype) if out.is_floating_point() else out
         return inner(*inputs)
 
@@ -406,7 +454,8 @@ def _finite_or_reference(runner: Runner, req: _Request) -> Runner:
         fn=fn,
         notes=[
             *runner.notes,
-            "inputs holding NaN/Inf run the eager model (kernels here would drop NaN)",
+            "inputs holding NaN/Inf run the eager model as compiled (kernels here would drop NaN)",
+            *reference.notes,
         ],
     )
 
@@ -478,6 +527,7 @@ def _int8(
     graph: fx.GraphModule | None,
     domain: _Domain | None,
     info: EngineInfo,
+    reference: _Reference,
 ) -> Runner:
     """The int8 stage (:mod:`segfast.int8`): calibrate the fused graph, quantize it, build,
     judge on held-out inputs, fall back the most sensitive layers until the contract
@@ -508,11 +558,11 @@ def _int8(
         if runs_graph:
             if float_dtype != torch.float32:
                 cast_float_part(g, float_dtype)  # g is this attempt's own copy
-            return _runner(be, float_req, g, domain, info)
+            return _runner(be, float_req, g, domain, info, reference)
         model_req = dataclasses.replace(
             req, int8_layers=int8.module_ranges(layers, req.model), verify_export=verify
         )
-        return _runner(be, model_req, None, None, info)
+        return _runner(be, model_req, None, None, info, reference)
 
     names = [n.name for n in graph.graph.nodes if quantizable(n)]
     if stored is not None and req.calibration is None:
@@ -641,10 +691,11 @@ def _compile_one(req: _Request, backend: str, t0: float) -> Engine:
         graph = _passes(captured.graph, req, be, info)
     else:
         _probe(req, info)
+    reference = _Reference(req, captured, copy_model=not be.propagates_nonfinite)
     if req.int8:
-        runner = _int8(be, req, graph, domain, info)
+        runner = _int8(be, req, graph, domain, info, reference)
     else:
-        runner = _runner(be, req, graph, domain, info)
+        runner = _runner(be, req, graph, domain, info, reference)
     info.notes += runner.notes
     engine = Engine(runner, info, _source(req, captured))
     if domain is not None and "batch" in domain.ranges:

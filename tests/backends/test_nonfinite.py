@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import segfast
-from segfast import models
+from segfast import api, models
 from segfast.kernels._common import interpreting
 from segfast.outputs import WithHead
 
@@ -91,11 +91,17 @@ def test_nonfinite_inputs_reach_the_output_as_in_eager(backend, name, output):
         assert eng(*inputs).isfinite().all()
 
 
-def test_finite_inputs_take_the_fused_path():
+def test_finite_inputs_take_the_fused_path(monkeypatch):
     """The reference model runs only for non-finite inputs."""
-    model = models.create("unet", tiny=True).eval()
     calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    original = api._Reference.__call__
+
+    def counted(self, *inputs):
+        calls.append(1)
+        return original(self, *inputs)
+
+    monkeypatch.setattr(api._Reference, "__call__", counted)
+    model = models.create("unet", tiny=True).eval()
     x = torch.randn(1, 1, 32, 32)
     eng = segfast.compile(model, x, backend="torch", output="mask")
     assert "NaN/Inf run the eager model" in eng.summary()
@@ -105,6 +111,32 @@ def test_finite_inputs_take_the_fused_path():
     x[0, 0, 0, 0] = float("nan")
     eng(x)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_nonfinite_inputs_run_the_model_as_compiled(backend):
+    """Not the caller's live module: after compiling, the caller scales a weight in place
+    and puts the model back in train mode. A batch with one corrupt image must still give
+    the compile-time model's output for the clean image, and the reference must not run
+    BatchNorm on batch statistics (which would write NaN into the model's running stats)."""
+    model = _DownUp().eval()
+    with torch.no_grad():
+        model.enc[1].running_mean.uniform_(-0.5, 0.5)
+        model.enc[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 1, 32, 32)
+    eng = segfast.compile(model, x, backend=backend)
+    with torch.no_grad():
+        as_compiled = model(x)
+        model.head.weight.mul_(3.0)
+    model.train()
+    bad = x.clone()
+    bad[0, 0, 5, 7] = float("nan")
+    out = eng(bad)
+    assert out[0].isnan().any()
+    torch.testing.assert_close(out[1], as_compiled[1], rtol=1e-4, atol=1e-5)
+    assert model.enc[1].running_mean.isfinite().all()
+    assert model.training  # the engine did not touch the caller's mode either
+    torch.testing.assert_close(eng(x), as_compiled, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_engine_returns_its_own_dtype_for_nonfinite_inputs():
