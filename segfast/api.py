@@ -47,7 +47,13 @@ from segfast.check import CheckReport, check
 from segfast.compiler.capture import Captured, capture, dynamic_axes, example_tensors
 from segfast.compiler.context import PassContext
 from segfast.compiler.graph import activation_bytes, call_nodes, val
-from segfast.compiler.guards import Guards, in_domain, program_guards, refuse_pinned
+from segfast.compiler.guards import (
+    Guards,
+    eager_size_guards,
+    in_domain,
+    program_guards,
+    refuse_pinned,
+)
 from segfast.compiler.heads import append_head, require_logits, select_primary_output
 from segfast.compiler.patterns import FUSIONS
 from segfast.compiler.pipeline import run_passes
@@ -86,6 +92,7 @@ class _Request:
     # export-based backends compare their exported file with the eager model before
     # building; off for the int8 guard's fallback trials, which it judges itself
     verify_export: bool = True
+    size_notes: list[str] = dataclasses.field(default_factory=list)  # see _size_guards
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -189,6 +196,7 @@ def _resolve(
         model.eval()
     spec = _zoo_spec(model)
     inputs = _example_inputs(model, spec, example_input, input_shape, dev)
+    opts, size_notes = _size_guards(model, program, inputs, axes, dict(options or {}))
     return _Request(
         model=model,
         program=program,
@@ -198,11 +206,41 @@ def _resolve(
         output=output,
         axes=axes,
         threshold=float(threshold),
-        options=dict(options or {}),
+        options=opts,
         min_size=spec.min_size if spec is not None else 1,
         int8=int8,
         calibration=calibration,
+        size_notes=size_notes,
     )
+
+
+def _size_guards(
+    model: nn.Module,
+    program: torch.export.ExportedProgram | None,
+    inputs: tuple[torch.Tensor, ...],
+    axes: tuple[str, ...],
+    options: dict[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """``options`` with ``size_guards``: the heights/widths the eager model takes where
+    its graph would take more (see :func:`~segfast.compiler.guards.eager_size_guards`),
+    probed once for a dynamic height/width. Given (an engine file's, or the caller's:
+    e.g. ``["height % 32 == 0"]``), they are checked and kept; an exported program has
+    no Python checks left to probe."""
+    given = options.get("size_guards")
+    if given is not None:
+        if isinstance(given, str) or not all(isinstance(g, str) for g in given):
+            raise ValueError(f"options['size_guards'] must be a list of strings, got {given!r}")
+        try:
+            Guards(list(given))
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"options['size_guards']: {exc}") from exc
+        return {**options, "size_guards": list(given)}, []
+    if program is not None or not ({"height", "width"} & set(axes)):
+        return options, []
+    guards, notes = eager_size_guards(model, inputs, axes)
+    if guards:
+        options = {**options, "size_guards": list(guards)}
+    return options, notes
 
 
 def _input_specs(req: _Request, ranges: dict[str, tuple[int, int]]) -> list[InputSpec]:
@@ -349,6 +387,9 @@ def _shape_guards(captured: Captured, req: _Request, notes: list[str]) -> Guards
     read are left to the graph, which asserts them itself.
     """
     text = program_guards(captured.program)
+    extra = tuple(req.options.get("size_guards") or ())
+    if extra:
+        text = (*(text or ()), *extra)
     try:
         guards = Guards(text) if text else None
     except (ValueError, SyntaxError) as exc:
@@ -696,7 +737,7 @@ def _compile_one(req: _Request, backend: str, t0: float) -> Engine:
         runner = _int8(be, req, graph, domain, info, reference)
     else:
         runner = _runner(be, req, graph, domain, info, reference)
-    info.notes += runner.notes
+    info.notes += req.size_notes + runner.notes
     engine = Engine(runner, info, _source(req, captured))
     if domain is not None and "batch" in domain.ranges:
         _admit_batch_one(engine, req, domain)

@@ -46,7 +46,7 @@ def get_backend(name: str) -> Backend:
 
 # Keys segfast.compile reads itself: auto's candidate list and timed runs, and the int8
 # ranges an engine file stores for its rebuild.
-COMPILE_OPTIONS = ("candidates", "iters", "int8")
+COMPILE_OPTIONS = ("candidates", "iters", "int8", "size_guards")
 
 
 def known_options() -> list[str]:

@@ -108,6 +108,7 @@ class OnnxRuntimeBackend(Backend):
                 threshold=req.model.threshold,
                 check=req.verify_export,
                 int8_layers=req.int8_layers,
+                size_guards=req.options.get("size_guards"),
             )
             data = exp.path.read_bytes()
         so = _ort.session_options(threads)

@@ -63,6 +63,8 @@ _CALLS: dict[str, Callable[..., Any]] = {
     "math.ceil": math.ceil,
     "torch.sym_float": float,
     "torch.sym_int": math.trunc,
+    "torch.sym_max": max,
+    "torch.sym_min": min,
 }
 
 
@@ -206,7 +208,20 @@ def in_domain(
                 if not lo <= shape[d] <= hi:
                     return f"{axis} {shape[d]} is outside {lo}..{hi}"
     bad = guards.first_violated(shapes) if guards is not None else None
-    return f"the export guard {bad} does not hold" if bad else None
+    if bad is None:
+        return None
+    step = _STEP_GUARD.fullmatch(bad)
+    if step:  # one of eager_size_guards'
+        axis, n, r = step.group(1), int(step.group(2)), int(step.group(3))
+        kind = f"multiples of {n}" if r == 0 else f"{r} + multiples of {n}"
+        return (
+            f"{axis} {shapes[0][AXIS_DIM[axis]]}: the model takes {axis}s that are {kind} "
+            "(its own input check; pad or resize the frame)"
+        )
+    return f"the export guard {bad} does not hold"
+
+
+_STEP_GUARD = re.compile(r"(height|width) % (\d+) == (\d+)")
 
 
 # Size changes tried for probes, per dynamic axis: odd steps first (they change
@@ -280,3 +295,85 @@ def refuse_pinned(
                     else ""
                 )
             )
+
+
+# -- sizes the eager model refuses ---------------------------------------------------------
+
+# Steps tried per spatial axis: the model is asked for example + 1 first (every model
+# that takes any size takes that), then for each candidate step until one is accepted.
+_STEPS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _refusal(model: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> str | None:
+    """Why the eager model refuses ``inputs`` (run on fake tensors: shapes only, no
+    arithmetic), or None when it runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            model(*(mode.from_tensor(t) for t in inputs))
+    except Exception as exc:  # any: the model's own checks raise what they like
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first[:200]}"
+    return None
+
+
+def eager_size_guards(
+    model: Callable[..., Any], inputs: Sequence[torch.Tensor], axes: Sequence[str]
+) -> tuple[tuple[str, ...], list[str]]:
+    """Guards for the heights/widths the *eager model* refuses although its graph takes them.
+
+    A model may check its input size in Python and skip the check while it is traced
+    (segmentation_models_pytorch: ``if not torch.compiler.is_compiling():
+    check_input_shape(x)`` — divisible by the encoder's output stride). The exported
+    graph then runs any size and returns a map of another size than the input's (a
+    PSPNet given 100×100 returns 104×104; a SegFormer given 97×131, 96×128) where the
+    eager model raises. For each dynamic spatial axis the model runs on fake tensors
+    (no arithmetic: ~0.1–0.4 s a run) at the example + 1; if it refuses, at the example
+    + each of :data:`_STEPS` until it takes one, which becomes a guard
+    ``height % step == example % step``. Returns (the guards, notes for the engine).
+    """
+    example = [tuple(t.shape) for t in inputs]
+    if not example or len(example[0]) != 4:
+        return (), []
+    guards: list[str] = []
+    notes: list[str] = []
+    spatial = [a for a in ("height", "width") if a in axes]
+    grown = list(example[0])
+    for axis in spatial:
+        grown[AXIS_DIM[axis]] += 1
+    first = [torch.empty(grown, dtype=inputs[0].dtype, device=inputs[0].device), *inputs[1:]]
+    if not spatial or _refusal(model, first) is None:  # one run for the common case
+        return (), []
+    for axis in spatial:
+        d = AXIS_DIM[axis]
+        size = example[0][d]
+
+        def at(n: int, d: int = d) -> list[torch.Tensor]:
+            shape = list(example[0])
+            shape[d] = n
+            return [torch.empty(shape, dtype=inputs[0].dtype, device=inputs[0].device),
+                    *inputs[1:]]  # fmt: skip
+
+        why = _refusal(model, at(size + 1))
+        if why is None:
+            continue
+        step = next((s for s in _STEPS if _refusal(model, at(size + s)) is None), None)
+        if step is None:
+            if _refusal(model, at(size)) is not None:  # fake tensors cannot run it at all
+                notes.append(f"the eager model's accepted {axis}s not probed (fake tensors: {why})")
+            else:
+                notes.append(
+                    f"the eager model refuses {axis} {size + 1} ({why}) and every probed "
+                    f"{axis} up to {size + _STEPS[-1]}: only the export's ranges and guards "
+                    "are enforced"
+                )
+            continue
+        guards.append(f"{axis} % {step} == {size % step}")
+        kind = (
+            f"multiples of {step}" if size % step == 0 else f"{size % step} + multiples of {step}"
+        )
+        notes.append(
+            f"the eager model takes {axis}s that are {kind} (it refuses {size + 1}: {why})"
+        )
+    return tuple(guards), notes

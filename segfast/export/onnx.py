@@ -71,7 +71,7 @@ from torch import nn
 
 from segfast._io import atomic_path, sha256_file
 from segfast.compiler.capture import dynamic_axes, dynamic_ranges, example_tensors
-from segfast.compiler.guards import Guards, program_guards, refuse_pinned
+from segfast.compiler.guards import Guards, eager_size_guards, program_guards, refuse_pinned
 from segfast.compiler.guards import in_domain as in_domain  # re-exported (segfast.export)
 from segfast.errors import BackendUnavailable, UnsupportedModelError
 from segfast.export import _ort
@@ -133,6 +133,7 @@ def export_onnx(
     threshold: float = 0.5,
     check: bool = True,
     int8_layers: Mapping[str, float | None] | None = None,
+    size_guards: Sequence[str] | None = None,
 ) -> OnnxExport:
     """Export ``model`` with its head reduction to an ONNX file at ``path``.
 
@@ -156,6 +157,10 @@ def export_onnx(
         int8_layers: precision="int8": conv module name → the calibrated amax of its
             input (None: keep the module in floating point) — what ``segfast.compile``
             and ``segfast.quantize`` decided.
+        size_guards: conditions on the height/width the model itself takes beyond what
+            its graph does (``"height % 32 == 0"``: see
+            ``segfast.compiler.guards.eager_size_guards``), written with the export's
+            guards; None probes the model for them when height or width is dynamic.
 
     The file is checked with ``onnx.checker.check_model(full_check=True)`` and
     written atomically: on any error nothing is left at ``path``.
@@ -216,6 +221,10 @@ def export_onnx(
     ranges = dynamic_ranges(program, axes)
     audit(program, dynamic_hw)
     guard_text = program_guards(program) if axes else ()
+    if dynamic_hw and size_guards is None and not isinstance(model, torch.fx.GraphModule):
+        size_guards, _ = eager_size_guards(model, inputs, axes)  # see its docstring
+    if size_guards:
+        guard_text = (*(guard_text or ()), *size_guards)
     try:
         guards = Guards(guard_text) if guard_text else None
     except (ValueError, SyntaxError) as exc:

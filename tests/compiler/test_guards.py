@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from segfast.compiler.guards import Guards, size_name
+import segfast
+from segfast.compiler.guards import Guards, eager_size_guards, in_domain, size_name
+from segfast.errors import InputError
 
 
 def test_names_and_python_semantics():
@@ -14,6 +19,7 @@ def test_names_and_python_semantics():
             "max(1, batch) == batch and not height < 2",
             "math.trunc(0.5*torch.sym_float(height)) >= 2",  # a scale factor's size
             "input1_d0 == batch",
+            "torch.sym_max(1, height) + torch.sym_min(width, 64) > 3",  # SegFormer's
         ]
     )
     assert g.first_violated([(2, 3, 40, 33), (2,)]) is None
@@ -34,3 +40,92 @@ def test_anything_but_shape_arithmetic_is_refused(guard):
 def test_a_guard_on_a_size_the_inputs_lack_is_an_error():
     with pytest.raises(ValueError, match="input1_d0"):
         Guards(["input1_d0 == batch"]).first_violated([(1, 3, 8, 8)])
+
+
+class _ChecksItsSize(nn.Module):
+    """A model that checks its input size in Python and skips the check while traced, as
+    segmentation_models_pytorch does (``check_input_shape``): its graph runs any size and,
+    pooling by 8 and upsampling by 8, returns a map smaller than a height it refuses."""
+
+    def __init__(self, multiple: int = 8) -> None:
+        super().__init__()
+        self.multiple = multiple
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            h, w = x.shape[-2:]
+            if h % self.multiple or w % self.multiple:
+                raise RuntimeError(f"height and width must be divisible by {self.multiple}")
+        y = F.avg_pool2d(self.conv(x), 8)
+        return F.interpolate(y, scale_factor=8.0, mode="bilinear")
+
+
+def test_eager_size_guards_find_the_models_own_check():
+    x = torch.randn(1, 3, 48, 40)
+    guards, notes = eager_size_guards(_ChecksItsSize(8).eval(), (x,), ("height", "width"))
+    assert guards == ("height % 8 == 0", "width % 8 == 0")
+    assert "multiples of 8" in notes[0]
+    assert "divisible by 8" in notes[0]
+    x16 = torch.randn(1, 3, 48, 48)
+    assert eager_size_guards(_ChecksItsSize(16).eval(), (x16,), ("width",))[0] == (
+        "width % 16 == 0",
+    )
+    plain = nn.Conv2d(3, 4, 3, padding=1).eval()
+    assert eager_size_guards(plain, (x,), ("height", "width")) == ((), [])
+    why = in_domain([(1, 3, 52, 40)], ("height",), {"height": (2, 99)}, Guards(guards))
+    assert why is not None
+    assert "height 52: the model takes heights that are multiples of 8" in why
+
+
+def test_a_dynamic_engine_refuses_sizes_the_model_refuses(tmp_path):
+    """Before: the engine took 52×44 and returned 48×40 logits where the model raises."""
+    model = _ChecksItsSize(8).eval()
+    eng = segfast.compile(model, torch.randn(1, 3, 48, 40), backend="torch", dynamic=True)
+    assert any("takes heights that are multiples of 8" in n for n in eng.info.notes)
+    with pytest.raises(InputError, match="the model takes heights that are multiples of 8"):
+        eng(torch.randn(1, 3, 52, 40))
+    with pytest.raises(InputError, match="widths that are multiples of 8"):
+        eng(torch.randn(1, 3, 48, 44))
+    x = torch.randn(1, 3, 64, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(eng(x), model(x), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "e.segfast"
+    eng.save(path)  # the guards travel in the file: the loaded program has no check left
+    with pytest.raises(InputError, match="multiples of 8"):
+        segfast.load(path)(torch.randn(1, 3, 52, 40))
+
+
+def test_size_guards_given_by_the_caller():
+    x = torch.randn(1, 3, 64, 64)
+    conv = nn.Conv2d(3, 4, 3, padding=1).eval()
+    eng = segfast.compile(
+        conv, x, backend="torch", dynamic=True, options={"size_guards": ["height % 32 == 0"]}
+    )
+    eng(torch.randn(1, 3, 96, 40))
+    with pytest.raises(InputError, match="multiples of 32"):
+        eng(torch.randn(1, 3, 80, 40))
+    with pytest.raises(ValueError, match="size_guards"):
+        segfast.compile(conv, x, backend="torch", dynamic=True, options={"size_guards": "h"})
+    with pytest.raises(ValueError, match="unsupported guard syntax"):
+        segfast.compile(
+            conv, x, backend="torch", dynamic=True, options={"size_guards": ["open(height)"]}
+        )
+
+
+def test_the_onnxruntime_engine_and_file_carry_the_models_size_check(tmp_path):
+    """The ONNX export probes the model too; before, its verification ran the model at a
+    probe size the model refuses and the build failed with the model's own error."""
+    pytest.importorskip("onnxruntime")
+    from segfast.export.onnx import export_onnx
+
+    model = _ChecksItsSize(8).eval()
+    x = torch.randn(1, 3, 48, 40)
+    exp = export_onnx(model, tmp_path / "m.onnx", example_input=x, dynamic=True)
+    assert {"height % 8 == 0", "width % 8 == 0"} <= set(exp.guards)
+    eng = segfast.compile(model, x, backend="onnxruntime", dynamic=True)
+    with pytest.raises(InputError, match="multiples of 8"):
+        eng(torch.randn(1, 3, 52, 40))
+    y = torch.randn(1, 3, 56, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(eng(y), model(y), rtol=1e-4, atol=1e-5)
