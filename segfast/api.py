@@ -917,6 +917,7 @@ def _auto(req: _Request, t0: float) -> Engine:
     iters = int(opts.pop("iters", 5))
     each = dataclasses.replace(req, options=opts)
     choice: list[dict[str, Any]] = []
+    crashed: list[Exception] = []
     best: tuple[float, Engine] | None = None
     for name in names:
         ok, why = available(name, req.device)
@@ -927,6 +928,19 @@ def _auto(req: _Request, t0: float) -> Engine:
             eng = _compile_one(each, name, time.perf_counter())
         except (BackendUnavailable, UnsupportedModelError) as exc:
             choice.append({"backend": name, "ms": None, "reason": str(exc).splitlines()[0]})
+            continue
+        except InputError:  # the caller's inputs: no backend takes them
+            raise
+        except Exception as exc:  # a backend's own failure: the next one may build
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            crashed.append(exc)
+            choice.append(
+                {
+                    "backend": name,
+                    "ms": None,
+                    "reason": f"failed to build ({type(exc).__name__}: {first[:200]})",
+                }
+            )
             continue
         if req.int8 and req.calibration is not None:  # judged by the calibration's bounds
             cal = int8.as_calibration(req.calibration)
@@ -953,7 +967,9 @@ def _auto(req: _Request, t0: float) -> Engine:
             best = (ms, eng)
     if best is None:
         reasons = "; ".join(f"{c['backend']}: {c.get('reason')}" for c in choice)
-        raise BackendUnavailable(f"auto found no backend that runs correctly here ({reasons})")
+        raise BackendUnavailable(
+            f"auto found no backend that runs correctly here ({reasons})"
+        ) from (crashed[0] if crashed else None)
     engine = best[1]
     for c in choice:
         c["chosen"] = c["backend"] == engine.backend
@@ -961,6 +977,11 @@ def _auto(req: _Request, t0: float) -> Engine:
     engine.info.notes.append(
         f"auto chose {engine.backend} ({best[0]:.2f} ms) among {', '.join(names)}"
     )
+    engine.info.notes += [
+        f"auto: {c['backend']} {c['reason']}"
+        for c in choice
+        if "failed to build" in c.get("reason", "")
+    ]
     engine.info.build_seconds = time.perf_counter() - t0
     return engine
 

@@ -147,6 +147,28 @@ def test_auto_with_nothing_runnable_says_why(monkeypatch):
         )
 
 
+def test_auto_goes_on_past_a_backend_that_fails_to_build(monkeypatch):
+    """A candidate's own failure (a KeyError in its lowering, say) is recorded, and auto
+    takes the next candidate; with none left, it raises from that failure."""
+
+    def broken(self, req):
+        raise KeyError("to_nhwc_1")
+
+    monkeypatch.setattr(type(backends.get_backend("torch")), "build", broken)
+    model = models.create("unet", tiny=True).eval()
+    x = torch.randn(1, 1, 32, 32)
+    eng = segfast.compile(
+        model, x, backend="auto", options={"candidates": ["torch", "eager"], "iters": 1}
+    )
+    assert eng.backend == "eager"
+    failed = next(c for c in eng.info.choice if c["backend"] == "torch")
+    assert failed["reason"] == "failed to build (KeyError: 'to_nhwc_1')"
+    assert "auto: torch failed to build" in eng.summary()
+    with pytest.raises(BackendUnavailable, match="torch: failed to build") as info:
+        segfast.compile(model, x, backend="auto", options={"candidates": ["torch"]})
+    assert isinstance(info.value.__cause__, KeyError)
+
+
 def test_auto_rejects_unknown_candidates():
     with pytest.raises(ValueError, match="unknown auto candidate"):
         segfast.compile(

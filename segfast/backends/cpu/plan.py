@@ -1256,7 +1256,10 @@ def lower(
     up_convs = _nearest_up_convs(gm, native, use_winograd, use_avx2) if use_subpixel else {}
     for _, ups in up_convs.values():
         absorbed.update(ups)
-    resized_cats = _resized_concats(gm)
+    # a conv another fusion took (an inverted-residual block's expand: DeepLab v3+'s ASPP
+    # projection, whose pooled branch is a resize with a dynamic size) stays with it
+    taken = absorbed | set(blocks) | set(fronts) | set(up_convs) | set(separable) | set(fused)
+    resized_cats = {c: v for c, v in _resized_concats(gm).items() if c not in taken}
     for _, _, _, nodes_in in resized_cats.values():
         absorbed.update(nodes_in)
     out_node = next(n for n in nodes if n.op == "output")

@@ -192,3 +192,44 @@ def test_plan_leaves_narrow_and_full_resolution_parts():
     eng = segfast.compile(model, x, backend="torch")
     assert KIND not in eng._runner.details["lowered"]
     assert segfast.check(eng, model, x).passed
+
+
+class ASPPHead(nn.Module):
+    """DeepLab v3+'s ASPP (smp's layout, small): branches and an image-pooling branch
+    upsampled back, concatenated, projected by a 1×1 conv, then a separable conv. The
+    projection is both a 1×1 conv of a concat with an upsampled part and the expand of an
+    inverted-residual block (projection → depthwise → pointwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1), nn.ReLU())
+        self.branches = nn.ModuleList([nn.Conv2d(64, 64, 1), nn.Conv2d(64, 64, 3, 1, 2, 2)])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(64, 64, 1), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(192, 128, 1, bias=False), nn.BatchNorm2d(128),
+                                     nn.ReLU())  # fmt: skip
+        self.sep = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=128, bias=False),
+                                 nn.Conv2d(128, 32, 1), nn.ReLU())  # fmt: skip
+        self.cls = nn.Conv2d(32, 3, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        p = F.interpolate(self.pool(f), size=f.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.project(torch.cat([b(f) for b in self.branches] + [p], 1))
+        return self.cls(self.sep(y))
+
+
+def test_a_conv_an_inverted_residual_block_took_is_left_to_it():
+    """A dynamic DeepLab v3+ (smp, any encoder) did not build: its ASPP projection was
+    claimed by both fusions, and the concat's inputs were dropped (KeyError at lowering)."""
+    torch.manual_seed(23)
+    model = ASPPHead().eval()
+    with torch.no_grad():
+        model.project[1].running_mean.uniform_(-0.5, 0.5)
+        model.project[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 96, 128)
+    for dynamic in (False, True):
+        eng = segfast.compile(model, x, backend="torch", dynamic=dynamic)
+        assert eng._runner.details["lowered"]["inverted residual block (segfast kernel)"] == 1
+        for shape in [(1, 3, 96, 128), (1, 3, 70, 90)] if dynamic else [(1, 3, 96, 128)]:
+            report = segfast.check(eng, model, torch.randn(*shape))
+            assert report.passed, (dynamic, shape, report)
