@@ -53,3 +53,27 @@ def test_low_precision_is_judged_against_pytorch_own_error():
     report = segfast.check(eng, model, [x])
     assert report.torch_lowp, "PyTorch's own bf16 error is measured"
     assert report.passed, str(report)
+
+
+class _Cancels(torch.nn.Module):
+    """x + 256 − 256 + a 1×1 conv: in bf16 (8 bits of mantissa) the sum keeps x to a step
+    of 2, so any bf16 run of it is far from fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv((x + 256.0) - 256.0)
+
+
+def test_a_failing_low_precision_engine_is_told_apart_from_its_model():
+    """Over the contract's 1e-2, the reason gives PyTorch's own error in that precision
+    and says when the model itself is the one not accurate to it."""
+    model = _Cancels().eval()
+    x = torch.randn(1, 3, 16, 16)
+    eng = segfast.compile(model, x, backend="torch", precision="bf16")
+    report = segfast.check(eng, model, [x])
+    assert not report.passed
+    assert "PyTorch's own bf16 run: " in report.reason
+    assert "the model itself is not accurate to 0.01 in bf16" in report.reason
