@@ -14,6 +14,7 @@ every other name says why it is missing.
 
 from __future__ import annotations
 
+from segfast import _source_tree
 from segfast._version import __version__
 from segfast.errors import (
     BackendUnavailable,
@@ -24,6 +25,8 @@ from segfast.errors import (
     UnsupportedModelError,
     WeightsError,
 )
+
+_source_tree.install()  # segfast.kernels / segfast.edge.csrc from a bare checkout
 
 try:
     import torch as _torch  # noqa: F401
