@@ -218,7 +218,34 @@ def in_domain(
             f"{axis} {shapes[0][AXIS_DIM[axis]]}: the model takes {axis}s that are {kind} "
             "(its own input check; pad or resize the frame)"
         )
-    return f"the export guard {bad} does not hold"
+    return f"the export guard {bad} does not hold" + _nearest(shapes, axes, ranges, guards)
+
+
+def _nearest(
+    shapes: Sequence[Sequence[int]],
+    axes: tuple[str, ...],
+    ranges: dict[str, tuple[int, int]],
+    guards: Guards,
+) -> str:
+    """For a message: the nearest height/width (each changed alone, within 256 of the
+    input's) that the ranges and guards admit — a guard reads as shape arithmetic, the
+    size to send instead does not."""
+    found = []
+    for axis in ("height", "width"):
+        if axis not in axes or len(shapes[0]) != 4:
+            continue
+        d, lo, hi = AXIS_DIM[axis], *ranges[axis]
+        for delta in range(1, 257):
+            hits = []
+            for n in (shapes[0][d] - delta, shapes[0][d] + delta):
+                trial = [list(s) for s in shapes]
+                trial[0][d] = n
+                if lo <= n <= hi and guards.first_violated(trial) is None:
+                    hits.append(str(n))
+            if hits:
+                found.append(f"{axis} {' or '.join(hits)}")
+                break
+    return f" (the nearest sizes this engine takes: {'; '.join(found)})" if found else ""
 
 
 _STEP_GUARD = re.compile(r"(height|width) % (\d+) == (\d+)")

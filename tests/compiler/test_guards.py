@@ -129,3 +129,16 @@ def test_the_onnxruntime_engine_and_file_carry_the_models_size_check(tmp_path):
     y = torch.randn(1, 3, 56, 80)
     with torch.no_grad():
         torch.testing.assert_close(eng(y), model(y), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_guard_names_the_nearest_sizes_the_engine_takes():
+    """A U-Net traced with its 1/32 bottleneck wider than 1 refuses width 32: the message
+    says which widths to send instead (the guard alone is shape arithmetic)."""
+    g = Guards(["(1 + (((-1) + width) // 32)) != 1", "(height // 2) * 2 == height"])
+    both = ("height", "width")
+    why = in_domain([(1, 3, 32, 32)], both, {"height": (2, 999), "width": (2, 999)}, g)
+    assert why is not None
+    assert why.endswith("(the nearest sizes this engine takes: width 33)")
+    why = in_domain([(1, 3, 31, 40)], both, {"height": (2, 999), "width": (2, 999)}, g)
+    assert why is not None
+    assert why.endswith("(the nearest sizes this engine takes: height 30 or 32)")
