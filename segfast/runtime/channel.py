@@ -4,14 +4,17 @@ it raises once aborted, and :class:`PipelineItem`, the frame that travels throug
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from segfast.runtime.sources import Frame
 
-__all__ = ["END", "Channel", "PipelineItem", "Stopped"]
+__all__ = ["END", "Channel", "Handle", "PipelineItem", "Stopped"]
 
 
 @dataclass
@@ -106,3 +109,53 @@ class Channel:
             self._cond.notify_all()
             self._ring()
             return left
+
+
+class Handle:
+    """What a user holds of a pipeline whose worker threads reference the pipeline: when
+    the handle is dropped unclosed — ``for r in segfast.stream(...): ... break``, no
+    ``with``, no ``close()`` — the pipeline is closed, so its threads stop, its source
+    (a camera generator's ``finally``) closes and its writer finalises the file. The
+    threads hold the pipeline, never the handle, so the handle's refcount says when the
+    caller let go. Attributes are the pipeline's; iterating, ``with`` and ``close()`` as
+    the pipeline's own.
+    """
+
+    _core: Any
+
+    def __init__(self, core: Any) -> None:
+        object.__setattr__(self, "_core", core)
+        weakref.finalize(self, _abandon, core)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._core, name, value)
+
+    def __iter__(self) -> Handle:
+        self._core._start()
+        return self
+
+    def __next__(self) -> Any:
+        return self._core.__next__()
+
+    def __enter__(self) -> Handle:
+        self._core._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._core.close()
+
+    def close(self) -> None:
+        """Stop the threads, finalise the writer(s) and the statistics; re-raise the first
+        exception a worker raised (once)."""
+        self._core.close()
+
+
+def _abandon(core: Any) -> None:
+    """Close a pipeline its caller let go of; its errors and warnings have nobody to
+    reach (the caller left the loop), so they are dropped."""
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        core.close()

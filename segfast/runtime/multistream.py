@@ -53,14 +53,14 @@ import torch
 from segfast.errors import InputError
 from segfast.runtime._progress import Progress
 from segfast.runtime.batching import BatchRunner
-from segfast.runtime.channel import END, Channel, PipelineItem, Stopped
+from segfast.runtime.channel import END, Channel, Handle, PipelineItem, Stopped
 from segfast.runtime.engine_io import EngineIO
 from segfast.runtime.results import FrameResult, StreamStats
 from segfast.runtime.sources import has_own_timestamps
-from segfast.runtime.stream import Stream
+from segfast.runtime.stream import StreamPipeline
 from segfast.timing import sync
 
-__all__ = ["MultiStream", "is_source_list", "lane_outputs"]
+__all__ = ["MultiStream", "MultiStreamPipeline", "is_source_list", "lane_outputs"]
 
 
 def is_source_list(source: Any) -> bool:
@@ -121,15 +121,23 @@ class _LaneEnd:
         self.lane = lane
 
 
-class MultiStream:
+class MultiStream(Handle):
     """The iterator :func:`segfast.stream` returns for several sources; see the module
     docstring. Iterate it for :class:`FrameResult` objects (``.stream`` is the source's
-    index); use it as a context manager, iterate to the end or call :meth:`close`.
+    index); use it as a context manager, iterate to the end or call :meth:`close` (a
+    multi-stream dropped unclosed is closed then: :class:`~segfast.runtime.channel.Handle`).
 
     Args: as :func:`segfast.stream`, plus ``max_batch`` (frames per engine call, default
     the number of sources, capped by the engine's batch range) and ``writers`` (one per
     source: a path or writer object, or None). Options apply to every lane.
     """
+
+    def __init__(self, engine: Any, sources: Sequence[Any], **options: Any) -> None:
+        super().__init__(MultiStreamPipeline(engine, sources, **options))
+
+
+class MultiStreamPipeline:
+    """The lanes, the batching thread and the merged results of a :class:`MultiStream`."""
 
     def __init__(
         self,
@@ -159,13 +167,13 @@ class MultiStream:
         self.realtime = realtime
         self._bell = threading.Event()
         self._merged = Channel(queue_size * len(sources))
-        self.lanes: list[Stream] = []
+        self.lanes: list[StreamPipeline] = []
         try:
             for i, src in enumerate(sources):
                 opts = dict(options)
                 if has_own_timestamps(src):  # fps is for image and frame sources
                     opts.pop("fps", None)
-                lane = Stream(
+                lane = StreamPipeline(
                     engine, src, realtime=realtime, queue_size=queue_size,
                     writer=None if writers is None else writers[i], _lane=i, **opts,
                 )  # fmt: skip
@@ -241,7 +249,7 @@ class MultiStream:
         self._thread = threading.Thread(target=self._batch_loop, name="segfast-batch", daemon=True)
         self._thread.start()
 
-    def __iter__(self) -> MultiStream:
+    def __iter__(self) -> MultiStreamPipeline:
         self._start()
         return self
 
@@ -272,7 +280,7 @@ class MultiStream:
                 )
             return item
 
-    def __enter__(self) -> MultiStream:
+    def __enter__(self) -> MultiStreamPipeline:
         self._start()
         return self
 

@@ -236,7 +236,10 @@ class ImageSource(Source):
 
 class IterableSource(Source):
     """Frames from any iterable of H×W×3 (or H×W) uint8 arrays, e.g. a camera reader;
-    it delivers frames at its own pace (real-time mode does not pace it again)."""
+    it delivers frames at its own pace (real-time mode does not pace it again). A first
+    frame that is not one raises :class:`InputError` (the iterable is not what it should
+    be); a later one (another dtype or channel count, empty, None) is skipped and counted
+    with its reason, as a corrupt packet of a video is. The iterable raising ends it."""
 
     paced_by_itself = True
 
@@ -247,7 +250,7 @@ class IterableSource(Source):
         )
 
     def items(self, order: str) -> Iterator[Frame | Lost | Audio]:
-        i = 0
+        i = good = 0
         while True:
             t0 = time.perf_counter()
             try:
@@ -258,8 +261,15 @@ class IterableSource(Source):
                 self.end_reason = f"the frame iterable raised {type(exc).__name__}: {exc}"
                 return
             img = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else f
-            yield Frame(i, check_frame(img, i), i, self.info.time_base, None,
-                         time.perf_counter() - t0)  # fmt: skip
+            try:
+                image = check_frame(img, i)
+            except InputError as exc:
+                if not good:  # the first frame sets what the iterable yields: a misuse
+                    raise
+                yield Lost(1, str(exc))  # one bad frame later (a camera SDK's RGBA): skipped
+            else:
+                good += 1
+                yield Frame(i, image, i, self.info.time_base, None, time.perf_counter() - t0)
             i += 1
 
     def close(self) -> None:
@@ -277,6 +287,10 @@ def check_frame(img: Any, i: int) -> np.ndarray:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
         raise InputError(f"frame {i} must be H×W×3 (or H×W) uint8, got shape {img.shape}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise InputError(f"frame {i} is empty (shape {img.shape})")
+    if any(s < 0 for s in img.strides):  # a flip (bgr[..., ::-1]): torch takes no such view
+        img = np.ascontiguousarray(img)
     return img
 
 

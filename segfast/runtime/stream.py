@@ -19,7 +19,7 @@ import torch
 
 from segfast.errors import InputError
 from segfast.runtime._progress import Progress
-from segfast.runtime.channel import END, Channel, PipelineItem, Stopped
+from segfast.runtime.channel import END, Channel, Handle, PipelineItem, Stopped
 from segfast.runtime.engine_io import EngineIO
 from segfast.runtime.frames import (
     MaskResizer,
@@ -33,7 +33,7 @@ from segfast.runtime.sources import DEFAULT_FPS, Audio, Lost, open_source
 from segfast.runtime.writers import make_writer
 from segfast.timing import sync
 
-__all__ = ["CHANNEL_ORDERS", "OUTPUTS", "SourceEndedWarning", "Stream"]
+__all__ = ["CHANNEL_ORDERS", "OUTPUTS", "SourceEndedWarning", "Stream", "StreamPipeline"]
 
 OUTPUTS = ("overlay", "mask")
 CHANNEL_ORDERS = ("bgr", "rgb")
@@ -43,13 +43,22 @@ class SourceEndedWarning(UserWarning):
     """A source failed or disconnected before its end; the stream ended with what it had."""
 
 
-class Stream:
+class Stream(Handle):
     """The iterator :func:`stream` returns; see the module docstring.
 
     Iterate it for :class:`FrameResult` objects; ``stats`` fills as it runs. Use it as a
     context manager (or iterate to the end, or call :meth:`close`) so that the threads
-    stop and the writer finalises its file.
+    stop and the writer finalises its file; a stream dropped unclosed (a loop left with
+    ``break``) is closed then (:class:`~segfast.runtime.channel.Handle`).
     """
+
+    def __init__(self, engine: Any, source: Any, **options: Any) -> None:
+        super().__init__(StreamPipeline(engine, source, **options))
+
+
+class StreamPipeline:
+    """One stream's threads, queues, source and writer (what a :class:`Stream` handle, or
+    a :class:`~segfast.runtime.multistream.MultiStream` lane, runs)."""
 
     def __init__(
         self,
@@ -157,7 +166,7 @@ class Stream:
             t.start()
             self._threads.append(t)
 
-    def __iter__(self) -> Stream:
+    def __iter__(self) -> StreamPipeline:
         self._start()
         return self
 
@@ -184,7 +193,7 @@ class Stream:
             )
         return item
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> StreamPipeline:
         self._start()
         return self
 
@@ -223,14 +232,20 @@ class Stream:
                 SourceEndedWarning,
                 stacklevel=2,
             )
+
         if self._error is not None:
             err, self._error = self._error, None
             raise err
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, drain: bool = False) -> None:
+        """Record ``exc`` (raised by :meth:`close`) and stop every stage — or, with
+        ``drain`` (the decode stage failing), let the later stages finish the frames
+        already decoded first: the error ends the stream after their results."""
         with self._error_lock:
             if self._error is None:
                 self._error = exc
+        if drain:
+            return
         self._stop.set()
         for ch in (self._q_in, self._q_mid, self._q_out):
             ch.abort()
@@ -267,8 +282,8 @@ class Stream:
                     s.add(dropped=1)
         except Stopped:
             pass
-        except BaseException as exc:
-            self._fail(exc)
+        except BaseException as exc:  # the frames decoded so far still go through
+            self._fail(exc, drain=True)
         finally:
             self._q_in.close()
             src.close()

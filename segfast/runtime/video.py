@@ -26,13 +26,18 @@ Three worker threads joined by bounded queues (``queue_size`` items each)::
   there is a writer), ``dropped`` (real-time mode), ``skipped`` (a packet the decoder
   rejected or that yielded no frame, a frame flagged corrupt, an unreadable image) or
   ``unfinished`` (in flight when the stream was stopped early). After a stream has run
-  to its end, ``frames_in == frames_out + dropped + skipped``.
+  to its end, ``frames_in == frames_out + dropped + skipped``. A frame iterable whose
+  first frame is not an H×W×3 (or H×W) uint8 image raises :class:`InputError`; a later
+  such frame is skipped with its reason, as a corrupt packet is.
 * **Ends**: a source that fails mid-way (a dropped network stream, a truncated file)
   ends the stream cleanly — everything decoded so far is processed and written — and
   the reason is kept in ``stats.end_reason`` and issued as a :class:`SourceEndedWarning`.
-  On an exception in any stage, a ``KeyboardInterrupt`` in the consuming thread, or
-  ``close()``, the writer still flushes its encoder and closes the container, so the
-  file holds every frame written so far and plays.
+  An exception in the decode stage ends the stream after the frames decoded before it
+  (their results come first, then the exception). On an exception in any other stage, a
+  ``KeyboardInterrupt`` in the consuming thread, ``close()``, or the stream dropped
+  unclosed (a ``for`` loop over ``segfast.stream(...)`` left with ``break``), the threads
+  stop, the source closes and the writer still flushes its encoder and closes the
+  container, so the file holds every frame written so far and plays.
 * **Timestamps and audio**: frames keep the source's pts and time base, and the written
   video uses them (dropped frames leave gaps: a variable frame rate). Audio packets are
   copied unchanged (no re-encoding) when the output container can hold the codec.

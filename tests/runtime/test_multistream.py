@@ -170,6 +170,37 @@ def test_a_source_that_dies_ends_only_its_stream(engine, clips, tmp_path):
     assert len(read_frames(tmp_path / "o" / "stream1.mp4")) == 5
 
 
+def test_a_bad_frame_in_one_stream_leaves_the_others_alone(engine, clips, tmp_path):
+    """One RGBA frame from one camera used to end every stream (and lose their frames in
+    flight); now it is skipped in its own stream."""
+
+    def camera():
+        for i in range(6):
+            yield _frame(i, 30, 30, 3)
+        yield np.zeros((30, 30, 4), np.uint8)
+        for i in range(4):
+            yield _frame(i, 30, 30, 3)
+
+    stats = video.run_video(engine, [clips[0], camera()], tmp_path / "o", fps=10)
+    assert [s.frames_out for s in stats] == [CLIPS[0][2], 10]
+    assert stats[1].skipped == 1
+    assert len(read_frames(tmp_path / "o" / "stream1.mp4")) == 10
+
+
+def test_a_multistream_dropped_unclosed_stops(engine, clips):
+    import gc
+    import threading
+
+    def watch() -> None:
+        for r in video.stream(engine, [clips[0], clips[1]]):
+            if r.index == 2:
+                break
+
+    watch()
+    gc.collect()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("segfast-")]
+
+
 def test_static_engines_run_per_frame_or_padded(net, clips):
     one = segfast.compile(net, input_shape=(1, 3, 32, 32), backend="eager", output="mask")
     two = segfast.compile(net, input_shape=(2, 3, 32, 32), backend="eager", output="mask")

@@ -416,6 +416,89 @@ def test_breaking_out_of_the_iterator_finalises_the_file(engine, clip, tmp_path)
     assert len(read_back(out)[0]) == s.stats.frames_out >= 5
 
 
+def test_a_loop_left_with_break_and_no_close_still_stops_and_finalises(engine, tmp_path):
+    """No ``with``, no ``close()``: the stream the loop held is dropped at ``break``. Its
+    threads used to run on for good, the camera generator stayed open and the video was
+    left unfinalised (no file at its name)."""
+    import gc
+    import threading
+
+    closed = []
+
+    def camera():
+        try:
+            for i in range(1000):
+                yield _frame(i % N)
+        finally:
+            closed.append(True)
+
+    out = tmp_path / "dropped.mp4"
+
+    def watch() -> None:
+        for r in video.stream(engine, camera(), writer=out):
+            if r.index == 6:
+                break
+
+    watch()
+    gc.collect()
+    assert closed == [True]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("segfast-")]
+    assert len(read_back(out)[0]) >= 7
+
+
+def test_a_bad_frame_from_a_frame_iterable_is_skipped(engine, tmp_path):
+    """A later frame that is not H×W×3 uint8 (a camera SDK's RGBA, a float frame) is
+    skipped and counted; the frames before it were lost with it (the stream aborted)."""
+
+    def camera():
+        for i in range(12):
+            yield _frame(i)
+        yield np.zeros((H, W, 4), np.uint8)
+        yield _frame(0).astype(np.float32)
+        for i in range(5):
+            yield _frame(i)
+
+    out = tmp_path / "skips.mp4"
+    with video.stream(engine, camera(), writer=out) as s:
+        indices = [r.index for r in s]
+    assert indices == [*range(12), *range(14, 19)]
+    assert (s.stats.frames_in, s.stats.frames_out, s.stats.skipped) == (19, 17, 2)
+    assert "frame 12 must be H×W×3" in s.stats.skip_reasons[0]
+    assert "frame 13 must be a uint8" in s.stats.skip_reasons[1]
+    assert len(read_back(out)[0]) == 17
+
+
+def test_flipped_frames_are_taken(engine):
+    """``bgr[..., ::-1]`` and ``img[:, ::-1]`` are numpy views with negative strides,
+    which torch.from_numpy refuses: they failed in the inference thread."""
+    img = _frame(3)
+    want = [r.mask for r in video.stream(engine, [np.ascontiguousarray(img[:, ::-1])])]
+    got = [r.mask for r in video.stream(engine, [img[:, ::-1]])]
+    np.testing.assert_array_equal(got[0], want[0])
+    assert len(list(video.stream(engine, img[..., ::-1]))) == 1
+
+
+def test_a_decode_stage_failure_comes_after_the_frames_before_it(engine, monkeypatch):
+    from segfast.runtime import sources
+
+    check = sources.check_frame
+
+    def failing(img, i):
+        if i == 7:
+            raise RuntimeError("decoder bug")
+        return check(img, i)
+
+    monkeypatch.setattr(sources, "check_frame", failing)
+    got: list[int] = []
+
+    def consume() -> None:
+        got.extend(r.index for r in video.stream(engine, (_frame(i) for i in range(20))))
+
+    with pytest.raises(RuntimeError, match="decoder bug"):
+        consume()
+    assert got == list(range(7))
+
+
 def test_dynamic_engine_runs_at_the_frame_size(net, clip):
     eng = segfast.compile(net, input_shape=(1, 3, 32, 32), backend="eager", dynamic=True,
                           output="logits")  # fmt: skip
