@@ -9,13 +9,13 @@ Layout of ``engine.segfast``:
   torch and triton versions, backend, precision, output, threshold, device (and
   GPU name / compute capability), input specs, passes and fusions, backend
   options, the serialized ExportedProgram graph (``torch.export``'s JSON form),
-  and two sha256 digests — of the weights (names, dtypes, shapes, bytes) and of
-  the program JSON.
+  and three sha256 digests — of the weights (names, dtypes, shapes, bytes), of
+  the program JSON, and of every other header field.
 
 This module writes files (``Engine.save``) and reads and verifies them
 (:func:`read`, :func:`check_compatible`); it builds nothing. Loading —
 :func:`segfast.load` in :mod:`segfast.api` — checks, before building anything:
-the file parses (a truncated file does not), both digests match (a modified
+the file parses (a truncated file does not), the digests match (a modified
 file does not), the versions and the device fit this machine, and — if the
 caller names one — the input shape fits. The engine is then rebuilt by
 compiling the stored program with the stored settings. The digests detect
@@ -65,6 +65,16 @@ def _device_info(device: torch.device) -> dict[str, Any]:
         info["name"] = torch.cuda.get_device_name(idx)
         info["capability"] = list(torch.cuda.get_device_capability(idx))
     return info
+
+
+def header_digest(meta: dict[str, Any]) -> str:
+    """sha256 over the header's every other field, as canonical JSON (sorted keys): the
+    backend, precision, output, input shapes, options … which the program and weight
+    digests do not cover — one flipped bit turns ``"fp32"`` into ``"fp16"``."""
+    rest = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(
+        json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -131,6 +141,7 @@ def save(engine: Any, path: str | os.PathLike[str]) -> Path:
         "weights_sha256": weights_digest(tensors),
     }
     try:
+        meta["header_sha256"] = header_digest(meta)
         header = json.dumps(meta)
     except TypeError as exc:
         raise EngineFileError(
@@ -169,6 +180,12 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
         raise EngineFileError(
             f"{p}: engine format {meta.get('format')!r} v{meta.get('format_version')} is not "
             f"{FORMAT!r} v{FORMAT_VERSION}"
+        )
+    # files written before the header digest existed have none: their other fields
+    # load as they are (the program and weights are still checked)
+    if "header_sha256" in meta and header_digest(meta) != meta["header_sha256"]:
+        raise EngineFileError(
+            f"{p}: the engine header does not match its sha256 (modified or corrupt)"
         )
     program = meta.get("program", "")
     if hashlib.sha256(program.encode()).hexdigest() != meta.get("program_sha256"):

@@ -112,6 +112,7 @@ def _rewrite(path, mutate_meta=None, mutate_tensors=None, rehash=True):
         mutate_meta(meta)
     if rehash:
         meta["weights_sha256"] = engine_file.weights_digest(tensors)
+        meta["header_sha256"] = engine_file.header_digest(meta)
     save_file(tensors, str(path), metadata={"segfast_engine": json.dumps(meta)})
 
 
@@ -134,6 +135,21 @@ def test_tampered_weights_are_refused(saved):
 
     _rewrite(saved, mutate_tensors=flip, rehash=False)
     with pytest.raises(EngineFileError, match="weights do not match their sha256"):
+        segfast.load(saved)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(b'precision\\": \\"fp32', b'precision\\": \\"fp16'),  # one flipped bit: 3 → 1
+     (b'backend\\": \\"torch', b'backend\\": \\"eager')],
+)  # fmt: skip
+def test_a_changed_header_field_is_refused(saved, old, new):
+    """The fields beside the program and the weights (backend, precision, shapes,
+    options) are covered by a digest of their own: they loaded as edited before."""
+    data = saved.read_bytes()
+    assert data.count(old) == 1
+    saved.write_bytes(data.replace(old, new))
+    with pytest.raises(EngineFileError, match="header does not match its sha256"):
         segfast.load(saved)
 
 
