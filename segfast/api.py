@@ -1041,6 +1041,8 @@ def load(
     known = set(known_options())
     stored = dict(meta["options"] or {})
     dropped = sorted(str(k) for k in stored if k not in known)
+    if meta["backend"] not in backend_names():
+        raise EngineFileError(f"{p}: unknown backend {meta['backend']!r} (corrupt file?)")
     engine = compile(
         program,
         tuple(t.to(dev) for t in examples),

@@ -187,12 +187,42 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
         raise EngineFileError(
             f"{p}: the engine header does not match its sha256 (modified or corrupt)"
         )
+    _check_fields(meta, p)
     program = meta.get("program", "")
     if hashlib.sha256(program.encode()).hexdigest() != meta.get("program_sha256"):
         raise EngineFileError(f"{p}: the stored program does not match its sha256 (modified?)")
     if weights_digest(tensors) != meta.get("weights_sha256"):
         raise EngineFileError(f"{p}: the weights do not match their sha256 (modified or corrupt)")
     return meta, tensors
+
+
+# The header fields loading reads, and what each must be (files without the header
+# digest — older ones — are checked field by field here only).
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "segfast_version": str, "torch_version": str, "backend": str, "precision": str,
+    "output": str, "threshold": (int, float), "dynamic": list, "options": (dict, type(None)),
+    "device": dict, "inputs": list, "program": str,
+}  # fmt: skip
+
+
+def _check_fields(meta: dict[str, Any], p: Path) -> None:
+    """An :class:`EngineFileError` naming the first header field that is missing or of
+    the wrong kind (a corrupt file, not a ``KeyError`` deep in loading)."""
+    bad = next((k for k, t in _FIELDS.items() if not isinstance(meta.get(k), t)), None)
+    if bad is None and not isinstance(meta["device"].get("type"), str):
+        bad = "device"
+    for s in meta["inputs"] if bad is None else ():
+        dtype = getattr(torch, str(s.get("dtype")), None) if isinstance(s, dict) else None
+        shape = s.get("shape") if isinstance(s, dict) else None
+        if not isinstance(dtype, torch.dtype) or not (
+            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        ):
+            bad = "inputs"
+            break
+    if bad is not None:
+        raise EngineFileError(
+            f"{p}: the engine header's {bad!r} is missing or malformed (corrupt file?)"
+        )
 
 
 def check_compatible(

@@ -153,6 +153,27 @@ def test_a_changed_header_field_is_refused(saved, old, new):
         segfast.load(saved)
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.pop("segfast_version"), "'segfast_version' is missing or malformed"),
+        (lambda m: m["inputs"][0].__setitem__("dtype", "gloat32"), "'inputs' is missing"),
+        (lambda m: m.__setitem__("backend", "uorch"), "unknown backend 'uorch'"),
+    ],
+)
+def test_a_header_without_its_digest_is_checked_field_by_field(saved, edit, match):
+    """Files from before the header digest: a corrupt field is an EngineFileError, not a
+    KeyError / AttributeError / ValueError from deep in loading."""
+
+    def mutate(meta):
+        meta.pop("header_sha256")
+        edit(meta)
+
+    _rewrite(saved, mutate_meta=mutate, rehash=False)
+    with pytest.raises(EngineFileError, match=match):
+        segfast.load(saved)
+
+
 def test_tampered_program_is_refused(saved):
     def edit(meta):
         # still valid JSON, but not the program that was hashed
