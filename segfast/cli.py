@@ -30,6 +30,40 @@ def parse_size(text: str) -> tuple[int, int]:
     return dims  # type: ignore[return-value]
 
 
+def writable_output(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output path the command could only fail to write at
+    its end (after minutes of benchmarking or a whole video): a missing or unwritable
+    folder, or a folder where a file goes."""
+    import os
+    from pathlib import Path
+
+    from segfast.errors import InputError
+
+    if path is None:
+        return
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable here")
+
+
+def usable_device(device: str | None) -> None:
+    """Refuse ``--device cuda`` on a machine without a CUDA GPU in one line (torch's own
+    error is an ``AssertionError`` from deep inside the first transfer)."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    from segfast.errors import InputError
+
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is available here")
+
+
 def parse_option(text: str) -> tuple[str, Any]:
     """'base=32' -> ('base', 32); values are Python literals or plain strings."""
     if "=" not in text:

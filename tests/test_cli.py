@@ -91,3 +91,57 @@ def test_counts_below_their_minimum_are_refused(argv, flag, capsys):
     `info --batch 0` silently used batch 1."""
     assert main(argv) == 2
     assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench", "unet", "--tiny", "--json", "{missing}/r.json"], "does not exist"),
+        (["bench", "unet", "--tiny", "--plot", "{tmp}"], "is a directory"),
+        (
+            [
+                "run",
+                "unet",
+                "--tiny",
+                "--input",
+                "{tmp}",
+                "--output",
+                "{tmp}/o",
+                "--stats-json",
+                "{missing}/s.json",
+            ],
+            "does not exist",
+        ),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_first(argv, says, tmp_path, capsys):
+    """It was refused only when written, after the whole benchmark or video."""
+    missing = tmp_path / "no" / "such"
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "unet", "--tiny", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["name", "file"])
+def test_serve_checks_the_model_before_starting_ray(what, tmp_path, capsys):
+    """A bad name or a corrupt engine file failed every replica, and the command line saw
+    only Ray's "Deploying application failed" ~25 s later."""
+    pytest.importorskip("ray")
+    bad = tmp_path / "empty.segfast"
+    bad.write_bytes(b"")
+    model = "no_such_model" if what == "name" else str(bad)
+    assert main(["serve", model]) == 2
+    err = capsys.readouterr().err
+    assert ("unknown model" if what == "name" else "not a readable engine file") in err
+    import ray
+
+    assert not ray.is_initialized()

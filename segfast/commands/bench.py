@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from segfast.cli import add_model_arguments, build_model, parse_size
+from segfast.cli import (
+    add_model_arguments,
+    build_model,
+    parse_size,
+    usable_device,
+    writable_output,
+)
 
 
 def input_channels(model: nn.Module) -> int:
@@ -55,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
+    usable_device(args.device)
+    writable_output(args.json, "--json")
+    writable_output(args.plot, "--plot")
     backends = parse_backends(args.backends)
     model = build_model(args)
     if args.weights:

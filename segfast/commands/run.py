@@ -21,7 +21,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segfast.cli import add_model_arguments, build_model, parse_size, refuse_compile_flags
+from segfast.cli import (
+    add_model_arguments,
+    build_model,
+    parse_size,
+    refuse_compile_flags,
+    usable_device,
+    writable_output,
+)
 from segfast.errors import InputError
 
 
@@ -73,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     ops = postprocess.ops_from_args(args)
     connectivity = 1 if args.connectivity == 4 else 2
+    usable_device(args.device)
+    writable_output(args.stats_json, "--stats-json")
     engine = load_engine(args)
     post = None
     if ops:

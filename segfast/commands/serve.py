@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from segfast.cli import add_model_arguments, parse_size, refuse_compile_flags
+from segfast.cli import add_model_arguments, parse_size, refuse_compile_flags, usable_device
 from segfast.errors import InputError
 
 APP_NAME = "segfast"
@@ -72,6 +72,31 @@ def build_engine(spec: dict[str, Any]) -> Any:
         device=device,
         dynamic=("batch",),
     )
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """What every replica would fail on, found here before Ray starts: a replica's error
+    reaches the command line only as Ray's "Deploying application failed" ~25 s later.
+    An engine file is read and verified (digests, versions, device); a model is built
+    and its weights loaded (the replicas compile it)."""
+    import torch
+
+    usable_device(args.device)
+    if args.model.endswith(".segfast"):
+        from pathlib import Path
+
+        from segfast.runtime import engine_file
+
+        meta, _ = engine_file.read(args.model)
+        dev = torch.device(args.device or meta["device"]["type"])
+        engine_file.check_compatible(meta, Path(args.model), dev, None)
+        return
+    import segfast
+    from segfast.cli import build_model
+
+    model = build_model(args)
+    if args.weights:
+        segfast.load_weights(model, args.weights)
 
 
 def _text(status: int, reason: str) -> Any:
@@ -150,12 +175,16 @@ def deployment_class() -> type:
                 body = await request.body()
                 frame = await asyncio.to_thread(self.service.decode, body)
                 mask, batch = await self.segment_batch(frame)
+                if isinstance(mask, Exception):  # this request's frame failed, alone
+                    raise mask
                 from segfast.runtime.serving import encode_mask
 
                 data, ctype = await asyncio.to_thread(encode_mask, mask, fmt)
             except BadRequest as exc:
                 return self._status(_text(exc.status, exc.reason))
-            except Exception as exc:  # the engine failed on this batch; keep serving
+            except InputError as exc:  # the engine refused this image (a guard, a size)
+                return self._status(_text(422, str(exc)))
+            except Exception as exc:  # the engine failed on this request; keep serving
                 return self._status(_text(500, f"inference failed: {type(exc).__name__}: {exc}"))
             return self._status(
                 Response(data, media_type=ctype, headers={"X-Segfast-Batch": str(batch)})
@@ -178,6 +207,7 @@ def build_app(args: argparse.Namespace) -> Any:
         raise InputError(f"--max-pixels must be ≥ 1, got {args.max_pixels}")
     if args.model.endswith(".segfast"):
         refuse_compile_flags(args)
+    preflight(args)
     service = {"mean": args.mean, "std": args.std, "max_pixels": args.max_pixels}
     deployment = serve.deployment(deployment_class()).options(
         name="SegmentDeployment",

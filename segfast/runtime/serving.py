@@ -200,15 +200,41 @@ class SegmentService:
         )
 
     def decode(self, body: bytes) -> np.ndarray:
-        return decode_request(
+        """The request's image, refused (422) when the engine cannot take its size — before
+        it joins a batch, whose other requests it would fail."""
+        frame = decode_request(
             body, channels=self.io.channels, max_pixels=self.max_pixels, order=self.order
         )
+        hw = self.pre.size or (int(frame.shape[0]), int(frame.shape[1]))
+        try:
+            self.io.check_hw(hw, "the image size" if self.pre.size is None else "the input size")
+        except InputError as exc:
+            raise BadRequest(422, str(exc)) from exc
+        return frame
 
-    def segment(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+    def segment(self, frames: list[np.ndarray]) -> list[np.ndarray | Exception]:
         """H×W×3 uint8 frames → H×W class masks (uint8; int32 above 256 classes), one
-        batched pass."""
+        batched pass. A batch that fails runs again frame by frame, so that a frame the
+        engine refuses fails alone: its place holds the exception (:class:`BadRequest`
+        422 for an :class:`InputError`), the others their masks."""
         if not frames:
             return []
+        try:
+            return list(self._segment(frames))
+        except Exception:
+            if len(frames) == 1:
+                raise
+        out: list[np.ndarray | Exception] = []
+        for f in frames:
+            try:
+                out.extend(self._segment([f]))
+            except InputError as exc:
+                out.append(exc if isinstance(exc, BadRequest) else BadRequest(422, str(exc)))
+            except Exception as exc:  # this frame's own failure; the others still answer
+                out.append(exc)
+        return out
+
+    def _segment(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         dev = self.io.device
         with torch.inference_mode():
             xs = [self.pre(torch.from_numpy(np.ascontiguousarray(f)).to(dev)) for f in frames]

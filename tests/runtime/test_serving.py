@@ -124,3 +124,37 @@ def test_a_batch_equals_each_image_alone_and_the_video_runtime(engine):
     info = svc.info()
     assert info.input == "3×32×32"
     assert "batch-dynamic" in info.batching
+
+
+def test_an_image_the_engine_refuses_fails_alone(monkeypatch):
+    """One image the engine cannot take, batched with good ones, used to fail every
+    request of its batch (500 each); it is refused at decode (422) when its size is out
+    of the engine's range, and a batch failing anyway runs again frame by frame."""
+    torch.manual_seed(0)
+    net = models.create("unet", tiny=True, in_channels=3, num_classes=3).eval()
+    eng = segfast.compile(net, input_shape=(1, 3, 32, 32), backend="torch", output="mask",
+                          dynamic=True)  # fmt: skip
+    svc = SegmentService(eng, max_batch=4)
+    lo = svc.io.height_range[0]
+    with pytest.raises(BadRequest, match="the image size is") as info:
+        svc.decode(encode(picture(lo - 1, 40)))
+    assert info.value.status == 422
+    good = [picture(32 + 4 * i, 40, seed=i) for i in range(3)]
+    assert svc.decode(encode(good[0])).shape == good[0].shape
+    # an image that passes the range check and fails in the engine (a guard, say)
+    real = svc.runner.run
+
+    def refusing(xs, convert):
+        if any(x.shape[-1] == 44 for x in xs):
+            raise segfast.InputError("input 1×3×36×44 is outside the shapes …")
+        return real(xs, convert)
+
+    monkeypatch.setattr(svc.runner, "run", refusing)
+    bad = picture(36, 44, seed=9)
+    out = svc.segment([good[0], bad, good[1], good[2]])
+    assert isinstance(out[1], BadRequest)
+    assert out[1].status == 422
+    for f, m in zip(good, [out[0], out[2], out[3]], strict=True):
+        np.testing.assert_array_equal(m, svc.segment([f])[0])
+    with pytest.raises(segfast.InputError):
+        svc.segment([bad])
