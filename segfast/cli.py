@@ -131,6 +131,9 @@ def build_model(args: argparse.Namespace) -> Any:
     """The model an argparse namespace from :func:`add_model_arguments` names."""
     from segfast.models import build_from_reference
 
+    for flag, n in (("--classes", args.classes), ("--in-channels", args.in_channels)):
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} must be >= 1, got {n}")
     return build_from_reference(
         args.model,
         num_classes=args.classes,

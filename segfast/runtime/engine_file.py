@@ -91,6 +91,7 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save(engine: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``engine`` to ``path`` atomically (see the module docstring)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from torch._export.serde.serialize import serialize
 
@@ -148,8 +149,13 @@ def save(engine: Any, path: str | os.PathLike[str]) -> Path:
             f"cannot save: engine options are not JSON-serialisable: {exc}"
         ) from exc
     out = Path(path)
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: header})
+    try:
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: header})
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder, a dir
+        raise EngineFileError(
+            f"cannot write {out}: {exc} (a file there is left as it was)"
+        ) from exc
     return out
 
 

@@ -226,9 +226,17 @@ def test_directory_paths(engine, tmp_path):
     folder.mkdir()
     with pytest.raises(EngineFileError, match="is a directory, not an engine file"):
         segfast.load(folder)
-    with pytest.raises(IsADirectoryError, match=r"e\.segfast is a directory; give the path"):
+    with pytest.raises(EngineFileError, match=r"e\.segfast is a directory; give the path"):
         engine.save(folder)
     assert [p.name for p in tmp_path.iterdir()] == ["e.segfast"]
+
+
+def test_a_path_that_cannot_be_written_is_an_engine_file_error(engine, tmp_path):
+    """A raw OSError / SafetensorError before; the file already there is untouched."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EngineFileError, match="cannot write"):
+        engine.save(tmp_path / "afile" / "e.segfast")
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -277,7 +285,7 @@ def test_failed_save_leaves_nothing(engine, tmp_path, monkeypatch):
         raise OSError("no space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(EngineFileError, match="no space"):
         engine.save(target)
     assert target.read_bytes() == b"previous content"
     assert [p.name for p in tmp_path.iterdir()] == ["e.segfast"]
