@@ -238,9 +238,8 @@ def _size_guards(
     if program is not None or not ({"height", "width"} & set(axes)):
         return options, []
     guards, notes = eager_size_guards(model, inputs, axes)
-    if guards:
-        options = {**options, "size_guards": list(guards)}
-    return options, notes
+    # kept even when empty: the backends that export (onnxruntime) do not probe again
+    return {**options, "size_guards": list(guards)}, notes
 
 
 def _input_specs(req: _Request, ranges: dict[str, tuple[int, int]]) -> list[InputSpec]:
@@ -368,11 +367,17 @@ def _runner(
     and running non-finite inputs through the model as compiled where the kernels would
     drop NaN."""
     runner = _build(be, req, graph, info)
-    if domain is not None:
-        runner = _guard(runner, domain)
     propagates = runner.propagates_nonfinite
     if not (be.propagates_nonfinite if propagates is None else propagates):
         runner = _finite_or_reference(runner, req, reference)
+    if domain is None and req.options.get("size_guards") and {"height", "width"} & set(req.axes):
+        # a backend that runs the model itself (tensorrt; onnxruntime checks its file's
+        # guards too): the sizes the model refuses, over the ranges it reports
+        ranges = dict(runner.details.get("dynamic_ranges") or {})
+        ranges = {a: tuple(ranges.get(a, (1, _UNBOUNDED))) for a in req.axes}
+        domain = _Domain(req.axes, ranges, Guards(list(req.options["size_guards"])))
+    if domain is not None:  # outermost: a NaN input of a refused shape is refused too
+        runner = _guard(runner, domain)
     return runner
 
 

@@ -32,8 +32,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def writable_output(path: str | None, flag: str) -> None:
     """Refuse, before any work, an output path the command could only fail to write at
-    its end (after minutes of benchmarking or a whole video): a missing or unwritable
-    folder, or a folder where a file goes."""
+    its end (after minutes of benchmarking or a whole video): under a file, in an
+    unwritable folder, or a folder where a file goes. Missing folders are fine (the
+    writers make them)."""
     import os
     from pathlib import Path
 
@@ -42,11 +43,13 @@ def writable_output(path: str | None, flag: str) -> None:
     if path is None:
         return
     p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise InputError(f"{flag} {path} is a directory; give a file name")
+    folder = p.parent  # missing folders are made when written: the first that exists decides
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     if not folder.is_dir():
-        raise InputError(f"{flag} {path}: the folder {folder} does not exist")
+        raise InputError(f"{flag} {path}: {folder} is not a folder")
     if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise InputError(f"{flag} {path}: not writable here")
 

@@ -96,7 +96,7 @@ def test_counts_below_their_minimum_are_refused(argv, flag, capsys):
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["bench", "unet", "--tiny", "--json", "{missing}/r.json"], "does not exist"),
+        (["bench", "unet", "--tiny", "--json", "{file}/r.json"], "is not a folder"),
         (["bench", "unet", "--tiny", "--plot", "{tmp}"], "is a directory"),
         (
             [
@@ -108,16 +108,16 @@ def test_counts_below_their_minimum_are_refused(argv, flag, capsys):
                 "--output",
                 "{tmp}/o",
                 "--stats-json",
-                "{missing}/s.json",
+                "{file}/deeper/s.json",
             ],
-            "does not exist",
+            "is not a folder",
         ),
     ],
 )
 def test_an_output_path_that_cannot_be_written_is_refused_first(argv, says, tmp_path, capsys):
     """It was refused only when written, after the whole benchmark or video."""
-    missing = tmp_path / "no" / "such"
-    argv = [a.format(missing=missing, tmp=tmp_path) for a in argv]
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(file=tmp_path / "afile", tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     assert says in capsys.readouterr().err
 

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             }
         else:
             data = s.stats.as_dict()
+        Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.stats_json).write_text(json.dumps(data, indent=2, default=str))
     if interrupted:
         done = s.total().frames_out if multi else s.stats.frames_out

@@ -77,19 +77,23 @@ def build_engine(spec: dict[str, Any]) -> Any:
 def preflight(args: argparse.Namespace) -> None:
     """What every replica would fail on, found here before Ray starts: a replica's error
     reaches the command line only as Ray's "Deploying application failed" ~25 s later.
-    An engine file is read and verified (digests, versions, device); a model is built
-    and its weights loaded (the replicas compile it)."""
+    An engine file is read and verified (digests; versions and device too where the
+    replicas run here, not on a cluster's ``--address``); a model is built and its
+    weights loaded (the replicas compile it)."""
     import torch
 
-    usable_device(args.device)
+    local = not args.address  # a cluster's replicas may have the GPUs this machine lacks
+    if local:
+        usable_device(args.device)
     if args.model.endswith(".segfast"):
         from pathlib import Path
 
         from segfast.runtime import engine_file
 
         meta, _ = engine_file.read(args.model)
-        dev = torch.device(args.device or meta["device"]["type"])
-        engine_file.check_compatible(meta, Path(args.model), dev, None)
+        if local:
+            dev = torch.device(args.device or meta["device"]["type"])
+            engine_file.check_compatible(meta, Path(args.model), dev, None)
         return
     import segfast
     from segfast.cli import build_model

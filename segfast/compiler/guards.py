@@ -22,6 +22,7 @@ comparisons, ``and``/``or``/``not`` and ``min``/``max`` — never ``eval``.
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import operator
 import re
@@ -172,7 +173,7 @@ class Guards:
         )
         self._cache: dict[tuple[tuple[int, ...], ...], str | None] = {}
 
-    def first_violated(self, shapes: Sequence[Sequence[int]]) -> str | None:
+    def first_violated(self, shapes: Sequence[Sequence[int]], cache: bool = True) -> str | None:
         key = tuple(tuple(int(d) for d in s) for s in shapes)
         if key in self._cache:
             return self._cache[key]
@@ -183,7 +184,7 @@ class Guards:
         bad = next(
             (g for g, t in zip(self.text, self._trees, strict=True) if not _eval(t, env)), None
         )
-        if len(self._cache) < 4096:
+        if cache and len(self._cache) < 4096:
             self._cache[key] = bad
         return bad
 
@@ -240,7 +241,7 @@ def _nearest(
             for n in (shapes[0][d] - delta, shapes[0][d] + delta):
                 trial = [list(s) for s in shapes]
                 trial[0][d] = n
-                if lo <= n <= hi and guards.first_violated(trial) is None:
+                if lo <= n <= hi and guards.first_violated(trial, cache=False) is None:
                     hits.append(str(n))
             if hits:
                 found.append(f"{axis} {' or '.join(hits)}")
@@ -266,6 +267,22 @@ SHRINK_STEPS: tuple[dict[str, int | float], ...] = (
     {"height": -16, "width": -16},
     {"height": -32, "width": -32},
 )
+
+
+def steps_for(
+    guards: Guards | None, base: tuple[dict[str, int | float], ...], sign: int
+) -> tuple[dict[str, int | float], ...]:
+    """``base`` plus, for an axis a size guard steps (``width % 64 == 0``: see
+    :func:`eager_size_guards`), one and two such steps (``sign`` +1 grows, −1 shrinks): the
+    fixed steps of ``base`` may never land on a multiple of 48 or 64."""
+    stepped: dict[str, int] = {}
+    for text in guards.text if guards is not None else ():
+        m = _STEP_GUARD.fullmatch(text)
+        if m:
+            stepped[m.group(1)] = max(stepped.get(m.group(1), 1), int(m.group(2)))
+    if not stepped:
+        return base
+    return (*base, *({a: sign * k * n for a, n in stepped.items()} for k in (1, 2)))
 
 
 def changed_shapes(
@@ -299,7 +316,7 @@ def refuse_pinned(
     """
     example = [tuple(t.shape) for t in inputs]
     for axis in axes:
-        for step in (*GROW_STEPS, *SHRINK_STEPS):
+        for step in (*steps_for(guards, GROW_STEPS, 1), *steps_for(guards, SHRINK_STEPS, -1)):
             alone = {axis: step[axis]} if axis in step else None
             trials = [alone, step] if alone else [step]
             if any(
@@ -363,6 +380,10 @@ def eager_size_guards(
     example = [tuple(t.shape) for t in inputs]
     if not example or len(example[0]) != 4:
         return (), []
+    try:  # a copy: a module that caches shape-dependent tensors keeps fakes otherwise
+        model = copy.deepcopy(model)
+    except Exception as exc:  # any module: deepcopy runs its own __deepcopy__/pickling
+        return (), [f"the eager model's accepted sizes not probed (it cannot be copied: {exc})"]
     guards: list[str] = []
     notes: list[str] = []
     spatial = [a for a in ("height", "width") if a in axes]

@@ -21,6 +21,7 @@ from segfast.compiler.guards import (
     Guards,
     changed_shapes,
     in_domain,
+    steps_for,
 )
 from segfast.errors import UnsupportedModelError
 from segfast.export import _ort
@@ -61,7 +62,7 @@ def _probe_shapes(
     the ranges and the guards."""
     example = [tuple(t.shape) for t in inputs]
     sets: list[list[tuple[int, ...]]] = []
-    for candidates in (GROW_STEPS, SHRINK_STEPS):
+    for candidates in (steps_for(guards, GROW_STEPS, 1), steps_for(guards, SHRINK_STEPS, -1)):
         for step in candidates:
             shapes = changed_shapes(example, axes, step)
             fresh = shapes != example and shapes not in sets

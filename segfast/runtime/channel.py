@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 import weakref
 from collections import deque
@@ -14,7 +15,7 @@ from typing import Any
 
 from segfast.runtime.sources import Frame
 
-__all__ = ["END", "Channel", "Handle", "PipelineItem", "Stopped"]
+__all__ = ["END", "Channel", "Handle", "PipelineItem", "Stopped", "join_threads"]
 
 
 @dataclass
@@ -153,9 +154,28 @@ class Handle:
         self._core.close()
 
 
+# How long closing an abandoned pipeline waits for its threads (a decode thread blocked
+# in a camera read, say): they are daemon threads, so at worst they are left behind, as
+# before handles existed, rather than hang the program (at exit, too).
+ABANDON_WAIT_S = 5.0
+
+
 def _abandon(core: Any) -> None:
     """Close a pipeline its caller let go of; its errors and warnings have nobody to
     reach (the caller left the loop), so they are dropped."""
+    core._join_deadline = time.monotonic() + ABANDON_WAIT_S
     with contextlib.suppress(Exception), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         core.close()
+
+
+def join_threads(threads: list[threading.Thread], deadline: float | None) -> None:
+    """Wait for ``threads`` (in short joins: Ctrl-C stays responsive) until ``deadline``
+    (``time.monotonic()``; None: for good), never for the calling thread itself (a
+    finalizer the garbage collector ran on one of them)."""
+    me = threading.current_thread()
+    for t in threads:
+        while t is not me and t.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            t.join(0.1)

@@ -53,7 +53,7 @@ import torch
 from segfast.errors import InputError
 from segfast.runtime._progress import Progress
 from segfast.runtime.batching import BatchRunner
-from segfast.runtime.channel import END, Channel, Handle, PipelineItem, Stopped
+from segfast.runtime.channel import END, Channel, Handle, PipelineItem, Stopped, join_threads
 from segfast.runtime.engine_io import EngineIO
 from segfast.runtime.results import FrameResult, StreamStats
 from segfast.runtime.sources import has_own_timestamps
@@ -194,6 +194,7 @@ class MultiStreamPipeline:
         self._open = len(sources)
         self._started = False
         self._closed = False
+        self._join_deadline: float | None = None  # set when abandoned (channel.Handle)
         self._t0 = 0.0
 
     @property
@@ -297,12 +298,12 @@ class MultiStreamPipeline:
         if self._thread is not None:
             for lane in self.lanes:  # wake the batcher if it waits on a lane's queue
                 lane._q_mid.abort()
-            while self._thread.is_alive():
-                self._thread.join(0.1)
+            join_threads([self._thread], self._join_deadline)
         first: BaseException | None = self._error
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             for lane in self.lanes:
+                lane._join_deadline = self._join_deadline
                 try:
                     lane.close()
                 except BaseException as exc:  # one lane's failure: close the others first

@@ -19,7 +19,7 @@ import torch
 
 from segfast.errors import InputError
 from segfast.runtime._progress import Progress
-from segfast.runtime.channel import END, Channel, Handle, PipelineItem, Stopped
+from segfast.runtime.channel import END, Channel, Handle, PipelineItem, Stopped, join_threads
 from segfast.runtime.engine_io import EngineIO
 from segfast.runtime.frames import (
     MaskResizer,
@@ -143,6 +143,7 @@ class StreamPipeline:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._closed = False
+        self._join_deadline: float | None = None  # set when abandoned (channel.Handle)
         self._t0 = 0.0
         if self.writer is not None:
             try:
@@ -210,9 +211,7 @@ class StreamPipeline:
             self._stop.set()
             for ch in (self._q_in, self._q_mid, self._q_out):
                 ch.abort()
-            for t in self._threads:
-                while t.is_alive():
-                    t.join(0.1)
+            join_threads(self._threads, self._join_deadline)
         else:
             self.source.close()
             if self.writer is not None:
@@ -282,8 +281,13 @@ class StreamPipeline:
                     s.add(dropped=1)
         except Stopped:
             pass
-        except BaseException as exc:  # the frames decoded so far still go through
-            self._fail(exc, drain=True)
+        except Exception as exc:  # the frames decoded so far still go through
+            if self.lane is None:  # alone: raised after their results
+                self._fail(exc, drain=True)
+            else:  # a MultiStream's lane: it ends, with its reason; the others go on
+                s.end_reason = s.end_reason or f"decoding failed: {type(exc).__name__}: {exc}"
+        except BaseException as exc:
+            self._fail(exc)
         finally:
             self._q_in.close()
             src.close()

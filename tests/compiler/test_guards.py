@@ -90,6 +90,10 @@ def test_a_dynamic_engine_refuses_sizes_the_model_refuses(tmp_path):
     x = torch.randn(1, 3, 64, 72)
     with torch.no_grad():
         torch.testing.assert_close(eng(x), model(x), rtol=1e-4, atol=1e-5)
+    nan = torch.randn(1, 3, 52, 40)
+    nan[0, 0, 0, 0] = float("nan")  # the NaN path (the model as compiled) is guarded too
+    with pytest.raises(InputError, match="multiples of 8"):
+        eng(nan)
     path = tmp_path / "e.segfast"
     eng.save(path)  # the guards travel in the file: the loaded program has no check left
     with pytest.raises(InputError, match="multiples of 8"):
@@ -142,3 +146,13 @@ def test_a_failed_guard_names_the_nearest_sizes_the_engine_takes():
     why = in_domain([(1, 3, 31, 40)], both, {"height": (2, 999), "width": (2, 999)}, g)
     assert why is not None
     assert why.endswith("(the nearest sizes this engine takes: height 30 or 32)")
+
+
+@pytest.mark.parametrize(("size", "guard"), [(512, "width % 64 == 0"), (96, "width % 48 == 0")])
+def test_a_stepped_axis_is_not_taken_for_a_pinned_one(size, guard):
+    """The pinned-axis probes (+3, +11, +32, ×2 …) never land on a multiple of 48 or 64:
+    a model whose own check asks for one was refused as "fixes the input width"."""
+    from segfast.compiler.guards import refuse_pinned
+
+    ranges = {"height": (2, 9999), "width": (2, 9999)}
+    refuse_pinned((torch.empty(1, 3, size, size),), ("height", "width"), ranges, Guards([guard]))

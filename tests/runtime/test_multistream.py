@@ -187,6 +187,21 @@ def test_a_bad_frame_in_one_stream_leaves_the_others_alone(engine, clips, tmp_pa
     assert len(read_frames(tmp_path / "o" / "stream1.mp4")) == 10
 
 
+def test_a_stream_whose_first_frame_is_bad_ends_alone(engine, clips, tmp_path):
+    """A lane's decoding failing (here: its first frame is RGBA) ends that lane with its
+    reason; the other lanes run to their end."""
+
+    def camera():
+        yield np.zeros((30, 30, 4), np.uint8)
+        for i in range(4):
+            yield _frame(i, 30, 30, 3)
+
+    with pytest.warns(SourceEndedWarning, match="decoding failed: InputError"):
+        stats = video.run_video(engine, [clips[0], camera()], tmp_path / "o", fps=10)
+    assert [s.frames_out for s in stats] == [CLIPS[0][2], 0]
+    assert stats[0].end_reason is None
+
+
 def test_a_multistream_dropped_unclosed_stops(engine, clips):
     import gc
     import threading
