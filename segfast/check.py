@@ -218,6 +218,28 @@ def _run_at_its_batch(engine: Any, s: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return engine(*grown)[:n]
 
 
+def _label_mask(t: Any, shape: torch.Size, i: int) -> torch.Tensor:
+    """Label mask ``i`` as class ids of the mask's ``shape`` (N×H×W; an H×W mask for
+    N = 1 too). A mask of another shape — transposed, at another resolution — or of
+    non-integer values is refused: reshaped, it would score scrambled pixels and the
+    metric guard would pass on a meaningless number."""
+    y = torch.as_tensor(t)
+    if y.dim() == len(shape) - 1 and shape[0] == 1:
+        y = y.unsqueeze(0)
+    if tuple(y.shape) != tuple(shape):
+        raise InputError(
+            f"labels[{i}] has shape {tuple(y.shape)}; the masks it scores are "
+            f"{tuple(shape)} (N×H×W class ids at the model's output size)"
+        )
+    if y.is_floating_point():
+        if not bool(torch.equal(y, y.round())):
+            raise InputError(f"labels[{i}] holds non-integer values: labels are class ids")
+        y = y.long()
+    elif y.dtype == torch.bool:
+        y = y.long()
+    return y
+
+
 def _check_int8(
     engine: Any,
     reference_model: nn.Module,
@@ -256,12 +278,8 @@ def _check_int8(
         out_masks.append(mo)
     if label_list is not None and ref_masks and len(ref_masks) == len(sets):
         k = engine.info.num_classes or 2
-        y = torch.cat(
-            [
-                torch.as_tensor(t).reshape(m.shape)
-                for t, m in zip(label_list, ref_masks, strict=True)
-            ]
-        )
+        pairs = enumerate(zip(label_list, ref_masks, strict=True))
+        y = torch.cat([_label_mask(t, m.shape, i) for i, (t, m) in pairs])
         ref_score = segmentation_score(torch.cat(ref_masks), y, k)
         out_score = segmentation_score(torch.cat(out_masks), y, k)
         report.metric = (ref_score, out_score)

@@ -1283,6 +1283,16 @@ def test_labels_bound_the_task_metric():
     assert report.metric[0] - report.metric[1] <= 0.01
     with pytest.raises(InputError, match="labels belong to held-out inputs"):
         Calibration(data, labels=labels)
+    # labels of another shape (transposed, half resolution) or not class ids were
+    # reshaped or truncated, and the metric guard passed on scrambled pixels
+    for bad, says in [
+        ([y.transpose(1, 2)[:, :16] for y in labels], r"labels\[0\] has shape \(1, 16, 32\)"),
+        ([y.float() + 0.5 for y in labels], "non-integer values"),
+    ]:
+        with pytest.raises(InputError, match=says):
+            segfast.check(eng, copy.deepcopy(m), held, labels=bad)
+    hw = [y[0] for y in labels]  # H×W masks for batch-1 inputs are taken
+    assert segfast.check(eng, copy.deepcopy(m), held, labels=hw).metric == report.metric
 
 
 def test_export_command_writes_a_qdq_file(tmp_path):
