@@ -93,10 +93,14 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a state dict of tensors: entries {bad[:_MAX_LISTED]} are "
             f"{sorted({type(obj[k]).__name__ for k in bad})}"
         )
-    state = {str(k): v for k, v in obj.items()}
-    # Checkpoints saved from DataParallel / DistributedDataParallel prefix every key.
+    return _without_module_prefix({str(k): v for k, v in obj.items()})
+
+
+def _without_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints saved from DataParallel / DistributedDataParallel prefix every key
+    with ``module.`` (in either format: a .pt state dict or a safetensors file)."""
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -115,7 +119,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if p.stat().st_size == 0:
         raise WeightsError(f"weights file {p} is empty")
     if _is_safetensors(p):
-        return _read_safetensors(p)
+        return _without_module_prefix(_read_safetensors(p))
     if p.suffix == ".safetensors":
         raise WeightsError(f"{p} has a .safetensors name but no safetensors header (corrupt?)")
     return _unwrap(_read_torch(p), p)
@@ -142,6 +146,21 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {len(items)} {title}{more}:\n{lines}"
 
 
+def _kind_mismatches(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensor is integer where the model's is floating point, or the other
+    way round: ``load_state_dict`` would cast them silently (a label map loaded as a
+    weight, a float into a BatchNorm's ``num_batches_tracked``). fp16/bf16 → fp32 and
+    the like are fine."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    out = []
+    for k, v in state.items():
+        mine = own.get(k)
+        if mine is not None and mine.is_floating_point() != v.is_floating_point():
+            out.append(f"{k}: {str(v.dtype).removeprefix('torch.')} for "
+                       f"{str(mine.dtype).removeprefix('torch.')}")  # fmt: skip
+    return out
+
+
 def load_weights(
     model: nn.Module,
     weights: str | os.PathLike[str] | Mapping[str, torch.Tensor],
@@ -166,6 +185,9 @@ def load_weights(
     problems = []
     if shapes:
         problems.append(_listing("shape mismatches", shapes))
+    kinds = _kind_mismatches(model, state)
+    if kinds:
+        problems.append(_listing("dtype mismatches (integer ↔ floating point)", kinds))
     if strict and missing:
         problems.append(_listing("keys missing from the file", missing))
     if strict and unexpected:

@@ -42,6 +42,32 @@ def test_torch_state_dict_and_wrappers(tmp_path):
         assert torch.equal(a.eval()(x), b.eval()(x))
 
 
+def test_data_parallel_prefix_in_safetensors_too(tmp_path):
+    """The ``module.`` prefix was unwrapped from .pt files only: a DataParallel model's
+    safetensors file listed every key as missing."""
+    from safetensors.torch import save_file
+
+    a = _model()
+    path = tmp_path / "dp.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in a.state_dict().items()}, str(path))
+    b = load_weights(_model(), path)
+    x = torch.randn(1, 3, 20, 24)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_integer_tensors_for_float_weights_are_refused():
+    """load_state_dict casts them silently: a state dict of int64 ones loaded as weights."""
+    m = _model()
+    state = {k: torch.ones_like(v, dtype=torch.int64) if v.is_floating_point() else v
+             for k, v in m.state_dict().items()}  # fmt: skip
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"(?s)dtype mismatches .*int64 for float32"):
+        load_weights(m, state)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    half = {k: v.half() if v.is_floating_point() else v for k, v in before.items()}
+    load_weights(m, half)  # fp16 → fp32 is a precision, not a kind: taken
+
+
 def test_format_detected_from_content(tmp_path):
     a = _model()
     path = save_weights(a, tmp_path / "weights.bin")  # safetensors under another name
