@@ -290,7 +290,11 @@ def test_bad_arguments_are_refused_before_anything_runs(inputs, engine_file, tmp
                  "--output", str(out)]) == 2  # fmt: skip
     assert main([*base[:3], str(tmp_path / "nowhere"), *base[4:]]) == 2
     assert main([*base, "--blend", "gaussian"]) == 2  # a mask engine cannot blend
+    (tmp_path / "empty").mkdir()  # refused before a model is compiled (no engine written)
+    assert main(["batch", "unet", "--tiny", "--input", str(tmp_path / "empty"),
+                 "--output", str(out)]) == 2  # fmt: skip
     err = capsys.readouterr().err
+    assert "holds no images" in err
     assert "--batch must be ≥ 1" in err
     assert "does not exist" in err
     assert "gaussian" in err

@@ -47,6 +47,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch must be ≥ 1, got {args.batch}")
     if args.band_rows is not None and args.band_rows < 1:
         raise InputError(f"--band-rows must be ≥ 1, got {args.band_rows}")
+    from segfast.runtime.batchjob import discover
+
+    # the inputs before the engine: an empty folder was refused after a compile
+    discover(args.input, video_output=args.video_output, exclude=args.output)
+    if not args.model.endswith(".segfast") and not args.weights:
+        print(
+            f"segfast batch: warning: {args.model} has no --weights: its weights are a random "
+            "initialisation, different on every run (so a rerun redoes every input)",
+            file=sys.stderr,
+            flush=True,
+        )
     engine = _engine(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     tile = None if args.tile is None else (args.tile[0], args.tile[1])
