@@ -444,30 +444,32 @@ class _Reference:
         self._module: nn.Module | None = None
         self._lock = threading.Lock()
         if self._program is None and not copy_model:  # a backend that propagates NaN itself
-            self._module = req.model
+            self._module = WithHead(req.model, self.output, self.threshold)
         elif self._program is None:
             try:
                 with torch.no_grad():
-                    self._module = copy.deepcopy(req.model).eval()
+                    copied = copy.deepcopy(req.model).eval()
+                self._module = WithHead(copied, self.output, self.threshold)
             except Exception as exc:  # any module: deepcopy runs its own __deepcopy__/pickling
-                self._module = req.model
+                self._module = WithHead(req.model, self.output, self.threshold)
                 self.notes.append(
                     f"inputs holding NaN/Inf run the live model (it could not be copied: "
                     f"{type(exc).__name__}): later changes to the model reach them"
                 )
 
     def module(self) -> nn.Module:
+        """The model with the head (built on first use for a captured program)."""
         if self._module is None:
             with self._lock:
                 if self._module is None:
                     assert self._program is not None
                     with quiet_torch_internals():
-                        self._module = self._program.module()
+                        self._module = WithHead(self._program.module(), self.output, self.threshold)
         return self._module
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return WithHead(self.module(), self.output, self.threshold)(*inputs)
+            return self.module()(*inputs)
 
 
 def _finite_or_reference(runner: Runner, req: _Request, reference: _Reference) -> Runner:

@@ -387,21 +387,22 @@ def eager_size_guards(
     guards: list[str] = []
     notes: list[str] = []
     spatial = [a for a in ("height", "width") if a in axes]
-    grown = list(example[0])
-    for axis in spatial:
-        grown[AXIS_DIM[axis]] += 1
-    first = [torch.empty(grown, dtype=inputs[0].dtype, device=inputs[0].device), *inputs[1:]]
-    if not spatial or _refusal(model, first) is None:  # one run for the common case
+
+    def sized(sizes: dict[int, int]) -> list[torch.Tensor]:
+        """The inputs with the first one's dims ``d`` at ``sizes[d]`` (shapes only)."""
+        shape = [sizes.get(d, n) for d, n in enumerate(example[0])]
+        first = torch.empty(shape, dtype=inputs[0].dtype, device=inputs[0].device)
+        return [first, *inputs[1:]]
+
+    grown = {AXIS_DIM[a]: example[0][AXIS_DIM[a]] + 1 for a in spatial}
+    if not spatial or _refusal(model, sized(grown)) is None:  # one run for the common case
         return (), []
     for axis in spatial:
         d = AXIS_DIM[axis]
         size = example[0][d]
 
         def at(n: int, d: int = d) -> list[torch.Tensor]:
-            shape = list(example[0])
-            shape[d] = n
-            return [torch.empty(shape, dtype=inputs[0].dtype, device=inputs[0].device),
-                    *inputs[1:]]  # fmt: skip
+            return sized({d: n})
 
         why = _refusal(model, at(size + 1))
         if why is None:
